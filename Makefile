@@ -1,0 +1,40 @@
+# Two commands do all the set-up:  `make demo`  and  `make test`.
+# Both create .venv on first use; later runs reuse it (nothing is reinstalled unless
+# pyproject.toml or requirements/pins.txt changed).
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+# torch and torchvision are pinned here, not in pyproject.toml (users bring their own CUDA build).
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+STAMP  := $(VENV)/.vlalign-installed
+export PYTHONUNBUFFERED := 1
+
+.PHONY: demo test test-fast bench help clean-venv
+
+help:
+	@echo "make demo   - set up .venv on first use, then run the whole alignment demo on the shapes world"
+	@echo "make test   - set up .venv on first use, then run the test suite"
+	@echo "make bench  - the shared-prefix log-prob benchmark (benchmarks/logprobs.py)"
+
+$(STAMP): pyproject.toml requirements/pins.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH_SPEC)
+	$(PY) -m pip install --quiet -c requirements/pins.txt -e ".[dev]"
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/vlalign demo
+
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow"
+
+bench: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/logprobs.py
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,1 @@
+"""Training recipes: explicit loops, one module per recipe."""
