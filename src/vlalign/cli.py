@@ -1,14 +1,101 @@
-"""The `vlalign` command: one subcommand per recipe, plus eval, pairs, demo and report."""
+"""The ``vlalign`` command: one subcommand per recipe, plus eval, pairs, demo and report.
+
+Every subcommand is configured the same way::
+
+    vlalign <command> [--config FILE.yaml] [--resume] [--section.field=value ...]
+    vlalign <command> --help        # every field, its type, default and documentation
+
+A subcommand is a module exposing a ``Config`` dataclass and a ``run(cfg)`` function; the table
+below maps names to modules, imported only when used so that ``vlalign --help`` is instant.
+"""
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import sys
+
+from vlalign.config import ConfigError, format_help, load_config
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "world": ("vlalign.data.world_cli", "build the shapes world (images + JSONL datasets) on disk"),
+    "build-model": ("vlalign.models.tiny_cli", "build a tiny model of a real architecture offline"),
+    "sft": ("vlalign.recipes.sft", "supervised fine-tuning on (prompt, images, completion) data"),
+    "dpo": ("vlalign.recipes.dpo", "direct preference optimisation and its variants (IPO, SimPO, mDPO, ...)"),
+    "kto": ("vlalign.recipes.kto", "KTO on unpaired desirable / undesirable completions"),
+    "rm": ("vlalign.recipes.reward_model", "train a Bradley-Terry reward model on preference pairs"),
+    "grpo": ("vlalign.recipes.grpo", "GRPO / Dr.GRPO / RLOO / REINFORCE++ with verifiable or learned rewards"),
+    "ppo": ("vlalign.recipes.ppo", "actor-critic PPO with a vision-language critic"),
+    "pairs": ("vlalign.data.pairs_cli", "build preference pairs: hallucination injection, image corruption, sample-and-rank"),
+    "eval": ("vlalign.eval.cli", "POPE, CHAIR, task accuracy, win rate and KL; one model or two side by side"),
+    "demo": ("vlalign.demo", "the whole pipeline on the shapes world, with a table and a report"),
+    "report": ("vlalign.report_cli", "an HTML report (plots, gallery) of a run folder"),
+}
+
+
+def _usage() -> str:
+    width = max(len(n) for n in COMMANDS)
+    rows = "\n".join(f"  {name.ljust(width)}  {doc}" for name, doc in COMMANDS.items() if _exists(COMMANDS[name][0]))
+    return (
+        "usage: vlalign <command> [--config FILE.yaml] [--resume] [--section.field=value ...]\n"
+        "       vlalign <command> --help\n\n"
+        f"commands:\n{rows}\n"
+    )
+
+
+def _exists(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    print("vlalign: no subcommands yet", file=sys.stderr)
-    return 2
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    name, rest = args[0], args[1:]
+    if name not in COMMANDS or not _exists(COMMANDS[name][0]):
+        import difflib
+
+        close = difflib.get_close_matches(name, list(COMMANDS), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        print(f"vlalign: unknown command '{name}'{hint}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    if "-h" in rest or "--help" in rest:
+        print(f"vlalign {name}: {COMMANDS[name][1]}\n")
+        if module.__doc__:
+            print(module.__doc__.strip() + "\n")
+        print("options (YAML keys in --config files, or --key=value on the command line):")
+        print(format_help(module.Config))
+        return 0
+    config_path, overrides = _split_config_flag(rest)
+    try:
+        cfg = load_config(module.Config, config_path, overrides)
+    except ConfigError as exc:
+        print(f"vlalign {name}: {exc}", file=sys.stderr)
+        return 2
+    result = module.run(cfg)
+    return result if isinstance(result, int) else 0
+
+
+def _split_config_flag(args: list[str]) -> tuple[str | None, list[str]]:
+    """Take ``--config FILE`` out of ``args`` and turn ``--resume`` into ``--train.resume=true``."""
+    config_path = None
+    rest: list[str] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "--config" and i + 1 < len(args):
+            config_path, i = args[i + 1], i + 2
+            continue
+        if arg.startswith("--config="):
+            config_path = arg.split("=", 1)[1]
+        elif arg == "--resume":
+            rest.append("--train.resume=true")
+        else:
+            rest.append(arg)
+        i += 1
+    return config_path, rest
 
 
 if __name__ == "__main__":
