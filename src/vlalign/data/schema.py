@@ -27,7 +27,20 @@ Message = dict[str, Any]
 
 
 class DataError(ValueError):
-    """A dataset row is unusable; the message names the file, the row and the problem."""
+    """A dataset row is unusable; the message names the file, the row and the problem.
+
+    ``reason`` is a short category (``"missing column"``, ``"unreadable image"``...) used to count
+    skipped rows; see :func:`data_error`.
+    """
+
+    reason: str = "invalid row"
+
+
+def data_error(reason: str, message: str) -> DataError:
+    """A :class:`DataError` with its skip-summary category set."""
+    exc = DataError(message)
+    exc.reason = reason
+    return exc
 
 
 @dataclass
@@ -91,7 +104,7 @@ def load_image(image: ImageLike) -> Image.Image:
             img = Image.open(os.fspath(image))
         img.load()
     except Exception as exc:  # PIL raises many types for a bad file
-        raise DataError(f"cannot read image {_describe(image)}: {exc}") from exc
+        raise data_error("unreadable image", f"cannot read image {_describe(image)}: {exc}") from exc
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
@@ -118,3 +131,155 @@ def user_prompt(text: str, n_images: int = 1) -> list[Message]:
     content: list[dict[str, Any]] = [{"type": "image"} for _ in range(n_images)]
     content.append({"type": "text", "text": text})
     return [{"role": "user", "content": content}]
+
+
+# ----------------------------------------------------------------------------- normalisation and validation
+
+Sample = Union[SupervisedSample, PreferenceSample, UnpairedSample, PromptSample]
+
+IMAGE_TOKEN = "<image>"
+"""Inline image marker of LLaVA-style text (``"<image>\\nWhat is this?"``), turned into placeholders."""
+
+ROLES = ("system", "user", "assistant", "tool")
+
+
+def _text_to_parts(text: str) -> list[dict[str, Any]]:
+    """``"<image>\\nWhat?"`` -> ``[{"type": "image"}, {"type": "text", "text": "What?"}]``.
+
+    Text next to a marker is stripped of surrounding whitespace; text without markers is kept as is.
+    """
+    if IMAGE_TOKEN not in text:
+        return [{"type": "text", "text": text}] if text else []
+    parts: list[dict[str, Any]] = []
+    for k, chunk in enumerate(text.split(IMAGE_TOKEN)):
+        if k > 0:
+            parts.append({"type": "image"})
+        if chunk.strip():
+            parts.append({"type": "text", "text": chunk.strip()})
+    return parts
+
+
+def _normalise_message(message: Any, where: str, k: int) -> Message:
+    if not isinstance(message, dict) or "role" not in message or "content" not in message:
+        raise DataError(f"{where}: message {k} must be a dict with 'role' and 'content', got {message!r:.120}")
+    role, content = message["role"], message["content"]
+    if role not in ROLES:
+        raise DataError(f"{where}: message {k} has role {role!r}; use one of {', '.join(ROLES)}")
+    if isinstance(content, str):
+        return {"role": role, "content": _text_to_parts(content)}
+    if not isinstance(content, list):
+        kind = type(content).__name__
+        raise DataError(f"{where}: message {k} content must be a string or a list of parts, got {kind}")
+    parts: list[dict[str, Any]] = []
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "image":
+            parts.append({"type": "image"})
+        elif kind == "text" and isinstance(part.get("text"), str):
+            parts.extend(_text_to_parts(part["text"]))
+        else:
+            raise DataError(
+                f"{where}: message {k} part {j} must be {{'type': 'image'}} or {{'type': 'text', 'text': str}},"
+                f" got {part!r:.120}"
+            )
+    return {"role": role, "content": parts}
+
+
+def prompt_messages(prompt: Any, n_images: int, *, where: str = "prompt") -> list[Message]:
+    """Normalise a prompt to conversational messages whose image placeholders match ``n_images``.
+
+    Accepts a plain string or a list of messages (content as a string or a list of parts).
+    ``<image>`` markers in text become ``{"type": "image"}`` parts. A prompt with no placeholder at
+    all gets ``n_images`` of them prepended to its first user message (as TRL does); otherwise the
+    number of placeholders must equal ``n_images`` (:class:`DataError` naming ``where`` if not).
+    """
+    if isinstance(prompt, str):
+        prompt = [{"role": "user", "content": prompt}]
+    if not isinstance(prompt, list) or not prompt:
+        raise DataError(f"{where}: the prompt must be a non-empty string or list of messages, got {prompt!r:.120}")
+    messages = [_normalise_message(m, where, k) for k, m in enumerate(prompt)]
+    if not any(part.get("type") == "text" for m in messages for part in m["content"]):
+        raise DataError(f"{where}: the prompt has no text")
+    n_placeholders = count_image_placeholders(messages)
+    if n_placeholders == 0 and n_images > 0:
+        first_user = next((m for m in messages if m["role"] == "user"), None)
+        if first_user is None:
+            raise DataError(f"{where}: the prompt has no user message to attach {n_images} image(s) to")
+        first_user["content"] = [{"type": "image"} for _ in range(n_images)] + first_user["content"]
+    elif n_placeholders != n_images:
+        raise data_error(
+            "image count mismatch",
+            f"{where}: the prompt has {n_placeholders} image placeholder(s) but the row has {n_images} image(s);"
+            " give one image per {'type': 'image'} part (or '<image>' marker), in order"
+        )
+    return messages
+
+
+def completion_text(value: Any, *, field: str, where: str = "row") -> str:
+    """The text of a completion given as a string or as assistant message(s); empty is an error."""
+    if isinstance(value, str):
+        text = value
+    elif isinstance(value, dict):
+        text = completion_text([value], field=field, where=where)
+    elif isinstance(value, list) and all(isinstance(m, dict) for m in value):
+        chunks: list[str] = []
+        for k, m in enumerate(value):
+            if m.get("role", "assistant") != "assistant":
+                raise DataError(f"{where}: '{field}' message {k} has role {m.get('role')!r}; expected 'assistant'")
+            content = m.get("content")
+            if isinstance(content, str):
+                chunks.append(content)
+            elif isinstance(content, list):
+                chunks += [p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str)]
+            else:
+                raise DataError(f"{where}: '{field}' message {k} has no text content")
+        text = "".join(chunks)
+    else:
+        raise DataError(f"{where}: '{field}' must be a string or assistant message(s), got {type(value).__name__}")
+    if not text.strip():
+        raise data_error("empty text", f"{where}: '{field}' is empty; every {field} needs some text (or skip the row)")
+    return text
+
+
+def verify_image(image: ImageLike, *, where: str = "image") -> None:
+    """Check that an image can be read and decoded, without keeping it (raises :class:`DataError`)."""
+    if isinstance(image, Image.Image):
+        return
+    if not isinstance(image, (bytes, bytearray)) and not os.path.isfile(os.fspath(image)):
+        raise data_error(
+            "unreadable image",
+            f"{where}: image file {_describe(image)} does not exist (relative paths start at the data file's folder)",
+        )
+    try:
+        with Image.open(io.BytesIO(image) if isinstance(image, (bytes, bytearray)) else os.fspath(image)) as img:
+            img.load()
+    except Exception as exc:
+        problem = f"{where}: image {_describe(image)} is unreadable or corrupt ({exc})"
+        raise data_error("unreadable image", problem) from exc
+
+
+def validate_sample(sample: Sample, *, where: str | None = None, check_images: bool = False) -> None:
+    """Check a sample's invariants; :class:`DataError` names ``where`` (default: the sample id).
+
+    Placeholders must match the images, completions must be non-empty strings, and with
+    ``check_images`` every image must decode.
+    """
+    where = where or f"sample {sample.id!r}"
+    n_placeholders = count_image_placeholders(sample.prompt)
+    if n_placeholders != len(sample.images):
+        raise data_error(
+            "image count mismatch",
+            f"{where}: the prompt has {n_placeholders} image placeholder(s) but {len(sample.images)} image(s)"
+        )
+    texts: dict[str, Any] = {}
+    if isinstance(sample, (SupervisedSample, UnpairedSample)):
+        texts["completion"] = sample.completion
+    if isinstance(sample, PreferenceSample):
+        texts["chosen"], texts["rejected"] = sample.chosen, sample.rejected
+        texts.update({f"rejected_extra[{k}]": t for k, t in enumerate(sample.rejected_extra)})
+    for name, text in texts.items():
+        if not isinstance(text, str) or not text.strip():
+            raise data_error("empty text", f"{where}: '{name}' is empty or not a string")
+    if check_images:
+        for k, image in enumerate(sample.images):
+            verify_image(image, where=f"{where} image {k}")

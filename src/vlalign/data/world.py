@@ -526,3 +526,10 @@ def tokenizer_corpus(cfg: WorldConfig | None = None) -> list[str]:
         lines += [f"It is {s}." for s in syns]
     lines.append("There is no red circle in the image. There are 3 shapes, and the answer is 2.")
     return lines
+
+
+def write_world(cfg: WorldConfig, out_dir: str, *, overwrite: bool = False) -> dict[str, Any]:
+    """Render and write every split of the world; see :func:`vlalign.data.world_tasks.write_world`."""
+    from vlalign.data.world_tasks import write_world as _write  # world_tasks builds on this module
+
+    return _write(cfg, out_dir, overwrite=overwrite)

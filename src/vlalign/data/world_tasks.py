@@ -1,0 +1,259 @@
+"""Shapes-world tasks, POPE negatives, and writing the world's datasets to disk.
+
+:func:`write_world` writes, under one folder (every image path is relative to it)::
+
+    images/<split>/<scene id>.png       one image per scene
+    <split>.jsonl                       supervised rows (prompt + completion), all tasks
+    <split>_prompts.jsonl               the same questions as prompt-only rows (evaluation, RL)
+    pope_<split>_<mode>.jsonl           POPE rows, mode in random / popular / adversarial
+    manifest.json                       config, files (rows, sha256), object vocabulary, statistics
+
+for the splits ``train``, ``validation``, ``test`` and ``compositional``. Rows use the TRL vision
+layout: ``images`` (list of relative paths), ``prompt`` (user message with one
+``{"type": "image"}`` part), and in supervised files ``completion`` (one assistant message). The
+other columns are ground truth (they land in a sample's ``meta`` when loaded):
+
+- ``id``, ``split``, ``scene_id``, ``task`` (describe / existence / counting / colour; POPE rows
+  are existence questions with ``pope_mode`` set);
+- ``answer``: the canonical answer (also the completion);
+- ``objects``: distinct object names present (``"red circle"``), canonical order - the object
+  annotation that CHAIR and hallucination injection use, with ``manifest["object_vocabulary"]``;
+- ``scene_objects``: every object with shape, colour, size and centre (fractions of the side);
+- ``question_object`` (existence) or ``question_shape`` (counting, colour).
+
+POPE negatives (as in Li et al. 2023) per scene: as many absent objects as present ones asked
+about, chosen *random*ly among the absent objects, as the most *popular* absent objects (most
+train scenes containing them), or *adversarial*ly as the absent objects that co-occur most with
+the present ones (sum over present objects of the train scenes holding both; ties broken by
+popularity, then canonical order). Statistics come from the train split.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+from vlalign.data.io import write_jsonl
+from vlalign.data.world import (
+    DESCRIBE_PROMPT,
+    NO,
+    SPLITS,
+    YES,
+    Scene,
+    WorldConfig,
+    allowed_objects,
+    colour_question,
+    counting_question,
+    existence_question,
+    generate_split,
+    object_vocabulary,
+)
+from vlalign.data.world_render import render_scene
+
+POPE_MODES: tuple[str, ...] = ("random", "popular", "adversarial")
+Row = dict[str, Any]
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+def object_statistics(scenes: list[Scene]) -> tuple[dict[str, int], dict[str, dict[str, int]]]:
+    """Per object name, the number of scenes holding it; per pair, the scenes holding both."""
+    freq: dict[str, int] = {}
+    cooc: dict[str, dict[str, int]] = {}
+    for scene in scenes:
+        names = sorted(set(scene.counts()))
+        for a in names:
+            freq[a] = freq.get(a, 0) + 1
+            row = cooc.setdefault(a, {})
+            for b in names:
+                if b != a:
+                    row[b] = row.get(b, 0) + 1
+    return freq, cooc
+
+
+def pope_negatives(
+    present: list[str],
+    candidates: list[str],
+    k: int,
+    mode: str,
+    freq: dict[str, int],
+    cooc: dict[str, dict[str, int]],
+    rng: random.Random,
+) -> list[str]:
+    """``k`` absent objects for POPE, chosen from ``candidates`` by ``mode`` (see module doc)."""
+    absent = [c for c in candidates if c not in set(present)]
+    if mode == "random":
+        return rng.sample(absent, min(k, len(absent)))
+    order = {name: i for i, name in enumerate(absent)}
+    if mode == "popular":
+        ranked = sorted(absent, key=lambda n: (-freq.get(n, 0), order[n]))
+    elif mode == "adversarial":
+        def score(n: str) -> int:
+            return sum(cooc.get(p, {}).get(n, 0) for p in present)
+
+        ranked = sorted(absent, key=lambda n: (-score(n), -freq.get(n, 0), order[n]))
+    else:
+        raise ValueError(f"unknown POPE mode {mode!r}; choose from {list(POPE_MODES)}")
+    return ranked[:k]
+
+
+# ----------------------------------------------------------------------------- rows
+
+
+def _prompt(text: str) -> list[dict[str, Any]]:
+    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+
+
+def image_path(scene: Scene) -> str:
+    """Path of a scene's image relative to the dataset folder."""
+    return f"images/{scene.split}/{scene.id}.png"
+
+
+def _row(scene: Scene, cfg: WorldConfig, task: str, k: int, question: str, answer: str, **extra: Any) -> Row:
+    row: Row = {
+        "id": f"{scene.id}/{task}/{k}",
+        "images": [image_path(scene)],
+        "prompt": _prompt(question),
+        "task": task,
+        "answer": answer,
+        "split": scene.split,
+        "scene_id": scene.id,
+        "objects": scene.object_names(cfg),
+        "scene_objects": [o.to_dict() for o in scene.objects],
+    }
+    row.update(extra)
+    return row
+
+
+def task_rows(scene: Scene, cfg: WorldConfig) -> list[Row]:
+    """The prompt-only rows of one scene (every configured task), with ground truth."""
+    rng = random.Random(f"vlalign-shapes-tasks/{cfg.seed}/{scene.id}")
+    rows: list[Row] = []
+    present = scene.object_names(cfg)
+    if "describe" in cfg.tasks:
+        rows.append(_row(scene, cfg, "describe", 0, DESCRIBE_PROMPT, scene.caption(cfg)))
+    if "existence" in cfg.tasks:
+        absent = [n for n in allowed_objects(cfg, scene.split) if n not in set(present)]
+        for k in range(cfg.existence_per_scene):
+            yes = k % 2 == 0 or not absent
+            name = rng.choice(present if yes else absent)
+            rows.append(_row(scene, cfg, "existence", k, existence_question(name), YES if yes else NO,
+                             question_object=name))  # fmt: skip
+    shape_counts = scene.shape_counts()
+    if "counting" in cfg.tasks:
+        absent_shapes = [s for s in cfg.shapes if s not in shape_counts]
+        for k in range(cfg.counting_per_scene):
+            pool = absent_shapes if absent_shapes and rng.random() < cfg.count_absent_prob else list(shape_counts)
+            shape = rng.choice(pool)
+            rows.append(_row(scene, cfg, "counting", k, counting_question(shape), str(shape_counts.get(shape, 0)),
+                             question_shape=shape))  # fmt: skip
+    if "colour" in cfg.tasks:
+        single = [s for s in cfg.shapes if shape_counts.get(s) == 1]
+        for k, shape in enumerate(rng.sample(single, min(cfg.colour_per_scene, len(single)))):
+            colour = next(o.colour for o in scene.objects if o.shape == shape)
+            rows.append(_row(scene, cfg, "colour", k, colour_question(shape), colour, question_shape=shape))
+    return rows
+
+
+def supervised_row(row: Row) -> Row:
+    """A prompt-only row with its answer as the assistant completion (TRL conversational layout)."""
+    out: Row = {
+        "id": row["id"],
+        "images": row["images"],
+        "prompt": row["prompt"],
+        "completion": [{"role": "assistant", "content": [{"type": "text", "text": row["answer"]}]}],
+    }
+    out.update({k: v for k, v in row.items() if k not in out})
+    return out
+
+
+def pope_rows(
+    scene: Scene,
+    cfg: WorldConfig,
+    mode: str,
+    freq: dict[str, int],
+    cooc: dict[str, dict[str, int]],
+) -> list[Row]:
+    """POPE rows of one scene: present objects (``Yes``) then as many negatives (``No``)."""
+    rng = random.Random(f"vlalign-shapes-pope/{cfg.seed}/{mode}/{scene.id}")
+    present = scene.object_names(cfg)
+    asked = rng.sample(present, min(cfg.pope_per_scene, len(present)))
+    negatives = pope_negatives(present, allowed_objects(cfg, scene.split), len(asked), mode, freq, cooc, rng)
+    rows = []
+    for k, (name, answer) in enumerate([(n, YES) for n in asked] + [(n, NO) for n in negatives]):
+        row = _row(scene, cfg, "existence", k, existence_question(name), answer, question_object=name, pope_mode=mode)
+        row["id"] = f"{scene.id}/pope-{mode}/{k}"
+        rows.append(row)
+    return rows
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _split_size(cfg: WorldConfig, split: str) -> int:
+    return {"train": cfg.n_train, "validation": cfg.n_validation, "test": cfg.n_test,
+            "compositional": cfg.n_compositional}[split]  # fmt: skip
+
+
+def write_world(cfg: WorldConfig, out_dir: str | Path, *, overwrite: bool = False) -> dict[str, Any]:
+    """Render every split of ``cfg`` and write its datasets under ``out_dir``; return the manifest.
+
+    Deterministic: the same config writes byte-identical files. An existing non-empty
+    ``out_dir`` is an error unless ``overwrite`` (then it is emptied first).
+    """
+    from vlalign.config import to_dict  # the world's config is a plain dataclass; reuse its dumper
+
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"{out} is not empty; pass overwrite=True (or choose another folder)")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    splits = {s: generate_split(cfg, s) for s in SPLITS if _split_size(cfg, s) > 0}
+    freq, cooc = object_statistics(splits.get("train") or [sc for v in splits.values() for sc in v])
+    files: dict[str, dict[str, Any]] = {}
+
+    def record(name: str, rows: list[Row]) -> None:
+        write_jsonl(rows, out / name)
+        files[name] = {"rows": len(rows), "sha256": _sha256(out / name)}
+
+    for split, scenes in splits.items():
+        (out / "images" / split).mkdir(parents=True, exist_ok=True)
+        prompt_rows: list[Row] = []
+        for scene in scenes:
+            render_scene(scene, cfg).save(out / image_path(scene), format="PNG")
+            prompt_rows.extend(task_rows(scene, cfg))
+        record(f"{split}.jsonl", [supervised_row(r) for r in prompt_rows])
+        record(f"{split}_prompts.jsonl", prompt_rows)
+        if split in cfg.pope_splits:
+            for mode in POPE_MODES:
+                record(f"pope_{split}_{mode}.jsonl", [r for sc in scenes for r in pope_rows(sc, cfg, mode, freq, cooc)])
+    manifest = {
+        "format": "vlalign-shapes-world/1",
+        "config": to_dict(cfg),
+        "scenes": {split: len(scenes) for split, scenes in splits.items()},
+        "files": files,
+        "object_vocabulary": object_vocabulary(cfg),
+        "cooccurrence_pairs": cfg.partners,
+        "train_object_frequency": dict(sorted(freq.items())),
+        "train_cooccurrence": {a: dict(sorted(row.items())) for a, row in sorted(cooc.items())},
+    }
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    return manifest
+
+
+def read_manifest(data_dir: str | Path) -> dict[str, Any]:
+    """The manifest of a written world (its config, vocabulary and statistics)."""
+    path = Path(data_dir) / "manifest.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: is {data_dir} a folder written by write_world?")
+    return json.loads(path.read_text())
