@@ -1,0 +1,572 @@
+"""Batching: one processor pass per batch, prompt/completion spans, image-safe length checks.
+
+Every processor quirk of vlalign lives here. A batch is built in three steps, each a public
+function that the shared-prefix log-prob engine (:mod:`vlalign.models.logprobs`) reuses:
+
+1. :func:`encode_prompts` renders each prompt with the processor's chat template
+   (``add_generation_prompt=True``) and runs the processor ONCE on the whole batch. It returns
+   :class:`EncodedPrompts`: each prompt's token ids (ragged, no padding), the per-token outputs
+   (``mm_token_type_ids`` / ``token_type_ids``) ragged the same way, and the processor's vision
+   tensors untouched, with :attr:`EncodedPrompts.vision_rows` saying which rows of each vision
+   tensor belong to which prompt.
+2. :func:`encode_completions` tokenizes k completions per prompt (k may differ per prompt) in one
+   tokenizer call and appends the end-of-turn token(s), which :func:`end_of_turn_text` derives
+   from the chat template (``<|im_end|>`` for Qwen, ``<end_of_turn>`` for Gemma3...).
+3. :func:`build_rows` lays out the naive batch: one row per (prompt, completion), right-padded,
+   labels ``-100`` on prompt and padding, vision inputs repeated per row
+   (:meth:`EncodedPrompts.vision_for`). :func:`build_prompt_rows` lays out prompts alone,
+   left-padded, for generation.
+
+Over-long samples are never truncated (truncation could cut through image tokens): they are
+dropped and counted, or rejected, by option (:func:`check_lengths`).
+
+Worked example (the ``tiny`` Qwen2-VL of :mod:`vlalign.models.tiny`: 32 px images, 8 px patches,
+2x2 merge; so an image is a 1 x 4 x 4 grid = 16 patch rows of ``pixel_values`` and 4 image
+tokens). Two prompts, each with one image; prompt 0 gets two completions, prompt 1 one::
+
+    prompts = encode_prompts(processor, [s0, s1])
+    prompts.input_ids        # [[im_start, user, \\n, vision_start, pad x4, vision_end, ...], [...]]
+    prompts.vision           # pixel_values (32, 384), image_grid_thw (2, 3)
+    prompts.vision_rows      # {"pixel_values": [slice(0, 16), slice(16, 32)],
+                             #  "image_grid_thw": [slice(0, 1), slice(1, 2)]}
+    prompts.token_fields     # {"mm_token_type_ids": [[0, 0, 0, 0, 1, 1, 1, 1, 0, ...], [...]]}
+    comps = encode_completions(processor, [["Yes", "No"], ["Two."]])
+                             # [[[Yes, <|im_end|>], [No, <|im_end|>]], [[Two, ., <|im_end|>]]]
+    batch = build_rows(prompts, comps, pad_token_id=0)
+    batch.row_prompt         # tensor([0, 0, 1]): rows 0 and 1 share prompt 0
+    batch.vision             # pixel_values (48, 384) = rows 0:16, 0:16, 16:32;
+                             # image_grid_thw (3, 3); mm_token_type_ids (3, T), 0 on completions
+    batch.labels[0]          # -100 on the prompt, then [Yes, <|im_end|>], then -100 padding
+
+Processor layouts handled (see :func:`_row_unit`): Qwen2-VL / Qwen2.5-VL pack all images'
+patches in one ``pixel_values`` (rows per image = ``prod(image_grid_thw)``) and need
+``mm_token_type_ids``; LLaVA and Gemma3 give one ``pixel_values`` row per image (Gemma3 adds
+``token_type_ids``); Idefics3 / SmolVLM give ``(B, max_images, C, H, W)`` per prompt with a
+``pixel_attention_mask`` of the same layout.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Literal, Protocol
+
+import torch
+from torch import Tensor
+
+from vlalign.data.schema import DataError, ImageLike, Message, SupervisedSample, count_image_placeholders, load_image
+
+IGNORE_INDEX = -100
+"""Label of positions that carry no loss (prompt and padding)."""
+
+PER_TOKEN_KEYS = ("mm_token_type_ids", "token_type_ids")
+"""Processor outputs laid out along the sequence (one value per token), 0 outside images."""
+
+_SENTINEL = "@@vlalign-completion@@"
+OnOverflow = Literal["drop", "raise"]
+
+
+class PromptLike(Protocol):
+    """Anything with an id, images and a conversational prompt (every sample type of schema.py)."""
+
+    id: str
+    images: list[ImageLike]
+    prompt: list[Message]
+
+
+# ------------------------------------------------------------------------------ batch records
+
+
+@dataclass
+class EncodedPrompts:
+    """Prompts of a batch after one processor call; ragged (no padding).
+
+    ``vision_rows[key][i]`` is the slice of ``vision[key]``'s first dimension that belongs to
+    prompt ``i`` (empty for a prompt without images).
+    """
+
+    sample_ids: list[str]
+    input_ids: list[list[int]]
+    """Token ids of each prompt, image tokens expanded, generation prompt included."""
+    token_fields: dict[str, list[list[int]]]
+    """Per-token processor outputs (``mm_token_type_ids`` ...), ragged like ``input_ids``."""
+    vision: dict[str, Tensor]
+    """Vision tensors as the processor returned them for the whole batch."""
+    vision_rows: dict[str, list[slice]]
+    num_images: list[int]
+    image_token_count: list[int]
+    """Number of image-placeholder tokens in each prompt."""
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(ids) for ids in self.input_ids]
+
+    def vision_for(self, order: Sequence[int]) -> dict[str, Tensor]:
+        """Vision tensors for a batch whose rows come from prompts ``order`` (repeats allowed)."""
+        out: dict[str, Tensor] = {}
+        for key, tensor in self.vision.items():
+            parts = [tensor[self.vision_rows[key][i]] for i in order]
+            out[key] = torch.cat(parts, dim=0) if parts else tensor[:0]
+        return out
+
+    def select(self, keep: Sequence[int]) -> EncodedPrompts:
+        """The prompts ``keep`` (in that order), vision tensors cut down to their rows."""
+        vision = self.vision_for(keep)
+        rows: dict[str, list[slice]] = {}
+        for key in self.vision:
+            start, spans = 0, []
+            for i in keep:
+                s = self.vision_rows[key][i]
+                spans.append(slice(start, start + (s.stop - s.start)))
+                start += s.stop - s.start
+            rows[key] = spans
+        return EncodedPrompts(
+            sample_ids=[self.sample_ids[i] for i in keep],
+            input_ids=[self.input_ids[i] for i in keep],
+            token_fields={k: [v[i] for i in keep] for k, v in self.token_fields.items()},
+            vision=vision,
+            vision_rows=rows,
+            num_images=[self.num_images[i] for i in keep],
+            image_token_count=[self.image_token_count[i] for i in keep],
+        )
+
+
+@dataclass
+class SequenceBatch:
+    """Padded rows of (prompt, completion), ready for ``model(**batch.model_inputs())``.
+
+    Rows are right-padded: row ``r`` holds its prompt at ``[0, prompt_lengths[r])`` and its
+    completion at ``[prompt_lengths[r], prompt_lengths[r] + completion_lengths[r])``.
+    """
+
+    input_ids: Tensor  # (R, T) long
+    attention_mask: Tensor  # (R, T) long, 1 on prompt and completion
+    labels: Tensor  # (R, T) long, token id on completion tokens, -100 elsewhere
+    vision: dict[str, Tensor]
+    """Everything else the model's forward needs (opaque to callers)."""
+    prompt_lengths: Tensor  # (R,) long
+    completion_lengths: Tensor  # (R,) long
+    row_prompt: Tensor  # (R,) long: index of the row's prompt in the batch's prompts
+    row_completion: Tensor  # (R,) long: index of the row's completion among its prompt's
+    sample_ids: list[str]
+    """Sample id of each row (repeated when a prompt has several completions)."""
+    dropped_ids: list[str] = field(default_factory=list)
+    """Ids of samples of this batch dropped for exceeding ``max_length``."""
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def completion_mask(self) -> Tensor:  # (R, T) bool
+        return self.labels != IGNORE_INDEX
+
+    def model_inputs(self) -> dict[str, Tensor]:
+        """Keyword arguments of the model's forward (no labels: losses are computed by us)."""
+        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, **self.vision}
+
+    def to(self, device: torch.device | str) -> SequenceBatch:
+        return _to_device(self, device)
+
+
+@dataclass
+class GenerationBatch:
+    """Prompts alone, left-padded, for ``model.generate(**batch.model_inputs())``."""
+
+    input_ids: Tensor  # (B, P) long, left-padded
+    attention_mask: Tensor  # (B, P) long
+    vision: dict[str, Tensor]
+    prompt_lengths: Tensor  # (B,) long
+    sample_ids: list[str]
+    dropped_ids: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    def model_inputs(self) -> dict[str, Tensor]:
+        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, **self.vision}
+
+    def to(self, device: torch.device | str) -> GenerationBatch:
+        return _to_device(self, device)
+
+
+def _to_device(batch: Any, device: torch.device | str) -> Any:
+    changes: dict[str, Any] = {}
+    for f in fields(batch):
+        value = getattr(batch, f.name)
+        if isinstance(value, Tensor):
+            changes[f.name] = value.to(device)
+        elif isinstance(value, dict):
+            changes[f.name] = {k: v.to(device) for k, v in value.items()}
+    return replace(batch, **changes)
+
+
+# ------------------------------------------------------------------------------ the template
+
+
+def tokenizer_of(processor: Any) -> Any:
+    """The processor's tokenizer (or the argument itself when it is a tokenizer)."""
+    return getattr(processor, "tokenizer", processor)
+
+
+def image_placeholder(processor: Any) -> str | None:
+    """The string the chat template writes once per image (expanded later by the processor)."""
+    return getattr(processor, "image_token", None)
+
+
+def image_token_ids(processor: Any) -> list[int]:
+    """Ids of the tokens repeated once per image feature (``<|image_pad|>``, ``<image_soft_token>``).
+
+    Gemma3's chat-template placeholder (``<start_of_image>``) differs from its feature token;
+    ``ProcessorMixin.image_token_ids`` knows both cases.
+    """
+    ids = getattr(processor, "image_token_ids", None)
+    if ids is None:
+        ids = [getattr(processor, "image_token_id", None)]
+    return [int(i) for i in ids if i is not None]
+
+
+def render_prompt(processor: Any, messages: list[Message]) -> str:
+    """The prompt as text, through the chat template, ending with the generation prompt."""
+    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def end_of_turn_text(processor: Any) -> str:
+    """What the chat template writes right after an assistant message's text, minus whitespace.
+
+    Rendered from a one-turn conversation whose assistant text is a sentinel; a template that
+    writes nothing there falls back to the tokenizer's ``eos_token``.
+    """
+    conversation = [
+        {"role": "user", "content": [{"type": "text", "text": "hi"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": _SENTINEL}]},
+    ]
+    text = processor.apply_chat_template(conversation, add_generation_prompt=False, tokenize=False)
+    if _SENTINEL not in text:
+        raise ValueError("the chat template does not render the assistant's text; cannot find the end of turn")
+    tail = text.split(_SENTINEL, 1)[1].strip()
+    if not tail:
+        tail = tokenizer_of(processor).eos_token or ""
+    if not tail:
+        raise ValueError("the chat template ends assistant turns with nothing and the tokenizer has no eos_token")
+    return tail
+
+
+def end_of_turn_ids(processor: Any) -> list[int]:
+    """Token ids of :func:`end_of_turn_text`."""
+    return list(tokenizer_of(processor)(end_of_turn_text(processor), add_special_tokens=False)["input_ids"])
+
+
+def _add_special_tokens(processor: Any, texts: Sequence[str]) -> bool:
+    """Whether to let the tokenizer add its special tokens to rendered prompts.
+
+    No when the template already wrote the bos token (Gemma3), or when the tokenizer would
+    append something at the end (an eos after the generation prompt); yes otherwise (LLaVA's
+    template leaves ``<s>`` to the tokenizer).
+    """
+    tok = tokenizer_of(processor)
+    bos = tok.bos_token
+    if bos and any(t.startswith(bos) for t in texts):
+        return False
+    probe = "a"
+    plain = tok(probe, add_special_tokens=False)["input_ids"]
+    special = tok(probe, add_special_tokens=True)["input_ids"]
+    return special[len(special) - len(plain):] == plain
+
+
+# ------------------------------------------------------------------------------------ prompts
+
+
+def _check_images(sample: PromptLike, text: str, placeholder: str | None) -> None:
+    n_parts = count_image_placeholders(sample.prompt)
+    if n_parts != len(sample.images):
+        raise DataError(
+            f"sample {sample.id!r}: its prompt has {n_parts} image placeholder(s) "
+            f"({{'type': 'image'}} parts) but {len(sample.images)} image(s); give one placeholder per image"
+        )
+    if placeholder is not None and text.count(placeholder) != len(sample.images):
+        raise DataError(
+            f"sample {sample.id!r}: the rendered prompt holds {text.count(placeholder)} image token(s) "
+            f"{placeholder!r} for {len(sample.images)} image(s); remove literal {placeholder!r} from the "
+            "prompt text (images go in {'type': 'image'} parts)"
+        )
+
+
+def _row_unit(key: str, tensor: Tensor, vision: dict[str, Tensor], n_prompts: int, n_images: int) -> str:
+    """How ``tensor``'s first dimension is laid out: ``"patch"``, ``"image"`` or ``"prompt"``."""
+    if key.endswith("_grid_thw") or key == "image_sizes":
+        return "image"
+    if key in ("pixel_values", "pixel_attention_mask"):
+        if "image_grid_thw" in vision:
+            return "patch"
+        pixel_values = vision.get("pixel_values", tensor)
+        if pixel_values.ndim == 5:
+            return "prompt"  # (B, max_images, C, H, W): Idefics3 / SmolVLM
+        if tensor.shape[0] == n_images:
+            return "image"
+        raise DataError(
+            f"the processor returned {key} with {tensor.shape[0]} rows for {n_images} images; image "
+            "cropping / splitting (pan-and-scan, image splitting) is not supported, turn it off in the processor"
+        )
+    if tensor.shape[0] == n_images:
+        return "image"
+    if tensor.shape[0] == n_prompts:
+        return "prompt"
+    raise DataError(f"cannot tell which rows of the processor output {key!r} {tuple(tensor.shape)} belong to which prompt")
+
+
+def _vision_rows(vision: dict[str, Tensor], num_images: list[int]) -> dict[str, list[slice]]:
+    n_prompts, n_images = len(num_images), sum(num_images)
+    image_bounds = [0]
+    for n in num_images:
+        image_bounds.append(image_bounds[-1] + n)
+    patch_bounds = [0]
+    if "image_grid_thw" in vision:
+        per_image = vision["image_grid_thw"].prod(dim=-1).tolist()
+        for i in range(n_prompts):
+            patch_bounds.append(patch_bounds[-1] + sum(per_image[image_bounds[i]:image_bounds[i + 1]]))
+    rows: dict[str, list[slice]] = {}
+    for key, tensor in vision.items():
+        unit = _row_unit(key, tensor, vision, n_prompts, n_images)
+        if unit == "prompt":
+            rows[key] = [slice(i, i + 1) for i in range(n_prompts)]
+        else:
+            bounds = patch_bounds if unit == "patch" else image_bounds
+            rows[key] = [slice(bounds[i], bounds[i + 1]) for i in range(n_prompts)]
+    return rows
+
+
+def encode_prompts(processor: Any, samples: Sequence[PromptLike]) -> EncodedPrompts:
+    """Render and process the prompts of ``samples`` with ONE processor call.
+
+    Raises :class:`DataError` naming the sample when its image placeholders do not match its
+    images, or naming the batch's samples when the processor rejects the batch.
+    """
+    placeholder = image_placeholder(processor)
+    texts = [render_prompt(processor, s.prompt) for s in samples]
+    for sample, text in zip(samples, texts):
+        _check_images(sample, text, placeholder)
+    num_images = [len(s.images) for s in samples]
+    images = [[load_image(im) for im in s.images] for s in samples] if sum(num_images) else None
+    try:
+        out = processor(
+            text=texts,
+            images=images,
+            return_tensors="pt",
+            padding=True,
+            add_special_tokens=_add_special_tokens(processor, texts),
+        )
+    except (ValueError, TypeError, RuntimeError) as exc:
+        ids = [s.id for s in samples]
+        raise DataError(f"the processor rejected the batch of samples {ids}: {exc}") from exc
+    mask = out["attention_mask"].bool()
+    input_ids = [row[m].tolist() for row, m in zip(out["input_ids"], mask)]
+    token_fields = {
+        k: [row[m].tolist() for row, m in zip(out[k], mask)]
+        for k in out.keys()
+        if k in PER_TOKEN_KEYS or (k not in ("input_ids", "attention_mask") and out[k].shape == mask.shape)
+    }
+    vision = {k: v for k, v in out.items() if k not in ("input_ids", "attention_mask") and k not in token_fields}
+    img_ids = set(image_token_ids(processor))
+    counts = [sum(1 for t in ids if t in img_ids) for ids in input_ids]
+    for sample, n_img, n_tok in zip(samples, num_images, counts):
+        if (n_img == 0) != (n_tok == 0):
+            raise DataError(f"sample {sample.id!r}: {n_img} image(s) but {n_tok} image tokens after processing")
+    return EncodedPrompts(
+        sample_ids=[s.id for s in samples],
+        input_ids=input_ids,
+        token_fields=token_fields,
+        vision=vision,
+        vision_rows=_vision_rows(vision, num_images),
+        num_images=num_images,
+        image_token_count=counts,
+    )
+
+
+def encode_completions(
+    processor: Any, completions: Sequence[Sequence[str]], *, eot_ids: Sequence[int] | None = None
+) -> list[list[list[int]]]:
+    """Token ids of k completions per prompt (ragged), each followed by the end-of-turn ids.
+
+    One tokenizer call for the whole batch. ``eot_ids`` defaults to :func:`end_of_turn_ids`
+    (pass it when calling often, to skip re-rendering the template).
+    """
+    eot = list(end_of_turn_ids(processor) if eot_ids is None else eot_ids)
+    flat = [text for group in completions for text in group]
+    encoded = tokenizer_of(processor)(flat, add_special_tokens=False)["input_ids"] if flat else []
+    out: list[list[list[int]]] = []
+    pos = 0
+    for group in completions:
+        out.append([list(ids) + eot for ids in encoded[pos:pos + len(group)]])
+        pos += len(group)
+    return out
+
+
+# ------------------------------------------------------------------------------------ lengths
+
+
+def check_lengths(
+    prompts: EncodedPrompts,
+    completions: Sequence[Sequence[Sequence[int]]] | None,
+    *,
+    max_length: int | None,
+    on_overflow: OnOverflow = "drop",
+) -> tuple[list[int], list[str]]:
+    """Indices of the prompts whose longest sequence fits ``max_length``, and the dropped ids.
+
+    A prompt's longest sequence is its length plus its longest completion (or the prompt alone
+    when ``completions`` is None). With ``on_overflow="raise"`` the first over-long sample
+    raises :class:`DataError` instead.
+    """
+    keep: list[int] = []
+    dropped: list[str] = []
+    for i, ids in enumerate(prompts.input_ids):
+        longest = max((len(c) for c in completions[i]), default=0) if completions is not None else 0
+        total = len(ids) + longest
+        if max_length is None or total <= max_length:
+            keep.append(i)
+            continue
+        if on_overflow == "raise":
+            raise DataError(
+                f"sample {prompts.sample_ids[i]!r}: {total} tokens (prompt {len(ids)}, of which "
+                f"{prompts.image_token_count[i]} image tokens, + completion {longest}) exceed max_length "
+                f"{max_length}; raise max_length or shorten the sample (vlalign never truncates, since "
+                "truncation could cut through image tokens)"
+            )
+        dropped.append(prompts.sample_ids[i])
+    return keep, dropped
+
+
+# --------------------------------------------------------------------------------- row layout
+
+
+def build_rows(
+    prompts: EncodedPrompts,
+    completions: Sequence[Sequence[Sequence[int]]],
+    *,
+    pad_token_id: int,
+    dropped_ids: Sequence[str] = (),
+) -> SequenceBatch:
+    """The naive layout: one right-padded row per (prompt, completion), vision repeated per row."""
+    order: list[tuple[int, int]] = [(i, j) for i, group in enumerate(completions) for j in range(len(group))]
+    if len(completions) != len(prompts):
+        raise ValueError(f"{len(completions)} completion groups for {len(prompts)} prompts")
+    width = max((len(prompts.input_ids[i]) + len(completions[i][j]) for i, j in order), default=0)
+    n = len(order)
+    input_ids = torch.full((n, width), pad_token_id, dtype=torch.long)
+    attention = torch.zeros((n, width), dtype=torch.long)
+    labels = torch.full((n, width), IGNORE_INDEX, dtype=torch.long)
+    per_token = {k: torch.zeros((n, width), dtype=torch.long) for k in prompts.token_fields}
+    for r, (i, j) in enumerate(order):
+        p, c = prompts.input_ids[i], completions[i][j]
+        input_ids[r, : len(p)] = torch.tensor(p, dtype=torch.long)
+        input_ids[r, len(p): len(p) + len(c)] = torch.tensor(c, dtype=torch.long)
+        attention[r, : len(p) + len(c)] = 1
+        labels[r, len(p): len(p) + len(c)] = torch.tensor(c, dtype=torch.long)
+        for k, rows in prompts.token_fields.items():
+            per_token[k][r, : len(p)] = torch.tensor(rows[i], dtype=torch.long)
+    row_prompt = [i for i, _ in order]
+    return SequenceBatch(
+        input_ids=input_ids,
+        attention_mask=attention,
+        labels=labels,
+        vision={**prompts.vision_for(row_prompt), **per_token},
+        prompt_lengths=torch.tensor([len(prompts.input_ids[i]) for i, _ in order], dtype=torch.long),
+        completion_lengths=torch.tensor([len(completions[i][j]) for i, j in order], dtype=torch.long),
+        row_prompt=torch.tensor(row_prompt, dtype=torch.long),
+        row_completion=torch.tensor([j for _, j in order], dtype=torch.long),
+        sample_ids=[prompts.sample_ids[i] for i in row_prompt],
+        dropped_ids=list(dropped_ids),
+    )
+
+
+def build_prompt_rows(prompts: EncodedPrompts, *, pad_token_id: int, dropped_ids: Sequence[str] = ()) -> GenerationBatch:
+    """Prompts alone, left-padded (generation appends on the right)."""
+    n = len(prompts)
+    width = max(prompts.lengths, default=0)
+    input_ids = torch.full((n, width), pad_token_id, dtype=torch.long)
+    attention = torch.zeros((n, width), dtype=torch.long)
+    per_token = {k: torch.zeros((n, width), dtype=torch.long) for k in prompts.token_fields}
+    for r, p in enumerate(prompts.input_ids):
+        start = width - len(p)
+        input_ids[r, start:] = torch.tensor(p, dtype=torch.long)
+        attention[r, start:] = 1
+        for k, rows in prompts.token_fields.items():
+            per_token[k][r, start:] = torch.tensor(rows[r], dtype=torch.long)
+    return GenerationBatch(
+        input_ids=input_ids,
+        attention_mask=attention,
+        vision={**prompts.vision_for(range(n)), **per_token},
+        prompt_lengths=torch.tensor(prompts.lengths, dtype=torch.long),
+        sample_ids=list(prompts.sample_ids),
+        dropped_ids=list(dropped_ids),
+    )
+
+
+def pad_token_id_of(processor: Any) -> int:
+    """The tokenizer's pad id (its eos id when it has no pad token)."""
+    tok = tokenizer_of(processor)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    if pad is None:
+        raise ValueError("the tokenizer has neither a pad token nor an eos token; set tokenizer.pad_token")
+    return int(pad)
+
+
+# -------------------------------------------------------------------------------- collators
+
+
+class _Collator:
+    """Shared state: the processor, length policy and the running count of dropped samples."""
+
+    def __init__(self, processor: Any, *, max_length: int | None = None, on_overflow: OnOverflow = "drop") -> None:
+        if on_overflow not in ("drop", "raise"):
+            raise ValueError(f"on_overflow must be 'drop' or 'raise', not {on_overflow!r}")
+        self.processor = processor
+        self.max_length = max_length
+        self.on_overflow: OnOverflow = on_overflow
+        self.pad_token_id = pad_token_id_of(processor)
+        self.num_dropped = 0
+        """Samples dropped so far for exceeding ``max_length`` (in this process)."""
+        self.dropped_ids: list[str] = []
+
+
+class SupervisedCollator(_Collator):
+    """``SupervisedSample`` list -> :class:`SequenceBatch` (supervised fine-tuning).
+
+    One processor call per batch; labels cover exactly the completion tokens and the
+    end-of-turn token(s). Over-long samples are dropped (counted in ``num_dropped`` and listed in
+    the batch's ``dropped_ids``) or raise :class:`DataError`, by ``on_overflow``.
+    """
+
+    def __init__(self, processor: Any, *, max_length: int | None = None, on_overflow: OnOverflow = "drop") -> None:
+        super().__init__(processor, max_length=max_length, on_overflow=on_overflow)
+        self.eot_ids = end_of_turn_ids(processor)
+
+    def __call__(self, samples: Sequence[SupervisedSample]) -> SequenceBatch:
+        for s in samples:
+            if not s.completion:
+                raise DataError(f"sample {s.id!r}: empty completion")
+        prompts = encode_prompts(self.processor, samples)
+        completions = encode_completions(self.processor, [[s.completion] for s in samples], eot_ids=self.eot_ids)
+        keep, dropped = check_lengths(prompts, completions, max_length=self.max_length, on_overflow=self.on_overflow)
+        self.num_dropped += len(dropped)
+        self.dropped_ids.extend(dropped)
+        if len(keep) < len(prompts):
+            prompts = prompts.select(keep)
+            completions = [completions[i] for i in keep]
+        return build_rows(prompts, completions, pad_token_id=self.pad_token_id, dropped_ids=dropped)
+
+
+class PromptCollator(_Collator):
+    """Samples with a prompt -> left-padded :class:`GenerationBatch` (generation, RL, evaluation)."""
+
+    def __call__(self, samples: Sequence[PromptLike]) -> GenerationBatch:
+        prompts = encode_prompts(self.processor, samples)
+        keep, dropped = check_lengths(prompts, None, max_length=self.max_length, on_overflow=self.on_overflow)
+        self.num_dropped += len(dropped)
+        self.dropped_ids.extend(dropped)
+        if len(keep) < len(prompts):
+            prompts = prompts.select(keep)
+        return build_prompt_rows(prompts, pad_token_id=self.pad_token_id, dropped_ids=dropped)

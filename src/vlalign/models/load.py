@@ -1,0 +1,373 @@
+"""Loading and saving Hugging Face image-text-to-text models with their processors.
+
+:func:`load_model_and_processor` opens any model that ``AutoModelForImageTextToText`` knows
+(tested on Qwen2-VL, Qwen2.5-VL, LLaVA, Idefics3 / SmolVLM and Gemma3) from a local folder, a
+folder holding a PEFT adapter, or a hub name, and applies the training set-up: dtype, device,
+attention implementation, gradient checkpointing, which parts train, and LoRA through PEFT.
+
+Which parts are which is found from the module tree (:func:`find_parts`), not hard-coded per
+model: the language model is the submodule named ``language_model`` or ``text_model``; the
+vision tower ``visual``, ``vision_tower`` or ``vision_model``; the multimodal projector
+``multi_modal_projector``, ``connector`` or Qwen's ``visual.merger``. LoRA's ``"auto"`` targets
+are every ``nn.Linear`` of the language model (attention and MLP projections), plus those of
+the vision tower when ``freeze_vision=False``; the projector is trained in full, or frozen, by
+option (it is not always an ``nn.Linear``: Gemma3's is a bare weight matrix).
+
+A hub name without network fails fast: with ``HF_HUB_OFFLINE=1`` (or ``TRANSFORMERS_OFFLINE``)
+the local cache is checked at once; otherwise a TCP probe of the hub endpoint with a short
+timeout runs first. Either way the error says the hub is unreachable and suggests a local folder.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import socket
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlparse
+
+import torch
+from torch import nn
+from transformers import AutoModelForImageTextToText, AutoProcessor, PreTrainedModel
+
+LANGUAGE_NAMES = ("language_model", "text_model")
+VISION_NAMES = ("visual", "vision_tower", "vision_model")
+PROJECTOR_NAMES = ("multi_modal_projector", "connector", "merger", "mm_projector")
+
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16,
+}
+
+
+class ModelLoadError(RuntimeError):
+    """A model or processor cannot be loaded; the message says why and what to do."""
+
+
+@dataclass
+class LoraSpec:
+    """How to wrap a model with LoRA adapters (PEFT)."""
+
+    r: int = 16
+    """Rank of each adapter."""
+    alpha: float = 32.0
+    """Scaling numerator: adapters are scaled by ``alpha / r``."""
+    dropout: float = 0.05
+    """Dropout on the adapter's input."""
+    target_modules: str | list[str] = "auto"
+    """``"auto"`` (every linear layer of the language model, and of the vision tower unless
+    ``freeze_vision``), a PEFT regular expression, or a list of module names / suffixes."""
+    freeze_vision: bool = True
+    """Keep the vision tower frozen (True) or adapt it with LoRA too (False)."""
+    train_projector: bool = False
+    """Train the multimodal projector in full (saved with the adapter) or keep it frozen."""
+
+
+@dataclass
+class ModelParts:
+    """Qualified module names of a model's parts (``None`` when the model has no such part)."""
+
+    language: str
+    vision: str | None
+    projectors: list[str] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------------- the parts
+
+
+def find_parts(model: nn.Module) -> ModelParts:
+    """Locate the language model, vision tower and projector(s) of an image-text-to-text model."""
+    names = [n for n, _ in model.named_modules() if n]
+
+    def first(candidates: tuple[str, ...]) -> str | None:
+        found = [n for n in names if n.rsplit(".", 1)[-1] in candidates]
+        return min(found, key=lambda n: n.count("."), default=None)
+
+    language = first(LANGUAGE_NAMES)
+    if language is None:
+        raise ModelLoadError(
+            f"cannot find the language model in {type(model).__name__} (no submodule named one of "
+            f"{LANGUAGE_NAMES}); pass LoraSpec.target_modules explicitly"
+        )
+    projectors = [n for n in names if n.rsplit(".", 1)[-1] in PROJECTOR_NAMES]
+    projectors = [p for p in projectors if not any(p.startswith(q + ".") for q in projectors)]
+    return ModelParts(language=language, vision=first(VISION_NAMES), projectors=projectors)
+
+
+def _under(name: str, prefix: str | None) -> bool:
+    return prefix is not None and (name == prefix or name.startswith(prefix + "."))
+
+
+def auto_target_modules(model: nn.Module, *, include_vision: bool) -> str:
+    """PEFT regex of the linear layers LoRA adapts: language model (and vision tower), no projector.
+
+    Built from the exact names of the ``nn.Linear`` modules, with layer numbers generalised to
+    ``\\d+`` (so the regex stays short), e.g.
+    ``model\\.language_model\\.layers\\.\\d+\\.self_attn\\.q_proj``. Convolutions (patch embeddings)
+    and the projector are never targeted.
+    """
+    parts = find_parts(model)
+    prefixes = [parts.language] + ([parts.vision] if include_vision and parts.vision else [])
+    patterns: list[str] = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear) or not any(_under(name, p) for p in prefixes):
+            continue
+        if any(_under(name, p) for p in parts.projectors):
+            continue
+        pattern = r"\.".join(r"\d+" if piece.isdigit() else re.escape(piece) for piece in name.split("."))
+        if pattern not in patterns:
+            patterns.append(pattern)
+    if not patterns:
+        raise ModelLoadError(f"no linear layers found under {prefixes}; pass LoraSpec.target_modules explicitly")
+    return "^(?:" + "|".join(patterns) + ")$"
+
+
+def apply_lora(model: PreTrainedModel, spec: LoraSpec) -> nn.Module:
+    """Wrap ``model`` in a PEFT ``PeftModel`` with LoRA adapters as ``spec`` says."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = spec.target_modules
+    if targets == "auto":
+        targets = auto_target_modules(model, include_vision=not spec.freeze_vision)
+    modules_to_save = find_parts(model).projectors if spec.train_projector else None
+    config = LoraConfig(
+        r=spec.r,
+        lora_alpha=spec.alpha,
+        lora_dropout=spec.dropout,
+        target_modules=targets,
+        modules_to_save=modules_to_save,
+        bias="none",
+    )
+    return get_peft_model(model, config)
+
+
+def set_trainable(model: nn.Module, *, freeze_vision: bool, freeze_projector: bool = False) -> None:
+    """For full fine-tuning: every parameter trains except the vision tower / projector if frozen."""
+    parts = find_parts(model)
+    for name, param in model.named_parameters():
+        in_projector = any(_under(name, p) for p in parts.projectors)
+        in_vision = _under(name, parts.vision) and not in_projector
+        param.requires_grad_(not ((freeze_vision and in_vision) or (freeze_projector and in_projector)))
+
+
+# ------------------------------------------------------------------------------ hub handling
+
+
+def _truthy(value: str | None) -> bool:
+    return (value or "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def hub_offline() -> bool:
+    """Whether the user switched the hub off (``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE``)."""
+    return _truthy(os.environ.get("HF_HUB_OFFLINE")) or _truthy(os.environ.get("TRANSFORMERS_OFFLINE"))
+
+
+def hub_endpoint() -> str:
+    return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+
+
+def hub_reachable(endpoint: str | None = None, *, timeout: float = 3.0) -> bool:
+    """TCP probe of the hub (or of the HTTPS proxy), bounded by ``timeout`` seconds, DNS included."""
+    url = urlparse(endpoint or hub_endpoint())
+    proxy = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy")
+    if proxy and url.scheme == "https":
+        url = urlparse(proxy if "://" in proxy else f"http://{proxy}")
+    host = url.hostname
+    port = url.port or (443 if url.scheme == "https" else 80)
+    if not host:
+        return False
+    result: list[bool] = []
+
+    def probe() -> None:
+        try:
+            with socket.create_connection((host, port), timeout=timeout):
+                result.append(True)
+        except OSError:
+            result.append(False)
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout)  # getaddrinfo has no timeout of its own
+    return bool(result and result[0])
+
+
+def _cached(repo_id: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:  # an invalid repo id, an unreadable cache: treat as not cached
+        return False
+
+
+def _looks_like_path(name: str) -> bool:
+    """A hub name is ``name`` or ``owner/name``; anything else is meant as a folder."""
+    return name.startswith((".", "/", "~")) or name.endswith("/") or name.count("/") > 1 or "\\" in name
+
+
+def resolve_source(name_or_path: str | os.PathLike, *, probe_timeout: float = 3.0) -> tuple[str, bool]:
+    """``(source, local_files_only)`` for a local folder or a hub name; fails fast without network."""
+    text = os.fspath(name_or_path)
+    path = Path(text).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ModelLoadError(f"{text!r} is a file; pass the folder that holds config.json")
+        return str(path), True
+    if _looks_like_path(text):
+        raise ModelLoadError(f"model folder {text!r} does not exist")
+    advice = (
+        f"pass a local folder instead (one written by `save_model_and_processor`, by "
+        f"`vlalign.models.tiny.build_tiny_model`, or by `hf download {text} --local-dir DIR` on a "
+        "machine with network)"
+    )
+    if hub_offline():
+        if _cached(text):
+            return text, True
+        raise ModelLoadError(
+            f"{text!r} is not a local folder, and the Hugging Face Hub is switched off (HF_HUB_OFFLINE / "
+            f"TRANSFORMERS_OFFLINE is set) and the model is not in the local cache; {advice}, or unset HF_HUB_OFFLINE"
+        )
+    if not hub_reachable(timeout=probe_timeout):
+        if _cached(text):
+            return text, True
+        raise ModelLoadError(
+            f"{text!r} is not a local folder and the Hugging Face Hub ({hub_endpoint()}) is unreachable "
+            f"(no network within {probe_timeout:g} s) and the model is not in the local cache; {advice}"
+        )
+    return text, False
+
+
+# ----------------------------------------------------------------------------------- loading
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: str) -> torch.dtype:
+    """``"auto"``: bfloat16 on a GPU that supports it, float32 otherwise."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        if device.startswith("cuda") and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not one of 'auto', {sorted(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def resolve_device(device: str | torch.device | None) -> str:
+    if device is None or str(device) == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return str(device)
+
+
+def load_model_and_processor(
+    name_or_path: str | os.PathLike,
+    *,
+    dtype: str | torch.dtype = "auto",
+    device: str | torch.device | None = "auto",
+    attn_implementation: str | None = "sdpa",
+    gradient_checkpointing: bool = False,
+    lora: LoraSpec | None = None,
+    freeze_vision: bool = False,
+    trust_remote_code: bool = False,
+    adapter_trainable: bool = True,
+    probe_timeout: float = 3.0,
+) -> tuple[nn.Module, Any]:
+    """Load an image-text-to-text model and its processor, set up for training.
+
+    ``name_or_path``: a local folder (a full model, or a PEFT adapter folder whose
+    ``adapter_config.json`` names its base model), or a hub name. ``device="auto"`` picks CUDA
+    when available; ``None`` leaves the model on the CPU for accelerate to place.
+    ``freeze_vision`` freezes the vision tower for full fine-tuning (``lora=None``); with LoRA,
+    ``lora.freeze_vision`` decides. An adapter folder loads with its adapter trainable when
+    ``adapter_trainable``, and then ``lora`` must be None.
+    """
+    source, local_only = resolve_source(name_or_path, probe_timeout=probe_timeout)
+    adapter_dir = Path(source) / "adapter_config.json" if local_only else None
+    if adapter_dir is not None and adapter_dir.is_file() and not (Path(source) / "config.json").is_file():
+        return _load_adapter(source, dtype=dtype, device=device, attn_implementation=attn_implementation,
+                             gradient_checkpointing=gradient_checkpointing, trust_remote_code=trust_remote_code,
+                             trainable=adapter_trainable, lora=lora, probe_timeout=probe_timeout)
+    dev = resolve_device(device)
+    kwargs: dict[str, Any] = {"dtype": resolve_dtype(dtype, dev), "trust_remote_code": trust_remote_code,
+                              "local_files_only": local_only}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    try:
+        processor = AutoProcessor.from_pretrained(source, trust_remote_code=trust_remote_code,
+                                                  local_files_only=local_only)
+        model = AutoModelForImageTextToText.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot load an image-text-to-text model from {source!r}: {exc}") from exc
+    return _set_up(model, dev if device is not None else None, gradient_checkpointing, lora, freeze_vision), processor
+
+
+def _set_up(model: nn.Module, device: str | None, checkpointing: bool, lora: LoraSpec | None,
+            freeze_vision: bool) -> nn.Module:
+    if device is not None:
+        model.to(device)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if lora is not None:
+        return apply_lora(model, lora)
+    set_trainable(model, freeze_vision=freeze_vision)
+    return model
+
+
+def _load_adapter(folder: str, *, trainable: bool, lora: LoraSpec | None, **kwargs: Any) -> tuple[nn.Module, Any]:
+    from peft import PeftModel
+
+    if lora is not None:
+        raise ModelLoadError(f"{folder!r} already holds a LoRA adapter; load it with lora=None")
+    config = json.loads((Path(folder) / "adapter_config.json").read_text())
+    base = config.get("base_model_name_or_path")
+    if not base:
+        raise ModelLoadError(f"{folder}/adapter_config.json names no base_model_name_or_path; cannot load the base model")
+    model, _ = load_model_and_processor(base, lora=None, **kwargs)
+    try:
+        processor = AutoProcessor.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError):
+        processor = AutoProcessor.from_pretrained(base, local_files_only=True)
+    peft_model = PeftModel.from_pretrained(model, folder, is_trainable=trainable)
+    return peft_model, processor
+
+
+# ------------------------------------------------------------------------------------ saving
+
+
+def save_model_and_processor(
+    model: nn.Module,
+    processor: Any,
+    out_dir: str | os.PathLike,
+    *,
+    mode: Literal["auto", "adapter", "merged", "full"] = "auto",
+) -> Path:
+    """Save in Hugging Face format (safetensors) with the processor; returns the folder.
+
+    ``mode``: ``"adapter"`` writes only a PEFT model's adapter (small; reload with
+    :func:`load_model_and_processor` while the base model stays where it was); ``"merged"``
+    merges the adapter into a copy of the weights (the model itself is left wrapped; the copy
+    costs one model's memory) and writes a plain model; ``"full"`` writes a plain model;
+    ``"auto"`` is ``"adapter"`` for a PEFT model and ``"full"`` otherwise.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    is_peft = hasattr(model, "peft_config")
+    if mode == "auto":
+        mode = "adapter" if is_peft else "full"
+    if mode in ("adapter", "merged") and not is_peft:
+        raise ValueError(f"mode={mode!r} needs a PEFT model; this is a {type(model).__name__}")
+    if mode == "merged":
+        copy.deepcopy(model).merge_and_unload().save_pretrained(out)
+    elif mode == "full" and is_peft:
+        raise ValueError("mode='full' on a PEFT model: use 'adapter' or 'merged'")
+    else:
+        model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
