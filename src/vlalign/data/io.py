@@ -114,7 +114,7 @@ def _iter_json(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
     with path.open("r", encoding="utf-8") as fh:
         head = fh.read(1024).lstrip()
         fh.seek(0)
-        if head.startswith("["):
+        if path.suffix == ".json" and head.startswith("["):  # a JSON array (LLaVA / POVID style)
             try:
                 data = json.load(fh)
             except json.JSONDecodeError as exc:
