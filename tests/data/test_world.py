@@ -364,3 +364,20 @@ def test_task_rows_respect_task_selection():
     rows = task_rows(generate_scene(cfg, "train", 0), cfg)
     assert [r["task"] for r in rows] == ["counting"] * 3
     assert len({r["id"] for r in rows}) == 3
+
+
+def test_world_command(tmp_path: Path, capsys: pytest.CaptureFixture):
+    from vlalign.cli import main
+
+    out = tmp_path / "w"
+    args = ["world", f"--out={out}", "--world.n_train=6", "--world.n_validation=2", "--world.n_test=3",
+            "--world.n_compositional=0", "--world.image_size=32", "--world.tasks=describe,counting"]  # fmt: skip
+    assert main(args) == 0
+    manifest = read_manifest(out)
+    assert manifest["scenes"] == {"train": 6, "validation": 2, "test": 3}
+    assert manifest["files"]["train.jsonl"]["rows"] == 12 and "pope_test_random.jsonl" in manifest["files"]
+    assert "train.jsonl" in capsys.readouterr().out
+    assert main(["world", f"--out={tmp_path / 'x'}", "--world.shapes=circle,blob"]) == 2
+    assert "WorldConfig.shapes: unknown shape(s) ['blob']" in capsys.readouterr().err
+    assert main(["world", "--help"]) == 0
+    assert "cooccurrence_strength" in capsys.readouterr().out
