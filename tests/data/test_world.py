@@ -239,6 +239,11 @@ def test_files_rows_and_manifest(world_dir: Path, world_cfg: WorldConfig):
         assert hashlib.sha256((world_dir / name).read_bytes()).hexdigest() == info["sha256"]
         assert len(read_jsonl(world_dir / name)) == info["rows"]
     assert sorted(manifest["object_vocabulary"]) == sorted(world_cfg.objects)
+    train = [rows[0]["objects"] for rows in scenes_by_id(read_jsonl(world_dir / "train_prompts.jsonl")).values()]
+    for anchor, partner in world_cfg.partners.items():
+        holding = [objs for objs in train if anchor in objs]
+        rate = sum(partner in objs for objs in holding) / len(holding)
+        assert manifest["cooccurrence_rates"][anchor] == pytest.approx(rate, abs=1e-12)
     for split in SPLITS:
         sft, prompts = read_jsonl(world_dir / f"{split}.jsonl"), read_jsonl(world_dir / f"{split}_prompts.jsonl")
         assert [r["id"] for r in sft] == [r["id"] for r in prompts]

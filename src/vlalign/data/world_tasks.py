@@ -7,6 +7,7 @@
     <split>_prompts.jsonl               the same questions as prompt-only rows (evaluation, RL)
     pope_<split>_<mode>.jsonl           POPE rows, mode in random / popular / adversarial
     manifest.json                       config, files (rows, sha256), object vocabulary, statistics
+                                        (train object frequency, co-occurrence, partner rates)
 
 for the splits ``train``, ``validation``, ``test`` and ``compositional``. Rows use the TRL vision
 layout: ``images`` (list of relative paths), ``prompt`` (user message with one
@@ -244,6 +245,9 @@ def write_world(cfg: WorldConfig, out_dir: str | Path, *, overwrite: bool = Fals
         "files": files,
         "object_vocabulary": object_vocabulary(cfg),
         "cooccurrence_pairs": cfg.partners,
+        "cooccurrence_rates": {  # share of train scenes holding an object that also hold its partner
+            a: cooc.get(a, {}).get(b, 0) / freq[a] for a, b in sorted(cfg.partners.items()) if freq.get(a)
+        },
         "train_object_frequency": dict(sorted(freq.items())),
         "train_cooccurrence": {a: dict(sorted(row.items())) for a, row in sorted(cooc.items())},
     }
