@@ -284,3 +284,12 @@ def test_meta_may_not_shadow_columns(tmp_path: Path):
         sample_to_row(sample, out_dir=tmp_path)
     with pytest.raises(ValueError, match="write to a .jsonl or .parquet file"):
         write_samples([sample], tmp_path / "x.csv")
+
+
+def test_in_memory_rows_with_pil_images(tmp_path: Path):
+    pil = Image.new("RGB", (4, 4), (5, 6, 7))
+    row = {"image": [pil, {"bytes": None, "path": "rel/x.png"}], "question": "<image> vs <image>?", "answer": "left"}
+    s = row_to_sample(row, "supervised", where="mem row 0", base_dir=tmp_path)
+    assert s.images == [pil, str(tmp_path / "rel" / "x.png")] and s.completion == "left"
+    assert s.prompt == [{"role": "user", "content": [IMG, TEXT("vs"), IMG, TEXT("?")]}]
+    assert s.id == "mem row 0" and s.meta == {}
