@@ -75,6 +75,8 @@ def _type_name(tp: Any) -> str:
         return f"{getattr(origin, '__name__', str(origin))}[{args}]"
     if tp is type(None):
         return "None"
+    if tp is Ellipsis:
+        return "..."
     return getattr(tp, "__name__", str(tp))
 
 
