@@ -14,8 +14,9 @@ the vision tower when ``freeze_vision=False``; the projector is trained in full,
 option (it is not always an ``nn.Linear``: Gemma3's is a bare weight matrix).
 
 A hub name without network fails fast: with ``HF_HUB_OFFLINE=1`` (or ``TRANSFORMERS_OFFLINE``)
-the local cache is checked at once; otherwise a TCP probe of the hub endpoint with a short
-timeout runs first. Either way the error says the hub is unreachable and suggests a local folder.
+the local cache is checked at once; otherwise one metadata query to the hub, bounded by a short
+timeout (name lookup included), runs first. Either way the error says the hub is unreachable
+and suggests a local folder.
 """
 
 from __future__ import annotations
@@ -24,12 +25,10 @@ import copy
 import json
 import os
 import re
-import socket
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlparse
 
 import torch
 from torch import nn
@@ -172,29 +171,32 @@ def hub_endpoint() -> str:
     return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
 
 
-def hub_reachable(endpoint: str | None = None, *, timeout: float = 3.0) -> bool:
-    """TCP probe of the hub (or of the HTTPS proxy), bounded by ``timeout`` seconds, DNS included."""
-    url = urlparse(endpoint or hub_endpoint())
-    proxy = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy")
-    if proxy and url.scheme == "https":
-        url = urlparse(proxy if "://" in proxy else f"http://{proxy}")
-    host = url.hostname
-    port = url.port or (443 if url.scheme == "https" else 80)
-    if not host:
-        return False
-    result: list[bool] = []
+def hub_check(repo_id: str, endpoint: str | None = None, *, timeout: float = 3.0) -> str | None:
+    """Ask the hub about ``repo_id`` within ``timeout`` seconds; ``None`` if it answered usably.
 
-    def probe() -> None:
+    Otherwise returns why not (no answer in time, a refused connection, a failed name lookup,
+    an HTTP error, no such repository). A gated or private repository counts as an answer: the
+    download that follows reports the access problem itself. The whole query, name lookup
+    included, runs in a thread joined with ``timeout``, so it cannot hang.
+    """
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import GatedRepoError
+
+    outcome: list[str | None] = []
+
+    def query() -> None:
         try:
-            with socket.create_connection((host, port), timeout=timeout):
-                result.append(True)
-        except OSError:
-            result.append(False)
+            HfApi(endpoint=endpoint or hub_endpoint()).model_info(repo_id, timeout=timeout)
+            outcome.append(None)
+        except GatedRepoError:
+            outcome.append(None)
+        except Exception as exc:  # network errors come from httpx, HTTP errors from huggingface_hub
+            outcome.append(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
 
-    thread = threading.Thread(target=probe, daemon=True)
+    thread = threading.Thread(target=query, daemon=True)
     thread.start()
-    thread.join(timeout)  # getaddrinfo has no timeout of its own
-    return bool(result and result[0])
+    thread.join(timeout)
+    return outcome[0] if outcome else f"no answer within {timeout:g} s"
 
 
 def _cached(repo_id: str) -> bool:
@@ -233,12 +235,13 @@ def resolve_source(name_or_path: str | os.PathLike, *, probe_timeout: float = 3.
             f"{text!r} is not a local folder, and the Hugging Face Hub is switched off (HF_HUB_OFFLINE / "
             f"TRANSFORMERS_OFFLINE is set) and the model is not in the local cache; {advice}, or unset HF_HUB_OFFLINE"
         )
-    if not hub_reachable(timeout=probe_timeout):
+    problem = hub_check(text, timeout=probe_timeout)
+    if problem is not None:
         if _cached(text):
             return text, True
         raise ModelLoadError(
-            f"{text!r} is not a local folder and the Hugging Face Hub ({hub_endpoint()}) is unreachable "
-            f"(no network within {probe_timeout:g} s) and the model is not in the local cache; {advice}"
+            f"{text!r} is not a local folder, the Hugging Face Hub at {hub_endpoint()} is unreachable or "
+            f"does not serve it ({problem}), and it is not in the local cache; {advice}"
         )
     return text, False
 

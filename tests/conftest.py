@@ -1,0 +1,91 @@
+"""Session-wide fixtures: tiny models of every architecture, each built ONCE per test session.
+
+Use them from any test:
+
+- ``tiny_model_dir(arch, size="tiny") -> Path``: the folder of a built model (reload it with
+  ``load_model_and_processor``); built on first request, then reused.
+- ``tiny_processor(arch) -> processor``: the tiny model's processor, loaded once (do not mutate).
+- ``tiny_model(arch, **load_kwargs) -> (model, processor)``: a FRESH model each call (safe to
+  train or wrap with LoRA), loaded from the session's folder in a few milliseconds.
+- ``shape_images``: four distinct 48 px RGB images (a red disc, a blue square, a green
+  triangle, a yellow bar on white), deterministic.
+
+``ARCHITECTURES`` (from :mod:`vlalign.models.tiny`) lists the architectures to parametrize over.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image, ImageDraw
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the tests may reach the network
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    from vlalign.models.tiny import build_tiny_model
+
+    root = tmp_path_factory.mktemp("tiny-models")
+    built: dict[tuple[str, str], Path] = {}
+
+    def get(arch: str, size: str = "tiny") -> Path:
+        key = (arch, size)
+        if key not in built:
+            built[key] = build_tiny_model(arch, size, root / f"{arch}-{size}", seed=0)
+        return built[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_processor(tiny_model_dir: Callable[..., Path]) -> Callable[[str], Any]:
+    from transformers import AutoProcessor
+
+    loaded: dict[str, Any] = {}
+
+    def get(arch: str) -> Any:
+        if arch not in loaded:
+            loaded[arch] = AutoProcessor.from_pretrained(tiny_model_dir(arch), local_files_only=True)
+        return loaded[arch]
+
+    return get
+
+
+@pytest.fixture
+def tiny_model(tiny_model_dir: Callable[..., Path]) -> Callable[..., tuple[Any, Any]]:
+    from vlalign.models.load import load_model_and_processor
+
+    def get(arch: str, **kwargs: Any) -> tuple[Any, Any]:
+        kwargs.setdefault("device", "cpu")
+        kwargs.setdefault("dtype", "float32")
+        return load_model_and_processor(tiny_model_dir(arch), **kwargs)
+
+    return get
+
+
+def _draw_images() -> list[Image.Image]:
+    images = []
+    for colour, shape in [((220, 30, 30), "disc"), ((30, 60, 220), "square"),
+                          ((30, 170, 60), "triangle"), ((230, 200, 20), "bar")]:
+        img = Image.new("RGB", (48, 48), (250, 250, 250))
+        draw = ImageDraw.Draw(img)
+        if shape == "disc":
+            draw.ellipse((8, 8, 40, 40), fill=colour)
+        elif shape == "square":
+            draw.rectangle((10, 10, 38, 38), fill=colour)
+        elif shape == "triangle":
+            draw.polygon([(24, 6), (42, 40), (6, 40)], fill=colour)
+        else:
+            draw.rectangle((4, 18, 44, 30), fill=colour)
+        images.append(img)
+    return images
+
+
+@pytest.fixture(scope="session")
+def shape_images() -> list[Image.Image]:
+    return _draw_images()

@@ -1,0 +1,146 @@
+"""Tiny models of real architectures: build, offline reload, image dependence, one training step."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from vlalign.data.collate import SupervisedCollator, image_token_ids
+from vlalign.data.schema import SupervisedSample, user_prompt
+from vlalign.models.load import load_model_and_processor
+from vlalign.models.tiny import (
+    ARCHITECTURES,
+    SIZES,
+    STAMP_FILE,
+    build_tiny_model,
+    image_tokens,
+    make_processor,
+)
+from vlalign.models.tiny_tokenizer import FAMILY_OF_ARCH, train_tokenizer
+
+EXPECTED_CLASSES = {
+    "qwen2_vl": ("Qwen2VLForConditionalGeneration", "Qwen2VLProcessor"),
+    "qwen2_5_vl": ("Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLProcessor"),
+    "llava": ("LlavaForConditionalGeneration", "LlavaProcessor"),
+    "idefics3": ("Idefics3ForConditionalGeneration", "Idefics3Processor"),
+    "gemma3": ("Gemma3ForConditionalGeneration", "Gemma3Processor"),
+}
+
+
+def _samples(images, n=2):
+    questions = ["Is there a red circle in the image?", "Describe the image.", "How many squares are there?"]
+    answers = ["Yes", "There is a blue square.", "2"]
+    return [
+        SupervisedSample(id=f"s{i}", images=[images[i]], prompt=user_prompt(questions[i % 3]), completion=answers[i % 3])
+        for i in range(n)
+    ]
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_reloads_offline_as_the_real_classes(arch, tiny_model_dir, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    folder = tiny_model_dir(arch)
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "chat_template.jinja", STAMP_FILE):
+        assert (folder / name).is_file(), name
+    model, processor = load_model_and_processor(folder, device="cpu", dtype="float32")
+    assert (type(model).__name__, type(processor).__name__) == EXPECTED_CLASSES[arch]
+    n_params = sum(p.numel() for p in model.parameters())
+    assert 3e5 < n_params < 1.5e6, n_params
+    # generation stops on the end-of-turn token as well as on eos
+    eot = FAMILY_OF_ARCH[arch]
+    stops = model.generation_config.eos_token_id
+    assert processor.tokenizer.convert_tokens_to_ids(
+        {"chatml": "<|im_end|>", "llava": "</s>", "idefics3": "<end_of_utterance>", "gemma3": "<end_of_turn>"}[eot]
+    ) in stops
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_output_depends_on_the_image(arch, tiny_model, shape_images):
+    """Same prompt, images (A, B, A): rows 0 and 2 agree exactly, rows 0 and 1 clearly differ."""
+    model, processor = tiny_model(arch)
+    model.eval()
+    images = [shape_images[0], shape_images[1], shape_images[0]]
+    samples = [SupervisedSample(id=f"r{i}", images=[im], prompt=user_prompt("What colour is the circle?"),
+                                completion="red") for i, im in enumerate(images)]
+    batch = SupervisedCollator(processor)(samples)
+    with torch.no_grad():
+        logits = model(**batch.model_inputs()).logits  # (3, T, V)
+    last = batch.prompt_lengths - 1  # position predicting the first completion token
+    at = logits[torch.arange(3), last]  # (3, V)
+    assert torch.allclose(at[0], at[2], atol=1e-5)
+    assert (at[0] - at[1]).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_one_optimizer_step_lowers_the_loss(arch, tiny_model, shape_images):
+    model, processor = tiny_model(arch)
+    batch = SupervisedCollator(processor)(_samples(shape_images, n=3))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    loss0 = model(**batch.model_inputs(), labels=batch.labels).loss
+    loss0.backward()
+    vision_grads = [p.grad for n, p in model.named_parameters() if "vis" in n and p.grad is not None]
+    assert vision_grads and any(bool(g.abs().sum() > 0) for g in vision_grads)  # the image is in the graph
+    optimizer.step()
+    with torch.no_grad():
+        loss1 = model(**batch.model_inputs(), labels=batch.labels).loss
+    assert loss1 < loss0 - 1e-3, (loss0.item(), loss1.item())
+
+
+def test_no_weight_matrix_left_at_zero(tiny_model_dir):
+    """Gemma3 zeroes its image projection at init; the builder re-initialises it (all archs checked)."""
+    for arch in ARCHITECTURES:
+        weights = load_file(tiny_model_dir(arch) / "model.safetensors")
+        zero = [k for k, v in weights.items() if v.ndim >= 2 and not bool(v.any())]
+        assert zero == [], (arch, zero)
+    gemma = load_file(tiny_model_dir("gemma3") / "model.safetensors")
+    projection = [v for k, v in gemma.items() if k.endswith("mm_input_projection_weight")]
+    assert len(projection) == 1 and projection[0].std() > 0.01
+
+
+def test_build_is_deterministic_and_cached(tmp_path):
+    a = build_tiny_model("qwen2_vl", "tiny", tmp_path / "a", seed=3)
+    b = build_tiny_model("qwen2_vl", "tiny", tmp_path / "b", seed=3)
+    c = build_tiny_model("qwen2_vl", "tiny", tmp_path / "c", seed=4)
+    for name in ("model.safetensors", "tokenizer.json"):
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    wa, wc = load_file(a / "model.safetensors"), load_file(c / "model.safetensors")
+    assert any(not torch.equal(wa[k], wc[k]) for k in wa)  # another seed, other weights
+    assert (a / "tokenizer.json").read_bytes() == (c / "tokenizer.json").read_bytes()
+    stamp = json.loads((a / STAMP_FILE).read_text())
+    assert (stamp["arch"], stamp["size"], stamp["seed"]) == ("qwen2_vl", "tiny", 3)
+    mtime = (a / "model.safetensors").stat().st_mtime_ns
+    start = time.perf_counter()
+    assert build_tiny_model("qwen2_vl", "tiny", a, seed=3) == a
+    assert time.perf_counter() - start < 0.2  # cache hit: nothing rebuilt
+    assert (a / "model.safetensors").stat().st_mtime_ns == mtime
+    build_tiny_model("qwen2_vl", "tiny", a, seed=5)  # another seed into the same folder: rebuilt
+    assert json.loads((a / STAMP_FILE).read_text())["seed"] == 5
+
+
+def test_unknown_arch_or_size_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="unknown architecture 'qwen9'.*qwen2_vl"):
+        build_tiny_model("qwen9", "tiny", tmp_path)
+    with pytest.raises(ValueError, match="unknown size 'huge'"):
+        build_tiny_model("llava", "huge", tmp_path)
+
+
+@pytest.mark.parametrize("size", ["tiny", "small", "bench"])
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_image_token_count_per_size(arch, size, shape_images):
+    """(image_px / patch / merge)^2 tokens per image: tiny 4, small 36, bench 256 (processor only)."""
+    from vlalign.data.world import tokenizer_corpus
+
+    expected = {"tiny": 4, "small": 36, "bench": 256}[size]
+    assert image_tokens(arch, size) == expected
+    spec = SIZES[size]
+    assert (spec.image_px // spec.patch // spec.merge) ** 2 == expected
+    processor = make_processor(arch, size, train_tokenizer(FAMILY_OF_ARCH[arch], tokenizer_corpus()))
+    text = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}]}],
+                                         add_generation_prompt=True, tokenize=False)
+    out = processor(text=[text], images=[[shape_images[0]]], return_tensors="pt")
+    ids = set(image_token_ids(processor))
+    assert sum(int(t) in ids for t in out["input_ids"][0]) == expected
