@@ -126,7 +126,8 @@ def test_group_estimators_match_loops_flat_and_grouped(name: str) -> None:
 def test_rloo_is_scaled_centred_reward() -> None:
     """RLOO = G/(G−1)·(r − mean) = G/(G−1)·Dr.GRPO, exactly up to rounding."""
     rewards = torch.randn(4, 6, generator=torch.Generator().manual_seed(11), dtype=F64)
-    torch.testing.assert_close(rloo_advantages(rewards), 6 / 5 * dr_grpo_advantages(rewards), rtol=1e-13, atol=1e-14)
+    expected = 6 / 5 * dr_grpo_advantages(rewards)
+    torch.testing.assert_close(rloo_advantages(rewards), expected, rtol=1e-13, atol=1e-14)
 
 
 def test_group_estimator_errors() -> None:
@@ -153,7 +154,8 @@ def test_overlong_penalty_hand_values() -> None:
     lengths = torch.tensor([10, 16, 18, 20, 25])
     penalty = overlong_reward_penalty(lengths, max_length=20, cache_length=4)
     torch.testing.assert_close(penalty, torch.tensor([0.0, 0.0, -0.5, -1.0, -1.0]))
-    torch.testing.assert_close(overlong_reward_penalty(lengths, max_length=20, cache_length=4, penalty_factor=0.5)[2], torch.tensor(-0.25))
+    halved = overlong_reward_penalty(lengths, max_length=20, cache_length=4, penalty_factor=0.5)
+    torch.testing.assert_close(halved[2], torch.tensor(-0.25))
     with pytest.raises(ValueError, match="cache_length"):
         overlong_reward_penalty(lengths, max_length=20, cache_length=0)
 
@@ -221,7 +223,8 @@ def test_reinforce_pp_hand_value_and_loop() -> None:
     adv, ret = reinforce_pp_advantages(rewards, mask, gamma=1.0, eps=0.0)
     torch.testing.assert_close(ret, torch.tensor([[1.0, 1.0, 1.0], [0.0, 0.0, 0.0]], dtype=F64))
     scale = 1 / math.sqrt(0.24)
-    torch.testing.assert_close(adv, torch.tensor([[0.4, 0.4, 0.4], [-0.6, -0.6, 0.0]], dtype=F64) * torch.tensor([[scale] * 3, [scale, scale, 0.0]], dtype=F64))
+    expected = torch.tensor([[0.4, 0.4, 0.4], [-0.6, -0.6, 0.0]], dtype=F64) * scale
+    torch.testing.assert_close(adv, expected, rtol=1e-14, atol=1e-15)
     _, ret = reinforce_pp_advantages(rewards[:1], mask[:1], gamma=0.5, whiten=False)
     torch.testing.assert_close(ret, torch.tensor([[0.25, 0.5, 1.0]], dtype=F64))
 
@@ -255,7 +258,8 @@ def test_whitening_hand_value_and_data_parallel_statistics() -> None:
     mask = torch.tensor([[True, True, True, False]])
     s = math.sqrt(1.5)
     torch.testing.assert_close(masked_whiten(values, mask, eps=0.0), torch.tensor([[-s, 0.0, s, 0.0]], dtype=F64))
-    torch.testing.assert_close(masked_whiten(values, mask, eps=0.0, shift_mean=False), torch.tensor([[2 - s, 2.0, 2 + s, 0.0]], dtype=F64))
+    kept_mean = masked_whiten(values, mask, eps=0.0, shift_mean=False)
+    torch.testing.assert_close(kept_mean, torch.tensor([[2 - s, 2.0, 2 + s, 0.0]], dtype=F64))
 
     gen = torch.Generator().manual_seed(15)
     data = torch.randn(8, 6, generator=gen, dtype=F64)

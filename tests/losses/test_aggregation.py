@@ -29,7 +29,12 @@ def test_hand_values() -> None:
     seq-mean-token-sum-norm with L_max = 4: 5/4 = 1.25."""
     values = torch.tensor([[1.0, 2.0, 3.0], [4.0, 100.0, 100.0]], dtype=F64)
     mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
-    expected = {"token-mean": 2.5, "seq-mean-token-mean": 3.0, "seq-mean-token-sum": 5.0, "seq-mean-token-sum-norm": 1.25}
+    expected = {
+        "token-mean": 2.5,
+        "seq-mean-token-mean": 3.0,
+        "seq-mean-token-sum": 5.0,
+        "seq-mean-token-sum-norm": 1.25,
+    }
     for mode, value in expected.items():
         assert aggregate(values, mask, mode=mode, max_length=4).item() == value
 
@@ -86,7 +91,8 @@ def test_local_normalisers_average_for_seq_modes_with_equal_shards(mode: str) ->
     values, mask = batch(seed=1)
     whole = aggregate(values, mask, mode=mode, max_length=MAX_LEN)
     for splits in ([4, 4], [2, 2, 2, 2]):
-        parts = [aggregate(v, m, mode=mode, max_length=MAX_LEN) for v, m in zip(values.split(splits), mask.split(splits))]
+        shards = zip(values.split(splits), mask.split(splits))
+        parts = [aggregate(v, m, mode=mode, max_length=MAX_LEN) for v, m in shards]
         torch.testing.assert_close(torch.stack(parts).mean(), whole, rtol=1e-14, atol=1e-15)
 
 
@@ -96,11 +102,13 @@ def test_local_normalisers_cannot_reproduce_token_mean_or_unequal_shards() -> No
     values, mask = batch(seed=2)
     assert mask[:4].sum() != mask[4:].sum()
     whole = aggregate(values, mask, mode="token-mean")
-    averaged = torch.stack([aggregate(v, m, mode="token-mean") for v, m in zip(values.split(4), mask.split(4))]).mean()
+    shards = zip(values.split(4), mask.split(4))
+    averaged = torch.stack([aggregate(v, m, mode="token-mean") for v, m in shards]).mean()
     assert not torch.isclose(averaged, whole, rtol=1e-6)
     for mode in SEQ_MODES:
         whole = aggregate(values, mask, mode=mode, max_length=MAX_LEN)
-        parts = [aggregate(v, m, mode=mode, max_length=MAX_LEN) for v, m in zip(values.split([3, 5]), mask.split([3, 5]))]
+        shards = zip(values.split([3, 5]), mask.split([3, 5]))
+        parts = [aggregate(v, m, mode=mode, max_length=MAX_LEN) for v, m in shards]
         assert not torch.isclose(torch.stack(parts).mean(), whole, rtol=1e-6)
 
 

@@ -38,6 +38,8 @@ def test_ppo_clip_hand_values() -> None:
     out = ppo_clip_loss(ratios.log(), torch.zeros_like(ratios), adv, mask, clip_low=0.2)
     torch.testing.assert_close(out.losses, row(-1.2, 0.8, -0.5, 5.0), rtol=1e-15, atol=1e-15)
     assert out.metrics["policy/clip_frac"].item() == 0.5
+    approx_kl = 0.5 * (math.log(1.5) ** 2 + 2 * math.log(0.5) ** 2 + math.log(5.0) ** 2) / 4
+    torch.testing.assert_close(out.metrics["policy/approx_kl"], torch.tensor(approx_kl, dtype=F64))
 
 
 def test_ppo_asymmetric_and_dual_clip_hand_values() -> None:
@@ -46,7 +48,8 @@ def test_ppo_asymmetric_and_dual_clip_hand_values() -> None:
     ratios = row(1.5, 5.0, 2.0, 5.0)
     adv = row(1.0, -1.0, -1.0, 1.0)
     mask = torch.ones_like(adv, dtype=torch.bool)
-    out = ppo_clip_loss(ratios.log(), torch.zeros_like(ratios), adv, mask, clip_low=0.2, clip_high=0.28, dual_clip=3.0)
+    old = torch.zeros_like(ratios)
+    out = ppo_clip_loss(ratios.log(), old, adv, mask, clip_low=0.2, clip_high=0.28, dual_clip=3.0)
     torch.testing.assert_close(out.losses, row(-1.28, 3.0, 2.0, -1.28), rtol=1e-15, atol=1e-15)
     assert out.metrics["policy/dual_clip_frac"].item() == 0.25
     with pytest.raises(ValueError, match="dual_clip"):
@@ -73,7 +76,8 @@ def test_value_loss_hand_values() -> None:
     out = value_loss(values, old, returns, mask, clip_range=0.2)
     torch.testing.assert_close(out.losses, row(0.32, 0.405), rtol=1e-14, atol=1e-15)
     assert out.metrics["value/clip_frac"].item() == 0.5
-    torch.testing.assert_close(value_loss(values, old, returns, mask, clip_range=None).losses[0, 0], torch.tensor(0.125, dtype=F64))
+    unclipped = value_loss(values, old, returns, mask, clip_range=None).losses
+    torch.testing.assert_close(unclipped[0, 0], torch.tensor(0.125, dtype=F64))
 
 
 def test_entropy_hand_values_and_reference() -> None:
@@ -89,6 +93,7 @@ def test_entropy_hand_values_and_reference() -> None:
     logits = torch.randn(2, 3, 7, generator=gen, dtype=F64) * 3
     reference = torch.distributions.Categorical(logits=logits).entropy()
     torch.testing.assert_close(entropy_from_logits(logits), reference, rtol=1e-13, atol=1e-14)
+    assert torch.autograd.gradcheck(entropy_from_logits, (logits[:1, :2].clone().requires_grad_(True),))
     mask = torch.tensor([[True, True, False], [True, False, False]])
     out = entropy_loss(logits, mask, coef=0.5)
     torch.testing.assert_close(out.losses, -0.5 * reference * mask)
@@ -136,7 +141,8 @@ def test_padding_never_changes_policy_terms() -> None:
     shape = (4, 6)
     mask = torch.rand(shape, generator=gen) > 0.4
     mask[:, 0] = True
-    clean = [-torch.rand(shape, generator=gen, dtype=F64) for _ in range(2)] + [torch.randn(shape, generator=gen, dtype=F64)]
+    clean = [-torch.rand(shape, generator=gen, dtype=F64) for _ in range(2)]
+    clean.append(torch.randn(shape, generator=gen, dtype=F64))
     garbage = torch.tensor([float("nan"), float("inf"), float("-inf"), 1e30], dtype=F64)
     pick = torch.randint(0, 4, shape, generator=gen)
     dirty = [torch.where(mask, x, garbage[pick]) for x in clean]

@@ -203,7 +203,9 @@ def gae(
     """
     valid = mask.bool()
     if rewards.shape != valid.shape or values.shape != valid.shape:
-        raise ValueError(f"rewards {tuple(rewards.shape)}, values {tuple(values.shape)} and mask must all be (B, T)")
+        raise ValueError(
+            f"rewards {tuple(rewards.shape)}, values {tuple(values.shape)} and mask must all be (B, T)"
+        )
     r = masked_fill_zero(rewards, valid)
     v = masked_fill_zero(values, valid)
     advantages = _reverse_scan(r, v, valid, gamma=gamma, lam=lam)

@@ -60,7 +60,7 @@ def mdpo_loss(
         {
             "rewards/corrupted_chosen": corrupted_rewards.mean(),
             "rewards/conditional_margin": (chosen_rewards - corrupted_rewards).mean(),
-            "rewards/conditional_accuracy": (chosen_rewards > corrupted_rewards).to(chosen_rewards.dtype).mean(),
+            "rewards/conditional_accuracy": (chosen_rewards > corrupted_rewards).to(losses.dtype).mean(),
             "loss/dpo": dpo_term.detach().mean(),
             "loss/conditional": conditional_term.detach().mean(),
             "loss/anchor": anchor_term.detach().mean(),
@@ -69,16 +69,20 @@ def mdpo_loss(
     return LossOutput(losses, metrics)
 
 
-def ddpo_token_weights(mask: Tensor, segment_mask: Tensor, *, gamma: float = 5.0) -> Tensor:
+def ddpo_token_weights(
+    mask: Tensor, segment_mask: Tensor, *, gamma: float = 5.0, dtype: torch.dtype | None = None
+) -> Tensor:
     """Dense DDPO weights: γ on tokens of differing segments, 1 on other completion tokens, 0 on padding.
 
-    ``mask`` and ``segment_mask`` are ``(B, T)`` bool; returns ``(B, T)`` in the default dtype.
+    ``mask`` and ``segment_mask`` are ``(B, T)`` bool; returns ``(B, T)`` in ``dtype`` (default dtype
+    if None).
     """
     if mask.shape != segment_mask.shape:
         raise ValueError(f"mask {tuple(mask.shape)} and segment_mask {tuple(segment_mask.shape)} must match")
-    valid = mask.bool()
-    weights = torch.where(segment_mask.bool(), gamma, 1.0)
-    return torch.where(valid, weights, 0.0)
+    dtype = torch.get_default_dtype() if dtype is None else dtype
+    one = torch.ones((), dtype=dtype, device=mask.device)
+    weights = torch.where(segment_mask.bool(), gamma * one, one)
+    return torch.where(mask.bool(), weights, 0 * one)
 
 
 def ddpo_sequence_logps(
@@ -93,7 +97,7 @@ def ddpo_sequence_logps(
     Departures: ``normalize=False`` gives the unnormalised weighted sum (the RLAIF-V code's
     ``dpo_use_average=False``). γ = 5 as in the paper; the RLAIF-V code defaults to 3.
     """
-    weights = ddpo_token_weights(mask, segment_mask, gamma=gamma).to(token_logps.dtype)  # (B, T)
+    weights = ddpo_token_weights(mask, segment_mask, gamma=gamma, dtype=token_logps.dtype)  # (B, T)
     safe_logps = torch.where(mask.bool(), token_logps, 0.0)
     weighted = (safe_logps * weights).sum(-1)  # (B,)
     if not normalize:
@@ -174,7 +178,10 @@ def povid_loss(
     else:
         weights = torch.as_tensor(negative_weights, dtype=chosen_ratio.dtype)
         if weights.shape != (num_negatives,):
-            raise ValueError(f"negative_weights must have {num_negatives} entries (one per rejected), got {tuple(weights.shape)}")
+            raise ValueError(
+                f"negative_weights must have {num_negatives} entries (one per rejected response), "
+                f"got shape {tuple(weights.shape)}"
+            )
     weights = weights.to(chosen_ratio.device)
     per_negative = -F.logsigmoid(beta * (chosen_ratio.unsqueeze(-1) - rejected_ratio))  # (B, K)
     losses = (per_negative * weights).sum(-1)

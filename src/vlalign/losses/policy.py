@@ -28,7 +28,9 @@ from .preference import LossOutput
 
 def _check_mask(values: Tensor, mask: Tensor, name: str = "values") -> Tensor:
     if values.shape != mask.shape:
-        raise ValueError(f"{name} {tuple(values.shape)} and mask {tuple(mask.shape)} must have the same shape (B, T)")
+        raise ValueError(
+            f"{name} {tuple(values.shape)} and mask {tuple(mask.shape)} must have the same shape (B, T)"
+        )
     return mask.bool()
 
 
@@ -49,7 +51,9 @@ def masked_mean(values: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
     return masked_sum(values, mask, dim) / count.clamp(min=1).to(values.dtype)
 
 
-def token_mean(values: Tensor, mask: Tensor, *, num_tokens: Tensor | float | None = None, **_: object) -> Tensor:
+def token_mean(
+    values: Tensor, mask: Tensor, *, num_tokens: Tensor | float | None = None, **_: object
+) -> Tensor:
     """Σ_{i,t} m_it·v_it / N_tokens; N_tokens defaults to the local count (pass the global one for DP)."""
     valid = _check_mask(values, mask)
     total = masked_sum(values, valid)
@@ -102,17 +106,6 @@ def seq_mean_token_sum_norm(
     return seq_mean_token_sum(values, mask, num_sequences=num_sequences) / max_length
 
 
-Aggregation = Callable[..., Tensor]
-
-AGGREGATIONS: dict[str, Aggregation] = {
-    "token-mean": token_mean,
-    "seq-mean-token-mean": seq_mean_token_mean,
-    "seq-mean-token-sum": seq_mean_token_sum,
-    "seq-mean-token-sum-norm": seq_mean_token_sum_norm,
-}
-"""Aggregation modes by name; every function is ``fn(values, mask, **normalisers) -> scalar``."""
-
-
 def aggregate(
     values: Tensor,
     mask: Tensor,
@@ -139,7 +132,9 @@ def _per_token_advantages(advantages: Tensor, like: Tensor) -> Tensor:
         return advantages
     if advantages.ndim == 1 and advantages.shape[0] == like.shape[0]:
         return advantages.unsqueeze(-1).expand_as(like)
-    raise ValueError(f"advantages must have shape (B,) or (B, T) = {tuple(like.shape)}, got {tuple(advantages.shape)}")
+    raise ValueError(
+        f"advantages must have shape (B,) or (B, T) = {tuple(like.shape)}, got {tuple(advantages.shape)}"
+    )
 
 
 def ppo_clip_loss(
@@ -244,7 +239,9 @@ def entropy_loss(logits: Tensor, mask: Tensor, *, coef: float = 0.01) -> LossOut
     """
     valid = mask.bool()
     if logits.shape[:-1] != valid.shape:
-        raise ValueError(f"logits {tuple(logits.shape)} must be (B, T, V) with (B, T) = mask {tuple(valid.shape)}")
+        raise ValueError(
+            f"logits {tuple(logits.shape)} must be (B, T, V) with (B, T) = mask {tuple(valid.shape)}"
+        )
     safe_logits = masked_fill_zero(logits, valid.unsqueeze(-1).expand_as(logits))
     entropy = masked_fill_zero(entropy_from_logits(safe_logits), valid)
     return LossOutput(-coef * entropy, {"policy/entropy": masked_mean(entropy.detach(), valid)})
@@ -300,7 +297,9 @@ class AdaptiveKLController:
 
     def __post_init__(self) -> None:
         if self.target <= 0 or self.horizon <= 0:
-            raise ValueError(f"AdaptiveKLController needs target > 0 and horizon > 0, got {self.target}, {self.horizon}")
+            raise ValueError(
+                f"AdaptiveKLController needs target > 0 and horizon > 0, got {self.target}, {self.horizon}"
+            )
 
     def update(self, current_kl: float, n_steps: int) -> float:
         """Update β from the KL measured over the last ``n_steps`` samples and return it."""
@@ -311,3 +310,13 @@ class AdaptiveKLController:
 
 KL_CONTROLLERS = {"fixed": FixedKLController, "adaptive": AdaptiveKLController}
 """KL coefficient controllers by name."""
+
+Aggregation = Callable[..., Tensor]
+
+AGGREGATIONS: dict[str, Aggregation] = {
+    "token-mean": token_mean,
+    "seq-mean-token-mean": seq_mean_token_mean,
+    "seq-mean-token-sum": seq_mean_token_sum,
+    "seq-mean-token-sum-norm": seq_mean_token_sum_norm,
+}
+"""Aggregation modes by name; every function is ``fn(values, mask, **normalisers) -> scalar``."""

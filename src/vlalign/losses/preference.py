@@ -339,7 +339,8 @@ class UnpairedLogps:
             raise ValueError(f"UnpairedLogps.logps must have shape (B,), got {shape}")
         for name in ("ref_logps", "desirable"):
             if tuple(getattr(self, name).shape) != shape:
-                raise ValueError(f"UnpairedLogps.{name} must have shape {shape}, got {tuple(getattr(self, name).shape)}")
+                got = tuple(getattr(self, name).shape)
+                raise ValueError(f"UnpairedLogps.{name} must have shape {shape}, got {got}")
         if self.desirable.dtype != torch.bool:
             raise ValueError("UnpairedLogps.desirable must be a bool tensor (True for desirable completions)")
         if (self.kl_logps is None) != (self.ref_kl_logps is None):
