@@ -87,3 +87,14 @@ def test_parse_overrides_and_round_trip():
     assert to_dict(cfg)["train"] == {"lr": 0.3, "schedule": "cosine", "layers": [1, 2]}
     with pytest.raises(ConfigError, match="overrides look like"):
         parse_overrides(["positional"])
+
+
+@dataclass
+class WithOwnDefaults:
+    train: Inner = field(default_factory=lambda: Inner(lr=0.5, schedule="linear"))
+    """A section whose defaults differ from the section class's."""
+
+
+def test_partial_override_keeps_the_parents_defaults_for_a_section():
+    cfg = load_config(WithOwnDefaults, None, ["--train.layers=[9]"])
+    assert (cfg.train.lr, cfg.train.schedule, cfg.train.layers) == (0.5, "linear", [9])

@@ -115,8 +115,13 @@ def _default_of(f: dataclasses.Field) -> Any:
 # ----------------------------------------------------------------------------- building
 
 
-def from_dict(cls: type[T], data: dict[str, Any], *, where: str = "") -> T:
-    """Build dataclass ``cls`` from a nested dict, coercing values to the declared types."""
+def from_dict(cls: type[T], data: dict[str, Any], *, where: str = "", base: Any = None) -> T:
+    """Build dataclass ``cls`` from a nested dict, coercing values to the declared types.
+
+    Fields absent from ``data`` keep their value in ``base`` (an instance of ``cls``), or the
+    dataclass default; a nested section starts from its parent's default for it (so a recipe's
+    own defaults for a shared section survive a partial override).
+    """
     if not isinstance(data, dict):
         raise ConfigError(f"{where or 'config'}: expected a mapping of fields, got {data!r}")
     hints = _hints(cls)
@@ -126,12 +131,21 @@ def from_dict(cls: type[T], data: dict[str, Any], *, where: str = "") -> T:
             raise ConfigError(_unknown_key_message(cls, where, key))
     kwargs: dict[str, Any] = {}
     for f in dataclasses.fields(cls):
-        if f.name not in data:
-            continue
         key = f"{where}{f.name}"
         tp = hints[f.name]
+        if base is not None:
+            current = getattr(base, f.name)
+        elif f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            current = _default_of(f)
+        else:
+            current = dataclasses.MISSING
+        if f.name not in data:
+            if current is not dataclasses.MISSING:
+                kwargs[f.name] = current
+            continue
         if dataclasses.is_dataclass(tp):
-            kwargs[f.name] = from_dict(tp, data[f.name] or {}, where=f"{key}.")
+            child_base = current if dataclasses.is_dataclass(current) else None
+            kwargs[f.name] = from_dict(tp, data[f.name] or {}, where=f"{key}.", base=child_base)
         else:
             kwargs[f.name] = coerce(data[f.name], tp, key)
     try:

@@ -449,3 +449,152 @@ def prepare_run_dir(cfg: TrainConfig, *, is_main: bool = True) -> tuple[Path, Pa
         run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir, (latest if cfg.resume else None)
 
+
+
+# ----------------------------------------------------------------------------- one run
+
+
+class Run:
+    """The surroundings of one training loop: run folder, accelerator, metrics, checkpoints,
+    progress bar and the resume point. The loop itself stays in the recipe::
+
+        run = Run(cfg.train, config=cfg, desc="sft")
+        model, optimizer, scheduler = run.prepare(model, optimizer, scheduler)
+        for step in range(run.start_step, steps):
+            ...                                   # forward, backward (the recipe's phases)
+            run.clip_and_step(model, optimizer, scheduler)
+            run.end_step(step + 1, {"train/loss": loss})
+        run.finish()
+
+    ``modules`` passed to :meth:`prepare` are what checkpoints hold (their trainable parameters).
+    """
+
+    def __init__(self, cfg: TrainConfig, *, config: Any = None, desc: str = "train", total: int = 0) -> None:
+        from vlalign.config import save_config
+
+        self.cfg = cfg
+        is_main = int(os.environ.get("RANK", "0")) == 0
+        self.run_dir, self.resume_from = prepare_run_dir(cfg, is_main=is_main)
+        self.accelerator = make_accelerator(cfg, self.run_dir)
+        self.metrics = MetricsLog(self.run_dir, self.accelerator)
+        self.checkpointer = Checkpointer(self.run_dir, keep=cfg.keep_checkpoints)
+        self.throughput = Throughput(self.accelerator.device)
+        self.desc = desc
+        self.total = total
+        self.start_step = 0
+        self._pending: dict[str, list[float]] = {}
+        self._modules: dict[str, torch.nn.Module] = {}
+        self._optimizer = self._scheduler = None
+        if config is not None and self.accelerator.is_main_process:
+            save_config(config, self.run_dir / "config.yaml")
+        if self.accelerator.log_with:
+            self.accelerator.init_trackers(desc, config=_flat_config(config))
+        seed_everything(cfg.seed)
+        self.bar = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    @property
+    def num_processes(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def process_index(self) -> int:
+        return self.accelerator.process_index
+
+    def prepare(self, modules: dict[str, torch.nn.Module], optimizer, scheduler, *, total: int):
+        """Wrap modules and optimiser for the accelerator, then restore the newest checkpoint if
+        resuming. Returns the prepared modules (same keys) and optimiser; the scheduler is kept as
+        is (one scheduler step per optimiser step, whatever the number of processes)."""
+        names = list(modules)
+        prepared = self.accelerator.prepare(*modules.values(), optimizer)
+        wrapped = dict(zip(names, prepared[:-1]))
+        optimizer = prepared[-1]
+        self._modules, self._optimizer, self._scheduler = wrapped, optimizer, scheduler
+        self.total = total
+        if self.resume_from is not None:
+            state = self.checkpointer.load(self.resume_from, modules=wrapped, optimizer=optimizer,
+                                           scheduler=scheduler, accelerator=self.accelerator)
+            self.start_step = int(state["step"])
+            self.metrics.truncate_after(self.start_step)
+            self.print(f"resumed from {self.resume_from} at step {self.start_step}")
+        self.bar = progress_bar(total, self.start_step, enabled=self.cfg.progress and self.accelerator.is_main_process, desc=self.desc)
+        self.throughput.reset()
+        return wrapped, optimizer
+
+    def clip_and_step(self, parameters, optimizer, scheduler) -> torch.Tensor | None:
+        """Clip the gradient norm (if configured), step optimiser and schedule, zero the grads."""
+        norm = None
+        if self.cfg.max_grad_norm > 0:
+            norm = self.accelerator.clip_grad_norm_(parameters, self.cfg.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def end_step(self, step: int, metrics: dict[str, Any], *, samples: int = 0, tokens: int = 0,
+                 extra_state: dict[str, Any] | None = None) -> None:
+        """Record a finished optimiser step (``step`` counts steps done): accumulate metrics, write
+        them every ``log_every`` steps, checkpoint every ``save_every`` steps and at the end."""
+        self.throughput.add(samples, tokens)
+        for key, value in metrics.items():
+            if value is not None:
+                self._pending.setdefault(key, []).append(_to_float(value))
+        if self.bar is not None:
+            self.bar.update(1)
+            if "train/loss" in self._pending:
+                self.bar.set_postfix(loss=f"{self._pending['train/loss'][-1]:.4f}", refresh=False)
+        if step % max(self.cfg.log_every, 1) == 0 or step == self.total:
+            self.flush(step)
+        if (self.cfg.save_every and step % self.cfg.save_every == 0) or step == self.total:
+            self.save(step, extra_state)
+
+    def flush(self, step: int) -> None:
+        if not self._pending:
+            return
+        record = {k: sum(v) / len(v) for k, v in self._pending.items()}
+        if self._scheduler is not None:
+            record["train/lr"] = self._scheduler.get_last_lr()[0]
+        record.update(self.throughput.read())
+        self.metrics.log(step, record)
+        self._pending = {}
+
+    def save(self, step: int, extra_state: dict[str, Any] | None = None) -> Path:
+        return self.checkpointer.save(step, modules=self._modules, optimizer=self._optimizer, scheduler=self._scheduler,
+                                      extra=extra_state, accelerator=self.accelerator)
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        """Write ``metrics`` now (evaluations, one-off numbers)."""
+        self.metrics.log(step, metrics)
+
+    def print(self, *args: Any) -> None:
+        if self.accelerator.is_main_process:
+            (self.bar.write if self.bar is not None else print)(" ".join(str(a) for a in args))
+
+    def finish(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        self.accelerator.wait_for_everyone()
+        self.accelerator.end_training()
+
+
+def _flat_config(config: Any) -> dict[str, Any]:
+    """Config as a flat dict of scalars (what trackers accept as hyperparameters)."""
+    if config is None:
+        return {}
+    from vlalign.config import to_dict
+
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(f"{prefix}{k}.", v)
+        else:
+            key = prefix[:-1]
+            flat[key] = node if isinstance(node, (int, float, str, bool)) else str(node)
+
+    walk("", to_dict(config))
+    return flat

@@ -1,0 +1,100 @@
+"""Config sections and edge builders that every recipe shares: which model, which data.
+
+The builders here turn config sections into plain arguments for :mod:`vlalign.models.load` and
+:mod:`vlalign.data.io`, so that nothing below the recipes ever sees a config object.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from vlalign.data.io import load_samples_with_report
+from vlalign.embedded import resolve_data, resolve_model
+from vlalign.models.load import LoraSpec, load_model_and_processor
+
+logger = logging.getLogger("vlalign")
+
+
+@dataclass
+class ModelConfig:
+    """The policy model: where it comes from and how it trains."""
+
+    name_or_path: str = "tiny:qwen2_vl:small"
+    """A local folder, a hub name, or tiny:<arch>:<size> (built offline; the demo model is tiny:qwen2_vl:small)."""
+    dtype: str = "auto"
+    """Weights dtype: auto (bf16 on GPUs that support it, else float32), float32, bfloat16, float16."""
+    device: str = "auto"
+    """auto (CUDA when available), cpu, cuda, cuda:1 ..."""
+    attn_implementation: str = "sdpa"
+    """Attention kernel passed to transformers: sdpa, eager, flash_attention_2, flex_attention."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory."""
+    use_lora: bool = False
+    """Train LoRA adapters (see the lora section) instead of every weight."""
+    lora: LoraSpec = field(default_factory=LoraSpec)
+    """LoRA options (used when use_lora is true)."""
+    freeze_vision: bool = False
+    """Full fine-tuning only: keep the vision tower frozen."""
+    trust_remote_code: bool = False
+    """Allow a hub model's own Python code to run (off unless you trust the model's authors)."""
+    tiny_seed: int = 0
+    """Seed of the random initialisation when name_or_path is tiny:<arch>:<size>."""
+
+
+@dataclass
+class DataConfig:
+    """Training and held-out data."""
+
+    train: str = "shapes:train.jsonl"
+    """Training file or folder: JSONL, Parquet, a saved HF dataset, or shapes:<file> (the embedded world)."""
+    eval: str = "shapes:validation.jsonl"
+    """Held-out file in the same format as train ('' for none)."""
+    image_root: str = ""
+    """Folder that relative image paths start from ('' means the data file's folder)."""
+    max_length: int = 1024
+    """Longest prompt + completion in tokens; longer samples are dropped or rejected (never truncated through an image)."""
+    on_overlong: Literal["drop", "raise"] = "drop"
+    """What to do with a sample longer than max_length: drop it (and count it) or stop with an error."""
+    skip_bad_rows: bool = False
+    """Skip (and count) rows with missing columns, unreadable images or empty text instead of stopping."""
+    limit: int = 0
+    """Use at most this many rows of each file (0: all)."""
+    eval_limit: int = 256
+    """Use at most this many held-out rows for the periodic evaluation (0: all)."""
+
+
+def load_policy(cfg: ModelConfig, *, lora: bool | None = None) -> tuple[torch.nn.Module, Any]:
+    """The model and processor that ``cfg`` describes."""
+    use_lora = cfg.use_lora if lora is None else lora
+    return load_model_and_processor(
+        resolve_model(cfg.name_or_path, seed=cfg.tiny_seed),
+        dtype=cfg.dtype,
+        device=cfg.device,
+        attn_implementation=cfg.attn_implementation or None,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        lora=cfg.lora if use_lora else None,
+        freeze_vision=cfg.freeze_vision,
+        trust_remote_code=cfg.trust_remote_code,
+    )
+
+
+def load_split(path: str, kind: str, cfg: DataConfig, *, limit: int | None = None) -> list[Any]:
+    """Samples of ``kind`` from ``path`` with the data section's validation options; logs skips."""
+    if not path:
+        return []
+    resolved = resolve_data(path)
+    if not Path(resolved).exists():
+        raise FileNotFoundError(f"data file {path!r} does not exist (resolved to {resolved})")
+    cap = limit if limit is not None else (cfg.limit or None)
+    samples, report = load_samples_with_report(
+        resolved, kind, image_root=cfg.image_root or None, skip_bad_rows=cfg.skip_bad_rows, limit=cap
+    )
+    if not samples:
+        raise ValueError(f"{path}: no usable {kind} rows ({report.summary()})")
+    return samples
+
