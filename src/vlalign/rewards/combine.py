@@ -222,20 +222,21 @@ def _load_file(path: Path, spec_text: str) -> Any:
     if not path.is_file():
         raise RewardConfigError(f"reward {spec_text!r}: file not found: {path}")
     digest = hashlib.sha1(str(path).encode()).hexdigest()[:10]
-    module_name = f"vlalign_user_rewards.{path.stem}_{digest}"
+    module_name = f"_vlalign_user_rewards_{path.stem}_{digest}"
     if module_name in sys.modules:
         return sys.modules[module_name]
     spec = importlib.util.spec_from_file_location(module_name, path)
     if spec is None or spec.loader is None:
         raise RewardConfigError(f"reward {spec_text!r}: cannot load {path} as a Python module")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module  # before running it: dataclasses in the file look it up
     try:
         spec.loader.exec_module(module)
     except Exception as exc:
+        del sys.modules[module_name]
         raise RewardConfigError(
             f"reward {spec_text!r}: importing {path} failed: {type(exc).__name__}: {exc}"
         ) from exc
-    sys.modules[module_name] = module
     return module
 
 
@@ -280,10 +281,11 @@ def bind_options(fn: Callable[..., Any], name: str, options: Mapping[str, Any] |
         try:
             signature.bind("", None, **options)
         except TypeError as exc:
-            params = [p for p in signature.parameters if p not in ("completion", "sample")]
+            call = f"fn(completion, sample{', ' if options else ''}{', '.join(f'{k}=...' for k in options)})"
             raise RewardConfigError(
-                f"reward {name!r}: cannot call it as {name}(completion, sample, **{options}): {exc}; "
-                f"its options are {params}; set them under rewards.options.{name}"
+                f"reward {name!r}: cannot be called as {call}: {exc}. A reward function takes "
+                f"(completion, sample) and its options as keyword arguments (set under "
+                f"rewards.options); its parameters are {list(signature.parameters)}"
             ) from None
     if not options:
         return fn
