@@ -315,12 +315,30 @@ def _set_up(model: nn.Module, device: str | None, checkpointing: bool, lora: Lor
     if device is not None:
         model.to(device)
     if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
+        enable_checkpointing(model)
     if lora is not None:
         return apply_lora(model, lora)
     set_trainable(model, freeze_vision=freeze_vision)
     return model
+
+
+def enable_checkpointing(model: nn.Module) -> None:
+    """Activation (gradient) checkpointing, non-reentrant, KV cache off.
+
+    transformers 5.x renamed ``gradient_checkpointing_enable`` to
+    ``activation_checkpointing_enable`` (the old name warns); either is used, whichever exists.
+    """
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+
+
+def checkpointing_enabled(model: nn.Module) -> bool:
+    """Whether any submodule runs with activation checkpointing."""
+    return any(bool(getattr(m, "gradient_checkpointing", False)) for m in model.modules())
 
 
 def _load_adapter(folder: str, *, trainable: bool, lora: LoraSpec | None, **kwargs: Any) -> tuple[nn.Module, Any]:

@@ -138,7 +138,6 @@ def _ids(tok: PreTrainedTokenizerFast, *tokens: str) -> list[int]:
 
 
 def _llama_text(spec: SizeSpec, tok: PreTrainedTokenizerFast) -> LlamaConfig:
-    fam = SPECS[FAMILY_OF_ARCH["llava"]]
     return LlamaConfig(
         vocab_size=len(tok),
         hidden_size=spec.text_hidden,
@@ -149,7 +148,7 @@ def _llama_text(spec: SizeSpec, tok: PreTrainedTokenizerFast) -> LlamaConfig:
         max_position_embeddings=4096,
         pad_token_id=tok.pad_token_id,
         bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.convert_tokens_to_ids(fam.eos) if tok.eos_token is None else tok.eos_token_id,
+        eos_token_id=tok.eos_token_id,
         tie_word_embeddings=False,
     )
 
@@ -200,7 +199,7 @@ def _qwen_config(arch: str, spec: SizeSpec, tok: PreTrainedTokenizerFast) -> Pre
     return Qwen2_5_VLConfig(text_config=text, vision_config=vision, **common)
 
 
-def _llava_config(spec: SizeSpec, tok: PreTrainedTokenizerFast) -> LlavaConfig:
+def _llava_config(spec: SizeSpec, tok: PreTrainedTokenizerFast, n_tokens: int) -> LlavaConfig:
     vision = CLIPVisionConfig(
         hidden_size=spec.vision_hidden,
         intermediate_size=spec.vision_intermediate,
@@ -214,7 +213,7 @@ def _llava_config(spec: SizeSpec, tok: PreTrainedTokenizerFast) -> LlavaConfig:
         vision_config=vision,
         text_config=_llama_text(spec, tok),
         image_token_index=tok.convert_tokens_to_ids("<image>"),
-        image_seq_length=image_tokens("llava", _size_name(spec)),
+        image_seq_length=n_tokens,
         vision_feature_select_strategy="default",
         vision_feature_layer=-1,
         tie_word_embeddings=False,
@@ -241,7 +240,7 @@ def _idefics3_config(spec: SizeSpec, tok: PreTrainedTokenizerFast) -> Idefics3Co
     )
 
 
-def _gemma3_config(spec: SizeSpec, tok: PreTrainedTokenizerFast) -> Gemma3Config:
+def _gemma3_config(spec: SizeSpec, tok: PreTrainedTokenizerFast, n_tokens: int) -> Gemma3Config:
     head_dim = spec.text_hidden // spec.text_heads
     layer_types = ["sliding_attention"] * (spec.text_layers - 1) + ["full_attention"]
     text = Gemma3TextConfig(
@@ -272,16 +271,12 @@ def _gemma3_config(spec: SizeSpec, tok: PreTrainedTokenizerFast) -> Gemma3Config
     return Gemma3Config(
         text_config=text,
         vision_config=vision,
-        mm_tokens_per_image=image_tokens("gemma3", _size_name(spec)),
+        mm_tokens_per_image=n_tokens,
         boi_token_index=tok.convert_tokens_to_ids("<start_of_image>"),
         eoi_token_index=tok.convert_tokens_to_ids("<end_of_image>"),
         image_token_index=tok.convert_tokens_to_ids("<image_soft_token>"),
         tie_word_embeddings=True,
     )
-
-
-def _size_name(spec: SizeSpec) -> str:
-    return next(name for name, s in SIZES.items() if s is spec)
 
 
 def make_config(arch: str, size: str, tok: PreTrainedTokenizerFast) -> PretrainedConfig:
@@ -290,11 +285,11 @@ def make_config(arch: str, size: str, tok: PreTrainedTokenizerFast) -> Pretraine
     if arch in ("qwen2_vl", "qwen2_5_vl"):
         return _qwen_config(arch, spec, tok)
     if arch == "llava":
-        return _llava_config(spec, tok)
+        return _llava_config(spec, tok, image_tokens(arch, size))
     if arch == "idefics3":
         return _idefics3_config(spec, tok)
     if arch == "gemma3":
-        return _gemma3_config(spec, tok)
+        return _gemma3_config(spec, tok, image_tokens(arch, size))
     raise ValueError(f"unknown architecture {arch!r}; expected one of {ARCHITECTURES}")
 
 
