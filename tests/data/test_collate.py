@@ -215,3 +215,27 @@ def test_batch_moves_to_a_device(tiny_processor, shape_images):
     assert all(v.device.type == "meta" for v in moved.vision.values())
     assert batch.input_ids.device.type == "cpu"  # the original is untouched
     assert moved.sample_ids == batch.sample_ids
+
+
+@pytest.mark.parametrize("arch", ["qwen2_vl", "idefics3"])
+def test_prompt_without_image_in_a_batch(arch, tiny_processor, tiny_model, shape_images):
+    """A text-only prompt owns no vision rows; its row's logits equal its single-sample forward."""
+    processor = tiny_processor(arch)
+    samples = [SupervisedSample(id="img", images=[shape_images[0]], prompt=user_prompt("Hi?"), completion="Yes"),
+               SupervisedSample(id="txt", images=[], prompt=user_prompt("How many?", 0), completion="2")]
+    prompts = encode_prompts(processor, samples)
+    assert prompts.num_images == [1, 0] and prompts.image_token_count[1] == 0
+    for key, rows in prompts.vision_rows.items():
+        if arch == "qwen2_vl":
+            assert rows[1].stop - rows[1].start == 0, key
+    model, _ = tiny_model(arch)
+    model.eval()
+    batch = SupervisedCollator(processor)(samples)
+    alone = SupervisedCollator(processor)(samples[1:])
+    n = int(alone.attention_mask.sum())
+    with torch.no_grad():
+        both = model(**batch.model_inputs()).logits[1, :n]
+        single = model(**alone.model_inputs()).logits[0, :n]
+    torch.testing.assert_close(both, single, atol=1e-4, rtol=1e-4)
+    text_only = prompts.select([1])  # no image left: no pixel tensors, as from the processor
+    assert set(text_only.vision) == set(encode_prompts(processor, samples[1:]).vision)

@@ -105,18 +105,20 @@ class EncodedPrompts:
         return [len(ids) for ids in self.input_ids]
 
     def vision_for(self, order: Sequence[int]) -> dict[str, Tensor]:
-        """Vision tensors for a batch whose rows come from prompts ``order`` (repeats allowed)."""
-        out: dict[str, Tensor] = {}
-        for key, tensor in self.vision.items():
-            parts = [tensor[self.vision_rows[key][i]] for i in order]
-            out[key] = torch.cat(parts, dim=0) if parts else tensor[:0]
-        return out
+        """Vision tensors for a batch whose rows come from prompts ``order`` (repeats allowed).
+
+        When none of those prompts has an image the result is empty, as the processor's output
+        for a batch without images (Idefics3's all-padding image slots are not passed on).
+        """
+        if sum(self.num_images[i] for i in order) == 0:
+            return {}
+        return {key: torch.cat([t[self.vision_rows[key][i]] for i in order], dim=0) for key, t in self.vision.items()}
 
     def select(self, keep: Sequence[int]) -> EncodedPrompts:
         """The prompts ``keep`` (in that order), vision tensors cut down to their rows."""
         vision = self.vision_for(keep)
         rows: dict[str, list[slice]] = {}
-        for key in self.vision:
+        for key in vision:
             start, spans = 0, []
             for i in keep:
                 s = self.vision_rows[key][i]

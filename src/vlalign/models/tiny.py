@@ -12,11 +12,13 @@ Architectures: ``qwen2_vl``, ``qwen2_5_vl``, ``llava`` (CLIP vision tower + Llam
 (SigLIP + Gemma3 text). Sizes:
 
 =========  =================================================================================
-``tiny``   about 1M parameters, 32 px images, 4-16 image tokens: unit tests (builds in ~1 s).
-``small``  the demo model: 96 px images (the shapes world's resolution); sized by measurement
-           (see :data:`SIZES`) so that supervised fine-tuning learns the world in minutes on
-           two CPU cores and generation is fast enough for evaluation and RL rollouts.
-``bench``  256 image tokens per image, so that compute, not overhead, dominates a step.
+``tiny``   0.5-0.7M parameters, 32 px images, 4 image tokens: unit tests (builds in ~0.1 s).
+``small``  the demo model, 2.9-3.4M parameters: 96 px images (the shapes world's resolution),
+           36 image tokens; sized by measurement (see :data:`SIZES`) so that supervised
+           fine-tuning learns the world in minutes on two CPU cores and generation is fast
+           enough for evaluation and RL rollouts.
+``bench``  17-19M parameters, 448 px images, 256 image tokens per image, so that compute, not
+           overhead, dominates a step.
 =========  =================================================================================
 
 What a random init leaves degenerate is repaired (:func:`_repair_degenerate_init`): Gemma3
@@ -120,7 +122,21 @@ SIZES: dict[str, SizeSpec] = {
         text_hidden=512, text_layers=6, text_heads=8, text_kv_heads=4,
     ),
 }
-"""Size classes. ``bench`` gives (448 / 14 / 2)^2 = 256 image tokens per image."""
+"""Size classes. Every architecture turns an image into ``(image_px / patch / merge)^2`` tokens:
+tiny 4, small 36, bench 256.
+
+How ``small`` was chosen (2 CPU cores, float32, torch 2.14, batches of 16 shapes-world SFT samples
+of 60-70 tokens, measured on an otherwise idle machine): one forward + backward + AdamW step takes
+221 ms (qwen2_vl), 242 (qwen2_5_vl), 163 (llava), 229 (idefics3), 283 (gemma3); collating a batch
+(one processor call) 10-45 ms; greedy generation of 16 tokens for 16 prompts 0.14-0.19 s. So 10
+minutes hold about 2,500 steps (40,000 samples, four epochs of the default world's 9,900).
+Learning, from runs with the same arithmetic on a GPU (float32, batch 16, AdamW, 100 warm-up
+steps, cosine decay to 10%; accuracy of greedy answers on the validation split's colour /
+existence questions): qwen2_vl at lr 3e-4 reached 0.73 / 0.52 after 1,000 steps and 0.82 / 0.59
+after 1,500; at lr 5e-4, 0.66 / 0.51 and 0.79 / 0.66; lr 1e-3 learns slowly (0.46 / 0.50 after
+1,500) and 2e-3 not at all. gemma3 at lr 1e-3 reached 0.66 / 0.79 after 2,500 steps. Existence
+is learnt after colour. A patch of 16 (9 image tokens) learnt slower at lr 1e-3; a deeper vision
+tower (3-4 layers) gave no gain by 1,500 steps."""
 
 
 def image_tokens(arch: str, size: str) -> int:
