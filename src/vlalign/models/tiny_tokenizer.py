@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
 # ---------------------------------------------------------------------------------------------
@@ -210,8 +210,6 @@ def train_tokenizer(family: str, corpus: list[str], *, vocab_size: int = 1024) -
     )
     backend.train_from_iterator(list(corpus) + list(spec.role_words) * 4, trainer)
     if spec.add_bos and spec.bos:
-        from tokenizers import processors
-
         bos_id = backend.token_to_id(spec.bos)
         backend.post_processor = processors.TemplateProcessing(
             single=f"{spec.bos} $A", pair=f"{spec.bos} $A {spec.bos} $B", special_tokens=[(spec.bos, bos_id)]
