@@ -1,0 +1,120 @@
+"""``vlalign eval``: run the evaluation suite on a model (and a baseline, side by side).
+
+Prints one table (the model, the baseline and their difference) and writes ``eval.json`` in
+``output_dir``: both models' metrics, the differences, the suite's settings and every answer given
+(``records``, for reports and galleries). With a baseline, the model's KL from the baseline and
+its win rate over the baseline's descriptions (under ``scorer``) are measured too.
+
+Examples::
+
+    vlalign eval --model=runs/dpo/model --baseline=runs/sft/model
+    vlalign eval --model=runs/sft/model --suite.data=data/shapes --suite.pope_questions=0   # every POPE question
+    vlalign eval --model=my-model --suite.data=my_eval.jsonl --suite.vocabulary=objects.json \\
+                 --suite.pope='{random: pope_random.jsonl, adversarial: pope_adv.jsonl}'
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vlalign.config import to_dict
+from vlalign.eval.suite import EvalResult, SuiteConfig, build_suite, compare, evaluate
+
+
+@dataclass
+class Config:
+    """Evaluate a model, optionally beside a baseline."""
+
+    model: str = ""
+    """The model to evaluate: a folder, a hub name or tiny:<arch>:<size> (required)."""
+    baseline: str = ""
+    """A second model shown beside it ('' for none); also the reference of the KL and the win rate."""
+    output_dir: str = "runs/eval"
+    """Where eval.json is written."""
+    suite: SuiteConfig = field(default_factory=SuiteConfig)
+    """Which prompts, and how many."""
+    scorer: str = "claims"
+    """Scorer of the win rate over the baseline: claims, ground_truth, or file.py:name / module:name (a reward model)."""
+    device: str = "auto"
+    """auto (CUDA when available), cpu, cuda ..."""
+    dtype: str = "auto"
+    """Weights dtype (auto: bf16 on capable GPUs, else float32)."""
+    progress: bool = True
+    """Show progress bars."""
+
+
+def _load(name: str, cfg: Config) -> tuple[Any, Any]:
+    from vlalign.embedded import resolve_model
+    from vlalign.models.load import load_model_and_processor
+
+    return load_model_and_processor(resolve_model(name), dtype=cfg.dtype, device=cfg.device)
+
+
+def _fmt(value: float | None) -> str:
+    if value is None:
+        return "-"
+    if math.isnan(value):
+        return "nan"
+    return f"{value:.0f}" if abs(value) >= 1000 or float(value).is_integer() and abs(value) >= 10 else f"{value:.3f}"
+
+
+def format_table(columns: dict[str, dict[str, float]], *, difference: bool = True) -> str:
+    """A text table: one row per metric, one column per model (and ``A - B`` for two models)."""
+    names = list(columns)
+    keys: list[str] = []
+    for metrics in columns.values():
+        keys += [k for k in metrics if k not in keys]
+    keys = sorted(keys, key=lambda k: (k.startswith("perf/"), k.startswith("compositional/"), k))
+    header = ["metric", *names] + (["difference"] if difference and len(names) == 2 else [])
+    rows = [header]
+    for key in keys:
+        values = [columns[n].get(key) for n in names]
+        row = [key, *(_fmt(v) for v in values)]
+        if len(header) > len(names) + 1:
+            a, b = values
+            row.append(_fmt(a - b) if a is not None and b is not None else "-")
+        rows.append(row)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(r, widths)))
+             for r in rows]  # fmt: skip
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def run(cfg: Config) -> dict[str, Any]:
+    """Evaluate, print the table, write eval.json; returns what eval.json holds."""
+    if not cfg.model:
+        raise SystemExit("vlalign eval: --model is required (a model folder, hub name or tiny:<arch>:<size>)")
+    suite = build_suite(cfg.suite)
+    print(f"suite {suite.name}: {len(suite)} questions")
+    model, processor = _load(cfg.model, cfg)
+    base: EvalResult | None = None
+    base_model = None
+    scorer = None
+    if cfg.baseline:
+        from vlalign.data.pairs_rank import build_scorer
+
+        scorer = build_scorer(cfg.scorer, suite.vocabulary)
+        base_model, base_processor = _load(cfg.baseline, cfg)
+        base = evaluate(base_model, base_processor, suite, progress=cfg.progress)
+    result = evaluate(model, processor, suite, reference=base_model, baseline=base, scorer=scorer, progress=cfg.progress)
+    columns = {"model": result.metrics} | ({"baseline": base.metrics} if base is not None else {})
+    print(format_table(columns))
+    out = {
+        "model": cfg.model,
+        "baseline": cfg.baseline or None,
+        "metrics": result.metrics,
+        "baseline_metrics": base.metrics if base is not None else None,
+        "difference": compare(result.metrics, base.metrics) if base is not None else None,
+        "config": to_dict(cfg),
+        "records": {"model": result.records, "baseline": base.records if base is not None else None},
+    }
+    path = Path(cfg.output_dir) / "eval.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=1) + "\n")
+    print(f"wrote {path}")
+    return out

@@ -1,0 +1,19 @@
+"""Fixtures of the evaluation tests: a very small shapes world, written once per session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from vlalign.data.world import WorldConfig
+from vlalign.data.world_tasks import write_world
+
+
+@pytest.fixture(scope="session")
+def eval_world(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """4 test scenes, 3 compositional scenes, 32 px images: every suite part, in milliseconds."""
+    cfg = WorldConfig(n_train=12, n_validation=2, n_test=4, n_compositional=3, image_size=32, seed=3)
+    out = tmp_path_factory.mktemp("eval-world")
+    write_world(cfg, out)
+    return out

@@ -1,0 +1,104 @@
+"""The evaluation suite end to end on a tiny model: suite building, evaluate() on a model in
+memory, the KL metric against an independent computation, and `vlalign eval`."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from vlalign.cli import main
+from vlalign.data.io import load_samples
+from vlalign.eval.policy import completion_token_logprobs, kl_divergence
+from vlalign.eval.pope import pope_metrics
+from vlalign.eval.suite import SuiteConfig, build_suite, evaluate
+from vlalign.eval.tasks import task_of
+
+SMALL = dict(pope_questions=6, describe=3, questions_per_task=3, compositional_describe=2,
+             compositional_questions_per_task=2, kl_prompts=3, max_new_tokens=6, batch_size=8)  # fmt: skip
+
+
+def test_build_suite_caps_and_shares_pope_scenes(eval_world: Path) -> None:
+    suite = build_suite(SuiteConfig(data=str(eval_world), **SMALL))
+    assert set(suite.pope) == {"random", "popular", "adversarial"}
+    scenes = [{s.meta["scene_id"] for s in rows} for rows in suite.pope.values()]
+    assert scenes[0] == scenes[1] == scenes[2]  # the same images in every mode
+    assert all(len(rows) >= 6 for rows in suite.pope.values())
+    tasks = [task_of(s) for s in suite.heldout]
+    assert tasks.count("describe") == 3 and tasks.count("counting") == 3
+    assert {s.meta["split"] for s in suite.compositional} == {"compositional"}
+    again = build_suite(SuiteConfig(data=str(eval_world), **SMALL))
+    assert [s.id for s in again.heldout] == [s.id for s in suite.heldout]
+
+
+def test_build_suite_custom_dataset_needs_vocabulary(eval_world: Path, tmp_path: Path) -> None:
+    cfg = SuiteConfig(data=str(eval_world / "test_prompts.jsonl"), pope={"random": str(eval_world / "pope_test_random.jsonl")})
+    with pytest.raises(ValueError, match="vocabulary"):
+        build_suite(cfg)
+    cfg.vocabulary = str(eval_world / "manifest.json")
+    suite = build_suite(cfg)
+    assert suite.name.startswith("custom:") and list(suite.pope) == ["random"] and not suite.compositional
+
+
+def test_evaluate_in_memory(tiny_model: Callable[..., Any], eval_world: Path) -> None:
+    """Every metric is there and finite, records match the suite, and POPE from the records
+    recomputes the reported numbers."""
+    model, processor = tiny_model("qwen2_vl")
+    suite = build_suite(SuiteConfig(data=str(eval_world), **SMALL))
+    res = evaluate(model, processor, suite)
+    assert len(res.records) == len(suite)
+    for key in ("pope/adversarial/f1", "pope/random/yes_ratio", "chair/chair_i", "chair/chair_s", "chair/recall",
+                "task/counting", "task/colour", "task/existence", "compositional/chair/chair_i",
+                "compositional/task/counting", "perf/seconds"):  # fmt: skip
+        assert math.isfinite(res.metrics[key]), key
+    adv = [r for r in res.records if r["part"] == "pope/adversarial"]
+    again = pope_metrics([r["output"] for r in adv], [r["answer"] for r in adv])
+    assert again["f1"] == res.metrics["pope/adversarial/f1"]
+    assert "kl/seq" not in res.metrics and "win_rate" not in res.metrics
+
+
+def test_completion_logprobs_match_one_row_at_a_time(tiny_model: Callable[..., Any], eval_world: Path) -> None:
+    """Batched, padded log-probs equal each completion scored alone, token by token (float32)."""
+    model, processor = tiny_model("qwen2_vl")
+    samples = load_samples(eval_world / "test_prompts.jsonl", "prompt")[:4]
+    tok = processor.tokenizer
+    ids = [tok("The image shows a red circle.")["input_ids"], tok("2")["input_ids"], tok("No")["input_ids"],
+           tok("green")["input_ids"]]  # fmt: skip
+    batched = completion_token_logprobs(model, processor, samples, ids, batch_size=4)
+    for sample, comp, got in zip(samples, ids, batched):
+        alone = completion_token_logprobs(model, processor, [sample], [comp], batch_size=1)[0]
+        assert got.shape == (len(comp),)
+        assert torch.allclose(got, alone, atol=1e-5)
+
+
+def test_kl_zero_for_same_model_positive_otherwise(tiny_model: Callable[..., Any], eval_world: Path) -> None:
+    model, processor = tiny_model("qwen2_vl")
+    other, _ = tiny_model("qwen2_vl")
+    samples = load_samples(eval_world / "test_prompts.jsonl", "prompt")[:4]
+    same = kl_divergence(model, other, processor, samples, max_new_tokens=5)
+    assert same["kl"] == 0.0 and same["kl_token_k3"] == 0.0 and same["kl_tokens"] > 0
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(torch.randn_like(p) * 0.05, alpha=1.0)
+    moved = kl_divergence(model, other, processor, samples, max_new_tokens=5)
+    assert moved["kl_token_k3"] > 0
+
+
+def test_vlalign_eval_command(tiny_model_dir: Callable[..., Path], eval_world: Path, tmp_path: Path) -> None:
+    """`vlalign eval --model A --baseline A`: eval.json with both columns, zero differences, a
+    win rate of 1/2 (every description ties) and a KL of 0."""
+    model = str(tiny_model_dir("qwen2_vl"))
+    args = ["eval", f"--model={model}", f"--baseline={model}", f"--output_dir={tmp_path}", "--device=cpu",
+            "--dtype=float32", "--progress=false", f"--suite.data={eval_world}"]  # fmt: skip
+    args += [f"--suite.{k}={v}" for k, v in SMALL.items()]
+    assert main(args) == 0
+    out = json.loads((tmp_path / "eval.json").read_text())
+    diff = out["difference"]
+    assert all(v == 0 for k, v in diff.items() if not k.startswith("perf/"))
+    assert out["metrics"]["win_rate"] == 0.5 and out["metrics"]["kl/seq"] == 0.0
+    assert len(out["records"]["model"]) == len(out["records"]["baseline"]) > 0
