@@ -172,6 +172,17 @@ def test_stop_token_ends_rows_and_others_continue(tiny_model: Callable[..., Any]
         assert cut_stop[row] == (stop in free[row])
 
 
+def test_peft_wrapped_model(tiny_model: Callable[..., Any], prompts: list) -> None:
+    """A LoRA-wrapped model generates (its adapters start at zero: the same tokens as the base)."""
+    from vlalign.models.load import LoraSpec
+
+    base, processor = tiny_model("qwen2_vl")
+    wrapped, _ = tiny_model("qwen2_vl", lora=LoraSpec(r=4))
+    a = generate(base, processor, prompts, n=2, temperature=1.0, max_new_tokens=6, seed=1)
+    b = generate(wrapped, processor, prompts, n=2, temperature=1.0, max_new_tokens=6, seed=1)
+    assert a.token_ids == b.token_ids
+
+
 def test_training_mode_restored_and_bad_arguments(tiny_model: Callable[..., Any], prompts: list) -> None:
     model, processor = tiny_model("qwen2_vl")
     model.train()

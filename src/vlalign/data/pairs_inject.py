@@ -242,7 +242,8 @@ class Injector:
             plural = _plural_phrase(m, self.vocab)
             if plural is None:
                 return "no plural form to miscount"
-            return Injection(text[:word_start] + _count_word("two", new_count) + " " + plural + text[m.end:], "count",
+            number = _count_word("Two" if old[:1].isupper() else "two", new_count)
+            return Injection(text[:word_start] + number + " " + plural + text[m.end:], "count",
                              f"{m.name}: {m.count} -> {new_count}")  # fmt: skip
         return Injection(text[:word_start] + _count_word(old, new_count) + text[len(before):], "count",
                          f"{m.name}: {m.count} -> {new_count}")  # fmt: skip

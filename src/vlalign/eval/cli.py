@@ -54,6 +54,13 @@ def _load(name: str, cfg: Config) -> tuple[Any, Any]:
     return load_model_and_processor(resolve_model(name), dtype=cfg.dtype, device=cfg.device)
 
 
+def same_tokenizer(a: Any, b: Any) -> bool:
+    """Whether two processors tokenize alike (a KL between their models is then defined token by token)."""
+    from vlalign.data.collate import tokenizer_of
+
+    return tokenizer_of(a).get_vocab() == tokenizer_of(b).get_vocab()
+
+
 def _fmt(value: float | None) -> str:
     if value is None:
         return "-"
@@ -101,7 +108,10 @@ def run(cfg: Config) -> dict[str, Any]:
         scorer = build_scorer(cfg.scorer, suite.vocabulary)
         base_model, base_processor = _load(cfg.baseline, cfg)
         base = evaluate(base_model, base_processor, suite, progress=cfg.progress)
-    result = evaluate(model, processor, suite, reference=base_model, baseline=base, scorer=scorer, progress=cfg.progress)
+    reference = base_model if base_model is not None and same_tokenizer(processor, base_processor) else None
+    if base_model is not None and reference is None:
+        print("the baseline has another tokenizer: no KL from it (the win rate is still measured)")
+    result = evaluate(model, processor, suite, reference=reference, baseline=base, scorer=scorer, progress=cfg.progress)
     columns = {"model": result.metrics} | ({"baseline": base.metrics} if base is not None else {})
     print(format_table(columns))
     out = {
