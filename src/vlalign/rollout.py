@@ -329,7 +329,8 @@ def generate(
 
     Any loaded model works (PEFT-wrapped or not); it is put in eval mode for the call and restored
     after. Image placeholder tokens are never generated (a completion holding one could not be
-    fed back to the model: the processor's image-token count would no longer match). Completions are reproducible: see the module doc for how ``seed`` is used. With greedy
+    fed back to the model: the processor's image-token count would no longer match).
+    Completions are reproducible: see the module doc for how ``seed`` is used. With greedy
     decoding the n completions of a prompt are decoded once and repeated.
     """
     if n < 1 or max_new_tokens < 1 or batch_size < 1:

@@ -34,10 +34,15 @@ def test_build_suite_caps_and_shares_pope_scenes(eval_world: Path) -> None:
     assert {s.meta["split"] for s in suite.compositional} == {"compositional"}
     again = build_suite(SuiteConfig(data=str(eval_world), **SMALL))
     assert [s.id for s in again.heldout] == [s.id for s in suite.heldout]
+    only = build_suite(SuiteConfig(data=str(eval_world), parts=("pope",), **SMALL))
+    assert only.pope and not only.heldout and not only.compositional
+    with pytest.raises(ValueError, match="unknown part"):
+        build_suite(SuiteConfig(data=str(eval_world), parts=("chair",)))
 
 
 def test_build_suite_custom_dataset_needs_vocabulary(eval_world: Path, tmp_path: Path) -> None:
-    cfg = SuiteConfig(data=str(eval_world / "test_prompts.jsonl"), pope={"random": str(eval_world / "pope_test_random.jsonl")})
+    pope = {"random": str(eval_world / "pope_test_random.jsonl")}
+    cfg = SuiteConfig(data=str(eval_world / "test_prompts.jsonl"), pope=pope)
     with pytest.raises(ValueError, match="vocabulary"):
         build_suite(cfg)
     cfg.vocabulary = str(eval_world / "manifest.json")

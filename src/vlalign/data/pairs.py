@@ -82,7 +82,8 @@ class PairStats:
             lines.append("  dropped: " + ", ".join(f"{v} {k}" for k, v in s["dropped"].items()))
         m = s["margin"]
         if m["n"]:
-            lines.append(f"  margin: mean {m['mean']:.3f}, min {m['min']:.3f}, median {m['p50']:.3f}, max {m['max']:.3f}")
+            lines.append(f"  margin: mean {m['mean']:.3f}, min {m['min']:.3f}, median {m['p50']:.3f}, "
+                         f"max {m['max']:.3f}")
         return "\n".join(lines)
 
 

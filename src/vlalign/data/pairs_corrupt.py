@@ -47,7 +47,8 @@ class CorruptConfig:
     method: str = "crop"
     """crop, mask or noise (see vlalign.data.pairs_corrupt)."""
     level: float = 0.8
-    """Strength in [0, 1]: share of the area cut away (crop), of the patches masked (mask), or the noise variance (noise)."""
+    """Strength in [0, 1]: share of the area cut away (crop), of the patches masked (mask), or the
+    noise variance (noise)."""
     grid: int = 8
     """Patches per side for mask."""
     seed: int = 0

@@ -50,13 +50,15 @@ class InjectConfig:
     """Hallucination injection options."""
 
     kinds: tuple[str, ...] = INJECTION_KINDS
-    """Kinds of injected error to use (add, attribute, count); each pair gets one, drawn at random among those that apply."""
+    """Kinds of injected error to use (add, attribute, count); each pair gets one, drawn at random
+    among those that apply."""
     pairs_per_sample: int = 1
     """Pairs made from each faithful response (each with a different rejected response)."""
     tasks: tuple[str, ...] = ("describe", "existence", "counting", "colour")
     """Tasks (meta 'task') whose rows are used; rows without a task are descriptions."""
     prefer_cooccurring: bool = True
-    """Added objects (and new attributes) are the absent ones that co-occur most with those present; false draws uniformly."""
+    """Added objects (and new attributes) are the absent ones that co-occur most with those present;
+    false draws them uniformly."""
     probes_per_image: int = 0
     """Extra existence-question pairs per distinct image about co-occurring absent objects (chosen No, rejected Yes)."""
     probe_question: str = "Is there {article} {object} in the image?"
@@ -94,7 +96,9 @@ class ObjectStats:
                         row[b] = row.get(b, 0) + 1
         return out
 
-    def rank_absent(self, present: Sequence[str], candidates: Sequence[str], rng: random.Random, prefer: bool) -> list[str]:
+    def rank_absent(
+        self, present: Sequence[str], candidates: Sequence[str], rng: random.Random, prefer: bool
+    ) -> list[str]:
         """``candidates`` best first: most co-occurring with ``present`` (then most frequent) when
         ``prefer``, else shuffled; ties keep a seeded random order."""
         pool = list(candidates)
@@ -278,7 +282,8 @@ class Injector:
                 return "no absent attribute variant"
             new = self.stats.rank_absent(sorted(ann.objects), variants, rng, self.prefer)[0]
             word = _attribute(new)
-            return Injection(word.capitalize() if answer.strip()[:1].isupper() else word, "attribute", f"{name} -> {new}")
+            said = word.capitalize() if answer.strip()[:1].isupper() else word
+            return Injection(said, "attribute", f"{name} -> {new}")
         return f"task {task!r} has no short-answer injection"
 
 
@@ -373,7 +378,7 @@ def probe_pairs(samples: Sequence[Any], object_stats: ObjectStats, vocab: Object
             meta = pair_meta(sample.meta, source="inject-probe", task="existence", answer=cfg.no, question_object=name,
                              injected=name, margin=1.0)  # fmt: skip
             meta.pop("question_shape", None)
-            out.append(PreferenceSample(f"{key}/probe/{k}", list(sample.images), user_prompt(question, len(sample.images)),
-                                        cfg.no, cfg.yes, meta))  # fmt: skip
+            prompt = user_prompt(question, len(sample.images))
+            out.append(PreferenceSample(f"{key}/probe/{k}", list(sample.images), prompt, cfg.no, cfg.yes, meta))
             stats.add("inject-probe", 1.0)
     return out

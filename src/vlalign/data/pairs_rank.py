@@ -115,7 +115,9 @@ class GroundTruthScorer:
     def score(self, sample: Any, text: str) -> float:
         if task_of(sample) != DESCRIBE:
             if "answer" not in (getattr(sample, "meta", None) or {}):
-                raise DataError(f"ground-truth scorer: sample {sample.id!r} has neither an 'answer' nor object annotations")
+                raise DataError(
+                    f"ground-truth scorer: sample {sample.id!r} has neither an 'answer' nor object annotations"
+                )
             return float(answer_correct(text, sample))
         vocab = _needs_vocab(self.vocabulary, sample, "ground-truth scorer")
         ann = annotations_of(sample, required_by="the ground-truth scorer")
@@ -161,7 +163,9 @@ def score_groups(scorer: Scorer, samples: Sequence[Any], completions: Sequence[S
 # ----------------------------------------------------------------------------- pairing
 
 
-def _candidates(scored: list[tuple[str, float]], threshold: float, pairing: Pairing, limit: int) -> list[tuple[int, int]]:
+def _candidates(
+    scored: list[tuple[str, float]], threshold: float, pairing: Pairing, limit: int
+) -> list[tuple[int, int]]:
     """Index pairs (better, worse) of ``scored`` (sorted best first) whose gap reaches ``threshold``."""
     if pairing == "best_worst":
         pairs = [(0, len(scored) - 1)]

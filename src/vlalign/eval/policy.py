@@ -109,7 +109,9 @@ def win_rate(scores_a: Sequence[float], scores_b: Sequence[float]) -> float:
     return sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(scores_a, scores_b)) / len(scores_a)
 
 
-def scored_win_rate(scorer: BatchScorer, samples: Sequence[Any], texts_a: Sequence[str], texts_b: Sequence[str]) -> dict[str, float]:
+def scored_win_rate(
+    scorer: BatchScorer, samples: Sequence[Any], texts_a: Sequence[str], texts_b: Sequence[str]
+) -> dict[str, float]:
     """Win rate of ``texts_a`` over ``texts_b`` (answers to ``samples``) under ``scorer``, with the
     mean score of each side (``score_a``, ``score_b``)."""
     a = [float(x) for x in scorer(samples, texts_a)]

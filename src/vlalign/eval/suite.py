@@ -67,6 +67,8 @@ class SuiteConfig:
 
     data: str = "shapes:"
     """A shapes-world folder ('shapes:' = the embedded default world), or a custom suite's prompts file."""
+    parts: tuple[str, ...] = ("pope", "heldout", "compositional")
+    """Parts of the suite to run: pope, heldout (CHAIR and task accuracy), compositional."""
     split: str = "test"
     """Shapes world: the held-out split."""
     compositional_split: str = "compositional"
@@ -188,15 +190,21 @@ def build_suite(cfg: SuiteConfig) -> Suite:
         vocab = load_vocabulary(cfg.vocabulary or root)
     else:
         if not root.exists():
-            raise FileNotFoundError(f"evaluation data {cfg.data!r} not found: give a shapes-world folder or a prompts file")
+            raise FileNotFoundError(
+                f"evaluation data {cfg.data!r} not found: give a shapes-world folder or a prompts file"
+            )
         name = f"custom:{root}"
         pope_files = {m: Path(p) for m, p in cfg.pope.items()}
         heldout_path = root
         comp = Path(cfg.compositional_data) if cfg.compositional_data else None
         vocab = load_vocabulary(cfg.vocabulary) if cfg.vocabulary else None
-    pope = {m: load_samples(p, "prompt") for m, p in pope_files.items()}
-    heldout = load_samples(heldout_path, "prompt") if heldout_path is not None and heldout_path.exists() else []
-    compositional = load_samples(comp, "prompt") if comp is not None and comp.exists() else []
+    unknown = set(cfg.parts) - {"pope", "heldout", "compositional"}
+    if unknown:
+        raise ValueError(f"suite.parts: unknown part(s) {sorted(unknown)}; choose from pope, heldout, compositional")
+    pope = {m: load_samples(p, "prompt") for m, p in pope_files.items()} if "pope" in cfg.parts else {}
+    heldout = load_samples(heldout_path, "prompt") if "heldout" in cfg.parts and heldout_path is not None else []
+    use_comp = "compositional" in cfg.parts and comp is not None and comp.exists()
+    compositional = load_samples(comp, "prompt") if use_comp else []
     for part in (heldout, compositional):
         if any(task_of(s) == DESCRIBE for s in part) and vocab is None:
             raise DataError(f"suite {name}: descriptions need an object vocabulary for CHAIR; set suite.vocabulary")
@@ -242,7 +250,9 @@ def answer_all(model: nn.Module, processor: Any, suite: Suite, *, progress: bool
     return [gens.texts[unique[_key(s)]][0] for _, s in rows], gens
 
 
-def _split_metrics(prefix: str, texts: list[str], samples: list[PromptSample], vocab: ObjectVocabulary | None) -> dict[str, float]:
+def _split_metrics(
+    prefix: str, texts: list[str], samples: list[PromptSample], vocab: ObjectVocabulary | None
+) -> dict[str, float]:
     out: dict[str, float] = {}
     desc = [(t, s) for t, s in zip(texts, samples) if task_of(s) == DESCRIBE]
     if desc and vocab is not None:
@@ -311,7 +321,9 @@ def evaluate(
     return EvalResult(metrics=metrics, records=records)
 
 
-def _win_rate(records: list[dict[str, Any]], baseline: EvalResult, scorer: BatchScorer, suite: Suite) -> dict[str, float]:
+def _win_rate(
+    records: list[dict[str, Any]], baseline: EvalResult, scorer: BatchScorer, suite: Suite
+) -> dict[str, float]:
     theirs = baseline.outputs("heldout")
     samples = [s for s in suite.heldout if task_of(s) == DESCRIBE and s.id in theirs]
     if not samples:
