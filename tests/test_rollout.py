@@ -172,6 +172,25 @@ def test_stop_token_ends_rows_and_others_continue(tiny_model: Callable[..., Any]
         assert cut_stop[row] == (stop in free[row])
 
 
+def test_kept_prompts_score_the_sampled_tokens(tiny_model: Callable[..., Any], prompts: list) -> None:
+    """keep_prompts hands the processed prompts to the shared-prefix log-prob engine, which scores
+    exactly the sampled token ids; the scores equal the simple one-row-per-completion computation."""
+    from vlalign.eval.policy import completion_token_logprobs
+    from vlalign.models.logprobs import completion_logprobs
+
+    model, processor = tiny_model("qwen2_vl")
+    gens = generate(model, processor, prompts[:3], n=2, temperature=1.0, max_new_tokens=5, batch_size=3,
+                    keep_prompts=True)  # fmt: skip
+    assert len(gens.encoded) == 1 and gens.encoded[0].sample_ids == ["p0", "p1", "p2"]
+    with torch.no_grad():
+        shared = completion_logprobs(model.eval(), gens.encoded[0], gens.token_ids)
+    flat_ids = [ids for group in gens.token_ids for ids in group]
+    flat_samples = [p for p in prompts[:3] for _ in range(2)]
+    naive = completion_token_logprobs(model, processor, flat_samples, flat_ids)
+    for r, ref in enumerate(naive):
+        assert torch.allclose(shared.logps[r, : len(ref)], ref, atol=1e-5)
+
+
 def test_peft_wrapped_model(tiny_model: Callable[..., Any], prompts: list) -> None:
     """A LoRA-wrapped model generates (its adapters start at zero: the same tokens as the base)."""
     from vlalign.models.load import LoraSpec

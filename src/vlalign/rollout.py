@@ -8,8 +8,8 @@ stopped by itself or ran into ``max_new_tokens``.
 How a batch is generated (the decode loop is written out here, not delegated to
 ``model.generate``):
 
-1. one processor call for the batch's prompts (:class:`~vlalign.data.collate.PromptCollator`,
-   left-padded);
+1. one processor call for the batch's prompts (:func:`~vlalign.data.collate.encode_prompts`,
+   then left-padded rows);
 2. one *prefill* forward over the B prompts: each image goes through the vision tower once and
    each prompt through the language model once, giving the next-token logits and the KV cache;
 3. the cache and logits are repeated ``n`` times along the batch (``cache.batch_repeat_interleave``)
@@ -42,18 +42,21 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from vlalign.data.collate import (
+    EncodedPrompts,
     GenerationBatch,
-    PromptCollator,
     PromptLike,
+    build_prompt_rows,
+    encode_prompts,
     end_of_turn_ids,
     image_token_ids,
+    pad_token_id_of,
     tokenizer_of,
 )
 
@@ -93,6 +96,11 @@ class Generations:
     """Tokens generated, over all completions."""
     seconds: float = 0.0
     """Wall time of the whole call."""
+    encoded: list[EncodedPrompts] = field(default_factory=list)
+    """With ``keep_prompts=True``: the processed prompts of each generation batch, in order (batch b
+    holds prompts ``[b * batch_size, (b + 1) * batch_size)``), so that scoring the completions
+    (:func:`vlalign.models.logprobs.completion_logprobs` with ``token_ids``) needs no second
+    processor call."""
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -324,6 +332,7 @@ def generate(
     batch_size: int = 16,
     progress: bool = False,
     desc: str = "generate",
+    keep_prompts: bool = False,
 ) -> Generations:
     """Generate ``n`` completions for each sample's prompt (greedy when ``temperature == 0``).
 
@@ -338,7 +347,7 @@ def generate(
     if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
         raise ValueError(f"need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got {temperature}, {top_p}, {top_k}")
     start = time.perf_counter()
-    collator = PromptCollator(processor)
+    pad = pad_token_id_of(processor)
     tok = tokenizer_of(processor)
     stop_ids = stop_token_ids(model, processor)
     suppress = image_token_ids(processor)
@@ -352,7 +361,10 @@ def generate(
     try:
         for lo in range(0, len(samples), batch_size):
             chunk = samples[lo:lo + batch_size]
-            batch = collator(chunk)
+            encoded = encode_prompts(processor, chunk)  # the batch's one processor call
+            batch = build_prompt_rows(encoded, pad_token_id=pad)
+            if keep_prompts:
+                result.encoded.append(encoded)
             uniforms = None
             if temperature > 0:
                 uniforms = completion_uniforms(seed, [s.id for s in chunk], n, max_new_tokens)
@@ -403,3 +415,8 @@ __all__ = [
     "stop_token_ids",
     "stream_seed",
 ]
+
+# For RL: ``gens = generate(policy, processor, prompts, n=G, temperature=1.0, seed=step,
+# batch_size=len(prompts), keep_prompts=True)``; the rewards read ``gens.texts``, and the
+# log-probs of exactly what was sampled are
+# ``completion_logprobs(policy, gens.encoded[0], gens.token_ids)`` (vlalign.models.logprobs).
