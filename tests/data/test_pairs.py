@@ -254,9 +254,10 @@ def test_vlalign_pairs_command(world_dir: Path, tmp_path: Path, tiny_model_dir: 
     assert all(p.chosen != p.rejected for p in pairs)
     out = tmp_path / "noise.jsonl"
     assert main(["pairs", "--method=corrupt", "--corrupt.method=noise", "--corrupt.level=0.5",
-                 f"--data={world_dir / 'train.jsonl'}", f"--out={out}", "--limit=3"]) == 0  # fmt: skip
+                 f"--data={world_dir / 'train.jsonl'}", f"--out={out}", "--limit=6"]) == 0  # fmt: skip
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert all((tmp_path / r["rejected_images"][0]).is_file() for r in rows)
+    assert len({r["scene_id"] for r in rows}) == len({r["rejected_images"][0] for r in rows}) < len(rows)
     out = tmp_path / "rank.jsonl"
     assert main(["pairs", "--method=rank", f"--rank.model={tiny_model_dir('qwen2_vl')}", "--rank.n=3",
                  "--rank.max_new_tokens=4", "--rank.scorer=ground_truth", "--rank.threshold=0.5", "--rank.device=cpu",

@@ -18,7 +18,9 @@ deterministic given a seed, with ``level`` in [0, 1] (0 leaves the image unchang
 the chosen one), with :func:`corruption_seed` giving each sample its own stream.
 :func:`corrupt_pairs` makes a dataset of such pairs: chosen and rejected hold the same response,
 the corrupted images are written as files and listed in a ``rejected_images`` column (paths
-relative to the output file's folder), and ``corruption`` records method, level and seed.
+relative to the output file's folder), and ``corruption`` records method, level and the sample's
+seed. Rows that share an image file share its corrupted version (seeded by the file name, written
+once).
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ class CorruptConfig:
     grid: int = 8
     """Patches per side for mask."""
     seed: int = 0
-    """Seed; each sample's corruption is drawn from (seed, sample id)."""
+    """Seed; an image file's corruption is drawn from (seed, file name), an in-memory image's from (seed, sample id)."""
 
 
 def corruption_seed(seed: int, sample_id: str) -> int:
@@ -147,6 +149,7 @@ def corrupt_pairs(
     stats = PairStats(method=f"image corruption ({cfg.method}, level {cfg.level:g})")
     pairs: list[PreferenceSample] = []
     source = f"corrupt-{cfg.method}"
+    done: dict[str, tuple[Any, float]] = {}  # image file -> (its corrupted version, pixel change)
     for sample in samples:
         stats.inputs += 1
         if not sample.images:
@@ -156,10 +159,20 @@ def corrupt_pairs(
         rejected_images: list[Any] = []
         changes = []
         for k, image in enumerate(sample.images):
-            original = load_image(image)
-            bad = corrupt_image(original, cfg.method, cfg.level, seed + k, grid=cfg.grid)
-            changes.append(pixel_change(original, bad))
-            rejected_images.append(save_image(bad, f"{sample.id}-{k}") if save_image else bad)
+            key = str(image) if isinstance(image, (str, os.PathLike)) else None
+            if key is None or key not in done:  # rows sharing an image file share its corruption
+                img_seed = corruption_seed(cfg.seed, Path(key).name) if key is not None else seed + k
+                original = load_image(image)
+                bad = corrupt_image(original, cfg.method, cfg.level, img_seed, grid=cfg.grid)
+                stem = Path(key).stem if key is not None else f"{sample.id}-{k}"
+                entry = (save_image(bad, stem) if save_image else bad, pixel_change(original, bad))
+                if key is None:
+                    rejected_images.append(entry[0])
+                    changes.append(entry[1])
+                    continue
+                done[key] = entry
+            rejected_images.append(done[key][0])
+            changes.append(done[key][1])
         margin = sum(changes) / len(changes)
         corruption = {"method": cfg.method, "level": cfg.level, "seed": seed, "grid": cfg.grid}
         meta = pair_meta(sample.meta, source=source, rejected_images=rejected_images, corruption=corruption,
@@ -171,14 +184,21 @@ def corrupt_pairs(
 
 
 def image_saver(out_dir: str | os.PathLike, subdir: str = "corrupted") -> Callable[[Image.Image, str], str]:
-    """A ``save_image`` for :func:`corrupt_pairs` writing PNGs under ``out_dir/subdir`` (paths relative to out_dir)."""
+    """A ``save_image`` for :func:`corrupt_pairs`: PNGs under ``out_dir/subdir``, paths relative to
+    ``out_dir``; a stem already used gets a numbered suffix."""
     import re
 
     root = Path(out_dir)
     (root / subdir).mkdir(parents=True, exist_ok=True)
 
+    used: set[str] = set()
+
     def save(image: Image.Image, stem: str) -> str:
-        name = re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("_") or "image"
+        base = re.sub(r"[^A-Za-z0-9._-]+", "_", stem).strip("_") or "image"
+        name, k = base, 1
+        while name in used:
+            name, k = f"{base}-{k}", k + 1
+        used.add(name)
         image.save(root / subdir / f"{name}.png", format="PNG")
         return f"{subdir}/{name}.png"
 
