@@ -19,10 +19,16 @@ allocator's mmap threshold is fixed at 64 KiB, so freed tensors go back to the s
 and before every step the kernel's high-water mark of the resident set is reset
 (``/proc/self/clear_refs``); the step's peak is ``VmHWM`` after the step minus ``VmRSS`` before
 it. The reported figure is the largest over the repetitions. Where ``clear_refs`` cannot be
-written, each variant runs in a fresh subprocess and its whole-process peak is reported instead
-(``--isolate``).
+written, each (mode, workload) runs in a fresh subprocess and its whole-process peak (model and
+start-up included, so the ratios are closer to 1) is reported instead (``--isolate``).
 
-Run: ``make bench`` or ``python benchmarks/logprobs.py [--arch qwen2_vl] [--reps 5]``.
+Threads: one by default. On a shared 2-core machine, two intra-op threads stall on each other
+whenever another process holds a core, and the stall is paid per operator, so it taxes the shared
+mode (fewer FLOPs, as many operators) far more than the naive one: measured here with another job
+running, 2 threads gave pair / group speed-ups of 1.37x / 2.99x where 1 thread gave 1.97x / 5.36x
+in the same conditions. On a quiet machine, compare with ``--threads 2``.
+
+Run: ``make bench`` or ``python benchmarks/logprobs.py [--arch qwen2_vl] [--reps 5] [--threads 2]``.
 """
 
 from __future__ import annotations
@@ -163,7 +169,8 @@ def _step(model: torch.nn.Module, work: Workload, mode: str, pad: int) -> tuple[
     before = _status_kib("VmRSS")
     reset = _reset_peak()
     start = time.perf_counter()
-    result = completion_logprobs(model, work.prompts, work.completions, mode=mode, pad_token_id=pad)  # type: ignore[arg-type]
+    result = completion_logprobs(model, work.prompts, work.completions, mode=mode,  # type: ignore[arg-type]
+                                 pad_token_id=pad)
     _loss(result, work).backward()
     elapsed = time.perf_counter() - start
     peak = (_status_kib("VmHWM") - before) / 1024 if reset else float("nan")
@@ -208,29 +215,27 @@ def _setup(args: argparse.Namespace) -> tuple[torch.nn.Module, Any, list[Workloa
 
 
 def _child(args: argparse.Namespace) -> None:
-    """One mode in a fresh process (``--isolate``): prints one JSON line with its figures."""
+    """One (mode, workload) in a fresh process (``--isolate``): prints one JSON line with its figures."""
     _fix_malloc()
     model, processor, works = _setup(args)
     pad = pad_token_id_of(processor)
-    out = {}
-    for work in works:
-        res = _measure(model, work, (args.only,), args.reps, pad)
-        res[args.only]["peak_mb"] = _status_kib("VmHWM") / 1024
-        res[args.only]["logps"] = res.pop("logps")[args.only].tolist()
-        out[work.name] = res[args.only]
-    print(json.dumps(out))
+    work = next(w for w in works if w.name == args.workload)
+    res = _measure(model, work, (args.only,), args.reps, pad)
+    res[args.only]["peak_mb"] = _status_kib("VmHWM") / 1024
+    res[args.only]["logps"] = res.pop("logps")[args.only].tolist()
+    print(json.dumps(res[args.only]))
 
 
 def _isolated(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
-    per_mode = {}
-    for mode in MODES:
-        cmd = [sys.executable, __file__, "--only", mode] + [a for a in sys.argv[1:] if a != "--isolate"]
-        done = subprocess.run(cmd, check=True, capture_output=True, text=True)
-        per_mode[mode] = json.loads(done.stdout.strip().splitlines()[-1])
     out: dict[str, dict[str, Any]] = {}
-    for name in per_mode["shared"]:
-        a, b = (torch.tensor(per_mode[m][name].pop("logps")) for m in MODES)
-        out[name] = {m: per_mode[m][name] for m in MODES}
+    for name in ("pairs", "groups"):
+        out[name] = {}
+        for mode in MODES:
+            cmd = [sys.executable, __file__, "--only", mode, "--workload", name]
+            cmd += [a for a in sys.argv[1:] if a != "--isolate"]
+            done = subprocess.run(cmd, check=True, capture_output=True, text=True)
+            out[name][mode] = json.loads(done.stdout.strip().splitlines()[-1])
+        a, b = (torch.tensor(out[name][m].pop("logps")) for m in MODES)
         out[name]["max_abs_logprob_diff"] = float((a - b).abs().max())
     return out
 
@@ -267,18 +272,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--group-size", type=int, default=8, help="G, completions per prompt")
     parser.add_argument("--completion-tokens", type=int, default=32)
     parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument("--threads", type=int, default=1, help="intra-op threads (see the module doc)")
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--model-dir", default=os.path.join(tempfile.gettempdir(), "vlalign-bench-models"))
     parser.add_argument("--isolate", action="store_true", help="each mode in a fresh process (whole-process peaks)")
     parser.add_argument("--only", choices=MODES, help=argparse.SUPPRESS)
+    parser.add_argument("--workload", choices=("pairs", "groups"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.only:
         _child(args)
         return
     malloc_ok = _fix_malloc()
     if args.isolate or not (_reset_peak() and malloc_ok):
-        results, how = _isolated(args), "whole-process peak RSS, one fresh process per mode"
+        results = _isolated(args)
+        how = "whole-process peak RSS (model included), one fresh process per mode and workload"
     else:
         model, processor, works = _setup(args)
         pad = pad_token_id_of(processor)

@@ -42,6 +42,20 @@ The mask follows the language model's attention implementation (``config._attn_i
 Architectures verified (per-token log-probs and gradients equal to the naive computation within
 1e-5 in float32, ``tests/models/test_logprobs.py``): Qwen2-VL, Qwen2.5-VL, LLaVA, Idefics3 and
 Gemma3 (bidirectional attention over image tokens; sliding-window layers get their own mask).
+
+Safety checks: every prompt's image tokens must match its own images (:func:`_check_image_tokens`;
+the model itself only checks the batch total), a prompt alone longer than ``max_length`` is a
+:class:`~vlalign.data.schema.DataError`, and :attr:`CompletionLogprobs.token_ids` holds the tokens
+actually scored, read back from the model's input at the gathered positions, so a caller (and the
+tests) can compare them with the labels.
+
+Preference batches
+------------------
+:func:`preference_batch` lays out pairs, 1 + K negatives (POVID) and, with ``corrupted_prompts``,
+the chosen completion under a corrupted image (mDPO: another prompt, same forward);
+:func:`preference_logprobs` returns :class:`PreferenceLogprobs`, the per-sequence sums a
+``PreferenceLogps`` needs. A reference policy scores ``batch.prompts`` / ``batch.completions``
+and ``batch.split`` shapes its result the same way.
 """
 
 from __future__ import annotations
@@ -62,6 +76,7 @@ from vlalign.models.packing import (
     PackedRows,
     additive_mask,
     block_attention_mask,
+    concat_prompts,
     flex_block_mask,
     gather_tokens,
     image_blocks,
@@ -263,28 +278,29 @@ def _check_image_tokens(model: nn.Module, prompts: EncodedPrompts) -> None:
     if token_id is None:
         return
     counts = [sum(1 for t in ids if t == token_id) for ids in prompts.input_ids]
-    expected: list[int | None] = [None] * len(prompts)
+    advice = ("re-encode the samples with encode_prompts (never edit input_ids by hand) and give one "
+              "{'type': 'image'} part per image")
     grid = prompts.vision.get("image_grid_thw")
     if grid is not None:
         merge = getattr(getattr(unwrap(model).config, "vision_config", None), "spatial_merge_size", 1)
         per_image = (grid.prod(dim=-1) // (merge * merge)).tolist()
         rows = prompts.vision_rows["image_grid_thw"]
-        expected = [int(sum(per_image[rows[i]])) for i in range(len(prompts))]
-    else:
-        per_image = {c // n for c, n in zip(counts, prompts.num_images) if n and c % n == 0}
-        if len(per_image) == 1:
-            size = per_image.pop()
-            expected = [size * n for n in prompts.num_images]
-        else:
-            expected = [-1 if n else 0 for n in prompts.num_images]  # inconsistent: report below
-    for i, (count, want) in enumerate(zip(counts, expected)):
-        if want is not None and count != want:
-            raise DataError(
-                f"sample {prompts.sample_ids[i]!r}: its prompt holds {count} image tokens but its "
-                f"{prompts.num_images[i]} image(s) give {want if want >= 0 else 'a different number of'} features; "
-                "re-encode the sample with encode_prompts (do not edit input_ids by hand) and give one "
-                "{'type': 'image'} part per image"
-            )
+        for i, count in enumerate(counts):
+            want = int(sum(per_image[rows[i]]))
+            if count != want:
+                raise DataError(f"sample {prompts.sample_ids[i]!r}: its prompt holds {count} image tokens but its "
+                                f"{prompts.num_images[i]} image(s) give {want} features; {advice}")
+        return
+    for i, (count, n) in enumerate(zip(counts, prompts.num_images)):
+        if (count == 0) != (n == 0) or (n and count % n):
+            raise DataError(f"sample {prompts.sample_ids[i]!r}: its prompt holds {count} image tokens for {n} "
+                            f"image(s); {advice}")
+    per_image = {count // n for count, n in zip(counts, prompts.num_images) if n}
+    if len(per_image) > 1:
+        detail = ", ".join(f"{prompts.sample_ids[i]!r}: {c} for {n}" for i, (c, n) in
+                           enumerate(zip(counts, prompts.num_images)) if n)
+        raise DataError(f"image tokens per image differ across the batch (samples {detail} image(s)), but every "
+                        f"image of this architecture gives the same number of features; {advice}")
 
 
 # --------------------------------------------------------------------------------- the forward
@@ -313,7 +329,9 @@ def _prompt_mrope(model: nn.Module, prompts: EncodedPrompts) -> list[Tensor]:
     return [positions[:, b, : len(row)].cpu() for b, row in enumerate(prompts.input_ids)]
 
 
-def _shared_inputs(model: nn.Module, prompts: EncodedPrompts, packed: PackedRows, device: torch.device) -> dict[str, Any]:
+def _shared_inputs(
+    model: nn.Module, prompts: EncodedPrompts, packed: PackedRows, device: torch.device
+) -> dict[str, Any]:
     """Keyword arguments of the model's forward for the packed rows."""
     support = ARCHITECTURES[unwrap(model).config.model_type]
     text = _text_config(model)
@@ -330,7 +348,7 @@ def _shared_inputs(model: nn.Module, prompts: EncodedPrompts, packed: PackedRows
         if attn == "flex_attention":
             return flex_block_mask(segments, positions=positions, blocks=blocks, sliding_window=window_)
         visible = block_attention_mask(segments, positions=positions, blocks=blocks, sliding_window=window_)
-        return visible if attn == "sdpa" else additive_mask(visible, next(model.parameters()).dtype)
+        return visible if attn == "sdpa" else additive_mask(visible, unwrap(model).get_input_embeddings().weight.dtype)
 
     mask: Any = build(None)
     if sliding:
@@ -348,7 +366,7 @@ def _shared_inputs(model: nn.Module, prompts: EncodedPrompts, packed: PackedRows
     }
 
 
-def _sliding_blocks_sharing(model: nn.Module, packed: PackedRows) -> str | None:
+def _sliding_window_problem(model: nn.Module, packed: PackedRows) -> str | None:
     """Why the packed layout cannot express this batch's sliding-window layers (None if it can)."""
     text = _text_config(model)
     window = getattr(text, "sliding_window", None)
@@ -362,7 +380,9 @@ def _sliding_blocks_sharing(model: nn.Module, packed: PackedRows) -> str | None:
             "layers; sequences longer than the window are computed the naive way")
 
 
-def _run(model: nn.Module, inputs: dict[str, Any], layout: Layout, *, want_hidden: bool) -> tuple[Tensor, Tensor | None]:
+def _run(
+    model: nn.Module, inputs: dict[str, Any], layout: Layout, *, want_hidden: bool
+) -> tuple[Tensor, Tensor | None]:
     """One forward: the kept logits ``(rows, K, V)`` and, on request, the last hidden states ``(rows, T, H)``."""
     device = inputs["input_ids"].device
     out = model(**inputs, logits_to_keep=layout.keep.to(device), use_cache=False,
@@ -428,7 +448,7 @@ def completion_logprobs(
         reason = sharing_unsupported(model)
         packed = packed_layout(prompts, completions, pad_token_id=pad_token_id) if reason is None else None
         if packed is not None:
-            reason = _sliding_blocks_sharing(model, packed)
+            reason = _sliding_window_problem(model, packed)
         if reason is not None:
             _log_once(reason)
             mode = "naive"
@@ -453,42 +473,6 @@ def completion_logprobs(
 
 
 # ------------------------------------------------------------------------------- preferences
-
-
-def _zero_pad(tensor: Tensor, trailing: Sequence[int]) -> Tensor:
-    """``tensor`` zero-padded at the end of every dimension but the first to ``trailing``."""
-    if list(tensor.shape[1:]) == list(trailing):
-        return tensor
-    out = tensor.new_zeros((tensor.shape[0], *trailing))
-    out[(slice(None), *(slice(0, n) for n in tensor.shape[1:]))] = tensor
-    return out
-
-
-def concat_prompts(first: EncodedPrompts, second: EncodedPrompts) -> EncodedPrompts:
-    """``first``'s prompts followed by ``second``'s, as one batch (vision tensors concatenated).
-
-    Per-prompt vision tensors with a different trailing shape (Idefics3's ``(B, max_images, ...)``)
-    are zero-padded to the larger one, as the processor pads a batch.
-    """
-    vision: dict[str, Tensor] = {}
-    rows: dict[str, list[slice]] = {}
-    for key in first.vision:
-        if key not in second.vision:
-            raise ValueError(f"concat_prompts: the second batch has no {key!r}; encode both with the same processor")
-        a, b = first.vision[key], second.vision[key]
-        shape = [max(x, y) for x, y in zip(a.shape[1:], b.shape[1:])]
-        vision[key] = torch.cat([_zero_pad(a, shape), _zero_pad(b, shape).to(a.dtype)], dim=0)
-        shift = first.vision[key].shape[0]
-        rows[key] = list(first.vision_rows[key]) + [slice(s.start + shift, s.stop + shift) for s in second.vision_rows[key]]
-    return EncodedPrompts(
-        sample_ids=first.sample_ids + second.sample_ids,
-        input_ids=first.input_ids + second.input_ids,
-        token_fields={k: first.token_fields[k] + second.token_fields[k] for k in first.token_fields},
-        vision=vision,
-        vision_rows=rows,
-        num_images=first.num_images + second.num_images,
-        image_token_count=first.image_token_count + second.image_token_count,
-    )
 
 
 @dataclass
@@ -558,7 +542,9 @@ def preference_batch(
     """
     n = len(prompts)
     if len(chosen) != n or len(rejected) != n:
-        raise ValueError(f"preference_batch: {n} prompts, {len(chosen)} chosen and {len(rejected)} rejected completions")
+        raise ValueError(
+            f"preference_batch: {n} prompts, {len(chosen)} chosen and {len(rejected)} rejected completions"
+        )
     matrix = n > 0 and len(rejected[0]) > 0 and not isinstance(rejected[0][0], int)
     groups = [list(r) if matrix else [r] for r in rejected]
     k = len(groups[0]) if groups else 1

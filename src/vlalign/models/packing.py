@@ -30,6 +30,9 @@ Three extra rules keep it exact (each was silently wrong when missing; see
 **Naive layout**: one row per (prompt, completion), the image repeated, built by
 :func:`vlalign.data.collate.build_rows`; :func:`naive_layout` only adds the gather indices.
 
+:func:`concat_prompts` joins two prompt batches (mDPO's corrupted-image prompts after the
+originals) so that both run in one forward.
+
 Both layouts give the same gather indices: ``keep (rows, K)`` are the positions whose logits the
 model computes (``logits_to_keep``), and ``source (R, L)`` indexes the flattened kept logits for
 the ``t``-th token of completion ``r``, so the per-token outputs have one layout in both modes.
@@ -183,6 +186,43 @@ def gather_tokens(input_ids: Tensor, layout: Layout) -> Tensor:
     """The token ids at each completion position, ``IGNORE_INDEX`` on padding: ``(R, L)``."""
     tokens = input_ids.reshape(-1)[layout.target]
     return torch.where(layout.mask, tokens, torch.full_like(tokens, IGNORE_INDEX))
+
+
+def _zero_pad(tensor: Tensor, trailing: Sequence[int]) -> Tensor:
+    """``tensor`` zero-padded at the end of every dimension but the first to ``trailing``."""
+    if list(tensor.shape[1:]) == list(trailing):
+        return tensor
+    out = tensor.new_zeros((tensor.shape[0], *trailing))
+    out[(slice(None), *(slice(0, n) for n in tensor.shape[1:]))] = tensor
+    return out
+
+
+def concat_prompts(first: EncodedPrompts, second: EncodedPrompts) -> EncodedPrompts:
+    """``first``'s prompts followed by ``second``'s, as one batch (vision tensors concatenated).
+
+    Per-prompt vision tensors with a different trailing shape (Idefics3's ``(B, max_images, ...)``)
+    are zero-padded to the larger one, as the processor pads a batch.
+    """
+    vision: dict[str, Tensor] = {}
+    rows: dict[str, list[slice]] = {}
+    for key in first.vision:
+        if key not in second.vision:
+            raise ValueError(f"concat_prompts: the second batch has no {key!r}; encode both with the same processor")
+        a, b = first.vision[key], second.vision[key]
+        shape = [max(x, y) for x, y in zip(a.shape[1:], b.shape[1:])]
+        vision[key] = torch.cat([_zero_pad(a, shape), _zero_pad(b, shape).to(a.dtype)], dim=0)
+        shift = first.vision[key].shape[0]
+        moved = [slice(s.start + shift, s.stop + shift) for s in second.vision_rows[key]]
+        rows[key] = list(first.vision_rows[key]) + moved
+    return EncodedPrompts(
+        sample_ids=first.sample_ids + second.sample_ids,
+        input_ids=first.input_ids + second.input_ids,
+        token_fields={k: first.token_fields[k] + second.token_fields[k] for k in first.token_fields},
+        vision=vision,
+        vision_rows=rows,
+        num_images=first.num_images + second.num_images,
+        image_token_count=first.image_token_count + second.image_token_count,
+    )
 
 
 # -------------------------------------------------------------------------------------- masks
