@@ -1,0 +1,349 @@
+"""``vlalign grpo``: group-relative policy optimisation and its relatives on verifiable (or learned) rewards.
+
+One recipe, one ``advantage`` setting:
+
+=========================  ===========================================================================
+advantage                  estimator (the math is in :mod:`vlalign.losses.advantages`)
+=========================  ===========================================================================
+``grpo``                   (r_i - mean(r_group)) / (std(r_group) + eps)  (DeepSeekMath)
+``dr_grpo``                r_i - mean(r_group); pair with ``update.aggregation=seq-mean-token-sum-norm``
+``rloo``                   r_i - mean of the other G - 1 rewards of the group (Ahmadian et al.)
+``reinforce_pp``           discounted per-token returns, KL folded in per token, whitened over the batch
+``reinforce_pp_baseline``  the same after subtracting each group's mean outcome
+=========================  ===========================================================================
+
+Each step (the phases of :mod:`vlalign.recipes.rl_common`): take the step's prompts; sample G
+completions per prompt (each prompt and image processed once, for generation and for log-probs);
+score them with the configured rewards; optionally drop groups whose rewards are all equal
+(DAPO's dynamic sampling, refilling the batch from fresh prompts for ``grpo.resample_rounds``
+rounds) and add DAPO's overlong shaping; compute old log-probs once (skipped when the update is
+on-policy: one epoch, one minibatch), reference log-probs when a KL is used or logged; compute
+advantages; then ``update.epochs`` passes of ``update.minibatches`` clipped-surrogate optimiser
+steps with the chosen aggregation, clip range (DAPO's clip-higher: ``update.clip_high=0.28``)
+and KL placement.
+
+Prompts per step: ``train.batch_size`` prompts per micro-batch (each with its G completions) times
+``train.grad_accum`` micro-batches times processes; the learning-rate schedule counts optimiser
+steps (steps x epochs x minibatches).
+
+Examples::
+
+    vlalign grpo --model.name_or_path=runs/sft/model --rewards.weights='{count_match: 1.0}' \\
+                 --grpo.tasks='[counting]' --train.output_dir=runs/grpo
+    vlalign grpo --config examples/grpo_counting.yaml
+    vlalign grpo --advantage=rloo --update.kl_coef=0.02 --update.kl_in=reward ...
+    vlalign grpo --train.output_dir=runs/grpo --resume    # continue exactly where it stopped
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from vlalign.data.collate import pad_token_id_of
+from vlalign.data.schema import PromptSample
+from vlalign.eval.suite import Suite, SuiteConfig, build_suite, evaluate
+from vlalign.eval.tasks import DESCRIBE, task_of
+from vlalign.models.load import save_model_and_processor
+from vlalign.models.reference import FrozenCopyReference, ReferencePolicy, make_reference
+from vlalign.recipes.common import DataConfig, ModelConfig, load_policy, load_split
+from vlalign.recipes.rl_common import (
+    AdvantageName,
+    PolicyUpdateConfig,
+    Rollouts,
+    UpdateContext,
+    advantages,
+    group_filter_mask,
+    mean_over_processes,
+    old_logprobs,
+    overlong_shaping,
+    reference_logprobs,
+    rollout,
+    rollout_metrics,
+    rollout_seed,
+    score,
+    token_kl,
+    update,
+)
+from vlalign.rewards import RewardScores, RewardsConfig, build_reward_from_config
+from vlalign.rollout import GenerationSettings
+from vlalign.train import BatchPlan, Run, TrainConfig, build_optimizer, build_scheduler, check_finite, total_steps
+
+
+def _train_defaults() -> TrainConfig:
+    return TrainConfig(output_dir="runs/grpo", lr=1e-5, batch_size=8, grad_accum=1, max_steps=100, warmup_ratio=0.0,
+                       schedule="constant", log_every=5, save_every=50)  # fmt: skip
+
+
+def _rollout_defaults() -> GenerationSettings:
+    return GenerationSettings(n=8, temperature=1.0, max_new_tokens=32, batch_size=32)
+
+
+def _data_defaults() -> DataConfig:
+    return DataConfig(train="shapes:train_prompts.jsonl", eval="")
+
+
+def _eval_defaults() -> SuiteConfig:
+    return SuiteConfig(parts=("heldout",), questions_per_task=0, kl_prompts=64, max_new_tokens=16)
+
+
+@dataclass
+class GRPOSettings:
+    """Options of the GRPO family beyond the policy update."""
+
+    tasks: list[str] = field(default_factory=list)
+    """Train only on prompts whose meta task is one of these (e.g. [counting]); [] keeps every prompt."""
+    eps: float = 1e-6
+    """grpo: added to the group's reward std before dividing."""
+    gamma: float = 1.0
+    """reinforce_pp: discount of the per-token returns."""
+    filter_groups: bool = False
+    """DAPO's dynamic sampling: drop groups whose G rewards are all equal (they carry no gradient)."""
+    resample_rounds: int = 0
+    """With filter_groups: up to this many extra rollout rounds on fresh (seeded) prompts to refill the batch."""
+    overlong_buffer: int = 0
+    """DAPO's overlong shaping: the last this-many tokens before rollout.max_new_tokens are penalised
+    linearly down to -overlong_factor (0: off)."""
+    overlong_factor: float = 1.0
+    """Largest overlong penalty."""
+
+
+@dataclass
+class Config:
+    """GRPO, Dr.GRPO, RLOO and REINFORCE++ on prompts with verifiable rewards."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The policy (usually a supervised fine-tuned model)."""
+    data: DataConfig = field(default_factory=_data_defaults)
+    """Prompts: rows with a prompt, images and the ground truth the rewards read (e.g. answer, task)."""
+    train: TrainConfig = field(default_factory=_train_defaults)
+    """The training loop (batch_size counts prompts; each brings rollout.n completions)."""
+    rollout: GenerationSettings = field(default_factory=_rollout_defaults)
+    """Sampling: n is G (completions per prompt); temperature must be > 0."""
+    rewards: RewardsConfig = field(default_factory=RewardsConfig)
+    """Reward functions and weights."""
+    advantage: AdvantageName = "grpo"
+    """Advantage estimator: grpo, dr_grpo, rloo, reinforce_pp, reinforce_pp_baseline."""
+    update: PolicyUpdateConfig = field(default_factory=PolicyUpdateConfig)
+    """Clipped-surrogate update: epochs, minibatches, clip range, aggregation, KL."""
+    grpo: GRPOSettings = field(default_factory=GRPOSettings)
+    """Task filter, group filtering, overlong shaping, estimator options."""
+    eval: SuiteConfig = field(default_factory=_eval_defaults)
+    """Held-out evaluation (every train.eval_every steps and at the end): task accuracy and KL from the start."""
+    eval_tasks: list[str] = field(default_factory=lambda: ["counting", "colour", "existence"])
+    """Held-out tasks to evaluate (descriptions are left out unless 'describe' is listed)."""
+    eval_before: bool = False
+    """Also evaluate the starting model before the first step (logged at step 0)."""
+    save: Literal["auto", "adapter", "merged", "full"] = "auto"
+    """How the final model is saved in <output_dir>/model: auto (adapter with LoRA, else full), adapter, merged, full."""
+
+
+# ----------------------------------------------------------------------------- set-up
+
+
+def check_config(cfg: Config) -> None:
+    """Errors a run would otherwise meet late, named by their config keys."""
+    if cfg.rollout.temperature <= 0:
+        raise ValueError("rollout.temperature must be > 0 for RL (greedy decoding gives G equal completions)")
+    if cfg.rollout.n < 2 and cfg.advantage in ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline"):
+        raise ValueError(f"advantage {cfg.advantage!r} compares completions of a group: set rollout.n >= 2")
+    if cfg.train.grad_accum % cfg.update.minibatches:
+        raise ValueError(f"update.minibatches ({cfg.update.minibatches}) must divide train.grad_accum ({cfg.train.grad_accum})")
+    if cfg.grpo.overlong_buffer < 0 or cfg.grpo.overlong_buffer > cfg.rollout.max_new_tokens:
+        raise ValueError(f"grpo.overlong_buffer must be in [0, rollout.max_new_tokens={cfg.rollout.max_new_tokens}]")
+
+
+def load_prompts(cfg: Config) -> list[PromptSample]:
+    """The training prompts, filtered to ``grpo.tasks``."""
+    samples = load_split(cfg.data.train, "prompt", cfg.data)
+    if cfg.grpo.tasks:
+        wanted = set(cfg.grpo.tasks)
+        samples = [s for s in samples if task_of(s) in wanted]
+        if not samples:
+            raise ValueError(f"{cfg.data.train}: no prompt has a task in grpo.tasks={sorted(wanted)}")
+    return samples
+
+
+def build_eval_suite(cfg: Config) -> Suite | None:
+    """The held-out suite restricted to ``eval_tasks`` (None when nothing is left to evaluate)."""
+    if not cfg.eval.parts or not cfg.eval_tasks:
+        return None
+    suite = build_suite(cfg.eval)
+    keep = set(cfg.eval_tasks)
+    suite.heldout = [s for s in suite.heldout if task_of(s) in keep]
+    suite.compositional = [s for s in suite.compositional if task_of(s) in keep]
+    if DESCRIBE not in keep:
+        suite.pope = {}
+    return suite if len(suite) else None
+
+
+def build_reference(cfg: Config, model: nn.Module, pad_token_id: int) -> ReferencePolicy | None:
+    """The reference policy (built from the starting weights, before any checkpoint is loaded)."""
+    if cfg.update.reference == "none":
+        return None
+    name = cfg.update.reference
+    if name == "auto":
+        name = "adapter" if hasattr(model, "disable_adapter") else "copy"
+    return make_reference(name, model, pad_token_id=pad_token_id)  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------------------------- phases of a step
+
+
+def step_prompts(train_set: list[PromptSample], plan: BatchPlan, step: int, round_: int, *, seed: int,
+                 process_index: int) -> list[PromptSample]:
+    """Round 0: this process's prompts of the step (the batch plan); later rounds: as many fresh prompts
+    drawn by ``(seed, step, round, process)`` (a pure function, so a resumed run draws the same)."""
+    if round_ == 0:
+        return [train_set[i] for mb in plan.micro_batches(step, process_index) for i in mb]
+    count = plan.batch_size * plan.grad_accum
+    rng = np.random.default_rng([seed, step, round_, process_index])
+    return [train_set[i] for i in rng.choice(len(train_set), size=count, replace=len(train_set) < count)]
+
+
+def collect(run: Run, policy: nn.Module, processor: Any, reward: Any, train_set: list[PromptSample], plan: BatchPlan,
+            step: int, cfg: Config) -> tuple[Rollouts, dict[str, Any]]:
+    """Rollout and score the step's prompts (refilling filtered groups if configured); returns the
+    rollouts to train on and the metrics of the step's own prompts (round 0)."""
+    target = plan.batch_size * plan.grad_accum
+    rounds = 1 + (cfg.grpo.resample_rounds if cfg.grpo.filter_groups else 0)
+    kept: list[Rollouts] = []
+    metrics: dict[str, Any] = {}
+    for round_ in range(rounds):
+        samples = step_prompts(train_set, plan, step, round_, seed=cfg.train.seed, process_index=run.process_index)
+        ro = rollout(policy, processor, samples, settings=cfg.rollout, seed=rollout_seed(cfg.train.seed, step, round_))
+        t0 = time.perf_counter()
+        scores = score(ro, reward, step=step + 1)
+        ro.rewards = scores.total.to(torch.float32)
+        if cfg.grpo.overlong_buffer > 0:
+            ro.rewards = ro.rewards + overlong_shaping(ro, max_length=cfg.rollout.max_new_tokens,
+                                                       buffer=cfg.grpo.overlong_buffer, factor=cfg.grpo.overlong_factor)
+        if round_ == 0:
+            metrics.update(_first_round_metrics(ro, scores, time.perf_counter() - t0))
+        if cfg.grpo.filter_groups:
+            keep = group_filter_mask(ro.rewards, group_size=ro.group_size).nonzero().squeeze(-1).tolist()
+            ro = ro.select_groups(keep)
+            metrics[f"groups/kept_round{round_}"] = len(keep) / len(samples)
+        kept.append(ro)
+        if sum(len(k) for k in kept) >= target:
+            break
+    batch = Rollouts.concat(kept)
+    if len(batch) > target:
+        batch = batch.select_groups(range(target))
+    metrics["groups/trained"] = len(batch)
+    metrics["perf/rollout_rounds"] = len(kept)
+    return batch, metrics
+
+
+def _first_round_metrics(ro: Rollouts, scores: RewardScores, score_s: float) -> dict[str, Any]:
+    out: dict[str, Any] = dict(rollout_metrics(ro, scores))
+    out["perf/rollout_s"] = ro.seconds
+    out["perf/score_s"] = score_s
+    out["perf/gen_tokens_per_s"] = ro.num_tokens / max(ro.seconds, 1e-9)
+    return out
+
+
+def prepare_update(policy: nn.Module, reference: ReferencePolicy | None, ro: Rollouts, cfg: Config, *,
+                   pad_token_id: int, reduce_sum: Any) -> dict[str, Any]:
+    """Old and reference log-probs, the KL penalty if it goes in the reward, and the advantages."""
+    up, temp = cfg.update, cfg.rollout.temperature
+    metrics: dict[str, Any] = {}
+    if len(ro) == 0:
+        ro.advantages = torch.zeros(0)
+        return metrics
+    kl_in_reward = up.kl_coef > 0 and up.kl_in == "reward"
+    if not up.on_policy or kl_in_reward:
+        ro.old_logps = old_logprobs(policy, ro, temperature=temp, pad_token_id=pad_token_id,
+                                    micro_batch=cfg.train.batch_size)  # fmt: skip
+    if reference is not None and up.needs_reference:
+        ro.ref_logps = reference_logprobs(reference, ro, temperature=temp, micro_batch=cfg.train.batch_size)
+    rewards, kl = ro.rewards, None
+    if kl_in_reward:
+        kl = token_kl(ro.old_logps, ro.ref_logps, ro.mask, estimator=up.kl_estimator)  # type: ignore[arg-type]
+        seq_kl = kl.sum(-1)  # (R,)
+        metrics["kl/ref_seq_in_reward"] = seq_kl.mean()
+        if cfg.advantage not in ("reinforce_pp", "reinforce_pp_baseline"):
+            rewards = rewards - up.kl_coef * seq_kl  # type: ignore[operator]
+    ro.advantages = advantages(cfg.advantage, rewards, group_size=ro.group_size, mask=ro.mask,  # type: ignore[arg-type]
+                               kl=kl, kl_coef=up.kl_coef, gamma=cfg.grpo.gamma, eps=cfg.grpo.eps,
+                               reduce_sum=reduce_sum)  # fmt: skip
+    metrics["advantages/abs_mean"] = ro.advantages.abs().mean()
+    return metrics
+
+
+def run_eval(run: Run, policy: nn.Module, processor: Any, suite: Suite | None,
+             reference: ReferencePolicy | None) -> dict[str, float]:
+    """Held-out metrics (main process); KL from the start when the reference is a frozen copy."""
+    if suite is None:
+        return {}
+    out: dict[str, float] = {}
+    if run.accelerator.is_main_process:
+        ref_model = reference.model if isinstance(reference, FrozenCopyReference) else None
+        result = evaluate(policy, processor, suite, reference=ref_model)
+        out = {f"eval/{k}": v for k, v in result.metrics.items() if not k.endswith("_n")}
+    run.accelerator.wait_for_everyone()
+    return out
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def run(cfg: Config) -> dict[str, Any]:
+    """Train with the configured estimator, evaluate, save the model; returns the final metrics."""
+    check_config(cfg)
+    run = Run(cfg.train, config=cfg, desc=f"grpo[{cfg.advantage}]")
+    model, processor = load_policy(cfg.model)
+    pad = pad_token_id_of(processor)
+    train_set = load_prompts(cfg)
+    suite = build_eval_suite(cfg)
+    reward = build_reward_from_config(cfg.rewards)
+    plan = BatchPlan(len(train_set), cfg.train.batch_size, cfg.train.grad_accum, run.num_processes, cfg.train.seed)
+    steps = total_steps(cfg.train, plan)
+    optimizer = build_optimizer(model, cfg.train)
+    scheduler = build_scheduler(optimizer, cfg.train, steps * cfg.update.epochs * cfg.update.minibatches)
+    reference = build_reference(cfg, model, pad)  # from the starting weights, before a checkpoint loads
+    modules, optimizer = run.prepare({"model": model}, optimizer, scheduler, total=steps)
+    model = modules["model"]
+    policy = run.accelerator.unwrap_model(model)
+    model.train()
+    run.print(f"grpo[{cfg.advantage}]: {len(train_set)} prompts, {steps} steps of {plan.global_batch} prompts x "
+              f"{cfg.rollout.n} completions")  # fmt: skip
+    if cfg.eval_before and run.start_step == 0:
+        run.log(0, run_eval(run, policy, processor, suite, reference))
+    reduce_sum = lambda t: run.accelerator.reduce(t.to(run.device), "sum").cpu()  # noqa: E731
+
+    for step in range(run.start_step, steps):
+        t_start = time.perf_counter()
+        ro, metrics = collect(run, policy, processor, reward, train_set, plan, step, cfg)
+        t_update = time.perf_counter()
+        metrics.update(prepare_update(policy, reference, ro, cfg, pad_token_id=pad, reduce_sum=reduce_sum))
+        ctx = UpdateContext(temperature=cfg.rollout.temperature, pad_token_id=pad, micro_batches=cfg.train.grad_accum,
+                            norm_length=cfg.update.norm_length or cfg.rollout.max_new_tokens, seed=cfg.train.seed,
+                            step=step)  # fmt: skip
+        metrics.update(update(run, model, optimizer, scheduler, ro, cfg.update, ctx))
+        check_finite(torch.tensor(metrics["train/loss"]), step=step + 1, sample_ids=[s.id for s in ro.samples],
+                     run_dir=run.run_dir)  # fmt: skip
+        metrics["perf/update_s"] = time.perf_counter() - t_update
+        metrics["perf/step_s"] = time.perf_counter() - t_start
+        metrics = mean_over_processes(run, metrics)
+        done = step + 1
+        if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done != steps:
+            metrics.update(run_eval(run, policy, processor, suite, reference))
+        prompt_tokens = sum(len(p) for p in ro.prompts.input_ids)
+        run.end_step(done, metrics, samples=ro.num_rows, tokens=prompt_tokens + ro.num_tokens)
+
+    final = run_eval(run, policy, processor, suite, reference)
+    if final:
+        run.log(steps, final)
+        shown = {k: round(v, 4) for k, v in final.items() if k.startswith(("eval/task", "eval/kl"))}
+        run.print(f"held-out: {shown}")
+    if run.accelerator.is_main_process:
+        out = save_model_and_processor(policy, processor, run.run_dir / "model", mode=cfg.save)
+        run.print(f"saved the model to {out}")
+    run.finish()
+    return final
