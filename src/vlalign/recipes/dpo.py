@@ -1,0 +1,536 @@
+"""``vlalign dpo``: direct preference optimisation and its relatives on (prompt, images, chosen, rejected).
+
+One optimiser step runs these phases, each a function below::
+
+    batch      PairEncoder: one processor call for the micro-batch's prompts (and, for mDPO, the
+               same prompts with corrupted images), completions tokenized once, over-long pairs
+               dropped (counted) or refused
+    policy     preference_logprobs: ONE forward per micro-batch; each prompt and image is encoded
+               once and carries [chosen, rejected_1..K] (and the chosen under the corrupted image)
+    reference  the same layout under the reference (frozen copy, adapter-disabled, on-disk cache)
+    loss       combine_losses over the configured terms (vlalign.losses registries), per pair;
+               summed and divided by the number of pairs of the whole step over all processes
+    update     clip, AdamW, schedule (vlalign.train.Run)
+
+Loss selection is configuration (``loss.weights``), never a branch in the loop: any name of
+``vlalign.losses.ALL_PREFERENCE_LOSSES`` (sigmoid, robust, hinge, ipo, bco_pair, apo_zero, simpo,
+orpo, nll, mdpo, hsa_dpo, povid) with a weight, or a ``loss.preset`` (mpo, rpo, ha_dpo). The LVLM
+objectives plug in through the data they need: ``mdpo`` makes the corrupted image of each chosen
+one on the fly (``loss.corruption``, deterministic per sample) or takes a row's
+``rejected_images``; ``hsa_dpo`` reads severities from ``loss.severity_column``; ``povid`` scores
+``rejected_extra`` as further negatives; ``loss.ddpo_gamma > 0`` turns on RLHF-V's dense token
+weights (segments that differ between chosen and rejected weigh gamma).
+
+Examples::
+
+    vlalign pairs --method=inject --out=data/pairs/inject.jsonl
+    vlalign dpo --model.name_or_path=runs/sft/model --data.train=data/pairs/inject.jsonl
+    vlalign dpo --loss.weights='{mdpo: 1.0}' --loss.corruption.method=mask        # mDPO
+    vlalign dpo --loss.preset=mpo --model.use_lora=true                            # MPO, LoRA
+    vlalign dpo --ref-model runs/other/model ...                                   # another reference
+    vlalign dpo --online.rounds=3 --online.prompts=shapes:train_prompts.jsonl      # iterative DPO
+    accelerate launch --num_processes 2 -m vlalign.cli dpo --config examples/dpo_shapes.yaml
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from vlalign.data.collate import check_lengths, encode_completions, encode_prompts, end_of_turn_ids, pad_token_id_of
+from vlalign.data.pairs_corrupt import CorruptConfig, corrupt_image, corruption_seed
+from vlalign.data.schema import DataError, PreferenceSample, PromptSample, load_image
+from vlalign.eval.suite import SuiteConfig
+from vlalign.losses import (
+    ALL_PREFERENCE_LOSSES,
+    LOSS_PRESETS,
+    LossOutput,
+    PreferenceLogps,
+    combine_losses,
+    ddpo_sequence_logps,
+    differing_segments,
+    implicit_reward_metrics,
+)
+from vlalign.models.logprobs import PreferenceBatch, PreferenceLogprobs, preference_batch, preference_logprobs
+from vlalign.models.reference import PrecomputedReference, ReferencePolicy, sample_content_hash
+from vlalign.recipes.common import DataConfig, ModelConfig, load_policy
+from vlalign.recipes.iterative_dpo import OnlineConfig
+from vlalign.recipes.preference_common import (
+    REJECTED_IMAGES,
+    MetricSums,
+    ReferenceConfig,
+    build_reference,
+    chunks,
+    finish_precompute,
+    global_count,
+    load_pairs_split,
+    micro_step_context,
+    numeric_column,
+    policy_model_config,
+    process_shard,
+    reference_module,
+    run_suite,
+    save_final_model,
+    zero_loss,
+)
+from vlalign.train import BatchPlan, Run, TrainConfig, build_optimizer, build_scheduler, check_finite, total_steps
+
+PRESETS: dict[str, dict[str, float]] = {**LOSS_PRESETS, "ha_dpo": {"sigmoid": 1.0, "nll": 1.0}}
+"""Named weightings: MPO (0.8 DPO + 0.2 BCO + 1.0 SFT), RPO (DPO + NLL), HA-DPO (DPO + LM loss)."""
+
+REFERENCE_FREE = frozenset({"simpo", "orpo", "nll"})
+"""Terms that need no reference policy (a run made only of these builds none)."""
+
+
+def _dpo_train_defaults() -> TrainConfig:
+    return TrainConfig(output_dir="runs/dpo", lr=5e-5, batch_size=8, epochs=1.0, warmup_ratio=0.1, log_every=5,
+                       save_every=100)
+
+
+def _dpo_data_defaults() -> DataConfig:
+    return DataConfig(train="", eval="")
+
+
+@dataclass
+class LossConfig:
+    """Which preference objective, with which options."""
+
+    weights: dict[str, float] = field(default_factory=lambda: {"sigmoid": 1.0})
+    """Terms and weights, summed per pair: any of sigmoid (DPO), robust, hinge, ipo, bco_pair, apo_zero,
+    simpo, orpo, nll, mdpo, hsa_dpo, povid. Example: {sigmoid: 1.0, nll: 0.2}."""
+    preset: str = ""
+    """A named weighting that replaces weights: mpo, rpo, ha_dpo ('' to use weights)."""
+    beta: float = 0.1
+    """beta of every term (the KL strength of DPO; set options.simpo.beta for SimPO's 2.5)."""
+    options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Other keyword arguments per term, e.g. {sigmoid: {label_smoothing: 0.1}, mdpo: {anchor_delta: 0.0},
+    simpo: {beta: 2.5, gamma: 1.375}, povid: {negative_weights: [0.5, 0.5]}}."""
+    ddpo_gamma: float = 0.0
+    """RLHF-V dense weights: tokens of segments that differ between chosen and rejected weigh this
+    much in the sequence log-probs (0 = off; RLHF-V uses 5)."""
+    ddpo_normalize: bool = True
+    """DDPO: divide the weighted sum by the sum of the weights (the paper's average)."""
+    ddpo_min_match: int = 3
+    """DDPO: shortest run of equal tokens that counts as a common segment."""
+    severity_column: str = "severity"
+    """hsa_dpo: the numeric column holding each rejected response's hallucination severity."""
+    corruption: CorruptConfig = field(default_factory=CorruptConfig)
+    """mdpo: how the corrupted image is made from the chosen one (rows with rejected_images use those)."""
+
+
+@dataclass
+class Config:
+    """Direct preference optimisation (and its variants) on preference pairs."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The policy to train (and, unless ref_model is set, the reference it starts from)."""
+    ref_model: str = ""
+    """A reference other than the starting policy (folder, hub name or tiny:<arch>:<size>); '' = the policy."""
+    data: DataConfig = field(default_factory=_dpo_data_defaults)
+    """Preference data: prompt, images, chosen, rejected (+ rejected_extra, severity, rejected_images)."""
+    loss: LossConfig = field(default_factory=LossConfig)
+    """The objective."""
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    """How reference log-probs are computed."""
+    train: TrainConfig = field(default_factory=_dpo_train_defaults)
+    """The training loop."""
+    logprob_mode: Literal["shared", "naive"] = "shared"
+    """shared: each prompt and image encoded once per pair (default); naive: one row per completion."""
+    eval_suite: Literal["none", "end", "every"] = "none"
+    """Run the evaluation suite (POPE, CHAIR, task accuracy) at the end, or also every train.eval_every steps."""
+    suite: SuiteConfig = field(default_factory=SuiteConfig)
+    """The evaluation suite (when eval_suite is not none)."""
+    save: Literal["auto", "adapter", "merged", "full"] = "auto"
+    """How <output_dir>/model is saved: auto (adapter with LoRA, else full), adapter, merged, full."""
+    online: OnlineConfig = field(default_factory=OnlineConfig)
+    """Iterative (online) DPO: rounds of sample-and-rank from the current policy, then DPO (0 rounds = off)."""
+
+
+def loss_weights(cfg: LossConfig) -> dict[str, float]:
+    """The terms of the objective (preset resolved), checked against the registry."""
+    if cfg.preset:
+        if cfg.preset not in PRESETS:
+            raise ValueError(f"loss.preset {cfg.preset!r} is unknown; choose from {sorted(PRESETS)}")
+        weights = dict(PRESETS[cfg.preset])
+    else:
+        weights = dict(cfg.weights)
+    if not weights:
+        raise ValueError("loss.weights is empty; give at least one term, e.g. {sigmoid: 1.0}")
+    unknown = [name for name in weights if name not in ALL_PREFERENCE_LOSSES]
+    if unknown:
+        raise ValueError(f"loss.weights: unknown term(s) {unknown}; known: {sorted(ALL_PREFERENCE_LOSSES)}")
+    paired = [name for name in weights if name not in ("povid", "nll")]
+    if "povid" in weights and paired:
+        raise ValueError(f"loss.weights: povid scores several rejected responses per pair and combines only with "
+                         f"nll, not with {paired}")
+    if cfg.ddpo_gamma < 0:
+        raise ValueError(f"loss.ddpo_gamma must be >= 0 (0 = off), got {cfg.ddpo_gamma}")
+    return weights
+
+
+# ----------------------------------------------------------------------------- phase: batch
+
+
+@dataclass
+class PairBatch:
+    """A micro-batch of preference pairs laid out for one log-prob forward (policy and reference alike)."""
+
+    batch: PreferenceBatch
+    samples: list[PreferenceSample]
+    dropped_ids: list[str]
+    keys: list[str] | None = None
+    """Content hashes of the batch's prompts (corrupted ones after), keys of the reference cache."""
+    severity: Tensor | None = None  # (B,) float64
+    chosen_diff: list[list[bool]] | None = None
+    """DDPO: per pair, which chosen tokens lie in segments that differ from the rejected one."""
+    rejected_diff: list[list[bool]] | None = None
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    @property
+    def sample_ids(self) -> list[str]:
+        return [s.id for s in self.samples]
+
+
+class PairEncoder:
+    """``PreferenceSample`` list -> :class:`PairBatch`, with ONE processor call per micro-batch.
+
+    With ``corruption`` (mDPO), each sample's images are corrupted (or its ``rejected_images`` read)
+    and the corrupted prompts go through the same processor call as the originals. Pairs longer
+    than ``max_length`` (prompt + longest completion, under either image) are dropped and counted
+    in ``num_dropped``, or refused with ``on_overflow="raise"``.
+    """
+
+    def __init__(self, processor: Any, *, max_length: int | None, on_overflow: Literal["drop", "raise"] = "drop",
+                 corruption: CorruptConfig | None = None, extra_rejected: bool = False,
+                 severity_column: str | None = None, ddpo_min_match: int | None = None,
+                 content_keys: bool = False) -> None:
+        self.processor = processor
+        self.max_length = max_length
+        self.on_overflow: Literal["drop", "raise"] = on_overflow
+        self.corruption = corruption
+        self.extra_rejected = extra_rejected
+        self.severity_column = severity_column
+        self.ddpo_min_match = ddpo_min_match
+        self.content_keys = content_keys
+        self.eot_ids = end_of_turn_ids(processor)
+        self.pad_token_id = pad_token_id_of(processor)
+        self.num_dropped = 0
+
+    def _corrupted(self, sample: PreferenceSample, images: list[Any]) -> list[Any]:
+        given = sample.meta.get(REJECTED_IMAGES)
+        if given is not None:
+            return [load_image(x) for x in given]
+        c = self.corruption
+        assert c is not None
+        seed = corruption_seed(c.seed, sample.id)
+        return [corrupt_image(im, c.method, c.level, seed + k, grid=c.grid) for k, im in enumerate(images)]
+
+    def _texts(self, samples: Sequence[PreferenceSample]) -> list[list[str]]:
+        if not self.extra_rejected:
+            return [[s.chosen, s.rejected] for s in samples]
+        k = 1 + len(samples[0].rejected_extra)
+        for s in samples:
+            if 1 + len(s.rejected_extra) != k:
+                raise DataError(f"sample {s.id!r} has {1 + len(s.rejected_extra)} rejected responses and sample "
+                                f"{samples[0].id!r} has {k}; povid needs the same number in every row")
+        return [[s.chosen, s.rejected, *s.rejected_extra] for s in samples]
+
+    def __call__(self, samples: Sequence[PreferenceSample], *, count: bool = True) -> PairBatch:
+        if not samples:
+            return PairBatch(preference_batch(_empty_prompts(), [], []), [], [])
+        images = [[load_image(x) for x in s.images] for s in samples]
+        views = [PromptSample(s.id, ims, s.prompt) for s, ims in zip(samples, images)]
+        if self.corruption is not None:
+            bad = [self._corrupted(s, ims) for s, ims in zip(samples, images)]
+            views += [PromptSample(f"{s.id}#corrupted", ims, s.prompt) for s, ims in zip(samples, bad)]
+        encoded = encode_prompts(self.processor, views)  # the micro-batch's one processor call
+        n = len(samples)
+        prompts = encoded.select(range(n))
+        completions = encode_completions(self.processor, self._texts(samples), eot_ids=self.eot_ids)
+        keep, _ = check_lengths(prompts, completions, max_length=self.max_length, on_overflow=self.on_overflow)
+        corrupted = encoded.select(range(n, 2 * n)) if self.corruption is not None else None
+        if corrupted is not None:
+            ok, _ = check_lengths(corrupted, [[c[0]] for c in completions], max_length=self.max_length,
+                                  on_overflow=self.on_overflow)
+            keep = [i for i in keep if i in set(ok)]
+        dropped = [samples[i].id for i in range(n) if i not in set(keep)]
+        if count:
+            self.num_dropped += len(dropped)
+        return self._layout(samples, images, views, prompts, corrupted, completions, keep, dropped)
+
+    def _layout(self, samples, images, views, prompts, corrupted, completions, keep, dropped) -> PairBatch:
+        kept = [samples[i] for i in keep]
+        comps = [completions[i] for i in keep]
+        rejected = [c[1:] for c in comps] if self.extra_rejected else [c[1] for c in comps]
+        batch = preference_batch(prompts.select(keep), [c[0] for c in comps], rejected,
+                                 corrupted_prompts=corrupted.select(keep) if corrupted is not None else None)
+        out = PairBatch(batch, kept, dropped)
+        if self.content_keys:
+            n = len(samples)
+            keys = [sample_content_hash(samples[i].prompt, images[i]) for i in keep]
+            if corrupted is not None:
+                keys += [sample_content_hash(samples[i].prompt, views[n + i].images) for i in keep]
+            out.keys = keys
+        if self.severity_column and kept:
+            out.severity = numeric_column(kept, self.severity_column, needed_by="the hsa_dpo loss")
+        if self.ddpo_min_match is not None:
+            diffs = [differing_segments(c[0], c[1], min_match_size=self.ddpo_min_match) for c in comps]
+            out.chosen_diff = [d[0].tolist() for d in diffs]
+            out.rejected_diff = [d[1].tolist() for d in diffs]
+        return out
+
+
+def _empty_prompts():
+    from vlalign.data.collate import EncodedPrompts
+
+    return EncodedPrompts([], [], {}, {}, {}, [], [])
+
+
+def make_encoder(processor: Any, cfg: Config, weights: dict[str, float], *, content_keys: bool) -> PairEncoder:
+    """The pair encoder that the configured objective needs."""
+    return PairEncoder(
+        processor, max_length=cfg.data.max_length, on_overflow=cfg.data.on_overlong,
+        corruption=cfg.loss.corruption if "mdpo" in weights else None, extra_rejected="povid" in weights,
+        severity_column=cfg.loss.severity_column if "hsa_dpo" in weights else None,
+        ddpo_min_match=cfg.loss.ddpo_min_match if cfg.loss.ddpo_gamma > 0 else None, content_keys=content_keys,
+    )
+
+
+# ----------------------------------------------------------------------------- phases: log-probs and loss
+
+
+def policy_logprobs(model: nn.Module, pb: PairBatch, *, mode: str, pad_token_id: int) -> PreferenceLogprobs:
+    """Per-sequence policy log-probs of the micro-batch (one forward; gradients flow)."""
+    return preference_logprobs(model, pb.batch, mode=mode, pad_token_id=pad_token_id)
+
+
+def reference_logprobs(reference: ReferencePolicy, pb: PairBatch) -> PreferenceLogprobs:
+    """The same under the reference (no gradient; possibly read from the cache)."""
+    result = reference.logprobs(pb.batch.prompts, pb.batch.completions, sample_keys=pb.keys)
+    return pb.batch.split(result)
+
+
+def _diff_mask(diffs: list[list[bool]], width: int, device: torch.device) -> Tensor:
+    mask = torch.zeros((len(diffs), width), dtype=torch.bool)
+    for i, row in enumerate(diffs):
+        mask[i, : len(row)] = torch.tensor(row, dtype=torch.bool)
+    return mask.to(device)
+
+
+def ddpo_sums(lp: PreferenceLogprobs, pb: PairBatch, *, gamma: float, normalize: bool,
+              ) -> tuple[Tensor, Tensor, Tensor | None]:
+    """RLHF-V dense-weighted sequence log-probs of chosen, rejected (and corrupted chosen), ``(B,)`` each."""
+    if lp.rejected_rows.ndim != 1:
+        raise ValueError("ddpo_gamma > 0 needs one rejected response per pair (not povid's several)")
+    assert pb.chosen_diff is not None and pb.rejected_diff is not None
+    tok = lp.tokens
+    width, device = tok.logps.shape[1], tok.logps.device
+    seg_c, seg_r = _diff_mask(pb.chosen_diff, width, device), _diff_mask(pb.rejected_diff, width, device)
+
+    def weighted(rows: Tensor, seg: Tensor) -> Tensor:
+        return ddpo_sequence_logps(tok.logps[rows], tok.mask[rows], seg, gamma=gamma, normalize=normalize)
+
+    corrupted = weighted(lp.corrupted_rows, seg_c) if lp.corrupted_rows is not None else None
+    return weighted(lp.chosen_rows, seg_c), weighted(lp.rejected_rows, seg_r), corrupted
+
+
+def preference_record(policy: PreferenceLogprobs, ref: PreferenceLogprobs | None, pb: PairBatch,
+                      cfg: LossConfig) -> PreferenceLogps:
+    """The :class:`PreferenceLogps` the losses take (DDPO weights applied when configured)."""
+    def sums(lp: PreferenceLogprobs) -> tuple[Tensor, Tensor, Tensor | None]:
+        if cfg.ddpo_gamma > 0:
+            return ddpo_sums(lp, pb, gamma=cfg.ddpo_gamma, normalize=cfg.ddpo_normalize)
+        return lp.chosen_logps, lp.rejected_logps, lp.corrupted_chosen_logps
+
+    chosen, rejected, corrupted = sums(policy)
+    ref_chosen = ref_rejected = ref_corrupted = None
+    if ref is not None:
+        device = chosen.device
+        ref_chosen, ref_rejected, ref_corrupted = (t.to(device) if t is not None else None for t in sums(ref))
+    return PreferenceLogps(
+        chosen_logps=chosen, rejected_logps=rejected, ref_chosen_logps=ref_chosen, ref_rejected_logps=ref_rejected,
+        chosen_lengths=policy.chosen_lengths, rejected_lengths=policy.rejected_lengths,
+        corrupted_chosen_logps=corrupted, ref_corrupted_chosen_logps=ref_corrupted,
+    )
+
+
+def pair_losses(logps: PreferenceLogps, pb: PairBatch, cfg: LossConfig, weights: dict[str, float]) -> LossOutput:
+    """Per-pair losses ``(B,)`` of the weighted objective, and its metrics (DPO rewards always included
+    when a reference is there, so every objective reports the same ``rewards/*``)."""
+    options = {name: dict(opts) for name, opts in cfg.options.items()}
+    if "hsa_dpo" in weights:
+        assert pb.severity is not None
+        options.setdefault("hsa_dpo", {})["severity"] = pb.severity.to(logps.chosen_logps.device)
+    out = combine_losses(logps, weights=weights, beta=cfg.beta, options=options, registry=ALL_PREFERENCE_LOSSES)
+    metrics = dict(out.metrics)
+    if "rewards/margin" not in metrics and logps.has_reference:
+        assert logps.ref_chosen_logps is not None and logps.ref_rejected_logps is not None
+        metrics.update(implicit_reward_metrics(cfg.beta * (logps.chosen_logps - logps.ref_chosen_logps),
+                                               cfg.beta * (logps.rejected_logps - logps.ref_rejected_logps), logps))
+    metrics.setdefault("logps/chosen", logps.chosen_logps.detach().mean())
+    metrics.setdefault("logps/rejected", logps.rejected_logps.detach().mean())
+    return LossOutput(out.losses, metrics)
+
+
+@dataclass
+class StepSettings:
+    """What the step needs besides the model and data (built once from the config)."""
+
+    loss: LossConfig
+    weights: dict[str, float]
+    mode: str
+    pad_token_id: int
+
+
+def micro_batch_loss(model: nn.Module, reference: ReferencePolicy | None, pb: PairBatch,
+                     s: StepSettings) -> tuple[LossOutput, int]:
+    """Policy log-probs -> reference log-probs -> per-pair losses for one micro-batch (and tokens processed)."""
+    policy = policy_logprobs(model, pb, mode=s.mode, pad_token_id=s.pad_token_id)
+    ref = reference_logprobs(reference, pb) if reference is not None else None
+    return pair_losses(preference_record(policy, ref, pb, s.loss), pb, s.loss, s.weights), policy.tokens.num_tokens
+
+
+def dpo_step(run: Run, model: nn.Module, reference: ReferencePolicy | None, batches: Sequence[PairBatch],
+             s: StepSettings) -> tuple[dict[str, Tensor], int]:
+    """Forward and backward over the micro-batches of one optimiser step; returns global metrics and
+    the tokens this process ran through the policy.
+
+    Each pair's loss is divided by the number of pairs of the whole step over every process
+    (counted before any backward), times the number of processes (DDP averages gradients), so any
+    split into processes and micro-batches gives the gradient of one big batch.
+    """
+    total = global_count(run, sum(len(b) for b in batches)).clamp(min=1.0)
+    sums = MetricSums(run.device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=run.device)
+    tokens = 0
+    for i, pb in enumerate(batches):
+        with micro_step_context(run, model, i == len(batches) - 1), run.accelerator.autocast():
+            if len(pb) == 0:  # every pair dropped as over-long: keep processes in step
+                loss = zero_loss(model)
+            else:
+                out, n_tokens = micro_batch_loss(model, reference, pb, s)
+                loss = out.losses.sum() / total * run.num_processes
+                loss_sum = loss_sum + out.losses.detach().double().sum()
+                sums.add(out.metrics, len(pb))
+                tokens += n_tokens
+            run.accelerator.backward(loss)
+    metrics = {"train/loss": run.accelerator.reduce(loss_sum, reduction="sum") / total.double(), "train/pairs": total}
+    metrics.update(sums.means(run, total))
+    return metrics, tokens
+
+
+@torch.no_grad()
+def heldout_metrics(run: Run, model: nn.Module, reference: ReferencePolicy | None, encoder: PairEncoder,
+                    samples: Sequence[PreferenceSample], s: StepSettings, *, batch_size: int) -> dict[str, float]:
+    """``eval/loss`` and ``eval/rewards/...`` over the held-out pairs (split across processes)."""
+    inner = run.accelerator.unwrap_model(model)
+    was_training = inner.training
+    inner.eval()
+    sums = MetricSums(run.device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=run.device)
+    count = 0
+    for chunk in chunks(process_shard(samples, run), batch_size):
+        pb = encoder(chunk, count=False)
+        if len(pb):
+            out, _ = micro_batch_loss(inner, reference, pb, s)
+            loss_sum += out.losses.double().sum()
+            sums.add(out.metrics, len(pb))
+            count += len(pb)
+    inner.train(was_training)
+    total = global_count(run, count).clamp(min=1.0)
+    metrics = {"loss": run.accelerator.reduce(loss_sum, reduction="sum") / total.double(), **sums.means(run, total)}
+    return {f"eval/{k}": float(v) for k, v in metrics.items()}
+
+
+def precompute_reference(run: Run, reference: ReferencePolicy, encoder: PairEncoder,
+                         samples: Sequence[PreferenceSample], *, batch_size: int) -> None:
+    """Fill the reference cache for ``samples`` (main process), then free the reference model everywhere."""
+    if not isinstance(reference, PrecomputedReference):
+        return
+    if run.accelerator.is_main_process:
+        from tqdm.auto import tqdm
+
+        for chunk in tqdm(list(chunks(samples, batch_size)), desc="reference", disable=not run.cfg.progress):
+            pb = encoder(chunk, count=False)
+            if len(pb):
+                reference.logprobs(pb.batch.prompts, pb.batch.completions, sample_keys=pb.keys)
+        run.print(f"reference cache: {reference.num_computed} completions computed, {reference.num_hits} cached "
+                  f"({reference.folder})")
+    finish_precompute(reference, run)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def run(cfg: Config) -> dict[str, Any]:
+    """Train (offline, or ``online.rounds`` rounds of iterative DPO); returns the final metrics."""
+    if cfg.online.rounds > 0:
+        from vlalign.recipes.iterative_dpo import run_rounds
+
+        return run_rounds(cfg)
+    return train(cfg)
+
+
+def train(cfg: Config) -> dict[str, Any]:
+    """Offline DPO on ``data.train``; evaluates, saves ``<output_dir>/model``, returns the final metrics."""
+    if not cfg.data.train:
+        raise ValueError("data.train is required: a preference file (build one with `vlalign pairs "
+                         "--method=inject --out=data/pairs/inject.jsonl`, then --data.train=data/pairs/inject.jsonl)")
+    weights = loss_weights(cfg.loss)
+    run = Run(cfg.train, config=cfg, desc="dpo")
+    model, processor = load_policy(policy_model_config(cfg.model, run))
+    train_set, skipped = load_pairs_split(cfg.data.train, cfg.data, image_conditioned_ok="mdpo" in weights)
+    eval_set = (load_pairs_split(cfg.data.eval, cfg.data, image_conditioned_ok="mdpo" in weights,
+                                 limit=cfg.data.eval_limit or None)[0] if cfg.data.eval else [])
+    needs_reference = any(name not in REFERENCE_FREE for name in weights)
+    settings = StepSettings(cfg.loss, weights, cfg.logprob_mode, pad_token_id_of(processor))
+    reference = (build_reference(cfg.reference, model, processor, model_cfg=cfg.model, ref_model=cfg.ref_model,
+                                 run=run, mode=cfg.logprob_mode, pad_token_id=settings.pad_token_id)
+                 if needs_reference else None)
+    encoder = make_encoder(processor, cfg, weights, content_keys=isinstance(reference, PrecomputedReference))
+    if reference is not None:
+        precompute_reference(run, reference, encoder, [*train_set, *eval_set], batch_size=cfg.train.batch_size)
+    plan = BatchPlan(len(train_set), cfg.train.batch_size, cfg.train.grad_accum, run.num_processes, cfg.train.seed)
+    steps = total_steps(cfg.train, plan)
+    optimizer = build_optimizer(model, cfg.train)
+    scheduler = build_scheduler(optimizer, cfg.train, steps)
+    modules, optimizer = run.prepare({"model": model}, optimizer, scheduler, total=steps)
+    model = modules["model"]
+    model.train()
+    run.print(f"dpo: {len(train_set)} pairs ({sum(skipped.values())} skipped), {steps} steps of {plan.global_batch}, "
+              f"loss {weights}, reference {type(reference).__name__ if reference else 'none'}")
+    suite_reference = reference_module(reference) if reference is not None else None
+
+    for step in range(run.start_step, steps):
+        batches = [encoder([train_set[i] for i in mb]) for mb in plan.micro_batches(step, run.process_index)]
+        metrics, tokens = dpo_step(run, model, reference, batches, settings)
+        check_finite(metrics["train/loss"], step=step + 1, sample_ids=[i for b in batches for i in b.sample_ids],
+                     run_dir=run.run_dir)
+        metrics["train/grad_norm"] = run.clip_and_step(model.parameters(), optimizer, scheduler)
+        metrics["data/dropped_overlong"] = encoder.num_dropped
+        if reference is not None:
+            metrics["reference/forwards"] = reference.num_forwards
+        done = step + 1
+        if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done < steps:
+            if eval_set:
+                metrics.update(heldout_metrics(run, model, reference, encoder, eval_set, settings,
+                                               batch_size=cfg.train.batch_size))
+            if cfg.eval_suite == "every":
+                metrics.update(run_suite(model, processor, cfg.suite, run=run, reference=suite_reference,
+                                         progress=False, filename=f"suite_eval_step{done}.json"))
+        run.end_step(done, metrics, samples=sum(len(b) for b in batches), tokens=tokens)
+
+    final: dict[str, Any] = {"data/skipped_pairs": float(sum(skipped.values())), "data/train_pairs": float(len(train_set))}
+    if eval_set:
+        final.update(heldout_metrics(run, model, reference, encoder, eval_set, settings, batch_size=cfg.train.batch_size))
+    if cfg.eval_suite != "none":
+        final.update(run_suite(model, processor, cfg.suite, run=run, reference=suite_reference, progress=cfg.train.progress))
+    run.log(steps, final)
+    save_final_model(run, model, processor, cfg.save)
+    run.finish()
+    return final

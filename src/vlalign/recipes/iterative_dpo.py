@@ -1,0 +1,182 @@
+"""Iterative (online) DPO, as RLAIF-V does it: rounds of sample-and-rank from the current policy,
+each followed by DPO on the new pairs. One command: ``vlalign dpo --online.rounds=N``.
+
+Round r (1-based), in ``<output_dir>/round-<r>/``:
+
+1. the policy of the round's start (the configured model for round 1, the previous round's
+   ``model/`` after) answers ``online.prompts_per_round`` prompts of ``online.prompts`` (a fresh,
+   seeded draw each round) ``online.generation.n`` times;
+2. a scorer (``online.scorer``: claim-level verification against the annotations by default, or
+   exact ground truth, or your own / a reward model) rates the answers, and
+   :func:`vlalign.data.pairs_rank.rank_pairs` pairs a better with a worse one
+   (``pairs.jsonl`` + ``pairs.stats.json``);
+3. DPO (every option of ``vlalign dpo``) trains on those pairs from the round's start policy,
+   against a reference that is that same start policy (``online.update_reference``, as RLAIF-V)
+   or the initial model.
+
+Everything is resumable: a round whose ``model/`` exists is skipped, its pairs are not sampled
+again, and an interrupted round resumes from its last checkpoint. With LoRA, intermediate rounds
+are saved merged (the next round puts a fresh adapter on them). The last round's model is copied
+to ``<output_dir>/model``; ``<output_dir>/rounds.json`` lists each round's pairs and metrics.
+With several processes, the main process samples and ranks while the others wait; every process
+then trains on the same pairs file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from vlalign.rollout import GenerationSettings
+
+if TYPE_CHECKING:
+    from vlalign.recipes.dpo import Config
+
+
+def _online_generation_defaults() -> GenerationSettings:
+    return GenerationSettings(n=4, temperature=1.0, top_p=0.95, max_new_tokens=48, batch_size=16)
+
+
+@dataclass
+class OnlineConfig:
+    """Iterative DPO: sample-and-rank pairs from the current policy each round."""
+
+    rounds: int = 0
+    """Rounds of (sample, rank, DPO); 0 = ordinary offline DPO on data.train."""
+    prompts: str = "shapes:train_prompts.jsonl"
+    """Prompts with ground truth (object annotations or answers) that the policy answers."""
+    prompts_per_round: int = 256
+    """Prompts drawn (seeded, without replacement) for each round (0: all)."""
+    generation: GenerationSettings = field(default_factory=_online_generation_defaults)
+    """How the policy samples its answers (n per prompt, temperature, top_p, ...)."""
+    scorer: str = "claims"
+    """claims (claim-level verification), ground_truth, or file.py:name / module:name (e.g. a reward model)."""
+    vocabulary: str = ""
+    """Object vocabulary JSON ({object: [phrases]}); '' uses the manifest.json beside the prompts file."""
+    threshold: float = 0.25
+    """Smallest score gap between the chosen and the rejected answer."""
+    pairing: Literal["best_worst", "all"] = "best_worst"
+    """best_worst: the best answer of a prompt against its worst; all: every pair whose gap reaches the threshold."""
+    max_pairs_per_prompt: int = 1
+    """At most this many pairs per prompt."""
+    update_reference: bool = True
+    """Each round's reference is the policy at the round's start (RLAIF-V); false keeps the initial
+    model. A --ref-model, when given, is the reference of every round."""
+
+
+@dataclass
+class RoundResult:
+    """What one round made and measured."""
+
+    round: int
+    model: str
+    pairs: int
+    pair_stats: dict[str, Any]
+    metrics: dict[str, Any]
+    seconds: float
+
+
+def round_prompts(samples: list[Any], cfg: OnlineConfig, *, seed: int, round_: int) -> list[Any]:
+    """The prompts of round ``round_``: a seeded draw without replacement (all when prompts_per_round is 0)."""
+    if cfg.prompts_per_round <= 0 or cfg.prompts_per_round >= len(samples):
+        return list(samples)
+    return random.Random(f"vlalign-online/{seed}/{round_}").sample(list(samples), cfg.prompts_per_round)
+
+
+def sample_and_rank_round(policy_path: str, cfg: "Config", out_dir: Path, round_: int) -> dict[str, Any]:
+    """Sample answers of the round's policy and write the ranked pairs; returns the pair statistics."""
+    from vlalign.data.io import load_samples, write_samples
+    from vlalign.data.pairs_cli import find_vocabulary
+    from vlalign.data.pairs_rank import build_scorer, sample_and_rank
+    from vlalign.embedded import resolve_data, resolve_model
+    from vlalign.models.load import load_model_and_processor
+    from vlalign.rollout import generate, settings_kwargs
+
+    o = cfg.online
+    data_path = resolve_data(o.prompts)
+    prompts = round_prompts(load_samples(data_path, "prompt"), o, seed=cfg.train.seed, round_=round_)
+    scorer = build_scorer(o.scorer, find_vocabulary(o.vocabulary, data_path))
+    model, processor = load_model_and_processor(resolve_model(policy_path, seed=cfg.model.tiny_seed),
+                                                dtype=cfg.model.dtype, device=cfg.model.device)
+    gens = generate(model, processor, prompts, seed=cfg.train.seed * 1000 + round_, progress=cfg.train.progress,
+                    desc=f"round {round_}: sampling", **settings_kwargs(o.generation))
+    del model
+    pairs, stats = sample_and_rank(prompts, gens.texts, scorer, threshold=o.threshold, pairing=o.pairing,
+                                   max_pairs_per_prompt=o.max_pairs_per_prompt)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_samples(pairs, out_dir / "pairs.jsonl")
+    summary = {**stats.summary(), "prompts": len(prompts), "sampled_tokens": gens.new_tokens,
+               "sampling_seconds": gens.seconds}
+    (out_dir / "pairs.stats.json").write_text(json.dumps(summary, indent=1) + "\n")
+    print(f"round {round_}: {stats.describe()}")
+    return summary
+
+
+def round_config(cfg: "Config", *, policy: str, reference: str, out_dir: Path, last: bool, resume: bool) -> "Config":
+    """The offline DPO config of one round."""
+    save = cfg.save if last else ("merged" if cfg.model.use_lora else "full")
+    return dataclasses.replace(
+        cfg,
+        model=dataclasses.replace(cfg.model, name_or_path=policy),
+        ref_model=reference,
+        data=dataclasses.replace(cfg.data, train=str(out_dir / "pairs.jsonl"), image_root=""),
+        train=dataclasses.replace(cfg.train, output_dir=str(out_dir), resume=resume, overwrite=not resume),
+        online=dataclasses.replace(cfg.online, rounds=0),
+        save=save,
+    )
+
+
+def run_rounds(cfg: "Config") -> dict[str, Any]:
+    """All rounds (resuming finished ones); returns the last round's metrics plus ``online/*`` counts."""
+    from accelerate import PartialState
+
+    from vlalign.recipes.dpo import train
+
+    state = PartialState()
+    root = Path(cfg.train.output_dir)
+    if cfg.online.rounds < 1:
+        raise ValueError("online.rounds must be >= 1 for iterative DPO")
+    results: list[RoundResult] = []
+    summary_path = root / "rounds.json"
+    previous = {r["round"]: r for r in json.loads(summary_path.read_text())} if summary_path.exists() else {}
+    policy = cfg.model.name_or_path
+    for r in range(1, cfg.online.rounds + 1):
+        out_dir = root / f"round-{r}"
+        start = time.perf_counter()
+        if (out_dir / "model").is_dir() and r in previous:
+            results.append(RoundResult(**previous[r]))
+            policy = str(out_dir / "model")
+            continue
+        if not (out_dir / "pairs.stats.json").exists() and state.is_main_process:
+            sample_and_rank_round(policy, cfg, out_dir, r)
+        state.wait_for_everyone()
+        stats = json.loads((out_dir / "pairs.stats.json").read_text())
+        metrics: dict[str, Any] = {}
+        if stats["made"] >= cfg.train.batch_size * cfg.train.grad_accum * state.num_processes:
+            resume = (out_dir / "checkpoints").is_dir() and any((out_dir / "checkpoints").iterdir())
+            # '' = the round's starting policy; else --ref-model, or the initial model when kept fixed
+            reference = cfg.ref_model or ("" if cfg.online.update_reference or r == 1 else cfg.model.name_or_path)
+            metrics = train(round_config(cfg, policy=policy, reference=reference, out_dir=out_dir,
+                                         last=r == cfg.online.rounds, resume=resume))
+            policy = str(out_dir / "model")
+        else:
+            print(f"round {r}: only {stats['made']} pairs, fewer than one global batch; the policy stays as it was")
+        results.append(RoundResult(r, policy, stats["made"], stats, metrics, time.perf_counter() - start))
+        if state.is_main_process:
+            summary_path.parent.mkdir(parents=True, exist_ok=True)
+            summary_path.write_text(json.dumps([dataclasses.asdict(x) for x in results], indent=1) + "\n")
+        state.wait_for_everyone()
+    if state.is_main_process and Path(policy).resolve() != (root / "model").resolve():
+        shutil.rmtree(root / "model", ignore_errors=True)
+        if Path(policy).is_dir():
+            shutil.copytree(policy, root / "model")
+    state.wait_for_everyone()
+    final = dict(results[-1].metrics) if results else {}
+    final.update({"online/rounds": float(len(results)), "online/pairs": float(sum(x.pairs for x in results))})
+    return final

@@ -1,0 +1,301 @@
+"""What the offline preference recipes (``vlalign dpo``, ``vlalign kto``, iterative DPO) share.
+
+The loops themselves live in :mod:`vlalign.recipes.dpo` and :mod:`vlalign.recipes.kto`; this
+module holds the pieces around them:
+
+* the ``reference`` config section and :func:`build_reference` (frozen copy, adapter-disabled,
+  precomputed on disk, or another model given by ``--ref-model``), built from the weights the
+  policy starts with, before any checkpoint is restored;
+* data checks beyond the loader's (:func:`check_pairs`): a pair whose chosen text equals its
+  rejected text teaches nothing, so it is an error naming the row, or a counted skip with
+  ``data.skip_bad_rows``; image-conditioned pairs (``rejected_images``, from
+  ``vlalign pairs --method=corrupt``) are the exception, trained by the ``mdpo`` term;
+* global reductions for data parallelism and gradient accumulation (:class:`MetricSums`,
+  :func:`micro_step_context`): every per-example mean divides by the number of examples of the
+  whole optimiser step over all processes, summed before any backward pass;
+* the evaluation suite on the model in memory (:func:`run_suite`) and saving the final model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from vlalign.data.schema import DataError, PreferenceSample, data_error
+from vlalign.embedded import resolve_data, resolve_model
+from vlalign.models.logprobs import Mode
+from vlalign.models.reference import (
+    FrozenCopyReference,
+    PrecomputedReference,
+    ReferencePolicy,
+    make_reference,
+)
+from vlalign.recipes.common import DataConfig, ModelConfig
+from vlalign.recipes.sft import global_count
+from vlalign.train import Run
+
+logger = logging.getLogger("vlalign")
+
+REJECTED_IMAGES = "rejected_images"
+"""Meta column of image-conditioned pairs: the images the (same) rejected text is conditioned on."""
+
+
+@dataclass
+class ReferenceConfig:
+    """The reference policy of the implicit rewards r(y) = log pi(y|x) - log pi_ref(y|x)."""
+
+    strategy: Literal["auto", "copy", "adapter", "precomputed"] = "auto"
+    """auto (adapter for LoRA, copy otherwise), copy (a frozen copy in memory), adapter (the LoRA
+    policy with its adapter switched off), precomputed (log-probs computed once before training and
+    cached on disk; no reference model in memory while training)."""
+    cache_dir: str = ""
+    """precomputed: folder of the cached log-probs ('' = <output_dir>/reference_cache). Entries are
+    keyed by the reference weights, each sample's content (images included) and its completions."""
+
+
+# ----------------------------------------------------------------------------- model and reference
+
+
+def policy_model_config(cfg: ModelConfig, run: Run) -> ModelConfig:
+    """``cfg`` with ``device: auto`` replaced by this process's device (each rank loads onto its own GPU)."""
+    if cfg.device == "auto":
+        return dataclasses.replace(cfg, device=str(run.device))
+    return cfg
+
+
+def resolved_strategy(strategy: str, *, lora: bool, ref_model: str) -> str:
+    """The reference strategy that ``strategy`` means for this run (auto resolved, combinations checked)."""
+    if strategy == "auto":
+        return "copy" if ref_model or not lora else "adapter"
+    if strategy == "adapter" and ref_model:
+        raise ValueError("reference.strategy=adapter uses the policy's own base weights; it cannot be combined "
+                         "with --ref-model (use copy or precomputed)")
+    if strategy == "adapter" and not lora:
+        raise ValueError("reference.strategy=adapter needs LoRA (--model.use_lora=true); use copy or precomputed")
+    return strategy
+
+
+def build_reference(
+    cfg: ReferenceConfig, policy: nn.Module, processor: Any, *, model_cfg: ModelConfig, ref_model: str,
+    run: Run, mode: Mode, pad_token_id: int,
+) -> ReferencePolicy:
+    """The reference policy (build it BEFORE training starts and before a checkpoint is restored).
+
+    ``ref_model`` (a folder, hub name or ``tiny:...``) replaces the starting policy as the
+    reference; it must tokenize like the policy, since rewards compare the same token ids.
+    """
+    strategy = resolved_strategy(cfg.strategy, lora=model_cfg.use_lora, ref_model=ref_model)
+    if ref_model:
+        from vlalign.eval.cli import same_tokenizer
+        from vlalign.models.load import load_model_and_processor
+
+        device = str(run.device) if model_cfg.device == "auto" else model_cfg.device
+        other, other_processor = load_model_and_processor(resolve_model(ref_model, seed=model_cfg.tiny_seed),
+                                                          dtype=model_cfg.dtype, device=device,
+                                                          attn_implementation=model_cfg.attn_implementation or None)
+        if not same_tokenizer(processor, other_processor):
+            raise ValueError(f"--ref-model {ref_model!r} has another tokenizer than the policy; the reference must "
+                             "score the same token ids (use a model of the same family)")
+        source: ReferencePolicy = FrozenCopyReference(other, mode=mode, pad_token_id=pad_token_id)
+        del other
+        if strategy == "copy":
+            return source
+        return PrecomputedReference(source, _cache_dir(cfg, run))
+    if strategy == "precomputed":
+        return make_reference("precomputed", policy, cache_dir=_cache_dir(cfg, run), mode=mode, pad_token_id=pad_token_id)
+    return make_reference(strategy, policy, mode=mode, pad_token_id=pad_token_id)  # type: ignore[arg-type]
+
+
+def _cache_dir(cfg: ReferenceConfig, run: Run) -> Path:
+    return Path(cfg.cache_dir) if cfg.cache_dir else run.run_dir / "reference_cache"
+
+
+def reference_module(reference: ReferencePolicy) -> nn.Module | None:
+    """The reference as a separate model in memory (for the suite's KL), or None (adapter, cache)."""
+    if isinstance(reference, FrozenCopyReference):
+        return reference.model
+    if isinstance(reference, PrecomputedReference) and isinstance(reference.source, FrozenCopyReference):
+        return reference.source.model
+    return None
+
+
+def finish_precompute(reference: ReferencePolicy, run: Run) -> None:
+    """After the main process filled the cache: every process drops the source model (frees memory)."""
+    run.accelerator.wait_for_everyone()
+    if isinstance(reference, PrecomputedReference):
+        reference._entries = None  # re-read the shards the main process wrote
+        reference.release_source()
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def load_pairs_split(path: str, cfg: DataConfig, *, image_conditioned_ok: bool, limit: int | None = None,
+                     ) -> tuple[list[PreferenceSample], dict[str, int]]:
+    """Preference samples of ``path`` (loader checks, then :func:`check_pairs`); returns them and the skips."""
+    from vlalign.recipes.common import load_split
+
+    samples = load_split(path, "preference", cfg, limit=limit)
+    base = Path(cfg.image_root) if cfg.image_root else Path(resolve_data(path)).parent
+    if Path(resolve_data(path)).is_dir() and not cfg.image_root:
+        base = Path(resolve_data(path))
+    kept, skipped = check_pairs(samples, image_root=base, image_conditioned_ok=image_conditioned_ok,
+                                skip_bad_rows=cfg.skip_bad_rows, source=path)
+    if not kept:
+        raise ValueError(f"{path}: no usable preference pairs left after the checks ({skipped})")
+    return kept, skipped
+
+
+def check_pairs(samples: Sequence[PreferenceSample], *, image_root: Path, image_conditioned_ok: bool,
+                skip_bad_rows: bool, source: str = "data") -> tuple[list[PreferenceSample], dict[str, int]]:
+    """Refuse (or skip and count) pairs that cannot teach a preference; resolve ``rejected_images``.
+
+    A pair whose rejected text equals its chosen text (or one of ``rejected_extra`` does) has a
+    zero DPO margin whatever the weights: a :class:`DataError` naming the sample, or a skip counted
+    under ``"chosen equals rejected"``. Image-conditioned pairs (same text, ``rejected_images`` in
+    the row) are kept when ``image_conditioned_ok`` (the ``mdpo`` term uses those images).
+    """
+    kept: list[PreferenceSample] = []
+    skipped: dict[str, int] = {}
+    for sample in samples:
+        try:
+            kept.append(_check_pair(sample, image_root, image_conditioned_ok, source))
+        except DataError as exc:
+            if not skip_bad_rows:
+                raise
+            skipped[exc.reason] = skipped.get(exc.reason, 0) + 1
+    if skipped:
+        logger.warning("%s: skipped %s", source, ", ".join(f"{n} pairs ({r})" for r, n in skipped.items()))
+    return kept, skipped
+
+
+def _check_pair(sample: PreferenceSample, image_root: Path, image_conditioned_ok: bool, source: str) -> PreferenceSample:
+    where = f"{source}: sample {sample.id!r}"
+    conditioned = sample.meta.get(REJECTED_IMAGES)
+    if conditioned is not None:
+        if not isinstance(conditioned, list) or len(conditioned) != len(sample.images):
+            raise data_error("bad rejected_images", f"{where}: '{REJECTED_IMAGES}' must list one image per image of "
+                                                    f"the row ({len(sample.images)})")
+        meta = dict(sample.meta)
+        meta[REJECTED_IMAGES] = [str(image_root / p) if isinstance(p, str) and not os.path.isabs(p) else p
+                                 for p in conditioned]
+        sample = dataclasses.replace(sample, meta=meta)
+    same = [k for k, text in enumerate([sample.rejected, *sample.rejected_extra]) if text.strip() == sample.chosen.strip()]
+    if same and not (conditioned is not None and image_conditioned_ok):
+        which = "rejected" if same[0] == 0 else f"rejected_extra[{same[0] - 1}]"
+        hint = ("it is an image-conditioned pair (rejected_images): train it with the mdpo loss"
+                if conditioned is not None else "fix or drop the row, or set data.skip_bad_rows=true to skip such rows")
+        raise data_error("chosen equals rejected", f"{where}: '{which}' is the same text as 'chosen', so the pair "
+                                                   f"carries no preference; {hint}")
+    return sample
+
+
+def numeric_column(samples: Sequence[Any], column: str, *, needed_by: str) -> Tensor:
+    """``meta[column]`` of every sample as a float64 ``(B,)`` tensor; a missing or bad value names the sample."""
+    values = []
+    for s in samples:
+        value = s.meta.get(column)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise DataError(f"sample {s.id!r}: {needed_by} reads the numeric column {column!r}, but the row has "
+                            f"{value!r}; add the column (or point the option at another one)")
+        values.append(float(value))
+    return torch.tensor(values, dtype=torch.float64)
+
+
+def process_shard(items: Sequence[Any], run: Run) -> list[Any]:
+    """This process's share of ``items`` (every ``num_processes``-th, from its rank)."""
+    return list(items[run.process_index :: run.num_processes])
+
+
+def chunks(items: Sequence[Any], size: int) -> Iterator[list[Any]]:
+    for start in range(0, len(items), size):
+        yield list(items[start : start + size])
+
+
+# ----------------------------------------------------------------------------- global reductions
+
+
+def micro_step_context(run: Run, model: nn.Module, last: bool) -> contextlib.AbstractContextManager:
+    """No gradient all-reduce before the last micro-batch of an optimiser step."""
+    return contextlib.nullcontext() if last else run.accelerator.no_sync(model)
+
+
+def zero_loss(model: nn.Module) -> Tensor:
+    """A loss of exactly 0 touching every trainable parameter (a process with nothing to train on
+    still joins DDP's gradient all-reduce)."""
+    return sum(p.sum() * 0.0 for p in model.parameters() if p.requires_grad)  # type: ignore[return-value]
+
+
+class MetricSums:
+    """Sums of per-example metrics over micro-batches, turned into global means at the end.
+
+    ``add(metrics, n)`` takes batch means of ``n`` examples; :meth:`means` sums over processes and
+    divides by the global count, so a 2-process step reports what a 1-process step would.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.sums: dict[str, Tensor] = {}
+
+    def add(self, metrics: dict[str, Tensor], n: int) -> None:
+        for key, value in metrics.items():
+            v = value.detach().to(self.device, torch.float64) * n
+            self.sums[key] = self.sums[key] + v if key in self.sums else v
+
+    def means(self, run: Run, total: Tensor) -> dict[str, Tensor]:
+        """Global means (a metric some process lacks, having had no examples, counts 0 there)."""
+        names = sorted(self.sums)
+        if run.num_processes > 1:  # every process must join the same all-reduces
+            from accelerate.utils import gather_object
+
+            names = sorted({name for part in gather_object([names]) for name in part})
+        out = {}
+        for key in names:
+            local = self.sums.get(key, torch.zeros((), dtype=torch.float64, device=self.device))
+            out[key] = run.accelerator.reduce(local, reduction="sum") / total.to(torch.float64)
+        return out
+
+
+# ----------------------------------------------------------------------------- the end of a run
+
+
+def run_suite(model: nn.Module, processor: Any, suite_cfg: Any, *, run: Run, reference: nn.Module | None,
+              progress: bool, filename: str = "suite_eval.json") -> dict[str, float]:
+    """The evaluation suite on the model in memory (main process; others wait): ``suite/...`` metrics.
+
+    Writes every answer and metric to ``<run_dir>/<filename>`` (for reports and galleries).
+    """
+    metrics: dict[str, float] = {}
+    if run.accelerator.is_main_process:
+        from vlalign.config import to_dict
+        from vlalign.eval.suite import build_suite, evaluate
+
+        suite = build_suite(suite_cfg)
+        result = evaluate(run.accelerator.unwrap_model(model), processor, suite, reference=reference, progress=progress)
+        metrics = {f"suite/{k}": float(v) for k, v in result.metrics.items()}
+        payload = {"metrics": result.metrics, "suite": to_dict(suite_cfg), "records": result.records}
+        (run.run_dir / filename).write_text(json.dumps(payload, indent=1) + "\n")
+    run.accelerator.wait_for_everyone()
+    return metrics
+
+
+def save_final_model(run: Run, model: nn.Module, processor: Any, mode: str) -> Path | None:
+    """The trained model in Hugging Face format at ``<run_dir>/model`` (main process)."""
+    from vlalign.models.load import save_model_and_processor
+
+    out = None
+    if run.accelerator.is_main_process:
+        out = save_model_and_processor(run.accelerator.unwrap_model(model), processor, run.run_dir / "model", mode=mode)
+        run.print(f"saved the model to {out}")
+    run.accelerator.wait_for_everyone()
+    return out
