@@ -37,8 +37,10 @@ Examples::
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -139,6 +141,9 @@ class Config:
     """Held-out tasks to evaluate (descriptions are left out unless 'describe' is listed)."""
     eval_before: bool = False
     """Also evaluate the starting model before the first step (logged at step 0)."""
+    log_completions: bool = True
+    """Write the main process's sampled completions, rewards and advantages of every step to
+    <output_dir>/completions.jsonl (cut back to the checkpoint on resume)."""
     save: Literal["auto", "adapter", "merged", "full"] = "auto"
     """How the final model is saved in <output_dir>/model: auto (adapter with LoRA, else full), adapter, merged, full."""
 
@@ -290,6 +295,30 @@ def run_eval(run: Run, policy: nn.Module, processor: Any, suite: Suite | None,
     return out
 
 
+class CompletionLog:
+    """``completions.jsonl``: one record per prompt and step (main process only)."""
+
+    def __init__(self, path: Path, *, enabled: bool, start_step: int) -> None:
+        self.path = path
+        self.enabled = enabled
+        if enabled and path.exists():  # a resumed (or restarted) run keeps only what its checkpoint covers
+            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= start_step]
+            path.write_text("".join(line + "\n" for line in kept))
+
+    def write(self, step: int, ro: Rollouts) -> None:
+        if not self.enabled or len(ro) == 0:
+            return
+        g = ro.group_size
+        rewards = ro.rewards.tolist() if ro.rewards is not None else [None] * ro.num_rows
+        adv = ro.advantages if ro.advantages is not None and ro.advantages.ndim == 1 else None
+        with open(self.path, "a") as fh:
+            for i, sample in enumerate(ro.samples):
+                record = {"step": step, "id": sample.id, "completions": ro.texts[i], "rewards": rewards[i * g:(i + 1) * g]}
+                if adv is not None:
+                    record["advantages"] = [round(a, 6) for a in adv[i * g:(i + 1) * g].tolist()]
+                fh.write(json.dumps(record) + "\n")
+
+
 # ----------------------------------------------------------------------------- the loop
 
 
@@ -316,6 +345,8 @@ def run(cfg: Config) -> dict[str, Any]:
     if cfg.eval_before and run.start_step == 0:
         run.log(0, run_eval(run, policy, processor, suite, reference))
     reduce_sum = lambda t: run.accelerator.reduce(t.to(run.device), "sum").cpu()  # noqa: E731
+    log = CompletionLog(run.run_dir / "completions.jsonl", start_step=run.start_step,
+                        enabled=cfg.log_completions and run.accelerator.is_main_process)  # fmt: skip
 
     for step in range(run.start_step, steps):
         t_start = time.perf_counter()
@@ -326,6 +357,7 @@ def run(cfg: Config) -> dict[str, Any]:
                             norm_length=cfg.update.norm_length or cfg.rollout.max_new_tokens, seed=cfg.train.seed,
                             step=step)  # fmt: skip
         metrics.update(update(run, model, optimizer, scheduler, ro, cfg.update, ctx))
+        log.write(step + 1, ro)
         check_finite(torch.tensor(metrics["train/loss"]), step=step + 1, sample_ids=[s.id for s in ro.samples],
                      run_dir=run.run_dir)  # fmt: skip
         metrics["perf/update_s"] = time.perf_counter() - t_update
