@@ -63,6 +63,7 @@ from vlalign.recipes.preference_common import (
     MetricSums,
     ReferenceConfig,
     build_reference,
+    check_distributed,
     chunks,
     finish_precompute,
     global_count,
@@ -483,6 +484,7 @@ def train(cfg: Config) -> dict[str, Any]:
                          "--method=inject --out=data/pairs/inject.jsonl`, then --data.train=data/pairs/inject.jsonl)")
     weights = loss_weights(cfg.loss)
     run = Run(cfg.train, config=cfg, desc="dpo")
+    check_distributed(run)
     model, processor = load_policy(policy_model_config(cfg.model, run))
     train_set, skipped = load_pairs_split(cfg.data.train, cfg.data, image_conditioned_ok="mdpo" in weights)
     eval_set = (load_pairs_split(cfg.data.eval, cfg.data, image_conditioned_ok="mdpo" in weights,

@@ -51,6 +51,7 @@ from vlalign.recipes.common import DataConfig, ModelConfig, load_policy, load_sp
 from vlalign.recipes.preference_common import (
     ReferenceConfig,
     build_reference,
+    check_distributed,
     chunks,
     global_count,
     load_pairs_split,
@@ -326,6 +327,7 @@ def run(cfg: Config) -> dict[str, Any]:
         raise ValueError("KTO's reference point pairs each prompt with another sample's completion of the same "
                          "micro-batch: use train.batch_size >= 2 (or loss.kl_estimate=false)")
     run = Run(cfg.train, config=cfg, desc="kto")
+    check_distributed(run)
     model, processor = load_policy(policy_model_config(cfg.model, run))
     train_set = load_unpaired(cfg.data.train, cfg)
     eval_set = load_unpaired(cfg.data.eval, cfg, limit=cfg.data.eval_limit or None)

@@ -66,6 +66,17 @@ class ReferenceConfig:
 # ----------------------------------------------------------------------------- model and reference
 
 
+def check_distributed(run: Run) -> None:
+    """Refuse set-ups the loop does not support. Under DeepSpeed, accelerate steps the engine at every
+    ``backward`` call, so the loop's own gradient accumulation (several backwards per step) would
+    step it too often: accumulate with more processes or a larger batch_size instead."""
+    from accelerate.utils import DistributedType
+
+    if run.accelerator.distributed_type == DistributedType.DEEPSPEED and run.cfg.grad_accum > 1:
+        raise ValueError("under DeepSpeed use train.grad_accum=1 (raise train.batch_size or the number of "
+                         "processes instead), and set gradient_clipping in the DeepSpeed config")
+
+
 def policy_model_config(cfg: ModelConfig, run: Run) -> ModelConfig:
     """``cfg`` with ``device: auto`` replaced by this process's device (each rank loads onto its own GPU)."""
     if cfg.device == "auto":
