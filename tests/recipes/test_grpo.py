@@ -5,7 +5,11 @@ deterministic, every estimator and KL placement runs."""
 from __future__ import annotations
 
 import json
+import os
 import signal
+import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -131,6 +135,52 @@ def test_killed_run_resumes_with_the_same_completions(tiny_model_dir, recipe_wor
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
+def test_two_processes_match_one_process(tiny_model_dir, recipe_world, reward_file, tmp_path):
+    """``accelerate launch`` with two CPU processes (gloo), each with one micro-batch of 2 prompts, trains
+    like one process with two micro-batches: same completions, metrics and weights (float32 rounding).
+    REINFORCE++ whitens over both processes; group filtering may leave a process with fewer groups."""
+    common = [f"--config={_reward_config(tmp_path, reward_file)}", *_args(tiny_model_dir("qwen2_vl"), recipe_world,
+              tmp_path / "unused", "count_match", "--train.max_steps=3", "--advantage=reinforce_pp_baseline",
+              "--update.kl_coef=0.05", "--update.epochs=2", "--grpo.filter_groups=true")]  # fmt: skip
+    common = [a for a in common if not a.startswith(("--rewards.weights", "--train.output_dir"))]
+    one = tmp_path / "one"
+    grpo.run(load_config(grpo.Config, str(tmp_path / "rewards.yaml"),
+                         [a for a in common if not a.startswith("--config")] + ["--train.grad_accum=2",
+                                                                                 f"--train.output_dir={one}"]))
+    two = tmp_path / "two"
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "VLALIGN_CACHE": str(tmp_path / "cache")}
+    config = Path(__file__).resolve().parents[2] / "examples" / "accelerate" / "ddp_cpu.yaml"
+    cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file", str(config),
+           "--main_process_port", str(port), "-m", "vlalign.cli", "grpo", *common, "--train.grad_accum=1",
+           f"--train.output_dir={two}"]  # fmt: skip
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "3 steps of 4 prompts" in done.stdout
+    a, b = read_metrics(one), read_metrics(two)
+    assert [r["step"] for r in b] == [1, 2, 3]
+    for ra, rb in zip(a, b, strict=True):
+        for key in ("train/loss", "rewards/total/mean", "kl/ref", "policy/clip_frac", "policy/entropy",
+                    "groups/trained_frac", "completions/mean_length", "train/grad_norm"):
+            assert rb[key] == pytest.approx(ra[key], rel=1e-5, abs=1e-6), (ra["step"], key)
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(str(one / "model" / "model.safetensors")), load_file(str(two / "model" / "model.safetensors"))
+    for key in wa:
+        torch.testing.assert_close(wb[key], wa[key], rtol=0, atol=2e-5)
+
+
+def _reward_config(tmp_path: Path, reward_file: Path) -> Path:
+    """A config file naming the user reward (a 'file.py:function' key is easiest written in YAML)."""
+    path = tmp_path / "rewards.yaml"
+    path.write_text(f'rewards:\n  weights: {{"{reward_file}:parity": 1.0}}\n')
+    return path
+
+
 def test_a_failing_reward_stops_the_run_naming_function_sample_and_step(tiny_model_dir, recipe_world, reward_file,
                                                                        tmp_path):
     cfg = load_config(grpo.Config, None, _args(tiny_model_dir("qwen2_vl"), recipe_world, tmp_path / "run",
@@ -160,7 +210,7 @@ def test_dynamic_sampling_keeps_only_informative_groups_deterministically(tiny_m
     assert 0 < len(first) <= 4
     assert bool(grpo.group_filter_mask(first.rewards, group_size=2).all())
     assert first.texts == again.texts and [s.id for s in first.samples] == [s.id for s in again.samples]
-    assert metrics["groups/trained"] == len(first) and "rewards/parity/mean" in metrics
+    assert metrics["groups/trained_frac"] == len(first) / 4 and "rewards/parity/mean" in metrics
     assert first.prompts.sample_ids == [s.id for s in first.samples]
 
 

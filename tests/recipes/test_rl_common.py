@@ -312,3 +312,40 @@ def test_a_positive_advantage_raises_its_log_prob(tiny_model, shape_images, tmp_
     change = (after - before).tolist()
     assert change[0] > 0 and change[2] > 0, change
     assert change[1] < 0 and change[3] < 0, change
+
+
+class _CountingProcessor:
+    """A processor that counts its calls (everything else is delegated)."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self.calls = 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.inner(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def test_each_prompt_is_processed_once_per_step(tiny_model, shape_images):
+    """Rollout, old log-probs and the update's forward of a step share the rollout's one processor
+    call: the images of the B prompts are processed once, not once per completion or per phase."""
+    from vlalign.recipes.rl_common import old_logprobs, rollout
+    from vlalign.rollout import GenerationSettings
+
+    model, processor = tiny_model("qwen2_vl")
+    counting = _CountingProcessor(processor)
+    samples = [PromptSample(id=f"p{i}", images=[shape_images[i]],
+                            prompt=[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Count."}]}])
+               for i in range(3)]  # fmt: skip
+    settings = GenerationSettings(n=4, temperature=1.0, max_new_tokens=4, batch_size=8)
+    ro = rollout(model, counting, samples, settings=settings, seed=3)
+    assert counting.calls == 1 and ro.num_rows == 12 and len(ro.prompts) == 3
+    pad = pad_token_id_of(processor)
+    old = old_logprobs(model, ro, temperature=1.0, pad_token_id=pad, micro_batch=2)
+    out = policy_logprobs(model, ro, temperature=1.0, pad_token_id=pad)
+    assert counting.calls == 1
+    assert out.mode == "shared" and out.token_ids[out.mask].tolist() == [t for g in ro.token_ids for c in g for t in c]
+    torch.testing.assert_close(out.logps.detach(), old, rtol=0, atol=1e-5)

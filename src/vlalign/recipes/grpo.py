@@ -60,6 +60,7 @@ from vlalign.recipes.rl_common import (
     Rollouts,
     UpdateContext,
     advantages,
+    global_masked_moments,
     group_filter_mask,
     mean_over_processes,
     old_logprobs,
@@ -240,7 +241,7 @@ def collect(run: Run, policy: nn.Module, processor: Any, reward: Any, train_set:
     batch = Rollouts.concat(kept)
     if len(batch) > target:
         batch = batch.select_groups(range(target))
-    metrics["groups/trained"] = len(batch)
+    metrics["groups/trained_frac"] = len(batch) / target
     metrics["perf/rollout_rounds"] = len(kept)
     return batch, metrics
 
@@ -258,8 +259,10 @@ def prepare_update(policy: nn.Module, reference: ReferencePolicy | None, ro: Rol
     """Old and reference log-probs, the KL penalty if it goes in the reward, and the advantages."""
     up, temp = cfg.update, cfg.rollout.temperature
     metrics: dict[str, Any] = {}
-    if len(ro) == 0:
+    if len(ro) == 0:  # every group filtered out on this process: nothing to train on
         ro.advantages = torch.zeros(0)
+        if cfg.advantage.startswith("reinforce_pp"):  # still take part in the global whitening's all-reduces
+            global_masked_moments(torch.zeros(1, 1), torch.zeros(1, 1, dtype=torch.bool), reduce_sum=reduce_sum)
         return metrics
     kl_in_reward = up.kl_coef > 0 and up.kl_in == "reward"
     if not up.on_policy or kl_in_reward:
@@ -277,7 +280,8 @@ def prepare_update(policy: nn.Module, reference: ReferencePolicy | None, ro: Rol
     ro.advantages = advantages(cfg.advantage, rewards, group_size=ro.group_size, mask=ro.mask,  # type: ignore[arg-type]
                                kl=kl, kl_coef=up.kl_coef, gamma=cfg.grpo.gamma, eps=cfg.grpo.eps,
                                reduce_sum=reduce_sum)  # fmt: skip
-    metrics["advantages/abs_mean"] = ro.advantages.abs().mean()
+    adv = ro.advantages if ro.advantages.ndim == 2 else ro.advantages[:, None].expand(-1, ro.width)
+    metrics["advantages/abs_mean"] = adv.abs()[ro.mask].mean()  # over completion tokens
     return metrics
 
 

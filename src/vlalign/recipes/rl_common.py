@@ -565,11 +565,24 @@ def update(
             norm = run.clip_and_step(parameters() if parameters else model.parameters(), optimizer, scheduler)
             if norm is not None:
                 norms_seen.append(float(norm))
-    out = {k: v / max(weight, 1.0) for k, v in sums.items()}
+    out = _token_weighted_means(run, sums, weight)
     out["train/loss"] = float(torch.stack(losses).mean())
     if norms_seen:
         out["train/grad_norm"] = sum(norms_seen) / len(norms_seen)
     return out
+
+
+def _token_weighted_means(run: Run, sums: dict[str, float], weight: float) -> dict[str, float]:
+    """Token-weighted means over every process (so they equal those of one process with the global batch);
+    a process that trained on nothing this step contributes zeros under every other process's keys."""
+    keys = sorted(sums)
+    if run.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        keys = sorted({k for ks in gather_object([keys]) for k in ks})
+    local = torch.tensor([sums.get(k, 0.0) for k in keys] + [weight], dtype=torch.float64, device=run.device)
+    total = run.accelerator.reduce(local, "sum").tolist() if run.num_processes > 1 else local.tolist()
+    return {k: v / max(total[-1], 1.0) for k, v in zip(keys, total[:-1])}
 
 
 def _global_normalisers(run: Run, parts: Sequence[Rollouts]) -> dict[str, Tensor]:
@@ -603,13 +616,18 @@ def rollout_metrics(rollouts: Rollouts, scores: RewardScores | None = None) -> d
 
 
 def mean_over_processes(run: Run, metrics: dict[str, Any]) -> dict[str, float]:
-    """Every metric averaged over processes (one all-reduce for all of them)."""
-    if not metrics:
-        return {}
+    """Every metric averaged over the processes that have it (one all-reduce; processes may hold
+    different keys, e.g. one whose groups were all filtered out)."""
     keys = sorted(metrics)
-    local = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=run.device)
-    total = run.accelerator.reduce(local, "sum") / run.num_processes
-    return dict(zip(keys, total.tolist()))
+    if run.num_processes == 1:
+        return {k: float(metrics[k]) for k in keys}
+    from accelerate.utils import gather_object
+
+    keys = sorted({k for ks in gather_object([keys]) for k in ks})
+    local = torch.tensor([[float(metrics[k]), 1.0] if k in metrics else [0.0, 0.0] for k in keys],
+                         dtype=torch.float64, device=run.device).reshape(-1, 2)  # fmt: skip
+    total = run.accelerator.reduce(local, "sum")
+    return {k: v / max(n, 1.0) for k, (v, n) in zip(keys, total.tolist())}
 
 
 __all__ = [
