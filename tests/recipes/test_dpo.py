@@ -144,6 +144,21 @@ def test_lora_run_logs_metrics_evaluates_and_saves_a_loadable_model(tiny_model_d
     assert not hasattr(model, "peft_config") and (out / "model" / "processor_config.json").is_file()
 
 
+def test_eval_suite_runs_on_the_trained_model_in_memory(tiny_model_dir, pair_file, recipe_world, tmp_path):
+    """eval_suite=end: POPE, CHAIR, task accuracy and the KL from the frozen reference copy come
+    back as suite/... metrics and land, with every answer, in suite_eval.json."""
+    out = tmp_path / "run"
+    final = dpo.run(load_config(dpo.Config, None, _args(
+        tiny_model_dir("qwen2_vl"), pair_file, out, "--data.limit=4", "--train.batch_size=4", "--train.max_steps=1",
+        "--eval_suite=end", f"--suite.data={recipe_world}", "--suite.pope_questions=4", "--suite.describe=3",
+        "--suite.questions_per_task=2", "--suite.compositional_describe=2", "--suite.compositional_questions_per_task=1",
+        "--suite.kl_prompts=2", "--suite.max_new_tokens=6")))
+    for key in ("suite/pope/adversarial/f1", "suite/chair/chair_i", "suite/task/counting", "suite/kl/seq"):
+        assert key in final and math.isfinite(final[key]), key
+    saved = json.loads((out / "suite_eval.json").read_text())
+    assert saved["metrics"]["chair/chair_i"] == final["suite/chair/chair_i"] and saved["records"]
+
+
 def test_precomputed_reference_equals_the_frozen_copy_and_runs_no_reference_forward(tiny_model_dir, pair_file,
                                                                                    tmp_path):
     """The on-disk reference cache (with mDPO's corrupted prompts in it) gives the same losses as a

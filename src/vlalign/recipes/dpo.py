@@ -40,7 +40,14 @@ from typing import Any, Literal, Sequence
 import torch
 from torch import Tensor, nn
 
-from vlalign.data.collate import check_lengths, encode_completions, encode_prompts, end_of_turn_ids, pad_token_id_of
+from vlalign.data.collate import (
+    EncodedPrompts,
+    check_lengths,
+    encode_completions,
+    encode_prompts,
+    end_of_turn_ids,
+    pad_token_id_of,
+)
 from vlalign.data.pairs_corrupt import CorruptConfig, corrupt_image, corruption_seed
 from vlalign.data.schema import DataError, PreferenceSample, PromptSample, load_image
 from vlalign.eval.suite import SuiteConfig
@@ -264,7 +271,9 @@ class PairEncoder:
             self.num_dropped += len(dropped)
         return self._layout(samples, images, views, prompts, corrupted, completions, keep, dropped)
 
-    def _layout(self, samples, images, views, prompts, corrupted, completions, keep, dropped) -> PairBatch:
+    def _layout(self, samples: Sequence[PreferenceSample], images: list[list[Any]], views: list[PromptSample],
+                prompts: EncodedPrompts, corrupted: EncodedPrompts | None, completions: list[list[list[int]]],
+                keep: list[int], dropped: list[str]) -> PairBatch:
         kept = [samples[i] for i in keep]
         comps = [completions[i] for i in keep]
         rejected = [c[1:] for c in comps] if self.extra_rejected else [c[1] for c in comps]
@@ -286,9 +295,7 @@ class PairEncoder:
         return out
 
 
-def _empty_prompts():
-    from vlalign.data.collate import EncodedPrompts
-
+def _empty_prompts() -> EncodedPrompts:
     return EncodedPrompts([], [], {}, {}, {}, [], [])
 
 
