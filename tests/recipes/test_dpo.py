@@ -264,10 +264,10 @@ def test_bad_rows_are_named_or_counted(tiny_model_dir, recipe_world, tmp_path):
         with pytest.raises(DataError, match=message) as err:
             dpo.run(load_config(dpo.Config, None, _args(model_dir, data, tmp_path / f"run-{name}", "--train.max_steps=1")))
         assert "r9" in str(err.value) or "line 5" in str(err.value)
-    data = _write([*good, cases["same"][0]], tmp_path / "skip.jsonl")
+    data = _write([*good, *(bad for bad, _ in cases.values())], tmp_path / "skip.jsonl")
     final = dpo.run(load_config(dpo.Config, None, _args(model_dir, data, tmp_path / "run-skip", "--train.max_steps=1",
                                                         "--train.batch_size=4", "--data.skip_bad_rows=true")))
-    assert final["data/skipped_pairs"] == 1 and final["data/train_pairs"] == 4
+    assert final["data/skipped_pairs"] == 4 and final["data/train_pairs"] == 4
 
 
 def test_overlong_pairs_are_dropped_and_counted_or_refused(tiny_model_dir, tiny_processor, pair_file, tmp_path):

@@ -73,7 +73,6 @@ from vlalign.recipes.preference_common import (
     check_distributed,
     chunks,
     finish_precompute,
-    global_count,
     load_pairs_split,
     micro_step_context,
     numeric_column,
@@ -84,6 +83,7 @@ from vlalign.recipes.preference_common import (
     save_final_model,
     zero_loss,
 )
+from vlalign.recipes.sft import global_count
 from vlalign.train import BatchPlan, Run, TrainConfig, build_optimizer, build_scheduler, check_finite, total_steps
 
 PRESETS: dict[str, dict[str, float]] = {**LOSS_PRESETS, "ha_dpo": {"sigmoid": 1.0, "nll": 1.0}}

@@ -53,7 +53,6 @@ from vlalign.recipes.preference_common import (
     build_reference,
     check_distributed,
     chunks,
-    global_count,
     load_pairs_split,
     micro_step_context,
     policy_model_config,
@@ -63,6 +62,7 @@ from vlalign.recipes.preference_common import (
     save_final_model,
     zero_loss,
 )
+from vlalign.recipes.sft import global_count
 from vlalign.train import BatchPlan, Run, TrainConfig, build_optimizer, build_scheduler, check_finite, total_steps
 
 

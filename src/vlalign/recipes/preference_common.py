@@ -41,7 +41,6 @@ from vlalign.models.reference import (
     make_reference,
 )
 from vlalign.recipes.common import DataConfig, ModelConfig
-from vlalign.recipes.sft import global_count
 from vlalign.train import Run
 
 logger = logging.getLogger("vlalign")
@@ -153,17 +152,23 @@ def finish_precompute(reference: ReferencePolicy, run: Run) -> None:
 
 def load_pairs_split(path: str, cfg: DataConfig, *, image_conditioned_ok: bool, limit: int | None = None,
                      ) -> tuple[list[PreferenceSample], dict[str, int]]:
-    """Preference samples of ``path`` (loader checks, then :func:`check_pairs`); returns them and the skips."""
-    from vlalign.recipes.common import load_split
+    """Preference samples of ``path`` (the loader's checks, then :func:`check_pairs`); returns them and
+    the rows skipped per reason (with ``data.skip_bad_rows``), the loader's and ours together."""
+    from vlalign.data.io import load_samples_with_report
 
-    samples = load_split(path, "preference", cfg, limit=limit)
-    base = Path(cfg.image_root) if cfg.image_root else Path(resolve_data(path)).parent
-    if Path(resolve_data(path)).is_dir() and not cfg.image_root:
-        base = Path(resolve_data(path))
-    kept, skipped = check_pairs(samples, image_root=base, image_conditioned_ok=image_conditioned_ok,
+    resolved = Path(resolve_data(path))
+    if not resolved.exists():
+        raise FileNotFoundError(f"data file {path!r} does not exist (resolved to {resolved})")
+    cap = limit if limit is not None else (cfg.limit or None)
+    samples, report = load_samples_with_report(resolved, "preference", image_root=cfg.image_root or None,
+                                               skip_bad_rows=cfg.skip_bad_rows, limit=cap)
+    base = Path(cfg.image_root) if cfg.image_root else (resolved if resolved.is_dir() else resolved.parent)
+    kept, skipped = check_pairs(samples, image_root=base, image_conditioned_ok=image_conditioned_ok,  # type: ignore[arg-type]
                                 skip_bad_rows=cfg.skip_bad_rows, source=path)
+    for reason, n in report.skipped.items():
+        skipped[reason] = skipped.get(reason, 0) + n
     if not kept:
-        raise ValueError(f"{path}: no usable preference pairs left after the checks ({skipped})")
+        raise ValueError(f"{path}: no usable preference pairs ({report.summary()}; skipped {skipped})")
     return kept, skipped
 
 
