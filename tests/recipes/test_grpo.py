@@ -73,8 +73,11 @@ def test_one_step_raises_the_log_prob_of_positive_advantages(tiny_model_dir, rec
     advantage is more likely than before and every one with a negative advantage less likely."""
     model_dir = tiny_model_dir("qwen2_vl")
     cfg = load_config(grpo.Config, None, _args(model_dir, recipe_world, tmp_path / "run", f"{reward_file}:parity",
-                                               "--train.max_steps=1"))
-    grpo.run(cfg)
+                                               "--train.max_steps=1", f"--eval.data={recipe_world}",
+                                               "--eval.questions_per_task=3", "--eval.kl_prompts=3",
+                                               "--eval_tasks=[counting, colour]"))  # fmt: skip
+    final = grpo.run(cfg)
+    assert {"eval/task/counting", "eval/task/colour", "eval/kl/seq", "eval/kl/token_k3"} <= set(final)
     logged = _completions(tmp_path / "run")
     assert [r["step"] for r in logged] == [1, 1]
 
@@ -98,6 +101,19 @@ def test_one_step_raises_the_log_prob_of_positive_advantages(tiny_model_dir, rec
     for key in ("rewards/parity/mean", "rewards/parity/std", "kl/ref", "policy/entropy", "completions/mean_length",
                 "perf/tokens_per_s", "perf/gen_tokens_per_s", "train/grad_norm"):
         assert key in metrics, key
+
+
+def test_lora_step_with_the_adapter_disabled_reference(tiny_model_dir, recipe_world, reward_file, tmp_path):
+    """LoRA: the reference is the policy with its adapter switched off, so at the first step (LoRA's B
+    starts at zero) the KL to it is zero; the saved model is the adapter alone."""
+    cfg = load_config(grpo.Config, None, _args(tiny_model_dir("qwen2_vl"), recipe_world, tmp_path / "run",
+                                               f"{reward_file}:parity", "--train.max_steps=2", "--model.use_lora=true",
+                                               "--update.kl_coef=0.1", "--train.lr=1e-2"))  # fmt: skip
+    grpo.run(cfg)
+    first, second = read_metrics(tmp_path / "run")
+    assert first["kl/ref"] == pytest.approx(0.0, abs=1e-6)
+    assert second["kl/ref"] > 1e-6  # the adapter has moved the policy away from the base model
+    assert (tmp_path / "run" / "model" / "adapter_config.json").is_file()
 
 
 @pytest.mark.slow

@@ -146,7 +146,8 @@ class Config:
     """Write the main process's sampled completions, rewards and advantages of every step to
     <output_dir>/completions.jsonl (cut back to the checkpoint on resume)."""
     save: Literal["auto", "adapter", "merged", "full"] = "auto"
-    """How the final model is saved in <output_dir>/model: auto (adapter with LoRA, else full), adapter, merged, full."""
+    """How the final model is saved in <output_dir>/model: auto (adapter with LoRA, else full), adapter, merged,
+    full."""
 
 
 # ----------------------------------------------------------------------------- set-up
@@ -159,7 +160,8 @@ def check_config(cfg: Config) -> None:
     if cfg.rollout.n < 2 and cfg.advantage in ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline"):
         raise ValueError(f"advantage {cfg.advantage!r} compares completions of a group: set rollout.n >= 2")
     if cfg.train.grad_accum % cfg.update.minibatches:
-        raise ValueError(f"update.minibatches ({cfg.update.minibatches}) must divide train.grad_accum ({cfg.train.grad_accum})")
+        raise ValueError(f"update.minibatches ({cfg.update.minibatches}) must divide train.grad_accum "
+                         f"({cfg.train.grad_accum})")
     if cfg.grpo.overlong_buffer < 0 or cfg.grpo.overlong_buffer > cfg.rollout.max_new_tokens:
         raise ValueError(f"grpo.overlong_buffer must be in [0, rollout.max_new_tokens={cfg.rollout.max_new_tokens}]")
 
@@ -317,7 +319,8 @@ class CompletionLog:
         adv = ro.advantages if ro.advantages is not None and ro.advantages.ndim == 1 else None
         with open(self.path, "a") as fh:
             for i, sample in enumerate(ro.samples):
-                record = {"step": step, "id": sample.id, "completions": ro.texts[i], "rewards": rewards[i * g:(i + 1) * g]}
+                record = {"step": step, "id": sample.id, "completions": ro.texts[i],
+                          "rewards": rewards[i * g:(i + 1) * g]}
                 if adv is not None:
                     record["advantages"] = [round(a, 6) for a in adv[i * g:(i + 1) * g].tolist()]
                 fh.write(json.dumps(record) + "\n")
@@ -346,8 +349,8 @@ def run(cfg: Config) -> dict[str, Any]:
     model.train()
     run.print(f"grpo[{cfg.advantage}]: {len(train_set)} prompts, {steps} steps of {plan.global_batch} prompts x "
               f"{cfg.rollout.n} completions")  # fmt: skip
-    if cfg.eval_before and run.start_step == 0:
-        run.log(0, run_eval(run, policy, processor, suite, reference))
+    if cfg.eval_before and run.start_step == 0:  # no KL: the policy is the reference here
+        run.log(0, run_eval(run, policy, processor, suite, None))
     reduce_sum = lambda t: run.accelerator.reduce(t.to(run.device), "sum").cpu()  # noqa: E731
     log = CompletionLog(run.run_dir / "completions.jsonl", start_step=run.start_step,
                         enabled=cfg.log_completions and run.accelerator.is_main_process)  # fmt: skip

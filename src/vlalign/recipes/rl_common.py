@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields, replace
 from functools import reduce
@@ -60,9 +59,9 @@ from vlalign.losses import (
     dr_grpo_advantages,
     kl_penalized_token_rewards,
     masked_mean,
+    masked_whiten,
     overlong_reward_penalty,
     ppo_clip_loss,
-    reinforce_pp_advantages,
 )
 from vlalign.models.logprobs import CompletionLogprobs, completion_logprobs
 from vlalign.models.packing import concat_prompts
@@ -71,6 +70,7 @@ from vlalign.rewards import RewardError, RewardScores
 from vlalign.rollout import GenerationSettings, generate
 from vlalign.train import Run
 
+Aggregation = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
 AdvantageName = Literal["grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"]
 ADVANTAGES: tuple[str, ...] = ("grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline")
 """Advantage estimators a recipe can name: the outcome estimators of :data:`vlalign.losses.ADVANTAGE_ESTIMATORS`
@@ -96,7 +96,7 @@ class PolicyUpdateConfig:
     """PPO clip range above 1 (DAPO's clip-higher: 0.28)."""
     dual_clip: float = 0.0
     """Dual-clip constant c > 1 for negative advantages (Ye et al. use 3); 0 disables it."""
-    aggregation: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"] = "token-mean"
+    aggregation: Aggregation = "token-mean"
     """How per-token losses become one loss (DAPO: token-mean; GRPO paper: seq-mean-token-mean;
     Dr.GRPO: seq-mean-token-sum-norm)."""
     norm_length: int = 0
@@ -126,7 +126,8 @@ class PolicyUpdateConfig:
         if self.kl_coef < 0:
             raise ValueError(f"update.kl_coef must be >= 0, got {self.kl_coef}")
         if self.kl_coef > 0 and self.reference == "none":
-            raise ValueError("update.kl_coef > 0 needs a reference policy; set update.reference to auto, copy or adapter")
+            raise ValueError("update.kl_coef > 0 needs a reference policy; set update.reference to auto, copy or "
+                             "adapter")
 
     @property
     def on_policy(self) -> bool:
@@ -167,7 +168,8 @@ class Rollouts:
     ref_logps: Tensor | None = None  # (R, L): log-probs under the reference policy
     advantages: Tensor | None = None  # (R,) outcome or (R, L) per-token advantages
     extras: dict[str, Tensor] = field(default_factory=dict)
-    """Other per-row tensors a recipe attaches (PPO: old values, returns); ``(R, ...)``, per-token ones ``(R, L, ...)``."""
+    """Other per-row tensors a recipe attaches (PPO: old values, returns). Tensors of one dimension are
+    ``(R,)``; those of two or more are per-token ``(R, L, ...)`` (cut and padded along L with the rest)."""
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -329,30 +331,31 @@ def policy_logprobs(
                                return_hidden=return_hidden)  # fmt: skip
 
 
+def _by_micro_batch(rollouts: Rollouts, micro_batch: int, logps_of: Callable[[Rollouts], Tensor]) -> Tensor:
+    """``(R, L)`` float32 CPU log-probs of the rollouts, ``logps_of`` called on ``micro_batch`` prompts at a time."""
+    parts = []
+    for lo in range(0, len(rollouts), max(micro_batch, 1)):
+        part = rollouts.select_groups(range(lo, min(lo + micro_batch, len(rollouts))))
+        parts.append(_pad_width(logps_of(part).detach().float().cpu(), rollouts.width))
+    return torch.cat(parts) if parts else torch.zeros(0, rollouts.width)
+
+
 @torch.no_grad()
 def old_logprobs(
     model: nn.Module, rollouts: Rollouts, *, temperature: float, pad_token_id: int, micro_batch: int
 ) -> Tensor:
-    """``(R, L)`` log-probs under the rollout policy, computed once per rollout batch in micro-batches of
-    ``micro_batch`` prompts (the policy as it is now, before any update of this step)."""
-    parts = []
-    for lo in range(0, len(rollouts), max(micro_batch, 1)):
-        part = rollouts.select_groups(range(lo, min(lo + micro_batch, len(rollouts))))
-        out = policy_logprobs(model, part, temperature=temperature, pad_token_id=pad_token_id)
-        parts.append(_pad_width(out.logps.detach().float(), rollouts.width))
-    return torch.cat(parts).cpu() if parts else torch.zeros(0, rollouts.width)
+    """``(R, L)`` log-probs under the rollout policy (the policy before any update of this step), computed
+    once per rollout batch in micro-batches of ``micro_batch`` prompts."""
+    return _by_micro_batch(rollouts, micro_batch, lambda part: policy_logprobs(
+        model, part, temperature=temperature, pad_token_id=pad_token_id).logps)
 
 
 def reference_logprobs(
     reference: ReferencePolicy, rollouts: Rollouts, *, temperature: float, micro_batch: int
 ) -> Tensor:
     """``(R, L)`` log-probs under the reference policy (no gradient), in micro-batches of prompts."""
-    parts = []
-    for lo in range(0, len(rollouts), max(micro_batch, 1)):
-        part = rollouts.select_groups(range(lo, min(lo + micro_batch, len(rollouts))))
-        out = reference.logprobs(part.prompts, part.token_ids, temperature=temperature)
-        parts.append(_pad_width(out.logps.detach().float().cpu(), rollouts.width))
-    return torch.cat(parts) if parts else torch.zeros(0, rollouts.width)
+    return _by_micro_batch(rollouts, micro_batch, lambda part: reference.logprobs(
+        part.prompts, part.token_ids, temperature=temperature).logps)
 
 
 def token_kl(logps: Tensor, ref_logps: Tensor, mask: Tensor, *, estimator: str) -> Tensor:
@@ -411,10 +414,9 @@ def advantages(
     outcome = dr_grpo_advantages(rewards, group_size=group_size) if name == "reinforce_pp_baseline" else rewards
     per_token_kl = kl.to(rewards.dtype) if kl is not None else torch.zeros(mask.shape, dtype=rewards.dtype)
     token_rewards = kl_penalized_token_rewards(outcome, per_token_kl, mask, kl_coef=kl_coef if kl is not None else 0.0)
-    returns = discounted_returns(token_rewards, mask, gamma=gamma)
+    returns = discounted_returns(token_rewards, mask, gamma=gamma)  # REINFORCE++: whiten the returns globally
     mean, var = global_masked_moments(returns, mask, reduce_sum=reduce_sum)
-    adv, _ = reinforce_pp_advantages(token_rewards, mask, gamma=gamma, mean=mean, var=var)
-    return adv
+    return masked_whiten(returns, mask, mean=mean, var=var)
 
 
 def group_filter_mask(rewards: Tensor, *, group_size: int) -> Tensor:
@@ -459,7 +461,9 @@ def _zero_loss(model: nn.Module) -> Tensor:
     return sum(p.sum() * 0.0 for p in model.parameters() if p.requires_grad)  # type: ignore[return-value]
 
 
-def micro_batch_groups(num_groups: int, num_micro: int, *, seed: int, step: int, epoch: int, shuffle: bool) -> list[list[int]]:
+def micro_batch_groups(
+    num_groups: int, num_micro: int, *, seed: int, step: int, epoch: int, shuffle: bool
+) -> list[list[int]]:
     """The groups of each of ``num_micro`` micro-batches (as even as possible; some may be empty),
     in an order shuffled by ``(seed, step, epoch)`` when ``shuffle``."""
     order = np.arange(num_groups)
@@ -631,25 +635,8 @@ def mean_over_processes(run: Run, metrics: dict[str, Any]) -> dict[str, float]:
 
 
 __all__ = [
-    "ADVANTAGES",
-    "ExtraLoss",
-    "PolicyUpdateConfig",
-    "Rollouts",
-    "UpdateContext",
-    "advantages",
-    "global_masked_moments",
-    "group_filter_mask",
-    "mean_over_processes",
-    "micro_batch_groups",
-    "old_logprobs",
-    "overlong_shaping",
-    "policy_logprobs",
-    "policy_loss_terms",
-    "reference_logprobs",
-    "rollout",
-    "rollout_metrics",
-    "rollout_seed",
-    "score",
-    "token_kl",
-    "update",
+    "ADVANTAGES", "ExtraLoss", "PolicyUpdateConfig", "Rollouts", "UpdateContext", "advantages",
+    "global_masked_moments", "group_filter_mask", "mean_over_processes", "micro_batch_groups", "old_logprobs",
+    "overlong_shaping", "policy_logprobs", "policy_loss_terms", "reference_logprobs", "rollout", "rollout_metrics",
+    "rollout_seed", "score", "token_kl", "update",
 ]
