@@ -59,7 +59,8 @@ def test_advantages_by_hand():
     With the KL in the loss instead, the rewards carry no penalty: r = (0, 1), A_1 = 0.75,
     A_0 = 0.25 - 0.5 + 0.5*0.75 = 0.125."""
     cfg = load_config(ppo.Config, None, ["--ppo.lam=0.5", "--ppo.whiten_advantages=false"])
-    ro = Rollouts(samples=[PromptSample(id="s", images=[], prompt=user_prompt("hi", 0))], prompts=None,  # type: ignore[arg-type]
+    sample = PromptSample(id="s", images=[], prompt=user_prompt("hi", 0))
+    ro = Rollouts(samples=[sample], prompts=None,  # type: ignore[arg-type]
                   token_ids=[[[5, 6]]], texts=[["ab"]], stopped=[[True]], group_size=1)
     ro.rewards = torch.tensor([1.0])
     ro.old_logps = torch.tensor([[-1.0, -2.0]])
@@ -130,8 +131,8 @@ def _step_records(run_dir: Path) -> list[dict]:
 
 def test_resumed_run_continues_identically(tiny_model_dir, recipe_world, reward_model_dir, tmp_path):
     """Four steps in one go, and two steps then a resume to four (adaptive KL, two minibatches, two
-    epochs): the same rewards (so the same sampled completions), losses, KL coefficients and final
-    weights of policy and value head."""
+    epochs): the same sampled completions and scores (completions.jsonl), losses, KL coefficients and
+    final weights of policy and value head."""
     model_dir = tiny_model_dir("qwen2_vl")
     common = ["--ppo.kl_target=0.5", "--ppo.kl_horizon=20", "--update.epochs=2", "--train.save_every=2"]
     whole = tmp_path / "whole"
@@ -144,6 +145,8 @@ def test_resumed_run_continues_identically(tiny_model_dir, recipe_world, reward_
                                                 "--train.resume=true", *common)))  # fmt: skip
     a, b = _step_records(whole), _step_records(split)
     assert [r["step"] for r in a] == [1, 2, 3, 4] and a == b
+    sampled = (whole / "completions.jsonl").read_text()
+    assert sampled == (split / "completions.jsonl").read_text() and sampled.count("\n") == 4 * 4
     coefs = [r["kl/coef"] for r in a]
     assert coefs[0] == pytest.approx(0.05) and len(set(coefs)) > 1  # the controller moved beta, and it resumed
     from safetensors.torch import load_file

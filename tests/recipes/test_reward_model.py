@@ -71,12 +71,15 @@ def test_pairwise_accuracy_by_hand():
 
 def test_heldout_metrics_per_source_by_hand():
     """Sources a, a, b with margins +1, -1, 0: accuracy 1/2 for a, 1/2 (a tie) for b, 1/2 overall;
-    BT loss mean = (log(1+e^-1) + log(1+e^1) + log 2) / 3; mean margin 0."""
+    BT loss mean = (log(1+e^-1) + log(1+e^1) + log 2) / 3; mean margin 0; the one describe pair (+1) has
+    task accuracy 1."""
     samples = [_pair(0, "a"), _pair(1, "a"), _pair(2, "b")]
+    samples[0].meta["task"] = "describe"
     chosen, rejected = torch.tensor([1.0, 0.0, 3.0]), torch.tensor([0.0, 1.0, 3.0])
     out = rm.heldout_metrics(chosen, rejected, samples)
     assert out["eval/accuracy"] == 0.5 and out["eval/accuracy/a"] == 0.5 and out["eval/accuracy/b"] == 0.5
     assert out["eval/pairs/a"] == 2 and out["eval/pairs/b"] == 1 and out["eval/margin"] == 0.0
+    assert out["eval/accuracy/task/describe"] == 1.0 and out["eval/pairs/task/describe"] == 1
     expected = (torch.log1p(torch.exp(torch.tensor(-1.0, dtype=torch.float64))) + torch.log1p(
         torch.exp(torch.tensor(1.0, dtype=torch.float64))) + torch.log(torch.tensor(2.0, dtype=torch.float64))) / 3
     assert abs(out["eval/loss"] - float(expected)) < 1e-12
@@ -111,7 +114,8 @@ def test_group_consecutive_by_hand():
 
 def test_fact_augmented_inputs_name_a_sample_without_facts():
     info = RewardModelInfo(hidden_size=8, facts_column="objects")
-    with_facts = PromptSample(id="s0", images=["x.png"], prompt=user_prompt("Describe."), meta={"objects": ["red circle"]})
+    with_facts = PromptSample(id="s0", images=["x.png"], prompt=user_prompt("Describe."),
+                              meta={"objects": ["red circle"]})
     seen = prepare_samples([with_facts], info)[0]
     assert seen.prompt[0]["content"][1]["text"] == "Facts about the image: red circle\n"
     with pytest.raises(DataError, match="s1"):

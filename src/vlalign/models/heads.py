@@ -187,7 +187,7 @@ class RewardModelInfo:
     scale: float = 1.0
     """The raw reward minus ``offset`` is divided by this (a standard deviation measured after training)."""
     facts_column: str = ""
-    """Fact-augmented model (Fact-RLHF): the sample ``meta`` column whose ground truth goes in the prompt ('' for none)."""
+    """Fact-augmented model (Fact-RLHF): the ``meta`` column whose ground truth goes in the prompt ('' for none)."""
     facts_template: str = ""
     """How the facts are written before the question ('' for :data:`vlalign.rewards.FACTS_TEMPLATE`)."""
     heldout_accuracy: float | None = None

@@ -69,6 +69,7 @@ from vlalign.models.load import LoraSpec, load_model_and_processor, save_model_a
 from vlalign.models.logprobs import CompletionLogprobs
 from vlalign.models.reference import AdapterDisabledReference, FrozenCopyReference, ReferencePolicy, make_reference
 from vlalign.recipes.common import DataConfig, ModelConfig, load_policy, load_split
+from vlalign.recipes.grpo import CompletionLog
 from vlalign.recipes.rl_common import (
     PolicyUpdateConfig,
     Rollouts,
@@ -183,6 +184,9 @@ class Config:
     start and the reward model's win rate over the starting model."""
     eval_tasks: list[str] = field(default_factory=lambda: ["describe"])
     """Held-out tasks evaluated ([] for no evaluation)."""
+    log_completions: bool = True
+    """Write every sampled completion with its score to <output_dir>/completions.jsonl (cut back to the
+    checkpoint on resume)."""
     save: Literal["auto", "adapter", "merged", "full"] = "auto"
     """How the final policy is saved in <output_dir>/model (the value head beside it)."""
 
@@ -195,7 +199,8 @@ def check_config(cfg: Config) -> None:
     if cfg.rollout.temperature <= 0:
         raise ValueError("rollout.temperature must be > 0 for PPO (the policy must be sampled)")
     if cfg.train.grad_accum % cfg.update.minibatches:
-        raise ValueError(f"update.minibatches ({cfg.update.minibatches}) must divide train.grad_accum ({cfg.train.grad_accum})")
+        raise ValueError(f"update.minibatches ({cfg.update.minibatches}) must divide train.grad_accum "
+                         f"({cfg.train.grad_accum})")
     if "reward_model" in cfg.rewards.weights and not cfg.reward_model:
         raise ValueError("rewards.weights names reward_model but --reward_model (a `vlalign rm` folder) is not set")
     if cfg.ppo.kl_target < 0 or cfg.ppo.kl_horizon <= 0 or not 0 <= cfg.ppo.lam <= 1 or not 0 <= cfg.ppo.gamma <= 1:
@@ -235,7 +240,8 @@ def build_critic(cfg: Config, policy: nn.Module, processor: Any) -> nn.Module:
     source = cfg.critic.name_or_path
     lora = cfg.model.lora if cfg.critic.use_lora else None
     if source and (Path(source) / "reward_model.json").is_file():
-        rm, critic_processor, _ = load_reward_model(source, device=cfg.model.device, dtype=cfg.model.dtype, trainable=True)
+        rm, critic_processor, _ = load_reward_model(source, device=cfg.model.device, dtype=cfg.model.dtype,
+                                                    trainable=True)  # fmt: skip
         backbone, head = rm.backbone, rm.head
         if lora is not None:
             from vlalign.models.load import apply_lora
@@ -267,7 +273,8 @@ def build_optimizer_for(policy: nn.Module, critic: nn.Module, cfg: Config) -> to
     critic_lr = cfg.critic.lr or cfg.train.lr
     for group in build_optimizer(critic, replace(cfg.train, lr=critic_lr)).param_groups:
         if group["params"]:
-            optimizer.add_param_group({"params": group["params"], "weight_decay": group["weight_decay"], "lr": critic_lr})
+            optimizer.add_param_group({"params": group["params"], "weight_decay": group["weight_decay"],
+                                       "lr": critic_lr})  # fmt: skip
     return optimizer
 
 
@@ -346,7 +353,10 @@ def value_term(critic: nn.Module, cfg: Config, pad_token_id: int):
     shared = cfg.critic.shared
 
     def extra(part: Rollouts, out: CompletionLogprobs, norms: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
-        values = token_scores(critic, out) if shared else critic(part.prompts, part.token_ids, pad_token_id=pad_token_id)
+        if shared:
+            values = token_scores(critic, out)
+        else:
+            values = critic(part.prompts, part.token_ids, pad_token_id=pad_token_id)
         device = values.device
         res = value_loss(values, part.extras["values"].to(device), part.extras["returns"].to(device), out.mask,
                          clip_range=cfg.critic.value_clip or None)  # fmt: skip
@@ -473,6 +483,8 @@ def run(cfg: Config) -> dict[str, Any]:
     baseline: EvalResult | None = None
     run.print(f"ppo: {len(train_set)} prompts, {steps} steps of {plan.global_batch} prompts x {cfg.rollout.n}; "
               f"critic {'shared' if cfg.critic.shared else 'separate'}")  # fmt: skip
+    log = CompletionLog(run.run_dir / "completions.jsonl", start_step=run.start_step,
+                        enabled=cfg.log_completions and run.accelerator.is_main_process)  # fmt: skip
     reduce_sum = lambda t: run.accelerator.reduce(t.to(run.device), "sum").cpu()  # noqa: E731
     params = lambda: itertools.chain(model.parameters(), critic.parameters())  # noqa: E731
 
@@ -484,6 +496,7 @@ def run(cfg: Config) -> dict[str, Any]:
         t_update = time.perf_counter()
         beta = controller.value
         metrics.update(ppo_advantages(ro, kl_coef=beta, cfg=cfg, reduce_sum=reduce_sum))
+        log.write(step + 1, ro)
         loss_cfg = replace(cfg.update, kl_coef=beta if cfg.update.kl_in == "loss" else 0.0)
         ctx = UpdateContext(temperature=cfg.rollout.temperature, pad_token_id=pad, micro_batches=cfg.train.grad_accum,
                             norm_length=cfg.update.norm_length or cfg.rollout.max_new_tokens, seed=cfg.train.seed,
@@ -501,8 +514,8 @@ def run(cfg: Config) -> dict[str, Any]:
         if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done != steps:
             found, baseline = run_eval(run, policy, processor, suite, reference, scorer, baseline)
             metrics.update(found)
-        run.end_step(done, metrics, samples=ro.num_rows, tokens=sum(len(p) for p in ro.prompts.input_ids) + ro.num_tokens,
-                     extra_state={"kl_coef": controller.value})  # fmt: skip
+        tokens = sum(len(p) for p in ro.prompts.input_ids) + ro.num_tokens
+        run.end_step(done, metrics, samples=ro.num_rows, tokens=tokens, extra_state={"kl_coef": controller.value})
 
     final, _ = run_eval(run, policy, processor, suite, reference, scorer, baseline)
     if final:

@@ -8,8 +8,8 @@ an optional centring term, averaged over the pairs of the global batch (the pair
 over micro-batches and processes first, so accumulation and data parallelism give the gradient
 of one big batch).
 
-Held-out pairwise accuracy (:func:`pairwise_accuracy`, ties count one half) is reported overall
-and per pair ``source`` (``inject-add``, ``inject-count``... from ``vlalign pairs``), with the
+Held-out pairwise accuracy (:func:`pairwise_accuracy`, ties count one half) is reported overall,
+per pair ``source`` (``inject-add``, ``inject-count``... from ``vlalign pairs``) and per task, with the
 held-out loss and mean margin. After training the rewards of the held-out responses set the
 saved normalisation (mean 0, standard deviation 1), so that a PPO reward is on a known scale.
 
@@ -166,7 +166,8 @@ class PairEncoder:
 
     def __call__(self, samples: Sequence[PreferenceSample]) -> PairBatch:
         prompts = encode_prompts(self.processor, prepare_samples(samples, self.info))
-        completions = encode_completions(self.processor, [[s.chosen, s.rejected] for s in samples], eot_ids=self.eot_ids)
+        texts = [[s.chosen, s.rejected] for s in samples]
+        completions = encode_completions(self.processor, texts, eot_ids=self.eot_ids)
         keep, dropped = check_lengths(prompts, completions, max_length=self.max_length, on_overflow=self.on_overflow)
         self.num_dropped += len(dropped)
         if len(keep) < len(samples):
@@ -194,8 +195,9 @@ def rm_step(run: Run, model: torch.nn.Module, batches: Sequence[PairBatch], cfg:
                 loss = sum(p.sum() * 0.0 for p in model.parameters() if p.requires_grad)
             else:
                 chosen, rejected = pair_rewards(model, batch, pad_token_id=pad_token_id)
-                out = bradley_terry_loss(chosen, rejected, margin=pair_margins(batch.samples, cfg.loss.margin_column),
-                                         center_coef=cfg.loss.center_coef, center_mode=cfg.loss.center_mode)  # fmt: skip
+                margin = pair_margins(batch.samples, cfg.loss.margin_column)
+                out = bradley_terry_loss(chosen, rejected, margin=margin, center_coef=cfg.loss.center_coef,
+                                         center_mode=cfg.loss.center_mode)  # fmt: skip
                 loss = out.losses.sum() / total_pairs * run.num_processes  # DDP averages gradients over processes
                 loss_sum = loss_sum + out.losses.sum().detach()
                 for key, value in out.metrics.items():
@@ -225,15 +227,17 @@ def score_pairs(model: torch.nn.Module, encoder: PairEncoder, samples: Sequence[
 
 
 def heldout_metrics(chosen: Tensor, rejected: Tensor, samples: Sequence[PreferenceSample]) -> dict[str, float]:
-    """``eval/accuracy`` (overall and per ``source``), ``eval/loss`` and ``eval/margin`` of scored pairs."""
+    """``eval/accuracy`` (overall, per pair ``source`` and per ``task``: ``eval/accuracy/task/<task>``),
+    ``eval/loss`` and ``eval/margin`` of scored pairs."""
     out = {"eval/accuracy": float(pairwise_accuracy(chosen, rejected)),
            "eval/loss": float(bradley_terry_loss(chosen.double(), rejected.double()).losses.mean()),
            "eval/margin": float((chosen - rejected).double().mean()), "eval/pairs": float(len(samples))}  # fmt: skip
-    sources = [str((s.meta or {}).get("source", "")) for s in samples]
-    for source in sorted(set(sources) - {""}):
-        idx = torch.tensor([i for i, s in enumerate(sources) if s == source])
-        out[f"eval/accuracy/{source}"] = float(pairwise_accuracy(chosen[idx], rejected[idx]))
-        out[f"eval/pairs/{source}"] = float(len(idx))
+    for column, prefix in (("source", ""), ("task", "task/")):
+        values = [str((s.meta or {}).get(column, "")) for s in samples]
+        for value in sorted(set(values) - {""}):
+            idx = torch.tensor([i for i, v in enumerate(values) if v == value])
+            out[f"eval/accuracy/{prefix}{value}"] = float(pairwise_accuracy(chosen[idx], rejected[idx]))
+            out[f"eval/pairs/{prefix}{value}"] = float(len(idx))
     return out
 
 
@@ -312,8 +316,10 @@ def run(cfg: Config) -> dict[str, Any]:
         if cfg.normalise:
             info.offset, info.scale = _normalisation(chosen, rejected)
         run.log(steps, final)
-        per_source = ", ".join(f"{k.split('/')[-1]} {v:.3f}" for k, v in final.items() if k.startswith("eval/accuracy/"))
-        run.print(f"held-out pairwise accuracy {final['eval/accuracy']:.4f} ({per_source}); loss {final['eval/loss']:.4f}")
+        per_source = ", ".join(f"{k[len('eval/accuracy/'):]} {v:.3f}" for k, v in final.items()
+                               if k.startswith("eval/accuracy/"))
+        run.print(f"held-out pairwise accuracy {final['eval/accuracy']:.4f} ({per_source}); "
+                  f"loss {final['eval/loss']:.4f}")
     info.extra = {"train": cfg.data.train, "eval": cfg.data.eval, "steps": steps, "base": cfg.model.name_or_path}
     if run.accelerator.is_main_process:
         out = save_reward_model(run.accelerator.unwrap_model(model), processor, run.run_dir / "model", info,

@@ -84,7 +84,8 @@ class RewardModelScorer:
     def raw_scores(self, samples: Sequence[Any], completions: Sequence[str]) -> torch.Tensor:
         """Raw head outputs ``(N,)`` float32 (on the CPU), before normalisation."""
         if len(samples) != len(completions):
-            raise ValueError(f"{len(samples)} samples but {len(completions)} completions; give one sample per completion")
+            raise ValueError(f"{len(samples)} samples but {len(completions)} completions; "
+                             "give one sample per completion")
         seen = prepare_samples(samples, self.info)
         runs = group_consecutive(seen)
         out: list[torch.Tensor] = []
