@@ -14,6 +14,7 @@ import torch
 from vlalign.data.collate import EncodedPrompts, encode_prompts, image_token_ids, pad_token_id_of
 from vlalign.data.schema import PromptSample
 from vlalign.losses import grpo_advantages, rloo_advantages
+from vlalign.models.tiny import ARCHITECTURES
 from vlalign.recipes.rl_common import (
     PolicyUpdateConfig,
     Rollouts,
@@ -292,11 +293,12 @@ def test_micro_batches_give_the_gradient_of_one_batch(tiny_model, shape_images, 
         torch.testing.assert_close(deltas[1][name], deltas[0][name], rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_a_positive_advantage_raises_its_log_prob(tiny_model, shape_images, tmp_path):
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_a_positive_advantage_raises_its_log_prob(tiny_model, shape_images, tmp_path, arch):
     """On-policy step with advantages +1 for completion 0 and -1 for completion 1 of each prompt: after
     one small AdamW step the log-prob of every positively-advantaged completion rises, and of every
-    negatively-advantaged one falls."""
-    model, processor = tiny_model("qwen2_vl")
+    negatively-advantaged one falls (every tiny architecture)."""
+    model, processor = tiny_model(arch)
     pad = pad_token_id_of(processor)
     ro = _image_rollouts(processor, shape_images, [[3, 3], [2, 4]])
     ro.advantages = torch.tensor([1.0, -1.0, 1.0, -1.0])

@@ -4,7 +4,7 @@
 over these phases; each phase is a function of tens of lines, and the math stays in
 :mod:`vlalign.losses` (this module only feeds it tensors and reduces them with global normalisers).
 
-A step of a recipe, in order::
+A step, in order::
 
     ro = rollout(policy, processor, samples, settings=gen, seed=rollout_seed(seed, step))
     scores = score(ro, reward, step=step)             # RewardScores: total + per function
@@ -31,9 +31,8 @@ before any backward pass, so gradients equal those of one process holding the gl
 A process with nothing left to train on (every group filtered out) still runs a zero-loss
 backward for each micro-batch, keeping DDP's collective calls in step.
 
-Reused by ``vlalign ppo``: :class:`Rollouts` (``extras`` carries old values and returns), the
-phases above, and :func:`update`'s ``extra_loss`` hook (a value loss from the same forward's
-hidden states, ``return_hidden=True``).
+``vlalign ppo`` reuses :class:`Rollouts` (``extras`` carries old values and returns), the phases
+and :func:`update`'s ``extra_loss`` hook (a value loss from the same forward, ``return_hidden=True``).
 """
 
 from __future__ import annotations
@@ -111,8 +110,9 @@ class PolicyUpdateConfig:
     entropy_coef: float = 0.0
     """Weight of an entropy bonus in the loss (0: entropy is only logged)."""
     reference: Literal["auto", "copy", "adapter", "none"] = "auto"
-    """Reference policy: auto (the adapter-disabled model with LoRA, else a frozen copy), copy, adapter,
-    or none (then kl_coef must be 0 and no KL is logged)."""
+    """Reference policy, the starting model: auto (the adapter-disabled model with LoRA, else a frozen copy),
+    copy, adapter, or none (then kl_coef must be 0 and no KL is logged). A frozen copy also gives the
+    held-out KL from the start in evaluations."""
     log_kl: bool = True
     """Log the KL to the reference every step even when kl_coef is 0 (costs one reference forward per step)."""
 
