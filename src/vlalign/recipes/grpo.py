@@ -54,6 +54,7 @@ from vlalign.eval.tasks import DESCRIBE, task_of
 from vlalign.models.load import save_model_and_processor
 from vlalign.models.reference import FrozenCopyReference, ReferencePolicy, make_reference
 from vlalign.recipes.common import DataConfig, ModelConfig, load_policy, load_split
+from vlalign.recipes.preference_common import policy_model_config
 from vlalign.recipes.rl_common import (
     AdvantageName,
     PolicyUpdateConfig,
@@ -164,6 +165,17 @@ def check_config(cfg: Config) -> None:
                          f"({cfg.train.grad_accum})")
     if cfg.grpo.overlong_buffer < 0 or cfg.grpo.overlong_buffer > cfg.rollout.max_new_tokens:
         raise ValueError(f"grpo.overlong_buffer must be in [0, rollout.max_new_tokens={cfg.rollout.max_new_tokens}]")
+
+
+def check_distributed(run: Run, cfg: Config) -> None:
+    """Under DeepSpeed accelerate steps the engine at every backward call, so an optimiser step may hold
+    only one micro-batch (train.grad_accum / update.minibatches = 1)."""
+    from accelerate.utils import DistributedType
+
+    if run.accelerator.distributed_type == DistributedType.DEEPSPEED and cfg.train.grad_accum > cfg.update.minibatches:
+        raise ValueError("under DeepSpeed set train.grad_accum equal to update.minibatches (one micro-batch per "
+                         "optimiser step; raise train.batch_size or the number of processes instead), and set "
+                         "gradient_clipping in the DeepSpeed config")
 
 
 def load_prompts(cfg: Config) -> list[PromptSample]:
@@ -333,7 +345,8 @@ def run(cfg: Config) -> dict[str, Any]:
     """Train with the configured estimator, evaluate, save the model; returns the final metrics."""
     check_config(cfg)
     run = Run(cfg.train, config=cfg, desc=f"grpo[{cfg.advantage}]")
-    model, processor = load_policy(cfg.model)
+    check_distributed(run, cfg)
+    model, processor = load_policy(policy_model_config(cfg.model, run))  # each process on its own device
     pad = pad_token_id_of(processor)
     train_set = load_prompts(cfg)
     suite = build_eval_suite(cfg)
