@@ -21,9 +21,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from PIL import Image, ImageDraw
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the tests may reach the network
+# One compute thread everywhere, subprocesses included: the tiny models gain nothing from more on
+# the shared 2-core machine, and a run resumed in a subprocess must reduce in the same order as
+# the uninterrupted run in this process (different thread counts give last-bit differences).
+os.environ["OMP_NUM_THREADS"] = "1"
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

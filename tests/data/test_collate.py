@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from vlalign.data.chat import end_of_turn_text
 from vlalign.data.collate import (
     IGNORE_INDEX,
     PromptCollator,
@@ -13,7 +14,6 @@ from vlalign.data.collate import (
     check_lengths,
     encode_completions,
     encode_prompts,
-    end_of_turn_text,
     render_prompt,
 )
 from vlalign.data.schema import DataError, PromptSample, SupervisedSample, user_prompt
@@ -239,3 +239,52 @@ def test_prompt_without_image_in_a_batch(arch, tiny_processor, tiny_model, shape
     torch.testing.assert_close(both, single, atol=1e-4, rtol=1e-4)
     text_only = prompts.select([1])  # no image left: no pixel tensors, as from the processor
     assert set(text_only.vision) == set(encode_prompts(processor, samples[1:]).vision)
+
+
+def _conversation(image):
+    """Three questions about one image, the first two answered inside the prompt."""
+    prompt = user_prompt("Is there a red circle in the image?") + [
+        {"role": "assistant", "content": [{"type": "text", "text": "Yes"}]},
+        {"role": "user", "content": [{"type": "text", "text": "How many squares are there?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "2"}]},
+        {"role": "user", "content": [{"type": "text", "text": "What colour is the star?"}]},
+    ]
+    return SupervisedSample(id="conv", images=[image], prompt=prompt, completion="blue")
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_multi_turn_labels_cover_every_assistant_turn_only(arch, tiny_processor, shape_images):
+    """A conversation is supervised on each assistant answer and its end of turn, never on the
+    user turns between them; the whole row equals the template's rendering of the conversation."""
+    processor = tiny_processor(arch)
+    sample = _conversation(shape_images[0])
+    batch = SupervisedCollator(processor)([sample, _samples(shape_images, 1)[0]])
+    tok = processor.tokenizer
+    eot = END_OF_TURN[arch]
+    row = batch.labels[0]
+    labelled = [t for t in row.tolist() if t != IGNORE_INDEX]
+    runs, current = [], []  # maximal runs of consecutive labelled positions
+    for t in row.tolist():
+        if t == IGNORE_INDEX:
+            if current:
+                runs.append(current)
+            current = []
+        else:
+            current.append(t)
+    runs.append(current) if current else None
+    assert [tok.decode(r).strip() for r in runs] == [f"Yes{eot}", f"2{eot}", f"blue{eot}"]
+    assert len(labelled) == sum(len(r) for r in runs)
+    full = processor.apply_chat_template(sample.prompt + [{"role": "assistant", "content": "blue"}], tokenize=False)
+    decoded = tok.decode(batch.input_ids[0][batch.attention_mask[0].bool()])
+    image_token = processor.image_token if arch != "gemma3" else processor.boi_token
+    assert decoded.replace(" ", "").endswith(full.split(image_token)[-1].replace(" ", "").rstrip()[-40:])
+    # the single-turn sample in the same batch is unaffected
+    assert tok.decode([t for t in batch.labels[1].tolist() if t != IGNORE_INDEX]).strip() == f"Yes{eot}"
+
+
+def test_images_after_the_first_answer_are_refused(tiny_processor, shape_images):
+    sample = _conversation(shape_images[0])
+    sample.prompt[2]["content"].insert(0, {"type": "image"})
+    sample.images.append(shape_images[1])
+    with pytest.raises(DataError, match="images after the first assistant turn"):
+        SupervisedCollator(tiny_processor("qwen2_vl"))([sample])

@@ -26,7 +26,6 @@ from vlalign.eval.parsing import load_vocabulary
 from vlalign.recipes import dpo, kto
 from vlalign.train import read_metrics
 
-torch.set_num_threads(1)
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 

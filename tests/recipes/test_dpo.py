@@ -21,7 +21,6 @@ from vlalign.eval.parsing import load_vocabulary
 from vlalign.recipes import dpo
 from vlalign.train import NonFiniteLossError, read_metrics
 
-torch.set_num_threads(1)  # tiny models: threads only add contention on the shared 2-core machine
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,6 @@ from vlalign.models.logprobs import completion_logprobs
 from vlalign.recipes import kto
 from vlalign.train import BatchPlan, read_metrics
 
-torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ function that the shared-prefix log-prob engine (:mod:`vlalign.models.logprobs`)
    tensors untouched, with :attr:`EncodedPrompts.vision_rows` saying which rows of each vision
    tensor belong to which prompt.
 2. :func:`encode_completions` tokenizes k completions per prompt (k may differ per prompt) in one
-   tokenizer call and appends the end-of-turn token(s), which :func:`end_of_turn_text` derives
+   tokenizer call and appends the end-of-turn token(s), which :func:`vlalign.data.chat.end_of_turn_text` derives
    from the chat template (``<|im_end|>`` for Qwen, ``<end_of_turn>`` for Gemma3...).
 3. :func:`build_rows` lays out the naive batch: one row per (prompt, completion), right-padded,
    labels ``-100`` on prompt and padding, vision inputs repeated per row
@@ -54,6 +54,16 @@ from typing import Any, Literal, Protocol
 import torch
 from torch import Tensor
 
+from vlalign.data.chat import (  # the template helpers; several are imported from here by other modules
+    _add_special_tokens,
+    conversation_pieces,
+    end_of_turn_ids,
+    image_placeholder,
+    image_token_ids,
+    pad_token_id_of,
+    render_prompt,
+    tokenizer_of,
+)
 from vlalign.data.schema import DataError, ImageLike, Message, SupervisedSample, count_image_placeholders, load_image
 
 IGNORE_INDEX = -100
@@ -62,7 +72,6 @@ IGNORE_INDEX = -100
 PER_TOKEN_KEYS = ("mm_token_type_ids", "token_type_ids")
 """Processor outputs laid out along the sequence (one value per token), 0 outside images."""
 
-_SENTINEL = "@@vlalign-completion@@"
 OnOverflow = Literal["drop", "raise"]
 
 
@@ -203,79 +212,6 @@ def _to_device(batch: Any, device: torch.device | str) -> Any:
         elif isinstance(value, dict):
             changes[f.name] = {k: v.to(device) for k, v in value.items()}
     return replace(batch, **changes)
-
-
-# ------------------------------------------------------------------------------ the template
-
-
-def tokenizer_of(processor: Any) -> Any:
-    """The processor's tokenizer (or the argument itself when it is a tokenizer)."""
-    return getattr(processor, "tokenizer", processor)
-
-
-def image_placeholder(processor: Any) -> str | None:
-    """The string the chat template writes once per image (expanded later by the processor)."""
-    return getattr(processor, "image_token", None)
-
-
-def image_token_ids(processor: Any) -> list[int]:
-    """Ids of the tokens repeated once per image feature (``<|image_pad|>``, ``<image_soft_token>``).
-
-    Gemma3's chat-template placeholder (``<start_of_image>``) differs from its feature token;
-    ``ProcessorMixin.image_token_ids`` knows both cases.
-    """
-    ids = getattr(processor, "image_token_ids", None)
-    if ids is None:
-        ids = [getattr(processor, "image_token_id", None)]
-    return [int(i) for i in ids if i is not None]
-
-
-def render_prompt(processor: Any, messages: list[Message]) -> str:
-    """The prompt as text, through the chat template, ending with the generation prompt."""
-    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-
-
-def end_of_turn_text(processor: Any) -> str:
-    """What the chat template writes right after an assistant message's text, minus whitespace.
-
-    Rendered from a one-turn conversation whose assistant text is a sentinel; a template that
-    writes nothing there falls back to the tokenizer's ``eos_token``.
-    """
-    conversation = [
-        {"role": "user", "content": [{"type": "text", "text": "hi"}]},
-        {"role": "assistant", "content": [{"type": "text", "text": _SENTINEL}]},
-    ]
-    text = processor.apply_chat_template(conversation, add_generation_prompt=False, tokenize=False)
-    if _SENTINEL not in text:
-        raise ValueError("the chat template does not render the assistant's text; cannot find the end of turn")
-    tail = text.split(_SENTINEL, 1)[1].strip()
-    if not tail:
-        tail = tokenizer_of(processor).eos_token or ""
-    if not tail:
-        raise ValueError("the chat template ends assistant turns with nothing and the tokenizer has no eos_token")
-    return tail
-
-
-def end_of_turn_ids(processor: Any) -> list[int]:
-    """Token ids of :func:`end_of_turn_text`."""
-    return list(tokenizer_of(processor)(end_of_turn_text(processor), add_special_tokens=False)["input_ids"])
-
-
-def _add_special_tokens(processor: Any, texts: Sequence[str]) -> bool:
-    """Whether to let the tokenizer add its special tokens to rendered prompts.
-
-    No when the template already wrote the bos token (Gemma3), or when the tokenizer would
-    append something at the end (an eos after the generation prompt); yes otherwise (LLaVA's
-    template leaves ``<s>`` to the tokenizer).
-    """
-    tok = tokenizer_of(processor)
-    bos = tok.bos_token
-    if bos and any(t.startswith(bos) for t in texts):
-        return False
-    probe = "a"
-    plain = tok(probe, add_special_tokens=False)["input_ids"]
-    special = tok(probe, add_special_tokens=True)["input_ids"]
-    return special[len(special) - len(plain):] == plain
 
 
 # ------------------------------------------------------------------------------------ prompts
@@ -450,8 +386,14 @@ def build_rows(
     *,
     pad_token_id: int,
     dropped_ids: Sequence[str] = (),
+    label_masks: Sequence[Sequence[Sequence[bool]]] | None = None,
 ) -> SequenceBatch:
-    """The naive layout: one right-padded row per (prompt, completion), vision repeated per row."""
+    """The naive layout: one right-padded row per (prompt, completion), vision repeated per row.
+
+    ``label_masks[i][j][t]`` (optional, shaped like ``completions``) says whether token ``t`` of
+    completion ``j`` of prompt ``i`` carries a label; by default every completion token does. A
+    multi-turn conversation uses it to leave the user turns between assistant turns unlabelled.
+    """
     order: list[tuple[int, int]] = [(i, j) for i, group in enumerate(completions) for j in range(len(group))]
     if len(completions) != len(prompts):
         raise ValueError(f"{len(completions)} completion groups for {len(prompts)} prompts")
@@ -466,7 +408,10 @@ def build_rows(
         input_ids[r, : len(p)] = torch.tensor(p, dtype=torch.long)
         input_ids[r, len(p): len(p) + len(c)] = torch.tensor(c, dtype=torch.long)
         attention[r, : len(p) + len(c)] = 1
-        labels[r, len(p): len(p) + len(c)] = torch.tensor(c, dtype=torch.long)
+        target = torch.tensor(c, dtype=torch.long)
+        if label_masks is not None:
+            target[~torch.tensor(label_masks[i][j], dtype=torch.bool)] = IGNORE_INDEX
+        labels[r, len(p): len(p) + len(c)] = target
         for k, rows in prompts.token_fields.items():
             per_token[k][r, : len(p)] = torch.tensor(rows[i], dtype=torch.long)
     row_prompt = [i for i, _ in order]
@@ -507,15 +452,6 @@ def build_prompt_rows(prompts: EncodedPrompts, *, pad_token_id: int, dropped_ids
     )
 
 
-def pad_token_id_of(processor: Any) -> int:
-    """The tokenizer's pad id (its eos id when it has no pad token)."""
-    tok = tokenizer_of(processor)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    if pad is None:
-        raise ValueError("the tokenizer has neither a pad token nor an eos token; set tokenizer.pad_token")
-    return int(pad)
-
-
 # -------------------------------------------------------------------------------- collators
 
 
@@ -538,8 +474,11 @@ class SupervisedCollator(_Collator):
     """``SupervisedSample`` list -> :class:`SequenceBatch` (supervised fine-tuning).
 
     One processor call per batch; labels cover exactly the completion tokens and the
-    end-of-turn token(s). Over-long samples are dropped (counted in ``num_dropped`` and listed in
-    the batch's ``dropped_ids``) or raise :class:`DataError`, by ``on_overflow``.
+    end-of-turn token(s). A multi-turn sample (earlier assistant turns inside its prompt) is
+    supervised on every assistant turn (:func:`conversation_pieces`), so a conversation of n
+    questions about one image teaches n answers for one pass of the image. Over-long samples
+    are dropped (counted in ``num_dropped`` and listed in the batch's ``dropped_ids``) or raise
+    :class:`DataError`, by ``on_overflow``.
     """
 
     def __init__(self, processor: Any, *, max_length: int | None = None, on_overflow: OnOverflow = "drop") -> None:
@@ -550,15 +489,28 @@ class SupervisedCollator(_Collator):
         for s in samples:
             if not s.completion:
                 raise DataError(f"sample {s.id!r}: empty completion")
-        prompts = encode_prompts(self.processor, samples)
-        completions = encode_completions(self.processor, [[s.completion] for s in samples], eot_ids=self.eot_ids)
+        split = [conversation_pieces(self.processor, s) for s in samples]
+        prompts = encode_prompts(self.processor, [first for first, _ in split])
+        tok = tokenizer_of(self.processor)
+        completions, masks = [], []
+        for (_, pieces), sample in zip(split, samples):
+            texts = [text for text, _ in pieces] + [sample.completion]
+            encoded = tok(texts, add_special_tokens=False)["input_ids"] if texts else []
+            ids: list[int] = []
+            mask: list[bool] = []
+            for piece, (_, supervised) in zip(encoded, [*pieces, ("", True)]):
+                ids += piece
+                mask += [supervised] * len(piece)
+            completions.append([ids + list(self.eot_ids)])
+            masks.append([mask + [True] * len(self.eot_ids)])
         keep, dropped = check_lengths(prompts, completions, max_length=self.max_length, on_overflow=self.on_overflow)
         self.num_dropped += len(dropped)
         self.dropped_ids.extend(dropped)
         if len(keep) < len(prompts):
             prompts = prompts.select(keep)
             completions = [completions[i] for i in keep]
-        return build_rows(prompts, completions, pad_token_id=self.pad_token_id, dropped_ids=dropped)
+            masks = [masks[i] for i in keep]
+        return build_rows(prompts, completions, pad_token_id=self.pad_token_id, dropped_ids=dropped, label_masks=masks)
 
 
 class PromptCollator(_Collator):

@@ -158,6 +158,13 @@ class WorldConfig:
     """Probability that a counting question asks about a shape that is absent (answer ``0``)."""
     colour_per_scene: int = 1
     """Colour questions per scene (fewer when fewer shapes occur exactly once)."""
+    conversation_existence: int = 4
+    """Existence questions in each scene's conversation of the ``<split>_sft.jsonl`` file (half
+    present, half absent)."""
+    conversation_counting: int = 3
+    """Counting questions in each scene's conversation (distinct shapes, present or absent)."""
+    conversation_colour: int = 3
+    """Colour questions in each scene's conversation (distinct shapes that occur exactly once)."""
     pope_splits: tuple[str, ...] = ("test",)
     """Splits for which POPE files are written (one file per negative-sampling mode)."""
     pope_per_scene: int = 3

@@ -4,6 +4,8 @@
 
     images/<split>/<scene id>.png       one image per scene
     <split>.jsonl                       supervised rows (prompt + completion), all tasks
+    <split>_sft.jsonl                   the fine-tuning mix: each scene's description, and one
+                                        multi-turn conversation of its short-answer questions
     <split>_prompts.jsonl               the same questions as prompt-only rows (evaluation, RL)
     pope_<split>_<mode>.jsonl           POPE rows, mode in random / popular / adversarial
     manifest.json                       config, files (rows, sha256), object vocabulary, statistics
@@ -161,6 +163,55 @@ def task_rows(scene: Scene, cfg: WorldConfig) -> list[Row]:
     return rows
 
 
+def conversation_row(scene: Scene, cfg: WorldConfig) -> Row | None:
+    """One multi-turn conversation about a scene: its short-answer questions, shuffled.
+
+    ``conversation_existence`` existence questions about distinct objects (half present, half absent),
+    ``conversation_counting`` counting and ``conversation_colour`` colour questions, in a seeded
+    random order; earlier answers stand as assistant
+    turns in the prompt and the last answer is the completion, so that supervised fine-tuning
+    learns every answer from one pass over the image. Descriptions stay single-turn (a caption
+    in the context would give the answers away). None when the scene has fewer than two questions.
+    """
+    rng = random.Random(f"vlalign-shapes-conversation/{cfg.seed}/{scene.id}")
+    present = scene.object_names(cfg)
+    absent = [n for n in allowed_objects(cfg, scene.split) if n not in set(present)]
+    qa: list[tuple[str, str]] = []
+    if "existence" in cfg.tasks:
+        n_yes = min(len(present), (cfg.conversation_existence + 1) // 2)
+        n_no = min(len(absent), cfg.conversation_existence - n_yes)
+        qa += [(existence_question(n), YES) for n in rng.sample(present, n_yes)]
+        qa += [(existence_question(n), NO) for n in rng.sample(absent, n_no)]
+    counts = scene.shape_counts()
+    if "counting" in cfg.tasks:
+        absent_shapes = [s for s in cfg.shapes if s not in counts]
+        pool = sorted(counts) + rng.sample(absent_shapes, min(1, len(absent_shapes)))
+        for shape in rng.sample(pool, min(cfg.conversation_counting, len(pool))):
+            qa.append((counting_question(shape), str(counts.get(shape, 0))))
+    if "colour" in cfg.tasks:
+        single = [s for s in cfg.shapes if counts.get(s) == 1]
+        for shape in rng.sample(single, min(cfg.conversation_colour, len(single))):
+            qa.append((colour_question(shape), next(o.colour for o in scene.objects if o.shape == shape)))
+    if len(qa) < 2:
+        return None
+    rng.shuffle(qa)
+    messages: list[dict[str, Any]] = _prompt(qa[0][0])
+    for (_, answer), (question, _) in zip(qa, qa[1:]):
+        messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+        messages.append({"role": "user", "content": [{"type": "text", "text": question}]})
+    return {
+        "id": f"{scene.id}/conversation/0",
+        "images": [image_path(scene)],
+        "prompt": messages,
+        "completion": [{"role": "assistant", "content": [{"type": "text", "text": qa[-1][1]}]}],
+        "task": "conversation",
+        "split": scene.split,
+        "scene_id": scene.id,
+        "objects": present,
+        "scene_objects": [o.to_dict() for o in scene.objects],
+    }
+
+
 def supervised_row(row: Row) -> Row:
     """A prompt-only row with its answer as the assistant completion (TRL conversational layout)."""
     out: Row = {
@@ -230,10 +281,16 @@ def write_world(cfg: WorldConfig, out_dir: str | Path, *, overwrite: bool = Fals
     for split, scenes in splits.items():
         (out / "images" / split).mkdir(parents=True, exist_ok=True)
         prompt_rows: list[Row] = []
+        sft_rows: list[Row] = []
         for scene in scenes:
             render_scene(scene, cfg).save(out / image_path(scene), format="PNG")
-            prompt_rows.extend(task_rows(scene, cfg))
+            rows = task_rows(scene, cfg)
+            prompt_rows.extend(rows)
+            sft_rows += [supervised_row(r) for r in rows if r["task"] == "describe"]
+            conversation = conversation_row(scene, cfg)
+            sft_rows += [conversation] if conversation is not None else []
         record(f"{split}.jsonl", [supervised_row(r) for r in prompt_rows])
+        record(f"{split}_sft.jsonl", sft_rows)
         record(f"{split}_prompts.jsonl", prompt_rows)
         if split in cfg.pope_splits:
             for mode in POPE_MODES:
