@@ -3,7 +3,8 @@
 Prints one table (the model, the baseline and their difference) and writes ``eval.json`` in
 ``output_dir``: both models' metrics, the differences, the suite's settings and every answer given
 (``records``, for reports and galleries). With a baseline, the model's KL from the baseline and
-its win rate over the baseline's descriptions (under ``scorer``) are measured too.
+its win rate over the baseline's descriptions (under ``scorer``) are measured too; with a
+``reference`` instead, only the KL from it (the reference itself is not evaluated).
 
 Examples::
 
@@ -33,6 +34,8 @@ class Config:
     """The model to evaluate: a folder, a hub name or tiny:<arch>:<size> (required)."""
     baseline: str = ""
     """A second model shown beside it ('' for none); also the reference of the KL and the win rate."""
+    reference: str = ""
+    """A model for the KL only, not evaluated itself ('' for none; the baseline, when given, is the reference)."""
     output_dir: str = "runs/eval"
     """Where eval.json is written."""
     suite: SuiteConfig = field(default_factory=SuiteConfig)
@@ -97,6 +100,8 @@ def run(cfg: Config) -> dict[str, Any]:
     """Evaluate, print the table, write eval.json; returns what eval.json holds."""
     if not cfg.model:
         raise SystemExit("vlalign eval: --model is required (a model folder, hub name or tiny:<arch>:<size>)")
+    if cfg.reference and cfg.baseline:
+        raise SystemExit("vlalign eval: give --baseline (evaluated, and the KL reference) or --reference (KL only), not both")
     suite = build_suite(cfg.suite)
     print(f"suite {suite.name}: {len(suite)} questions")
     model, processor = _load(cfg.model, cfg)
@@ -109,15 +114,18 @@ def run(cfg: Config) -> dict[str, Any]:
         scorer = build_scorer(cfg.scorer, suite.vocabulary)
         base_model, base_processor = _load(cfg.baseline, cfg)
         base = evaluate(base_model, base_processor, suite, progress=cfg.progress)
+    if cfg.reference:
+        base_model, base_processor = _load(cfg.reference, cfg)
     reference = base_model if base_model is not None and same_tokenizer(processor, base_processor) else None
     if base_model is not None and reference is None:
-        print("the baseline has another tokenizer: no KL from it (the win rate is still measured)")
+        print(f"the {'baseline' if cfg.baseline else 'reference'} has another tokenizer: no KL from it")
     result = evaluate(model, processor, suite, reference=reference, baseline=base, scorer=scorer, progress=cfg.progress)
     columns = {"model": result.metrics} | ({"baseline": base.metrics} if base is not None else {})
     print(format_table(columns))
     out = {
         "model": cfg.model,
         "baseline": cfg.baseline or None,
+        "reference": cfg.reference or cfg.baseline or None,
         "metrics": result.metrics,
         "baseline_metrics": base.metrics if base is not None else None,
         "difference": compare(result.metrics, base.metrics) if base is not None else None,

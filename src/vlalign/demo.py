@@ -1,0 +1,339 @@
+"""``vlalign demo``: the whole alignment pipeline on the shapes world, in one command.
+
+Stages, in order (each a folder of the demo folder, ``runs/demo`` unless told otherwise)::
+
+    world      the shapes world (images, SFT conversations, prompts, POPE files)
+    sft        supervised fine-tuning of the small demo model: the base model
+    eval-base  the evaluation suite on the base model
+    pairs      preference pairs: hallucination injection + sample-and-rank from the base model
+    dpo        DPO with mDPO's image-conditioned term, from the base model
+    eval-dpo   the suite on the DPO model (KL from the base model)
+    grpo       GRPO with the count reward on counting questions, from the DPO model
+    eval-grpo  the suite on the GRPO model (KL from the base model)
+    report     report.html (curves, before/after bars, a gallery of descriptions)
+
+A stage whose folder holds a ``stage.json`` with the same fingerprint (a hash of its settings
+and of the fingerprints of the stages it reads) is reused; a stage interrupted mid-way resumes
+from its last checkpoint; a stage whose settings changed is run again (and so is everything
+after it). The demo ends by printing one table, the stages side by side, written also as
+``demo_summary.json``.
+
+Every stage's settings are ``--key=value`` overrides of the recipe it runs, so the demo can be
+steered without code: ``vlalign demo --sft='{train.max_steps: 500}'`` (see ``--help``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vlalign.config import load_config, to_dict
+
+SUMMARY_FILE = "demo_summary.json"
+STAGE_FILE = "stage.json"
+
+TABLE_METRICS: tuple[tuple[str, str], ...] = (
+    ("chair/chair_i", "CHAIR_i"),
+    ("chair/chair_s", "CHAIR_s"),
+    ("chair/recall", "object recall"),
+    ("pope/adversarial/f1", "POPE adv F1"),
+    ("pope/adversarial/yes_ratio", "POPE adv yes"),
+    ("pope/popular/f1", "POPE pop F1"),
+    ("pope/popular/yes_ratio", "POPE pop yes"),
+    ("pope/random/f1", "POPE rand F1"),
+    ("pope/random/yes_ratio", "POPE rand yes"),
+    ("task/counting", "counting"),
+    ("task/colour", "colour"),
+    ("task/existence", "existence"),
+    ("compositional/chair/chair_i", "comp. CHAIR_i"),
+    ("compositional/task/counting", "comp. counting"),
+    ("kl/seq", "KL from base (seq)"),
+    ("kl/token_k3", "KL per token (k3)"),
+)
+"""The summary table's rows: suite metric -> label."""
+
+
+def _world_defaults() -> dict[str, Any]:
+    return {"n_train": 10000}
+
+
+def _sft_defaults() -> dict[str, Any]:
+    return {"train.max_steps": 1200, "train.batch_size": 16, "train.lr": 1e-3, "train.warmup_ratio": 0.03,
+            "train.save_every": 200, "train.log_every": 20, "data.eval_limit": 128}  # fmt: skip
+
+
+def _inject_defaults() -> dict[str, Any]:
+    return {"inject.probes_per_image": 1, "limit": 4000}
+
+
+def _rank_defaults() -> dict[str, Any]:
+    return {"rank.n": 4, "rank.scorer": "ground_truth", "rank.max_new_tokens": 40, "limit": 256}
+
+
+def _dpo_defaults() -> dict[str, Any]:
+    return {"loss.weights": {"mdpo": 1.0}, "loss.beta": 0.1, "train.max_steps": 300, "train.batch_size": 16,
+            "train.lr": 1e-4, "train.save_every": 100, "train.log_every": 10, "data.eval": ""}  # fmt: skip
+
+
+def _grpo_defaults() -> dict[str, Any]:
+    return {"grpo.tasks": ["counting"], "rewards.weights": {"count_match": 1.0}, "rollout.n": 8,
+            "rollout.max_new_tokens": 4, "update.kl_coef": 0.0, "update.log_kl": False, "train.batch_size": 16,
+            "train.max_steps": 40, "train.lr": 2e-4, "train.schedule": "constant", "train.warmup_ratio": 0.0,
+            "train.save_every": 20, "train.log_every": 5, "eval_tasks": []}  # fmt: skip
+
+
+def _suite_defaults() -> dict[str, Any]:
+    return {}
+
+
+QUICK: dict[str, dict[str, Any]] = {
+    "world": {"n_train": 300, "n_validation": 40, "n_test": 60, "n_compositional": 40},
+    "sft": {"train.max_steps": 60, "train.save_every": 30, "data.eval_limit": 32},
+    "inject": {"limit": 200},
+    "rank": {"limit": 16, "rank.n": 2},
+    "dpo": {"train.max_steps": 10, "train.batch_size": 8, "train.save_every": 5},
+    "grpo": {"train.max_steps": 3, "train.batch_size": 4, "rollout.n": 4, "train.save_every": 2},
+    "suite": {"pope_questions": 30, "describe": 12, "questions_per_task": 12, "compositional_describe": 6,
+              "compositional_questions_per_task": 6, "kl_prompts": 8},
+}
+"""What ``--quick`` changes (merged over the defaults; explicit settings still win)."""
+
+
+@dataclass
+class Config:
+    """The shapes-world alignment pipeline: world, SFT, evaluation, pairs, DPO, GRPO, report."""
+
+    output_dir: str = "runs/demo"
+    """The demo folder: one sub-folder per stage, demo_summary.json and report.html."""
+    model: str = "tiny:gemma3:small"
+    """The starting model: tiny:<arch>:<size> (built offline), a folder or a hub name."""
+    quick: bool = False
+    """A smaller world and far fewer steps (a first look, and the tests): a few minutes on a CPU."""
+    device: str = "auto"
+    """Where every stage runs: auto (CUDA when available), cpu, cuda ..."""
+    seed: int = 0
+    """Seed of every stage."""
+    rerun: list[str] = field(default_factory=list)
+    """Stages to run again even if their outputs are current (their successors follow)."""
+    world: dict[str, Any] = field(default_factory=_world_defaults)
+    """WorldConfig settings of the shapes world ({n_train: 10000, image_size: 96 ...})."""
+    sft: dict[str, Any] = field(default_factory=_sft_defaults)
+    """vlalign sft settings ({train.max_steps: 1200, train.lr: 0.001 ...})."""
+    inject: dict[str, Any] = field(default_factory=_inject_defaults)
+    """vlalign pairs --method=inject settings (hallucination injection from the training descriptions)."""
+    rank: dict[str, Any] = field(default_factory=_rank_defaults)
+    """vlalign pairs --method=rank settings (sample-and-rank from the base model)."""
+    dpo: dict[str, Any] = field(default_factory=_dpo_defaults)
+    """vlalign dpo settings (default: mDPO from the base model on both pair sets)."""
+    grpo: dict[str, Any] = field(default_factory=_grpo_defaults)
+    """vlalign grpo settings (default: count reward on counting prompts, from the DPO model)."""
+    suite: dict[str, Any] = field(default_factory=_suite_defaults)
+    """Evaluation-suite settings shared by the three evaluations (see vlalign eval --help)."""
+    report: bool = True
+    """Write report.html at the end."""
+
+
+# ------------------------------------------------------------------------------------ stages
+
+
+@dataclass
+class Stage:
+    """One step of the pipeline: what it reads, its settings, and the action that runs it."""
+
+    name: str
+    settings: dict[str, Any]
+    after: list[str]
+    action: Callable[[Path, bool], dict[str, Any]]
+    """``action(folder, resume) -> result``; ``resume`` when an interrupted run of it is there."""
+    label: str = ""
+    """The stage's column in the summary table ('' for stages without one)."""
+
+
+def _args(settings: dict[str, Any]) -> list[str]:
+    """``{"train.lr": 0.001}`` -> ``["--train.lr=0.001"]`` (values as JSON, read back as YAML)."""
+    return [f"--{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in settings.items()]
+
+
+def _merged(cfg: Config, part: str) -> dict[str, Any]:
+    base = {"world": _world_defaults, "sft": _sft_defaults, "inject": _inject_defaults, "rank": _rank_defaults,
+            "dpo": _dpo_defaults, "grpo": _grpo_defaults, "suite": _suite_defaults}[part]()  # fmt: skip
+    user = getattr(cfg, part)
+    changed = {k: v for k, v in user.items() if base.get(k, object()) != v}
+    return {**base, **user, **(QUICK.get(part, {}) if cfg.quick else {}), **changed}
+
+
+def _recipe(module: Any, settings: dict[str, Any], **fixed: Any) -> dict[str, Any]:
+    recipe_cfg = load_config(module.Config, None, _args({**settings, **fixed}))
+    return module.run(recipe_cfg) or {}
+
+
+def build_stages(cfg: Config) -> list[Stage]:
+    """The pipeline of ``cfg`` (each stage's settings fully resolved, for its fingerprint)."""
+    from vlalign.data import pairs_cli
+    from vlalign.recipes import dpo, grpo, sft
+
+    root = Path(cfg.output_dir)
+    world, base, dpo_model, grpo_model = root / "world", root / "sft" / "model", root / "dpo" / "model", root / "grpo" / "model"
+    suite = {"data": str(world), **_merged(cfg, "suite")}
+    common = {"model.device": cfg.device, "train.seed": cfg.seed, "train.progress": True}
+
+    def world_action(folder: Path, resume: bool) -> dict[str, Any]:
+        from vlalign.data.world import WorldConfig
+        from vlalign.data.world_tasks import write_world
+
+        write_world(load_config(WorldConfig, None, _args({"seed": cfg.seed, **_merged(cfg, "world")})), folder, overwrite=True)
+        return {}
+
+    def train(module: Any, part: str, start: Path, data: dict[str, Any]) -> Callable[[Path, bool], dict[str, Any]]:
+        def action(folder: Path, resume: bool) -> dict[str, Any]:
+            return _recipe(module, {**common, **data, **_merged(cfg, part)}, **{
+                "model.name_or_path": str(start), "train.output_dir": str(folder), "train.resume": resume})
+        return action
+
+    def pairs_action(folder: Path, resume: bool) -> dict[str, Any]:
+        folder.mkdir(parents=True, exist_ok=True)
+        _recipe(pairs_cli, _merged(cfg, "inject"), method="inject", data=str(world / "train.jsonl"),
+                out=str(folder / "inject.jsonl"))
+        _recipe(pairs_cli, {"rank.device": cfg.device, "rank.seed": cfg.seed, **_merged(cfg, "rank")},
+                method="rank", data=str(world / "train_prompts.jsonl"), out=str(folder / "rank.jsonl"),
+                **{"rank.model": str(base)})
+        with (folder / "train.jsonl").open("w") as out:
+            for name in ("inject.jsonl", "rank.jsonl"):
+                out.write((folder / name).read_text())
+        return {}
+
+    def eval_action(model: Path) -> Callable[[Path, bool], dict[str, Any]]:
+        def action(folder: Path, resume: bool) -> dict[str, Any]:
+            from vlalign.eval import cli as eval_cli
+
+            reference = {"reference": str(base)} if model != base else {}
+            return _recipe(eval_cli, {"device": cfg.device, **{f"suite.{k}": v for k, v in suite.items()}},
+                           model=str(model), output_dir=str(folder), **reference)
+        return action
+
+    world_settings = {"seed": cfg.seed, **_merged(cfg, "world")}
+    return [
+        Stage("world", world_settings, [], world_action),
+        Stage("sft", {"model": cfg.model, **common, **_merged(cfg, "sft")}, ["world"],
+              train(sft, "sft", cfg.model, {"data.train": str(world / "train_sft.jsonl"),
+                                            "data.eval": str(world / "validation.jsonl")})),
+        Stage("eval-base", suite, ["sft"], eval_action(base), label="base"),
+        Stage("pairs", {"inject": _merged(cfg, "inject"), "rank": _merged(cfg, "rank")}, ["sft"], pairs_action),
+        Stage("dpo", {**common, **_merged(cfg, "dpo")}, ["sft", "pairs"],
+              train(dpo, "dpo", base, {"data.train": str(root / "pairs" / "train.jsonl")})),
+        Stage("eval-dpo", suite, ["dpo"], eval_action(dpo_model), label="dpo"),
+        Stage("grpo", {**common, **_merged(cfg, "grpo")}, ["dpo"],
+              train(grpo, "grpo", dpo_model, {"data.train": str(world / "train_prompts.jsonl")})),
+        Stage("eval-grpo", suite, ["grpo"], eval_action(grpo_model), label="grpo"),
+    ]
+
+
+# ------------------------------------------------------------------------------------ running
+
+
+def _fingerprint(stage: Stage, upstream: list[str]) -> str:
+    text = json.dumps({"stage": stage.name, "settings": stage.settings, "after": upstream}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _read_stage(folder: Path) -> dict[str, Any] | None:
+    path = folder / STAGE_FILE
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def run_stage(stage: Stage, folder: Path, fingerprint: str, *, force: bool) -> tuple[dict[str, Any], bool]:
+    """Run one stage unless its outputs are current; returns (its stage.json, whether it ran)."""
+    done = _read_stage(folder)
+    if done is not None and done.get("fingerprint") == fingerprint and done.get("finished") and not force:
+        print(f"[demo] {stage.name}: up to date ({folder}), reused")
+        return done, False
+    started = folder / ".fingerprint"
+    resume = not force and started.exists() and started.read_text().strip() == fingerprint
+    if folder.exists() and not resume:
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    started.write_text(fingerprint + "\n")
+    print(f"[demo] {stage.name}: {'resuming' if resume else 'running'} in {folder}")
+    start = time.perf_counter()
+    result = stage.action(folder, resume)
+    seconds = time.perf_counter() - start
+    record = {"stage": stage.name, "fingerprint": fingerprint, "finished": True, "seconds": seconds,
+              "settings": stage.settings, "result": _jsonable(_brief(result))}  # fmt: skip
+    (folder / STAGE_FILE).write_text(json.dumps(record, indent=1, default=str) + "\n")
+    return record, True
+
+
+def _brief(result: dict[str, Any]) -> dict[str, Any]:
+    """What stage.json keeps of a stage's result: an evaluation's metrics (not its answers)."""
+    return {"metrics": result["metrics"]} if "metrics" in result else result
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=lambda v: float(v) if hasattr(v, "__float__") else str(v)))
+
+
+def run(cfg: Config) -> dict[str, Any]:
+    """Run (or reuse) every stage, print the summary table, write demo_summary.json and the report."""
+    root = Path(cfg.output_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "demo_config.json").write_text(json.dumps(to_dict(cfg), indent=1, default=str) + "\n")
+    stages = build_stages(cfg)
+    known = {s.name for s in stages}
+    unknown = sorted(set(cfg.rerun) - known)
+    if unknown:
+        raise SystemExit(f"vlalign demo: --rerun names unknown stage(s) {unknown}; stages: {[s.name for s in stages]}")
+    prints: dict[str, str] = {}
+    records: dict[str, dict[str, Any]] = {}
+    total = time.perf_counter()
+    for stage in stages:
+        prints[stage.name] = _fingerprint(stage, [prints[a] for a in stage.after])
+        records[stage.name], _ = run_stage(stage, root / stage.name, prints[stage.name], force=stage.name in cfg.rerun)
+    summary = summarise(stages, records)
+    summary["total_seconds"] = time.perf_counter() - total
+    (root / SUMMARY_FILE).write_text(json.dumps(summary, indent=1) + "\n")
+    print()
+    print(format_summary(summary))
+    if cfg.report:
+        from vlalign.report import write_report
+
+        path = write_report(root)
+        print(f"\nreport: {path}")
+    print(f"summary: {root / SUMMARY_FILE}")
+    return summary
+
+
+def summarise(stages: list[Stage], records: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """``demo_summary.json``: one object per evaluated stage (metrics by name, wall times)."""
+    out: list[dict[str, Any]] = []
+    for stage in stages:
+        if not stage.label:
+            continue
+        trained = stage.after[0]
+        metrics = dict(records[stage.name].get("result", {}).get("metrics", {}))
+        metrics["seconds/train"] = records[trained]["seconds"]
+        metrics["seconds/eval"] = records[stage.name]["seconds"]
+        out.append({"stage": stage.label, "folder": trained, "eval": stage.name, "metrics": metrics})
+    seconds = {name: rec["seconds"] for name, rec in records.items()}
+    return {"stages": out, "stage_seconds": seconds}
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """The printed table: one row per metric, one column per evaluated stage."""
+    stages = summary["stages"]
+    rows = [["metric", *(s["stage"] for s in stages)]]
+    for key, label in (*TABLE_METRICS, ("seconds/train", "train seconds"), ("seconds/eval", "eval seconds")):
+        values = [s["metrics"].get(key) for s in stages]
+        if all(v is None for v in values):
+            continue
+        rows.append([label, *("-" if v is None else f"{v:.0f}" if key.startswith("seconds") else f"{v:.3f}" for v in values)])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    extra = ", ".join(f"{k} {v:.0f}s" for k, v in summary["stage_seconds"].items())
+    return "\n".join(lines) + f"\n\nstage wall times: {extra}"

@@ -1,0 +1,102 @@
+"""``vlalign demo --quick`` end to end: every stage, the summary, reuse, reruns and resume."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from vlalign import demo
+from vlalign.cli import main
+from vlalign.config import load_config
+
+pytestmark = pytest.mark.slow
+
+STAGES = ["world", "sft", "eval-base", "pairs", "dpo", "eval-dpo", "grpo", "eval-grpo"]
+
+
+def _demo(out: Path, *extra: str) -> dict:
+    args = ["--quick", "--model=tiny:gemma3:tiny", f"--output_dir={out}", "--report=false", *extra]
+    return demo.run(load_config(demo.Config, None, args))
+
+
+def _fingerprints(out: Path) -> dict[str, str]:
+    return {s: json.loads((out / s / "stage.json").read_text())["fingerprint"] for s in STAGES}
+
+
+def _mtimes(out: Path) -> dict[str, float]:
+    return {s: (out / s / "stage.json").stat().st_mtime_ns for s in STAGES}
+
+
+@pytest.fixture(scope="module")
+def quick_demo(tmp_path_factory: pytest.TempPathFactory, monkeypatch_module) -> Path:
+    out = tmp_path_factory.mktemp("demo") / "demo"
+    _demo(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module(tmp_path_factory: pytest.TempPathFactory):
+    mp = pytest.MonkeyPatch()
+    mp.setenv("VLALIGN_CACHE", str(tmp_path_factory.mktemp("cache")))
+    yield mp
+    mp.undo()
+
+
+def test_every_stage_runs_and_the_summary_holds_the_table(quick_demo: Path) -> None:
+    summary = json.loads((quick_demo / demo.SUMMARY_FILE).read_text())
+    assert [s["stage"] for s in summary["stages"]] == ["base", "dpo", "grpo"]
+    for stage in summary["stages"]:
+        eval_json = json.loads((quick_demo / stage["eval"] / "eval.json").read_text())
+        for key, _ in demo.TABLE_METRICS:
+            if key.startswith("kl/") and stage["stage"] == "base":
+                assert key not in stage["metrics"]  # the base model is the reference: no KL from itself
+                continue
+            assert stage["metrics"][key] == eval_json["metrics"][key], key
+        assert stage["metrics"]["seconds/train"] > 0
+        assert (quick_demo / stage["folder"] / "model" / "config.json").exists()
+    assert set(summary["stage_seconds"]) == set(STAGES)
+    # the pairs of both sources reach DPO, in one file
+    sources = {json.loads(line)["source"] for line in (quick_demo / "pairs" / "train.jsonl").read_text().splitlines()}
+    assert len(sources) >= 2, sources
+    # every stage trained from the one before it
+    dpo_cfg = (quick_demo / "dpo" / "config.yaml").read_text()
+    assert str(quick_demo / "sft" / "model") in dpo_cfg
+    assert str(quick_demo / "dpo" / "model") in (quick_demo / "grpo" / "config.yaml").read_text()
+
+
+def test_a_second_run_reuses_everything_and_a_change_reruns_only_what_follows(quick_demo: Path, capsys) -> None:
+    before, prints = _mtimes(quick_demo), _fingerprints(quick_demo)
+    _demo(quick_demo)
+    assert _mtimes(quick_demo) == before
+    assert capsys.readouterr().out.count("reused") == len(STAGES)
+
+    _demo(quick_demo, "--grpo={train.lr: 0.0001}")
+    after = _mtimes(quick_demo)
+    changed = [s for s in STAGES if after[s] != before[s]]
+    assert changed == ["grpo", "eval-grpo"]
+    assert _fingerprints(quick_demo)["eval-grpo"] != prints["eval-grpo"]  # downstream fingerprints follow
+
+
+def test_an_interrupted_stage_resumes_from_its_checkpoint(quick_demo: Path, capsys) -> None:
+    """A stage without its stage.json (killed before the end) resumes from its last checkpoint."""
+    grpo = quick_demo / "grpo"
+    steps_before = [json.loads(line)["step"] for line in (grpo / "metrics.jsonl").read_text().splitlines()]
+    (grpo / "stage.json").unlink()
+    shutil.rmtree(grpo / "model")
+    _demo(quick_demo, "--grpo={train.lr: 0.0001}")
+    out = capsys.readouterr().out
+    assert "[demo] grpo: resuming" in out
+    assert "[demo] sft: up to date" in out
+    steps = [json.loads(line)["step"] for line in (grpo / "metrics.jsonl").read_text().splitlines()]
+    assert steps == steps_before  # the resumed run logged no step twice
+    assert (grpo / "model" / "config.json").exists()
+
+
+def test_cli_help_and_unknown_stage(tmp_path: Path, capsys) -> None:
+    assert main(["demo", "--help"]) == 0
+    assert "--quick" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="unknown stage"):
+        _demo(tmp_path / "d", "--rerun=[dop]")
