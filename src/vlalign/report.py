@@ -1,0 +1,421 @@
+"""``vlalign report``: a self-contained HTML report (plots and gallery embedded) of a run folder.
+
+:func:`write_report` reads files only (no model, no torch) and handles three kinds of folder:
+
+* **the demo folder** (``demo_summary.json``, written by ``vlalign demo``): the stages' summary
+  metrics side by side (table and grouped bars), each stage's training curves, and a gallery of
+  held-out images described by the first and the last evaluated stage;
+* **an evaluation folder** (``eval.json`` from ``vlalign eval``): the model beside its baseline
+  (table, before/after bars, gallery);
+* **a training run folder** (``metrics.jsonl`` from any recipe, ``config.yaml``, and the
+  end-of-run suite's ``suite_eval.json`` when the recipe ran it): training curves (loss; rewards,
+  margin and accuracy; KL; reward per function; throughput; evaluation over steps), the last
+  logged values, the held-out evaluation, the config.
+
+Everything found is reported and anything missing is skipped (a stage without an evaluation, a
+metric logged as NaN, a half-written last line of ``metrics.jsonl``); what was skipped is listed
+under *Notes*. A folder with nothing to report raises :class:`ReportError`.
+
+The HTML is written to ``RUN_DIR/report.html`` (or ``out``) and every plot also as a PNG file in
+the folder beside it named after it (``RUN_DIR/report/``); the page embeds the same bytes as
+``data:image/png;base64`` URIs and uses no external CSS or script, so it opens from disk.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import re
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from vlalign.eval.parsing import ObjectVocabulary, load_vocabulary
+from vlalign.report_gallery import GalleryColumn, description_records, gallery_html
+from vlalign.report_plots import as_float, bar_groups, curve_charts, metric_series, plot_bars, plot_curves
+
+SUMMARY_FILE = "demo_summary.json"
+METRICS_FILE = "metrics.jsonl"  # the name vlalign.train.MetricsLog writes (not imported: it pulls in torch)
+EVAL_FILE = "eval.json"
+SUITE_FILE = "suite_eval.json"
+CONFIG_FILE = "config.yaml"
+
+
+class ReportError(Exception):
+    """Nothing to report in a folder (the message names the folder and what was looked for)."""
+
+
+@dataclass
+class Evaluation:
+    """One evaluation's file: a model's metrics and answers (and a baseline's, for ``eval.json``)."""
+
+    path: Path
+    metrics: dict[str, Any]
+    records: list[dict[str, Any]]
+    baseline_metrics: dict[str, Any] | None = None
+    baseline_records: list[dict[str, Any]] | None = None
+    image_roots: list[Path] = field(default_factory=list)
+    """Folders relative image paths are tried against (the suite's data folder first)."""
+    vocabulary: ObjectVocabulary | None = None
+
+
+@dataclass
+class Stage:
+    """One stage of the demo (or the single run of a plain folder)."""
+
+    name: str
+    run_dir: Path | None
+    records: list[dict[str, Any]]
+    """metrics.jsonl of its training run (empty if none)."""
+    evaluation: Evaluation | None = None
+    summary: dict[str, Any] = field(default_factory=dict)
+    """Summary metrics (demo_summary.json, else the evaluation's metrics)."""
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def read_jsonl(path: Path, notes: list[str]) -> list[dict[str, Any]]:
+    """The JSON objects of a JSONL file; lines that do not parse (a run killed mid-write) are
+    skipped and counted in ``notes``."""
+    if not path.is_file():
+        return []
+    out, bad = [], 0
+    for line in path.read_text(errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            bad += 1
+            continue
+        if isinstance(record, dict):
+            out.append(record)
+        else:
+            bad += 1
+    if bad:
+        notes.append(f"{path}: skipped {bad} line(s) that are not JSON objects")
+    return out
+
+
+def _read_json(path: Path, notes: list[str]) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(errors="replace"))
+    except json.JSONDecodeError as exc:
+        notes.append(f"{path}: not valid JSON ({exc}); left out")
+        return None
+    if not isinstance(data, dict):
+        notes.append(f"{path}: expected a JSON object; left out")
+        return None
+    return data
+
+
+def _data_folder(data: Any, bases: list[Path]) -> Path | None:
+    """The folder of an evaluation's data (``shapes:`` is the embedded world in the cache)."""
+    if not isinstance(data, str) or not data:
+        return None
+    if data.startswith("shapes:"):
+        from vlalign.embedded import cache_dir
+
+        return cache_dir() / "shapes-default"
+    path = Path(data)
+    for candidate in [path, *(b / path for b in bases)] if not path.is_absolute() else [path]:
+        if candidate.exists():
+            return candidate if candidate.is_dir() else candidate.parent
+    return None
+
+
+def _vocabulary(suite: dict[str, Any], data_folder: Path | None, bases: list[Path]) -> ObjectVocabulary | None:
+    source = suite.get("vocabulary") if isinstance(suite.get("vocabulary"), str) else ""
+    candidates = [Path(source), *(b / source for b in bases)] if source else []
+    if data_folder is not None:
+        candidates.append(data_folder / "manifest.json")
+    for path in candidates:
+        if path.is_file():
+            try:
+                return load_vocabulary(path)
+            except (ValueError, OSError):
+                continue
+    return None
+
+
+def _records(raw: Any) -> list[dict[str, Any]]:
+    return [r for r in raw if isinstance(r, dict)] if isinstance(raw, list) else []
+
+
+def read_evaluation(path: Path, bases: list[Path], notes: list[str]) -> Evaluation | None:
+    """An ``eval.json`` (``vlalign eval``) or ``suite_eval.json`` (end of a training run)."""
+    data = _read_json(path, notes)
+    if data is None:
+        return None
+    suite = data.get("suite") or (data.get("config") or {}).get("suite") or {}
+    suite = suite if isinstance(suite, dict) else {}
+    bases = [path.parent, *bases]
+    folder = _data_folder(suite.get("data"), bases)
+    records = data.get("records")
+    model, baseline = (records.get("model"), records.get("baseline")) if isinstance(records, dict) else (records, None)
+    metrics = data.get("metrics") if isinstance(data.get("metrics"), dict) else {}
+    base_metrics = data.get("baseline_metrics") if isinstance(data.get("baseline_metrics"), dict) else None
+    return Evaluation(
+        path=path, metrics=metrics, records=_records(model), baseline_metrics=base_metrics,
+        baseline_records=_records(baseline) if baseline is not None else None,
+        image_roots=([folder] if folder else []) + bases, vocabulary=_vocabulary(suite, folder, bases),
+    )  # fmt: skip
+
+
+def _sub(root: Path, name: Any) -> Path | None:
+    return root / name if isinstance(name, str) and name else None
+
+
+def read_demo(root: Path, summary: dict[str, Any], notes: list[str]) -> list[Stage]:
+    """The stages of ``demo_summary.json`` in pipeline order; any piece of a stage may be missing."""
+    stages_raw = summary.get("stages")
+    if not isinstance(stages_raw, list):
+        notes.append(f"{root / SUMMARY_FILE}: no 'stages' list")
+        return []
+    stages = []
+    for i, raw in enumerate(stages_raw):
+        if not isinstance(raw, dict):
+            notes.append(f"{root / SUMMARY_FILE}: stage {i} is not an object; left out")
+            continue
+        name = str(raw.get("stage") or f"stage {i + 1}")
+        run_dir = _sub(root, raw.get("folder"))
+        eval_dir = _sub(root, raw.get("eval"))
+        evaluation = None
+        if eval_dir is not None:
+            evaluation = read_evaluation(eval_dir / EVAL_FILE, [root], notes)
+            if evaluation is None:
+                notes.append(f"stage {name}: no {EVAL_FILE} in {eval_dir}")
+        metrics = dict(raw["metrics"]) if isinstance(raw.get("metrics"), dict) else (
+            dict(evaluation.metrics) if evaluation else {})  # fmt: skip
+        if "seconds" in raw and "seconds" not in metrics:
+            metrics["seconds"] = raw["seconds"]
+        records = read_jsonl(run_dir / METRICS_FILE, notes) if run_dir else []
+        stages.append(Stage(name, run_dir, records, evaluation, metrics))
+    return stages
+
+
+# ----------------------------------------------------------------------------- HTML pieces
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "x"
+
+
+def fmt(value: Any) -> str:
+    """A table cell's text: numbers to 4 significant digits (integers above 1000 whole)."""
+    number = value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+    if number is None:
+        return "–" if value is None else str(value)
+    if number != number:
+        return "nan"
+    if abs(number) >= 1000 and abs(number) != float("inf"):
+        return f"{number:.0f}"
+    return f"{number:.4g}"
+
+
+def _metric_order(key: str) -> tuple[bool, bool, str]:
+    return key.startswith("perf/") or key == "seconds", "compositional/" in key, key
+
+
+def metrics_table(columns: dict[str, dict[str, Any]], *, delta: tuple[str, str] | None = None) -> str:
+    """Rows = metric names, columns = models or stages; each cell's exact value is in ``data-value``.
+    ``delta=(a, b)`` adds a column ``a - b``."""
+    keys: list[str] = []
+    for metrics in columns.values():
+        keys += [k for k in metrics if k not in keys]
+    keys.sort(key=_metric_order)
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+    if delta:
+        head += f"<th>{html.escape(delta[0])} − {html.escape(delta[1])}</th>"
+    rows = []
+    for key in keys:
+        cells = []
+        for name, metrics in columns.items():
+            value = metrics.get(key)
+            attr = f' data-value="{html.escape(repr(float(value)))}"' if as_float(value) is not None else ""
+            cells.append(f'<td class="num" data-column="{html.escape(name)}"{attr}>{html.escape(fmt(value))}</td>')
+        if delta:
+            a, b = as_float(columns[delta[0]].get(key)), as_float(columns[delta[1]].get(key))
+            cells.append(f'<td class="num delta">{fmt(a - b) if a is not None and b is not None else "–"}</td>')
+        rows.append(f'<tr><th class="metric">{html.escape(key)}</th>{"".join(cells)}</tr>')
+    return (f'<table class="metrics"><thead><tr><th>metric</th>{head}</tr></thead>'
+            f'<tbody>{"".join(rows)}</tbody></table>')  # fmt: skip
+
+
+def _last_values(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """The last logged value of every metric (and the step it was logged at)."""
+    out: dict[str, Any] = {}
+    for record in records:
+        out.update({k: v for k, v in record.items() if k not in ("time", "stage")})
+    return out
+
+
+class _Page:
+    """Collects sections and figures; writes each figure as a PNG and embeds the same bytes."""
+
+    def __init__(self, png_dir: Path, html_dir: Path) -> None:
+        self.png_dir = png_dir
+        self.html_dir = html_dir
+        self.sections: list[tuple[str, str, str]] = []  # (anchor, title, body)
+        self.figures: list[Path] = []
+
+    def figure(self, name: str, png: bytes, caption: str) -> str:
+        path = self.png_dir / f"{_slug(name)}.png"
+        n = 2
+        while path in self.figures:
+            path, n = self.png_dir / f"{_slug(name)}-{n}.png", n + 1
+        self.png_dir.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(png)
+        self.figures.append(path)
+        uri = "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+        rel = path.relative_to(self.html_dir).as_posix() if path.is_relative_to(self.html_dir) else str(path)
+        link = html.escape(rel)
+        return (f'<figure><img src="{uri}" alt="{html.escape(caption)}"><figcaption>{html.escape(caption)} '
+                f'(<a href="{link}">PNG</a>)</figcaption></figure>')  # fmt: skip
+
+    def section(self, anchor: str, title: str, body: str) -> None:
+        if body:
+            self.sections.append((anchor, title, body))
+
+    def curves(self, prefix: str, records: list[dict[str, Any]], label: str) -> str:
+        series = metric_series(records)
+        parts = []
+        for chart in curve_charts(series):
+            png = plot_curves(chart, series, title=f"{label}: {chart.title}")
+            parts.append(self.figure(f"{prefix}{chart.name}", png, f"{label}: {chart.title}"))
+            if chart.omitted:
+                parts.append(f'<p class="note">not drawn: {html.escape(", ".join(chart.omitted))}</p>')
+        return "".join(parts)
+
+    def bars(self, prefix: str, columns: dict[str, dict[str, Any]]) -> str:
+        keys = [k for metrics in columns.values() for k in metrics]
+        return "".join(self.figure(f"{prefix}{g.name}", plot_bars(g, columns), g.title) for g in bar_groups(keys))
+
+
+# ----------------------------------------------------------------------------- the three reports
+
+
+def _demo_sections(page: _Page, root: Path, summary: dict[str, Any], notes: list[str]) -> None:
+    stages = read_demo(root, summary, notes)
+    about = {k: v for k, v in summary.items() if k != "stages" and isinstance(v, (str, int, float, bool))}
+    if about:
+        items = "".join(f"<li>{html.escape(str(k))}: {html.escape(fmt(v))}</li>" for k, v in about.items())
+        page.section("about", "About this run", f"<ul>{items}</ul>")
+    columns = {s.name: s.summary for s in stages if s.summary}
+    names = list(columns)
+    delta = (names[-1], names[0]) if len(names) >= 2 else None
+    page.section("summary", "Summary: the stages side by side",
+                 metrics_table(columns, delta=delta) if columns else "")  # fmt: skip
+    page.section("evaluation", "Evaluation across stages", page.bars("summary-", columns) if columns else "")
+    for stage in stages:
+        body = page.curves(f"{_slug(stage.name)}-", stage.records, f"stage {stage.name}")
+        if not stage.records:
+            notes.append(f"stage {stage.name}: no {METRICS_FILE} in {stage.run_dir or '(no training folder)'}")
+        page.section(f"stage-{_slug(stage.name)}", f"Training curves: stage {stage.name}", body)
+    evaluated = [s for s in stages if s.evaluation is not None and description_records(s.evaluation.records)]
+    picked = [evaluated[0], evaluated[-1]] if len(evaluated) >= 2 else evaluated
+    columns_g = [GalleryColumn(s.name, s.evaluation.records, s.evaluation.vocabulary, s.evaluation.image_roots)
+                 for s in picked if s.evaluation is not None]  # fmt: skip
+    page.section("gallery", "Gallery: held-out descriptions, first and last stage", gallery_html(columns_g))
+
+
+def _eval_sections(page: _Page, evaluation: Evaluation, label: str) -> None:
+    columns: dict[str, dict[str, Any]] = {}
+    if evaluation.baseline_metrics is not None:
+        columns["baseline"] = evaluation.baseline_metrics
+    columns[label] = evaluation.metrics
+    delta = (label, "baseline") if "baseline" in columns else None
+    page.section("summary", f"Evaluation metrics ({evaluation.path.name})", metrics_table(columns, delta=delta))
+    page.section("evaluation", "Evaluation: before and after" if delta else "Evaluation", page.bars("eval-", columns))
+    gallery = []
+    if evaluation.baseline_records:
+        gallery.append(GalleryColumn("baseline", evaluation.baseline_records, evaluation.vocabulary,
+                                     evaluation.image_roots))  # fmt: skip
+    gallery.append(GalleryColumn(label, evaluation.records, evaluation.vocabulary, evaluation.image_roots))
+    page.section("gallery", "Gallery: held-out descriptions", gallery_html(gallery))
+
+
+def _run_sections(page: _Page, root: Path, notes: list[str]) -> None:
+    """Sections of a plain folder (none if it holds no metrics and no evaluation)."""
+    records = read_jsonl(root / METRICS_FILE, notes)
+    evaluation = read_evaluation(root / EVAL_FILE, [], notes)
+    label = "model"
+    if evaluation is None:
+        evaluation, label = read_evaluation(root / SUITE_FILE, [], notes), "end of run"
+    if not records and evaluation is None:
+        return
+    if evaluation is not None:
+        _eval_sections(page, evaluation, label)
+    if records:
+        last = _last_values(records)
+        page.section("final", "Last logged values", metrics_table({"last": last}))
+        page.section("curves", "Training curves", page.curves("", records, root.name))
+    config = root / CONFIG_FILE
+    if config.is_file():
+        page.section("config", "Config", f"<details><summary>{CONFIG_FILE}</summary><pre>"
+                     f"{html.escape(config.read_text(errors='replace'))}</pre></details>")  # fmt: skip
+
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2em auto;max-width:1300px;
+padding:0 1em;color:#222}
+h1{margin-bottom:.2em} .meta{color:#666;margin-top:0} nav ul{columns:2;padding-left:1.2em}
+section{margin-top:2.5em;border-top:1px solid #ddd} figure{margin:1em 0} figure img{max-width:100%}
+figcaption{font-size:.85em;color:#555} table{border-collapse:collapse;margin:1em 0;font-size:.9em}
+th,td{border:1px solid #ddd;padding:.3em .6em;vertical-align:top} td.num{text-align:right;
+font-variant-numeric:tabular-nums} th.metric{text-align:left;font-weight:normal;font-family:monospace}
+td.delta{color:#555} .gallery td.desc{max-width:420px} .gallery img{width:160px;image-rendering:pixelated}
+.gallery .counts,.gallery .objects,.gallery .id{font-size:.8em;color:#555} mark{background:#ffb3b3;padding:0 .1em}
+.note{color:#666;font-size:.85em} .missing{color:#a00} pre{background:#f6f6f6;padding:1em;overflow:auto}
+"""
+
+
+def _html(title: str, root: Path, page: _Page, notes: list[str]) -> str:
+    sections = list(page.sections)
+    if notes:
+        sections.append(("notes", "Notes", "<ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in notes) + "</ul>"))
+    nav = "".join(f'<li><a href="#{a}">{html.escape(t)}</a></li>' for a, t, _ in sections)
+    body = "".join(f'<section id="{a}"><h2>{html.escape(t)}</h2>{b}</section>' for a, t, b in sections)
+    when = datetime.now().strftime("%Y-%m-%d %H:%M")
+    return (
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+        f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>"
+        f'<p class="meta">folder <code>{html.escape(root.name)}</code> ({html.escape(str(root.resolve()))}) · '
+        f"written {when} by vlalign report</p><nav><ul>{nav}</ul></nav>{body}</body></html>\n"
+    )
+
+
+def write_report(run_dir: Path, out: Path | None = None) -> Path:
+    """Write the HTML report of ``run_dir`` (a demo, evaluation or training run folder) to ``out``
+    (default ``run_dir/report.html``) and its plots as PNG files in the folder named after it;
+    returns the HTML file's path. Raises :class:`ReportError` if there is nothing to report."""
+    root = Path(run_dir)
+    if not root.is_dir():
+        raise ReportError(
+            f"vlalign report: {root} is not a folder; give a run folder, an eval folder or the demo folder"
+        )
+    out = Path(out) if out is not None else root / "report.html"
+    page = _Page(out.parent / out.stem, out.parent)
+    notes: list[str] = []
+    summary = _read_json(root / SUMMARY_FILE, notes)
+    if summary is not None:
+        _demo_sections(page, root, summary, notes)
+        title = f"vlalign demo report: {root.name}"
+    else:
+        _run_sections(page, root, notes)
+        title = f"vlalign report: {root.name}"
+    if not page.sections:
+        found = "; ".join(notes) if notes else "none of these files is there"
+        raise ReportError(
+            f"vlalign report: nothing to report in {root}: looked for {SUMMARY_FILE} (the demo folder), "
+            f"{EVAL_FILE} (vlalign eval), {METRICS_FILE} or {SUITE_FILE} (a training run) ({found}); "
+            "point it at a folder that one of vlalign's commands wrote"
+        )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(_html(title, root, page, notes), encoding="utf-8")
+    return out

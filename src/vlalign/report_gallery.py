@@ -1,0 +1,188 @@
+"""The gallery of ``vlalign report``: held-out images with two models' descriptions side by side.
+
+Each row is one held-out image (the ``describe`` records that ``vlalign eval`` and the end-of-run
+suite write, see :func:`vlalign.eval.suite.evaluate`) with the description each column's model
+gave, the hallucinated objects inside ``<mark>``, and the per-image CHAIR counts. Rows are the
+first :data:`GALLERY_SIZE` descriptions in the suite's own (seeded) order, not picked for effect.
+
+Hallucinated words are found with the object vocabulary when there is one (every synonym and
+plural of an object name, as CHAIR counts them; a negated mention such as "no red circle" is not
+marked), else by the object names themselves, case-insensitively. Every piece of text from the
+data is HTML-escaped; images are re-encoded as PNG (shrunk to :data:`THUMBNAIL` px at most) and
+embedded as ``data:`` URIs, so the page needs no other file.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vlalign.eval.parsing import ObjectVocabulary
+
+GALLERY_SIZE = 12
+THUMBNAIL = 256
+
+
+@dataclass
+class GalleryColumn:
+    """One model's descriptions."""
+
+    label: str
+    """Column heading (a stage, ``baseline``, ``model``)."""
+    records: list[dict[str, Any]]
+    """Its evaluation records (any part; the held-out descriptions are picked out)."""
+    vocabulary: ObjectVocabulary | None = None
+    """Object phrases for finding the hallucinated words (None: the object names only)."""
+    search: list[Path] = field(default_factory=list)
+    """Folders that relative image paths are tried against, in order."""
+
+
+def description_records(records: Iterable[Any]) -> list[dict[str, Any]]:
+    """The held-out ``describe`` records (the compositional split's when there are none)."""
+    rows = [r for r in records if isinstance(r, dict) and r.get("task") == "describe"]
+    heldout = [r for r in rows if r.get("part", "heldout") == "heldout"]
+    return heldout or rows
+
+
+# ----------------------------------------------------------------------------- highlighting
+
+
+def _name_pattern(name: str) -> re.Pattern[str]:
+    words = r"\s+".join(re.escape(w) for w in name.split())
+    return re.compile(rf"(?<![A-Za-z0-9]){words}(?:e?s)?(?![A-Za-z0-9])", re.IGNORECASE)
+
+
+def hallucination_spans(
+    text: str, hallucinated: Iterable[str], vocabulary: ObjectVocabulary | None
+) -> list[tuple[int, int]]:
+    """(start, end) of every affirmed mention of a hallucinated object in ``text``, sorted, disjoint.
+
+    With a vocabulary, its mentions of the hallucinated names count (negated ones excepted); names
+    it does not find (another vocabulary, none at all) are looked up as words, plural ``s`` allowed.
+    """
+    names = {str(n) for n in hallucinated if n}
+    spans: list[tuple[int, int]] = []
+    found: set[str] = set()
+    if vocabulary is not None and len(text.lower()) == len(text):  # offsets of the lower-cased text hold
+        for m in vocabulary.find(text):
+            if m.name in names and not m.negated:
+                spans.append((m.start, m.end))
+                found.add(m.name)
+    for name in sorted(names - found):
+        spans += [(m.start(), m.end()) for m in _name_pattern(name).finditer(text)]
+    merged: list[tuple[int, int]] = []
+    for start, end in sorted(spans):
+        if merged and start < merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(end, merged[-1][1]))
+        else:
+            merged.append((start, end))
+    return merged
+
+
+def highlight(text: str, hallucinated: Iterable[str], vocabulary: ObjectVocabulary | None = None) -> str:
+    """``text`` as HTML (escaped), each hallucinated mention inside ``<mark>``."""
+    out: list[str] = []
+    pos = 0
+    for start, end in hallucination_spans(text, hallucinated, vocabulary):
+        out += [html.escape(text[pos:start]), "<mark>", html.escape(text[start:end]), "</mark>"]
+        pos = end
+    out.append(html.escape(text[pos:]))
+    return "".join(out)
+
+
+# ----------------------------------------------------------------------------- images
+
+
+def find_image(image: Any, search: Sequence[Path]) -> Path | None:
+    """The image file a record names: as written, else under each search folder (for an absolute
+    path of a moved folder, its last one or two components are tried there too)."""
+    if not isinstance(image, str) or not image:
+        return None
+    path = Path(image)
+    candidates = [path] if path.is_absolute() else [*(root / path for root in search), path]
+    if path.is_absolute():
+        for root in search:
+            candidates += [root / path.parent.name / path.name, root / path.name]
+    return next((p for p in candidates if p.is_file()), None)
+
+
+def png_data_uri(path: Path, *, max_side: int = THUMBNAIL) -> str | None:
+    """The image as a ``data:image/png;base64,...`` URI (shrunk to ``max_side``), None if unreadable."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            im = im.convert("RGBA" if "A" in im.getbands() else "RGB")
+            im.thumbnail((max_side, max_side))
+            buf = io.BytesIO()
+            im.save(buf, format="PNG")
+    except (OSError, ValueError):
+        return None
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+# ----------------------------------------------------------------------------- the table
+
+
+def _counts(record: dict[str, Any], vocabulary: ObjectVocabulary | None) -> str:
+    hallucinated = record.get("hallucinated") or []
+    objects = record.get("objects") or []
+    recalled = record.get("recalled") or []
+    parts = []
+    if vocabulary is not None:
+        mentions = len(vocabulary.mentioned(str(record.get("output") or "")))
+        ratio = f" (CHAIR_i {len(hallucinated) / mentions:.2f})" if mentions else ""
+        parts.append(f"hallucinated {len(hallucinated)} of {mentions} object mentions{ratio}")
+    else:
+        parts.append(f"hallucinated {len(hallucinated)} object mention(s)")
+    if objects:
+        parts.append(f"recalled {len(recalled)} of {len(objects)} objects")
+    if hallucinated:
+        parts.append("not in the image: " + ", ".join(sorted({str(h) for h in hallucinated})))
+    return html.escape(" · ".join(parts))
+
+
+def _cell(record: dict[str, Any] | None, column: GalleryColumn) -> str:
+    if record is None:
+        return '<td class="desc"><em>no description of this image</em></td>'
+    text = str(record.get("output") or "")
+    marked = highlight(text, record.get("hallucinated") or [], column.vocabulary)
+    return f'<td class="desc"><p>{marked}</p><p class="counts">{_counts(record, column.vocabulary)}</p></td>'
+
+
+def gallery_html(columns: Sequence[GalleryColumn], *, size: int = GALLERY_SIZE) -> str:
+    """A table: one row per image (the first column's first ``size`` descriptions), one cell per
+    column; '' when the first column has no descriptions."""
+    if not columns:
+        return ""
+    rows = description_records(columns[0].records)[:size]
+    if not rows:
+        return ""
+    lookup = [{(r.get("part"), r.get("id")): r for r in description_records(c.records)} for c in columns]
+    head = "".join(f"<th>{html.escape(c.label)}</th>" for c in columns)
+    body = []
+    for row in rows:
+        key = (row.get("part"), row.get("id"))
+        records = [table.get(key) for table in lookup]
+        uri = None
+        for record, column in zip(records, columns):
+            path = find_image(record.get("image"), column.search) if record else None
+            uri = png_data_uri(path) if path else None
+            if uri:
+                break
+        picture = (f'<img src="{uri}" alt="{html.escape(str(row.get("id")))}">' if uri
+                   else '<span class="missing">image not found</span>')  # fmt: skip
+        objects = ", ".join(str(o) for o in row.get("objects") or []) or "?"
+        info = (f'<div class="id">{html.escape(str(row.get("id")))}</div>'
+                f'<div class="objects">in the image: {html.escape(objects)}</div>')  # fmt: skip
+        cells = "".join(_cell(r, c) for r, c in zip(records, columns))
+        body.append(f'<tr><td class="pic">{picture}{info}</td>{cells}</tr>')
+    return (f'<table class="gallery"><thead><tr><th>image</th>{head}</tr></thead>'
+            f'<tbody>{"".join(body)}</tbody></table>')  # fmt: skip
