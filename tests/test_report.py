@@ -150,10 +150,11 @@ LAST_RECORDS = [
 ]
 
 
-def eval_json(metrics: dict[str, float], records: list[dict], baseline: tuple[dict, list] | None = None) -> str:
+def eval_json(metrics: dict[str, float], records: list[dict], baseline: tuple[dict, list] | None = None,
+              data: str = "../world") -> str:
     return json.dumps({
         "model": "m", "metrics": metrics, "baseline_metrics": baseline[0] if baseline else None,
-        "config": {"suite": {"data": "../world", "vocabulary": ""}},
+        "config": {"suite": {"data": data, "vocabulary": ""}},
         "records": {"model": records, "baseline": baseline[1] if baseline else None},
     })  # fmt: skip
 
@@ -165,9 +166,8 @@ def write_jsonl(path: Path, rows: list[dict[str, Any]], tail: str = "") -> None:
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    base = tmp_path_factory.mktemp("report")
-    write_world(base / "world")
-    root = base / "demo"
+    root = tmp_path_factory.mktemp("report") / "demo"
+    write_world(root / "world")
     write_jsonl(root / "sft" / "metrics.jsonl",
                 [{"step": s, "time": 1.0, "train/loss": 2.0 / s, "perf/samples_per_s": 10.0 + s} for s in range(1, 6)]
                 + [{"step": 5, "eval/loss": 0.5}])  # fmt: skip
@@ -182,7 +182,10 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
                   "policy/clip_frac": 0.05, "completions/mean_length": 12.0} for s in range(1, 4)])  # fmt: skip
     for (stage, _, folder, metrics, _), records in zip(SUMMARY, (BASE_RECORDS, LAST_RECORDS, LAST_RECORDS)):
         (root / folder).mkdir()
-        (root / folder / "eval.json").write_text(eval_json(metrics, records))
+        # as a demo run elsewhere wrote them: the data folder relative to another working directory,
+        # the images as absolute paths that no longer exist
+        moved = [dict(r, image=f"/gone/runs/demo/world/{r['image']}") for r in records]
+        (root / folder / "eval.json").write_text(eval_json(metrics, moved, data="runs/demo/world"))
     stages = [{"stage": s, "folder": f, "eval": e, "metrics": m, "seconds": t} for s, f, e, m, t in SUMMARY]
     summary = {"stages": stages, "total_seconds": 274.75}
     (root / "demo_summary.json").write_text(json.dumps(summary))

@@ -123,7 +123,10 @@ def _data_folder(data: Any, bases: list[Path]) -> Path | None:
 
         return cache_dir() / "shapes-default"
     path = Path(data)
-    for candidate in [path, *(b / path for b in bases)] if not path.is_absolute() else [path]:
+    candidates = [path]
+    if not path.is_absolute():  # relative to where the evaluation ran: try the folders we know, and its tails
+        candidates += [b / Path(*path.parts[i:]) for i in range(len(path.parts)) for b in bases]
+    for candidate in candidates:
         if candidate.exists():
             return candidate if candidate.is_dir() else candidate.parent
     return None
@@ -218,8 +221,14 @@ def fmt(value: Any) -> str:
     return f"{number:.4g}"
 
 
-def _metric_order(key: str) -> tuple[bool, bool, str]:
-    return key.startswith("perf/") or key == "seconds", "compositional/" in key, key
+def _metric_order(keys: list[str]) -> list[str]:
+    """The headline metrics first (those drawn as bars, in the bars' order), then the rest by name
+    with timings and the compositional split last."""
+    headline = [k for g in bar_groups(keys) if not g.name.endswith("seconds") for k in g.keys]
+    headline.sort(key=lambda k: "compositional/" in k)  # stable: the bars' order within each split
+    last = ("perf/", "seconds")
+    rest = sorted(set(keys) - set(headline), key=lambda k: (k.startswith(last), "compositional/" in k, k))
+    return headline + rest
 
 
 def metrics_table(columns: dict[str, dict[str, Any]], *, delta: tuple[str, str] | None = None) -> str:
@@ -228,7 +237,7 @@ def metrics_table(columns: dict[str, dict[str, Any]], *, delta: tuple[str, str] 
     keys: list[str] = []
     for metrics in columns.values():
         keys += [k for k in metrics if k not in keys]
-    keys.sort(key=_metric_order)
+    keys = _metric_order(keys)
     head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
     if delta:
         head += f"<th>{html.escape(delta[0])} − {html.escape(delta[1])}</th>"
@@ -300,11 +309,17 @@ class _Page:
 # ----------------------------------------------------------------------------- the three reports
 
 
+def _about(value: Any) -> str:
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {fmt(v)}" for k, v in value.items())
+    return fmt(value)
+
+
 def _demo_sections(page: _Page, root: Path, summary: dict[str, Any], notes: list[str]) -> None:
     stages = read_demo(root, summary, notes)
-    about = {k: v for k, v in summary.items() if k != "stages" and isinstance(v, (str, int, float, bool))}
+    about = {k: v for k, v in summary.items() if k != "stages" and isinstance(v, (str, int, float, bool, dict))}
     if about:
-        items = "".join(f"<li>{html.escape(str(k))}: {html.escape(fmt(v))}</li>" for k, v in about.items())
+        items = "".join(f"<li>{html.escape(str(k))}: {html.escape(_about(v))}</li>" for k, v in about.items())
         page.section("about", "About this run", f"<ul>{items}</ul>")
     columns = {s.name: s.summary for s in stages if s.summary}
     names = list(columns)

@@ -226,6 +226,10 @@ def plot_curves(chart: CurveChart, series: Series, *, title: str | None = None) 
             std_key = key[: -len("/mean")] + "/std" if _is_reward_function(key) else None
             if std_key and std_key in series:
                 _band(ax, series[key], series[std_key], line.get_color())
+        steps_here = {s for key in panel.keys for s in series.get(key, ([], []))[0]}
+        if len(steps_here) == 1:  # one point: whole steps around it
+            (only,) = steps_here
+            ax.set_xlim(only - 1, only + 1)
         ax.set_title(panel.title, fontsize=10)
         ax.set_xlabel("step", fontsize=8)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -279,6 +283,10 @@ def _bar_slot(key: str) -> tuple[str, str, int] | None:
         k = k.removeprefix(prefix)
     parts = k.split("/")
     last = parts[-1]
+    if last == "n" or last.endswith("_n"):  # sample counts
+        return None
+    if parts[0] == "seconds" or k in ("seconds", "wall_s", "wall_time", "time_s"):
+        return "seconds", parts[-1] if len(parts) > 1 else "wall time", 0
     if last in ("chair_i", "chair_s") or (parts[0] == "chair" and last == "recall"):
         label, order = _CHAIR_LABELS[last]
         return "chair", label, order
@@ -290,12 +298,10 @@ def _bar_slot(key: str) -> tuple[str, str, int] | None:
         return "tasks", task, _TASKS.index(task)
     if parts[0] == "task" and len(parts) == 2:
         return "tasks", last, len(_TASKS)
-    if (parts[0] == "kl" and len(parts) > 1 and last != "n" and not last.endswith("_n")) or k in ("kl", "kl_from_base"):
+    if (parts[0] == "kl" and len(parts) > 1) or k in ("kl", "kl_from_base"):
         return "kl", k, 0
     if k == "win_rate":
         return "win-rate", "win rate", 0
-    if k in ("seconds", "wall_s", "wall_time", "time_s"):
-        return "seconds", "wall time", 0
     return None
 
 
