@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -18,7 +19,7 @@ STAGES = ["world", "sft", "eval-base", "pairs", "dpo", "eval-dpo", "grpo", "eval
 
 
 def _demo(out: Path, *extra: str) -> dict:
-    args = ["--quick", "--model=tiny:gemma3:tiny", f"--output_dir={out}", "--report=false", *extra]
+    args = ["--quick", "--model=tiny:gemma3:tiny", f"--output_dir={out}", *extra]
     return demo.run(load_config(demo.Config, None, args))
 
 
@@ -58,6 +59,15 @@ def test_every_stage_runs_and_the_summary_holds_the_table(quick_demo: Path) -> N
         assert stage["metrics"]["seconds/train"] > 0
         assert (quick_demo / stage["folder"] / "model" / "config.json").exists()
     assert set(summary["stage_seconds"]) == set(STAGES)
+    for stage in summary["stages"]:
+        for key, value in stage["metrics"].items():
+            assert math.isfinite(value), (stage["stage"], key)
+    # the report: one section per stage's curves, the summary table, bars and the gallery
+    page = (quick_demo / "report.html").read_text()
+    for section in ("summary", "evaluation", "stage-base", "stage-dpo", "stage-grpo", "gallery"):
+        assert f'<section id="{section}"' in page, section
+    assert page.count("data:image/png;base64,") >= 10
+    assert "gallery" in page.lower()
     # the pairs of both sources reach DPO, in one file
     sources = {json.loads(line)["source"] for line in (quick_demo / "pairs" / "train.jsonl").read_text().splitlines()}
     assert len(sources) >= 2, sources

@@ -302,7 +302,7 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli_main(["report", f"--run_dir={tmp_path}"]) == 2
     assert "nothing to report" in capsys.readouterr().err
     write_jsonl(tmp_path / "metrics.jsonl", [{"step": 1, "train/loss": 1.0}])
-    assert cli_main(["report", f"--run_dir={tmp_path}"]) == 0
+    assert cli_main(["report", str(tmp_path)]) == 0  # the folder as a bare argument
     assert (tmp_path / "report.html").is_file() and (tmp_path / "report" / "loss.png").is_file()
 
 

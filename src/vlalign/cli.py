@@ -14,6 +14,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import sys
+from typing import Any
 
 from vlalign.config import ConfigError, format_help, load_config
 
@@ -43,6 +44,17 @@ def _usage() -> str:
     )
 
 
+def _positional(module: Any, args: list[str]) -> list[str]:
+    """Leading bare arguments as the command's ``POSITIONAL`` fields: ``report DIR`` = ``report --run_dir=DIR``."""
+    names = getattr(module, "POSITIONAL", ())
+    out = list(args)
+    for i, name in enumerate(names[: len(out)]):
+        if out[i].startswith("-"):
+            break
+        out[i] = f"--{name}={out[i]}"
+    return out
+
+
 def _exists(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
@@ -68,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         print("options (YAML keys in --config files, or --key=value on the command line):")
         print(format_help(module.Config))
         return 0
+    rest = _positional(module, rest)
     config_path, overrides = _split_config_flag(rest)
     try:
         cfg = load_config(module.Config, config_path, overrides)
