@@ -64,7 +64,7 @@ def _world_defaults() -> dict[str, Any]:
 
 
 def _sft_defaults() -> dict[str, Any]:
-    return {"train.max_steps": 1200, "train.batch_size": 16, "train.lr": 1e-3, "train.warmup_ratio": 0.03,
+    return {"train.max_steps": 900, "train.batch_size": 16, "train.lr": 5e-4, "train.warmup_ratio": 0.03,
             "train.save_every": 200, "train.log_every": 20, "data.eval_limit": 128}  # fmt: skip
 
 
@@ -77,14 +77,14 @@ def _rank_defaults() -> dict[str, Any]:
 
 
 def _dpo_defaults() -> dict[str, Any]:
-    return {"loss.weights": {"mdpo": 1.0}, "loss.beta": 0.1, "train.max_steps": 300, "train.batch_size": 16,
-            "train.lr": 1e-4, "train.save_every": 100, "train.log_every": 10, "data.eval": ""}  # fmt: skip
+    return {"loss.weights": {"mdpo": 1.0}, "loss.beta": 0.1, "train.max_steps": 150, "train.batch_size": 16,
+            "train.lr": 5e-5, "train.save_every": 100, "train.log_every": 10, "data.eval": ""}  # fmt: skip
 
 
 def _grpo_defaults() -> dict[str, Any]:
     return {"grpo.tasks": ["counting"], "rewards.weights": {"count_match": 1.0}, "rollout.n": 8,
             "rollout.max_new_tokens": 4, "update.kl_coef": 0.0, "update.log_kl": False, "train.batch_size": 16,
-            "train.max_steps": 40, "train.lr": 2e-4, "train.schedule": "constant", "train.warmup_ratio": 0.0,
+            "train.max_steps": 60, "train.lr": 5e-5, "train.schedule": "constant", "train.warmup_ratio": 0.0,
             "train.save_every": 20, "train.log_every": 5, "eval_tasks": []}  # fmt: skip
 
 
@@ -124,7 +124,7 @@ class Config:
     world: dict[str, Any] = field(default_factory=_world_defaults)
     """WorldConfig settings of the shapes world ({n_train: 10000, image_size: 96 ...})."""
     sft: dict[str, Any] = field(default_factory=_sft_defaults)
-    """vlalign sft settings ({train.max_steps: 1200, train.lr: 0.001 ...})."""
+    """vlalign sft settings ({train.max_steps: 900, train.lr: 0.0005 ...})."""
     inject: dict[str, Any] = field(default_factory=_inject_defaults)
     """vlalign pairs --method=inject settings (hallucination injection from the training descriptions)."""
     rank: dict[str, Any] = field(default_factory=_rank_defaults)
@@ -291,9 +291,13 @@ def run(cfg: Config) -> dict[str, Any]:
     prints: dict[str, str] = {}
     records: dict[str, dict[str, Any]] = {}
     total = time.perf_counter()
+    ran: set[str] = set()
     for stage in stages:
         prints[stage.name] = _fingerprint(stage, [prints[a] for a in stage.after])
-        records[stage.name], _ = run_stage(stage, root / stage.name, prints[stage.name], force=stage.name in cfg.rerun)
+        force = stage.name in cfg.rerun or any(a in ran for a in stage.after)  # a rerun's successors follow
+        records[stage.name], did_run = run_stage(stage, root / stage.name, prints[stage.name], force=force)
+        if did_run:
+            ran.add(stage.name)
     summary = summarise(stages, records)
     summary["total_seconds"] = time.perf_counter() - total
     (root / SUMMARY_FILE).write_text(json.dumps(summary, indent=1) + "\n")

@@ -96,6 +96,9 @@ def test_inject_short_answers(scenes: list[SupervisedSample]) -> None:
     assert injector.short_answer(no, "No", ann, rng).text == "Yes"
     yes = scene("a", ["red circle"], "Yes", task="existence")
     assert injector.short_answer(yes, "Yes", ann, rng) == "asks about a present object"
+    denying = Injector(VOCAB, ObjectStats.from_samples(scenes), deny_present=True)
+    assert denying.short_answer(yes, "Yes", ann, rng).text == "No"  # a present object denied
+    assert denying.short_answer(no, "No", ann, rng).text == "Yes"
     count = scene("a", ["red circle"], "1", task="counting", question_shape="circle")
     assert injector.short_answer(count, "1", ann, rng).text == "2"
     colour = scene("a", ["red circle"], "red", task="colour", question_shape="circle")
@@ -105,7 +108,7 @@ def test_inject_short_answers(scenes: list[SupervisedSample]) -> None:
 def test_inject_pairs_dataset(scenes: list[SupervisedSample]) -> None:
     rows = scenes + [scene("a", ["red circle"], "No", task="existence", question_object="blue square"),
                      scene("a", ["red circle"], "Yes", task="existence")]  # fmt: skip
-    pairs, stats = inject_pairs(rows, VOCAB, InjectConfig(probes_per_image=1, seed=0))
+    pairs, stats = inject_pairs(rows, VOCAB, InjectConfig(probes_per_image=1, seed=0, balance_existence=False))
     assert stats.inputs == 6 and stats.dropped == {"asks about a present object": 1}
     assert stats.made == len(pairs) == 5 + 4  # 5 injections + one probe per image
     for p in pairs:
@@ -114,8 +117,23 @@ def test_inject_pairs_dataset(scenes: list[SupervisedSample]) -> None:
     probe = next(p for p in pairs if p.id == "a/probe/0")
     assert (probe.chosen, probe.rejected, probe.meta["question_object"]) == ("No", "Yes", "blue square")
     assert probe.prompt[0]["content"][-1]["text"] == "Is there a blue square in the image?"
-    again, _ = inject_pairs(rows, VOCAB, InjectConfig(probes_per_image=1, seed=0))
+    again, _ = inject_pairs(rows, VOCAB, InjectConfig(probes_per_image=1, seed=0, balance_existence=False))
     assert [(p.id, p.rejected) for p in again] == [(p.id, p.rejected) for p in pairs]
+
+
+def test_balanced_existence_pairs_prefer_yes_as_often_as_no(scenes: list[SupervisedSample]) -> None:
+    """With balance_existence (the default) the existence pairs do not all prefer "No": the row about
+    a present object gives (Yes > No), and every image gets a present-object probe beside its absent one."""
+    rows = scenes + [scene("a", ["red circle"], "No", task="existence", question_object="blue square"),
+                     scene("a", ["red circle"], "Yes", task="existence", question_object="red circle")]  # fmt: skip
+    pairs, stats = inject_pairs(rows, VOCAB, InjectConfig(probes_per_image=1, seed=0))
+    assert stats.dropped == {}
+    existence = [p for p in pairs if p.meta.get("task") == "existence"]
+    assert sorted((p.chosen, p.rejected) for p in existence).count(("Yes", "No")) == len(existence) // 2
+    assert len(existence) == 2 + 2 * 4  # the two rows, then one absent and one present probe per image
+    present = next(p for p in pairs if p.id == "a/probe-present/0")
+    assert (present.chosen, present.rejected, present.meta["question_object"]) == ("Yes", "No", "red circle")
+    assert stats.made == len(pairs) == 4 + 2 + 2 * 4
 
 
 def test_inject_without_annotations_is_a_clear_error() -> None:

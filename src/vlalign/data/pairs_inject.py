@@ -16,12 +16,13 @@ canonically, so the rejected caption reads exactly like a model's caption
 becomes ``"The image shows a red circle, a blue square and a green triangle."``); any other text
 is edited in place (a phrase inserted after the last mention, an attribute or a count word
 replaced). Short answers become wrong answers of the same kind: existence ``No`` -> ``Yes``
-(an absent object affirmed; questions about present objects are skipped), a count off by one,
+(an absent object affirmed) and, with ``balance_existence``, ``Yes`` -> ``No`` (a present
+object denied; without it questions about present objects are skipped), a count off by one,
 another colour whose object is absent.
 
 ``probes_per_image`` adds, per distinct image, existence questions about the absent objects that
 co-occur most with those present (chosen ``No``, rejected ``Yes``): POPE's adversarial setting,
-as training pairs.
+as training pairs; with ``balance_existence``, as many about present objects (chosen ``Yes``).
 
 Everything needs object annotations (``meta["objects"]``) and an object vocabulary with
 synonyms (:class:`~vlalign.eval.parsing.ObjectVocabulary`); a row without annotations is a
@@ -61,6 +62,10 @@ class InjectConfig:
     false draws them uniformly."""
     probes_per_image: int = 0
     """Extra existence-question pairs per distinct image about co-occurring absent objects (chosen No, rejected Yes)."""
+    balance_existence: bool = True
+    """Existence pairs about present objects too (chosen Yes, rejected No: a present object denied),
+    and as many present-object probes as absent ones, so that the pairs do not teach "always No"
+    (false: only absent objects, the POVID / HA-DPO setting)."""
     probe_question: str = "Is there {article} {object} in the image?"
     """Question template of the probes ({article} is a/an, {object} the object name)."""
     yes: str = "Yes"
@@ -185,10 +190,12 @@ class Injection:
 class Injector:
     """Makes rejected responses for one dataset (vocabulary + co-occurrence statistics)."""
 
-    def __init__(self, vocab: ObjectVocabulary, stats: ObjectStats, *, prefer_cooccurring: bool = True) -> None:
+    def __init__(self, vocab: ObjectVocabulary, stats: ObjectStats, *, prefer_cooccurring: bool = True,
+                 deny_present: bool = False) -> None:  # fmt: skip
         self.vocab = vocab
         self.stats = stats
         self.prefer = prefer_cooccurring
+        self.deny_present = deny_present
 
     # descriptions ---------------------------------------------------------------------------
 
@@ -259,10 +266,14 @@ class Injector:
         task = task_of(sample)
         meta = sample.meta
         if task == "existence":
-            if answer.strip().lower().rstrip(".") != "no":
+            said = answer.strip().lower().rstrip(".")
+            if said == "no":
+                flipped = ("Yes" if answer.strip()[0].isupper() else "yes") + answer.strip()[2:]
+                return Injection(flipped, "add", str(meta.get("question_object", "")))
+            if said != "yes" or not self.deny_present:
                 return "asks about a present object"
-            flipped = ("Yes" if answer.strip()[0].isupper() else "yes") + answer.strip()[2:]
-            return Injection(flipped, "add", str(meta.get("question_object", "")))
+            denied = ("No" if answer.strip()[0].isupper() else "no") + answer.strip()[3:]
+            return Injection(denied, "deny", str(meta.get("question_object", "")))
         if task == "counting":
             stripped = answer.strip().rstrip(".")
             words = {w: i for i, w in enumerate(NUMBER_WORDS)}
@@ -335,7 +346,8 @@ def inject_pairs(
     if bad or not cfg.kinds:
         raise ValueError(f"inject kinds {bad or '()'}: choose from {INJECTION_KINDS}")
     object_stats = ObjectStats.from_samples(samples)
-    injector = Injector(vocab, object_stats, prefer_cooccurring=cfg.prefer_cooccurring)
+    injector = Injector(vocab, object_stats, prefer_cooccurring=cfg.prefer_cooccurring,
+                        deny_present=cfg.balance_existence)
     stats = PairStats(method="hallucination injection")
     pairs: list[PreferenceSample] = []
     for sample in samples:
@@ -360,7 +372,8 @@ def inject_pairs(
 
 def probe_pairs(samples: Sequence[Any], object_stats: ObjectStats, vocab: ObjectVocabulary, cfg: InjectConfig,
                 stats: PairStats) -> list[PreferenceSample]:  # fmt: skip
-    """Existence questions about co-occurring absent objects, one image at a time (chosen: no)."""
+    """Existence questions about co-occurring absent objects, one image at a time (chosen: no);
+    with ``cfg.balance_existence`` as many about present objects (chosen: yes)."""
     out: list[PreferenceSample] = []
     done: set[str] = set()
     for sample in samples:
@@ -381,4 +394,16 @@ def probe_pairs(samples: Sequence[Any], object_stats: ObjectStats, vocab: Object
             prompt = user_prompt(question, len(sample.images))
             out.append(PreferenceSample(f"{key}/probe/{k}", list(sample.images), prompt, cfg.no, cfg.yes, meta))
             stats.add("inject-probe", 1.0)
+        if not cfg.balance_existence:
+            continue
+        present = sorted(ann.objects)
+        rng.shuffle(present)
+        for k, name in enumerate(present[: min(cfg.probes_per_image, len(ranked))]):
+            question = cfg.probe_question.format(article=article(name), object=name)
+            meta = pair_meta(sample.meta, source="inject-probe-present", task="existence", answer=cfg.yes,
+                             question_object=name, injected=f"{name} denied", margin=1.0)  # fmt: skip
+            meta.pop("question_shape", None)
+            prompt = user_prompt(question, len(sample.images))
+            out.append(PreferenceSample(f"{key}/probe-present/{k}", list(sample.images), prompt, cfg.yes, cfg.no, meta))
+            stats.add("inject-probe-present", 1.0)
     return out
