@@ -73,18 +73,18 @@ def _inject_defaults() -> dict[str, Any]:
 
 
 def _rank_defaults() -> dict[str, Any]:
-    return {"rank.n": 4, "rank.scorer": "ground_truth", "rank.max_new_tokens": 40, "limit": 256}
+    return {"rank.n": 4, "rank.scorer": "ground_truth", "rank.max_new_tokens": 40, "limit": 1024}
 
 
 def _dpo_defaults() -> dict[str, Any]:
-    return {"loss.weights": {"mdpo": 1.0}, "loss.beta": 0.1, "train.max_steps": 150, "train.batch_size": 16,
+    return {"loss.weights": {"mdpo": 1.0, "nll": 1.0}, "loss.beta": 0.1, "train.max_steps": 150, "train.batch_size": 16,
             "train.lr": 5e-5, "train.save_every": 100, "train.log_every": 10, "data.eval": ""}  # fmt: skip
 
 
 def _grpo_defaults() -> dict[str, Any]:
     return {"grpo.tasks": ["counting"], "rewards.weights": {"count_match": 1.0}, "rollout.n": 8,
-            "rollout.max_new_tokens": 4, "update.kl_coef": 0.0, "update.log_kl": False, "train.batch_size": 16,
-            "train.max_steps": 60, "train.lr": 5e-5, "train.schedule": "constant", "train.warmup_ratio": 0.0,
+            "rollout.max_new_tokens": 4, "update.kl_coef": 0.1, "train.batch_size": 16,
+            "train.max_steps": 60, "train.lr": 3e-5, "train.schedule": "constant", "train.warmup_ratio": 0.0,
             "train.save_every": 20, "train.log_every": 5, "eval_tasks": []}  # fmt: skip
 
 
@@ -168,6 +168,15 @@ def _merged(cfg: Config, part: str) -> dict[str, Any]:
     return {**base, **user, **(QUICK.get(part, {}) if cfg.quick else {}), **changed}
 
 
+def _builder_version(model: str) -> int | None:
+    """The tiny-model builder's version for a ``tiny:`` model (a new version means new weights)."""
+    if not model.startswith("tiny:"):
+        return None
+    from vlalign.models.tiny import BUILDER_VERSION
+
+    return BUILDER_VERSION
+
+
 def _recipe(module: Any, settings: dict[str, Any], **fixed: Any) -> dict[str, Any]:
     recipe_cfg = load_config(module.Config, None, _args({**settings, **fixed}))
     return module.run(recipe_cfg) or {}
@@ -220,7 +229,7 @@ def build_stages(cfg: Config) -> list[Stage]:
     world_settings = {"seed": cfg.seed, **_merged(cfg, "world")}
     return [
         Stage("world", world_settings, [], world_action),
-        Stage("sft", {"model": cfg.model, **common, **_merged(cfg, "sft")}, ["world"],
+        Stage("sft", {"model": cfg.model, "tiny_builder": _builder_version(cfg.model), **common, **_merged(cfg, "sft")}, ["world"],
               train(sft, "sft", cfg.model, {"data.train": str(world / "train_sft.jsonl"),
                                             "data.eval": str(world / "validation.jsonl")})),
         Stage("eval-base", suite, ["sft"], eval_action(base), label="base"),

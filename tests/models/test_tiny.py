@@ -19,6 +19,7 @@ from vlalign.models.tiny import (
     build_tiny_model,
     image_tokens,
     make_processor,
+    sincos_2d,
 )
 from vlalign.models.tiny_tokenizer import FAMILY_OF_ARCH, train_tokenizer
 
@@ -99,6 +100,28 @@ def test_no_weight_matrix_left_at_zero(tiny_model_dir):
     gemma = load_file(tiny_model_dir("gemma3") / "model.safetensors")
     projection = [v for k, v in gemma.items() if k.endswith("mm_input_projection_weight")]
     assert len(projection) == 1 and projection[0].std() > 0.01
+
+
+def test_sincos_2d_hand_values():
+    """side 2, dim 4 (one frequency, w = 1): rows are (x, y) = (0,0), (1,0), (0,1), (1,1) and each
+    row is [sin x, cos x, sin y, cos y]; e.g. (1, 0) -> [sin 1, cos 1, 0, 1]."""
+    s1, c1 = torch.sin(torch.tensor(1.0)).item(), torch.cos(torch.tensor(1.0)).item()
+    expected = torch.tensor([[0, 1, 0, 1], [s1, c1, 0, 1], [0, 1, s1, c1], [s1, c1, s1, c1]])
+    torch.testing.assert_close(sincos_2d(2, 4), expected, rtol=0, atol=1e-7)
+    with pytest.raises(ValueError, match="divisible by 4"):
+        sincos_2d(2, 6)
+
+
+def test_vision_position_tables_start_geometric(tiny_model_dir):
+    """SigLIP (Gemma3, Idefics3) and CLIP (LLaVA, class row zero) position tables are 2-D sin-cos codes."""
+    for arch in ("gemma3", "idefics3", "llava"):
+        weights = load_file(tiny_model_dir(arch) / "model.safetensors")
+        (table,) = [v for k, v in weights.items() if k.endswith("position_embedding.weight") and "vision" in k]
+        side = int(table.shape[0] ** 0.5)
+        patches = table[table.shape[0] - side * side:]
+        torch.testing.assert_close(patches, sincos_2d(side, table.shape[1]), rtol=0, atol=0)
+        if table.shape[0] == side * side + 1:
+            assert not bool(table[0].any())  # CLIP's class-token row
 
 
 def test_build_is_deterministic_and_cached(tmp_path):

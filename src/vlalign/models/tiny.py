@@ -23,7 +23,14 @@ Architectures: ``qwen2_vl``, ``qwen2_5_vl``, ``llava`` (CLIP vision tower + Llam
 
 What a random init leaves degenerate is repaired (:func:`_repair_degenerate_init`): Gemma3
 initialises its multimodal projection to zeros, which would make every output independent of
-the image. The tests check that each built model's output depends on its image.
+the image. The tests check that each built model's output depends on its image. Learned
+absolute position embeddings of the vision towers (SigLIP in Gemma3 and Idefics3, CLIP in
+LLaVA) start as 2-D sine-cosine patterns (:func:`sincos_2d`) instead of small noise: at the
+default scale the noise is about ten times weaker than a patch's content, so the tower starts
+as a bag of patches and must discover the image's geometry before it can tell shapes apart
+(measured on the shapes world, ``small`` Gemma3, batch 16, lr 5e-4: colour accuracy 0.69
+after 300 steps against 0.57 with the default init). Qwen's vision towers use 2-D rotary
+positions and need no repair.
 
 Building is deterministic (same arch, size and seed give byte-identical weights) and cached:
 ``out_dir`` holds a ``vlalign_tiny.json`` stamp, and a second build of the same
@@ -73,7 +80,7 @@ from vlalign.models.tiny_tokenizer import FAMILY_OF_ARCH, SPECS, train_tokenizer
 ARCHITECTURES: tuple[str, ...] = ("qwen2_vl", "qwen2_5_vl", "llava", "idefics3", "gemma3")
 """Architectures :func:`build_tiny_model` knows."""
 
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2
 """Bumped whenever a build's output changes, so that stale cached folders are rebuilt."""
 
 STAMP_FILE = "vlalign_tiny.json"
@@ -373,6 +380,44 @@ def _repair_degenerate_init(model: PreTrainedModel, *, std: float) -> list[str]:
     return repaired
 
 
+def sincos_2d(side: int, dim: int) -> torch.Tensor:
+    """``(side * side, dim)`` 2-D sine-cosine position codes, row-major (x fastest), values in [-1, 1].
+
+    A quarter of the channels each hold ``sin(x w_k)``, ``cos(x w_k)``, ``sin(y w_k)`` and
+    ``cos(y w_k)`` with ``w_k = 10000^(-k / (dim / 4))`` (the 2-D form of the Transformer's codes).
+    """
+    if dim % 4:
+        raise ValueError(f"2-D sine-cosine codes need a dimension divisible by 4, not {dim}")
+    quarter = dim // 4
+    omega = 10000.0 ** (-torch.arange(quarter, dtype=torch.float64) / quarter)  # (dim/4,)
+    ys, xs = torch.meshgrid(torch.arange(side, dtype=torch.float64), torch.arange(side, dtype=torch.float64),
+                            indexing="ij")  # fmt: skip
+    x, y = xs.reshape(-1, 1) * omega, ys.reshape(-1, 1) * omega  # (side^2, dim/4)
+    return torch.cat([x.sin(), x.cos(), y.sin(), y.cos()], dim=1).float()
+
+
+def _geometric_position_init(model: PreTrainedModel) -> list[str]:
+    """Set learned vision position embeddings (SigLIP / CLIP) to :func:`sincos_2d`; return their names.
+
+    A table of ``side^2`` rows is all patches; one of ``side^2 + 1`` rows (CLIP) starts with the
+    class token's row, which is set to zero.
+    """
+    done: list[str] = []
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if not name.endswith("position_embedding.weight") or "vision" not in name or param.ndim != 2:
+                continue
+            rows, dim = param.shape
+            side = math.isqrt(rows)
+            extra = rows - side * side
+            if extra not in (0, 1) or dim % 4:
+                continue
+            param.zero_()
+            param[extra:] = sincos_2d(side, dim)
+            done.append(name)
+    return done
+
+
 def _generation_config(tok: PreTrainedTokenizerFast, arch: str) -> GenerationConfig:
     spec = SPECS[FAMILY_OF_ARCH[arch]]
     stops = sorted({tok.convert_tokens_to_ids(spec.eos), tok.convert_tokens_to_ids(spec.end_of_turn)})
@@ -420,6 +465,7 @@ def build_tiny_model(arch: str, size: str, out_dir: str | Path, *, seed: int = 0
         torch.manual_seed(seed)
         model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
         _repair_degenerate_init(model, std=1.0 / math.sqrt(SIZES[size].vision_hidden))
+        _geometric_position_init(model)
     model.generation_config = _generation_config(tok, arch)
     model.save_pretrained(out)
     processor.save_pretrained(out)
