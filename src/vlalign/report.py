@@ -124,8 +124,10 @@ def _data_folder(data: Any, bases: list[Path]) -> Path | None:
         return cache_dir() / "shapes-default"
     path = Path(data)
     candidates = [path]
-    if not path.is_absolute():  # relative to where the evaluation ran: try the folders we know, and its tails
-        candidates += [b / Path(*path.parts[i:]) for i in range(len(path.parts)) for b in bases]
+    if not path.is_absolute():  # relative to where the evaluation ran: the folders we know (and the path's
+        # tails under them) come first, so that a folder of the same name under today's working directory
+        # (another run's) is not taken for this run's
+        candidates = [b / Path(*path.parts[i:]) for i in range(len(path.parts)) for b in bases] + [path]
     for candidate in candidates:
         if candidate.exists():
             return candidate if candidate.is_dir() else candidate.parent

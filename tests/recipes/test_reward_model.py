@@ -36,7 +36,7 @@ def pair_files(recipe_world: Path, tmp_path_factory) -> tuple[Path, Path]:
     out = tmp_path_factory.mktemp("rm-pairs")
     files = []
     for split in ("train", "validation"):
-        cfg = load_config(pairs_cli.Config, None, ["--method=inject", f"--data={recipe_world / f'{split}.jsonl'}",
+        cfg = load_config(pairs_cli.Config, None, ["--method=inject", "--inject.balance_existence=false", f"--data={recipe_world / f'{split}.jsonl'}",
                                                    f"--out={out / f'{split}.jsonl'}"])  # fmt: skip
         pairs_cli.run(cfg)
         files.append(out / f"{split}.jsonl")
