@@ -8,7 +8,8 @@ Stages, in order (each a folder of the demo folder, ``runs/demo`` unless told ot
     pairs      preference pairs: hallucination injection + sample-and-rank from the base model
     dpo        DPO with mDPO's image-conditioned term, from the base model
     eval-dpo   the suite on the DPO model (KL from the base model)
-    grpo       GRPO with the count reward on counting questions, from the DPO model
+    grpo       GRPO with verifiable rewards on the short-answer questions (counting, colour,
+               existence: count, colour and yes/no match), from the DPO model
     eval-grpo  the suite on the GRPO model (KL from the base model)
     report     report.html (curves, before/after bars, a gallery of descriptions)
 
@@ -82,7 +83,7 @@ def _dpo_defaults() -> dict[str, Any]:
 
 
 def _grpo_defaults() -> dict[str, Any]:
-    return {"grpo.tasks": ["counting"], "rewards.weights": {"count_match": 1.0}, "rollout.n": 8,
+    return {"grpo.tasks": ["counting", "colour", "existence"], "rewards.weights": {"shapes_answer": 1.0}, "rollout.n": 8,
             "rollout.max_new_tokens": 4, "update.kl_coef": 0.1, "train.batch_size": 16,
             "train.max_steps": 60, "train.lr": 3e-5, "train.schedule": "constant", "train.warmup_ratio": 0.0,
             "train.save_every": 20, "train.log_every": 5, "eval_tasks": []}  # fmt: skip
@@ -132,7 +133,8 @@ class Config:
     dpo: dict[str, Any] = field(default_factory=_dpo_defaults)
     """vlalign dpo settings (default: mDPO from the base model on both pair sets)."""
     grpo: dict[str, Any] = field(default_factory=_grpo_defaults)
-    """vlalign grpo settings (default: count reward on counting prompts, from the DPO model)."""
+    """vlalign grpo settings (default: the shapes_answer reward (count / colour / yes-no match) on
+    counting, colour and existence prompts, from the DPO model; counting alone shortened descriptions)."""
     suite: dict[str, Any] = field(default_factory=_suite_defaults)
     """Evaluation-suite settings shared by the three evaluations (see vlalign eval --help)."""
     report: bool = True
