@@ -15,7 +15,8 @@ from vlalign.data.schema import PromptSample, user_prompt
 from vlalign.models.heads import RewardModel, RewardModelInfo, load_head, new_head, save_reward_model
 from vlalign.models.logprobs import completion_logprobs
 from vlalign.recipes import ppo
-from vlalign.recipes.rl_common import Rollouts, UpdateContext, update
+from vlalign.recipes.rl_common import Rollouts
+from vlalign.recipes.rl_update import UpdateContext, update
 from vlalign.train import Run, TrainConfig, read_metrics
 
 

@@ -18,17 +18,14 @@ from vlalign.models.tiny import ARCHITECTURES
 from vlalign.recipes.rl_common import (
     PolicyUpdateConfig,
     Rollouts,
-    UpdateContext,
     advantages,
     global_masked_moments,
     group_filter_mask,
-    micro_batch_groups,
     policy_logprobs,
-    policy_loss_terms,
     rollout_seed,
     score,
-    update,
 )
+from vlalign.recipes.rl_update import UpdateContext, micro_batch_groups, policy_loss_terms, update
 from vlalign.rewards import RewardError, build_reward
 from vlalign.train import Run, TrainConfig
 

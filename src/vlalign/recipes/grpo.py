@@ -59,7 +59,6 @@ from vlalign.recipes.rl_common import (
     AdvantageName,
     PolicyUpdateConfig,
     Rollouts,
-    UpdateContext,
     advantages,
     global_masked_moments,
     group_filter_mask,
@@ -72,8 +71,8 @@ from vlalign.recipes.rl_common import (
     rollout_seed,
     score,
     token_kl,
-    update,
 )
+from vlalign.recipes.rl_update import UpdateContext, update
 from vlalign.rewards import RewardScores, RewardsConfig, build_reward_from_config
 from vlalign.rollout import GenerationSettings
 from vlalign.train import BatchPlan, Run, TrainConfig, build_optimizer, build_scheduler, check_finite, total_steps

@@ -73,7 +73,6 @@ from vlalign.recipes.grpo import CompletionLog
 from vlalign.recipes.rl_common import (
     PolicyUpdateConfig,
     Rollouts,
-    UpdateContext,
     global_masked_moments,
     mean_over_processes,
     policy_logprobs,
@@ -83,8 +82,8 @@ from vlalign.recipes.rl_common import (
     rollout_seed,
     score,
     token_kl,
-    update,
 )
+from vlalign.recipes.rl_update import UpdateContext, update
 from vlalign.rewards import RewardsConfig, build_reward_from_config
 from vlalign.rollout import GenerationSettings
 from vlalign.train import BatchPlan, Run, TrainConfig, build_optimizer, build_scheduler, check_finite, total_steps
@@ -348,7 +347,7 @@ def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> Tensor:
 
 
 def value_term(critic: nn.Module, cfg: Config, pad_token_id: int):
-    """The ``extra_loss`` hook of :func:`~vlalign.recipes.rl_common.update`: vf_coef times the clipped value
+    """The ``extra_loss`` hook of :func:`~vlalign.recipes.rl_update.update`: vf_coef times the clipped value
     loss, token mean over the optimiser step's global token count."""
     shared = cfg.critic.shared
 
