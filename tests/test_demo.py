@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -103,6 +108,34 @@ def test_an_interrupted_stage_resumes_from_its_checkpoint(quick_demo: Path, caps
     steps = [json.loads(line)["step"] for line in (grpo / "metrics.jsonl").read_text().splitlines()]
     assert steps == steps_before  # the resumed run logged no step twice
     assert (grpo / "model" / "config.json").exists()
+
+
+def test_a_killed_demo_resumes_from_the_sft_checkpoint(tmp_path: Path, capsys) -> None:
+    """SIGKILL during the SFT stage (after its step-30 checkpoint), then the demo again: the world
+    is reused, SFT resumes from its checkpoint (no step logged twice) and every stage finishes."""
+    out = tmp_path / "demo"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLALIGN_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    args = ["--quick", "--model=tiny:gemma3:tiny", f"--output_dir={out}", "--report=false"]
+    proc = subprocess.Popen([sys.executable, "-m", "vlalign.cli", "demo", *args], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    marker = out / "sft" / "checkpoints" / "step-0000030" / "state.json"
+    deadline = time.time() + 240
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert marker.exists(), "the demo never wrote the SFT step-30 checkpoint"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "sft" / demo.STAGE_FILE).exists()  # killed inside the stage
+    world_done = (out / "world" / demo.STAGE_FILE).stat().st_mtime_ns
+
+    _demo(out)
+    printed = capsys.readouterr().out
+    assert "[demo] world: up to date" in printed and "[demo] sft: resuming" in printed
+    assert (out / "world" / demo.STAGE_FILE).stat().st_mtime_ns == world_done
+    rows = [json.loads(line) for line in (out / "sft" / "metrics.jsonl").read_text().splitlines()]
+    train_steps = [r["step"] for r in rows if "train/loss" in r]
+    assert train_steps == sorted(set(train_steps)) and train_steps[-1] == 60  # none twice, through the end
+    assert all((out / s / demo.STAGE_FILE).exists() for s in STAGES)
 
 
 def test_cli_help_and_unknown_stage(tmp_path: Path, capsys) -> None:
