@@ -3,7 +3,7 @@
 Recipes accept two shorthand sources besides ordinary paths, so that every command runs out of
 the box on a laptop:
 
-* ``tiny:<arch>:<size>`` as a model (e.g. ``tiny:qwen2_vl:small``, the demo model): built offline
+* ``tiny:<arch>:<size>`` as a model (e.g. ``tiny:gemma3:small``, the demo model): built offline
   by :func:`vlalign.models.tiny.build_tiny_model` into the cache and loaded from there;
 * ``shapes:<file>`` as a dataset (e.g. ``shapes:train.jsonl``, ``shapes:test_prompts.jsonl``,
   ``shapes:pope_test_adversarial.jsonl``): the default shapes world, written once into the cache.
@@ -49,9 +49,10 @@ def resolve_data(path: str) -> str:
     from vlalign.data.world import WorldConfig, write_world
 
     folder = cache_dir() / "shapes-default"
-    if not (folder / "manifest.json").is_file():
-        write_world(WorldConfig(), str(folder), overwrite=True)
     target = folder / path[len(SHAPES_PREFIX):]
+    if not (folder / "manifest.json").is_file() or not target.exists():
+        # first use, or a world cached by an older vlalign that did not write this file yet
+        write_world(WorldConfig(), str(folder), overwrite=True)
     if not target.exists():
         available = sorted(p.name for p in folder.glob("*.jsonl"))
         raise FileNotFoundError(f"{path!r}: the shapes world has no file {target.name!r}; available: {', '.join(available)}")

@@ -24,8 +24,8 @@ logger = logging.getLogger("vlalign")
 class ModelConfig:
     """The policy model: where it comes from and how it trains."""
 
-    name_or_path: str = "tiny:qwen2_vl:small"
-    """A local folder, a hub name, or tiny:<arch>:<size> (built offline; the demo model is tiny:qwen2_vl:small)."""
+    name_or_path: str = "tiny:gemma3:small"
+    """A local folder, a hub name, or tiny:<arch>:<size> (built offline; the demo model is tiny:gemma3:small)."""
     dtype: str = "auto"
     """Weights dtype: auto (bf16 on GPUs that support it, else float32), float32, bfloat16, float16."""
     device: str = "auto"

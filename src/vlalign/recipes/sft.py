@@ -32,14 +32,19 @@ def _sft_train_defaults() -> TrainConfig:
     return TrainConfig(output_dir="runs/sft", lr=1e-3, batch_size=16, epochs=3.0, warmup_ratio=0.05, log_every=10, save_every=100)
 
 
+def _sft_data_defaults() -> DataConfig:
+    return DataConfig(train="shapes:train_sft.jsonl")
+
+
 @dataclass
 class Config:
     """Supervised fine-tuning."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     """The model to fine-tune."""
-    data: DataConfig = field(default_factory=DataConfig)
-    """Supervised data: columns prompt/completion (or messages) and images."""
+    data: DataConfig = field(default_factory=_sft_data_defaults)
+    """Supervised data: columns prompt/completion (or messages) and images (default: the shapes world's
+    descriptions and per-scene question conversations)."""
     train: TrainConfig = field(default_factory=_sft_train_defaults)
     """The training loop."""
     save: Literal["auto", "adapter", "merged", "full"] = "auto"
