@@ -28,16 +28,6 @@ QUESTIONS = ("Describe the image.", "How many squares are there?", "What colour 
              "Is there a red star in the image?", "Describe the image.")  # fmt: skip
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads; on a shared 2-core machine the threads'
-    synchronisation makes them about 10x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture
 def prompts(shape_images: list) -> list[PromptSample]:
     """Five prompts over the four shape images (the last repeats an image with another id)."""

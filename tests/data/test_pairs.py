@@ -11,7 +11,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from vlalign.cli import main
@@ -34,16 +33,6 @@ def scene(sid: str, names: list[str], completion: str, task: str = "describe", *
     return SupervisedSample(f"{sid}/{task}", [f"{sid}.png"], user_prompt(question), completion,
                             {"task": task, "scene_id": sid, "objects": sorted(set(names)), "scene_objects": objs,
                              "answer": completion, **meta})  # fmt: skip
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads; on a shared 2-core machine the threads'
-    synchronisation makes them about 10x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture

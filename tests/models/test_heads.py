@@ -33,15 +33,6 @@ from vlalign.models.logprobs import completion_logprobs
 TEXTS = [["The image shows a red circle.", "No"], ["Two squares and a very small green triangle."]]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from a second thread on the shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _batch(processor, images):
     samples = [PromptSample(id="a", images=[images[0]], prompt=user_prompt("Describe the image.")),
                PromptSample(id="b", images=[images[1], images[2]], prompt=user_prompt("How many squares?", 2))]

@@ -40,16 +40,6 @@ GROUP = ["Yes", "No", "A red disc.", "Two shapes: a disc and a square.", "3", "T
          "I see a triangle", "There is a yellow bar at the bottom of the image."]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from a second thread, and on a shared 2-core machine the
-    threads' synchronisation costs seconds per call; restored after this module."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _prompts(processor, images, n_images=(1, 2)):
     samples = [PromptSample(id=f"p{i}", images=[images[(i + j) % 4] for j in range(n)],
                             prompt=user_prompt(QUESTIONS[i % 2], n)) for i, n in enumerate(n_images)]

@@ -28,15 +28,6 @@ from vlalign.models.reference import (
 COMPLETIONS = [["Yes.", "No, a blue square."], ["A red disc and a bar.", "Nothing.", "Two shapes."]]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from a second thread on a shared 2-core machine (restored after)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture
 def forward_calls():
     """A list that grows by one at every top-level model forward (any instance)."""

@@ -305,11 +305,10 @@ def test_non_finite_loss_names_step_samples_and_checkpoint(tiny_model_dir, pair_
 
 
 @pytest.mark.slow
-def test_killed_run_resumes_to_the_same_weights(tiny_model_dir, pair_file, tmp_path, vlalign_process, monkeypatch):
+def test_killed_run_resumes_to_the_same_weights(tiny_model_dir, pair_file, tmp_path, vlalign_process):
     """mDPO (corrupted images made on the fly), killed with SIGKILL after its step-4 checkpoint and
     resumed, logs the losses of an uninterrupted run and ends with the same weights (bit for bit:
     the subprocesses run on one thread, like this one, so every sum is taken in the same order)."""
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     model_dir = tiny_model_dir("qwen2_vl")
     common = ["--loss.weights={mdpo: 1.0}", "--data.limit=16", "--train.batch_size=4", "--train.max_steps=8",
               "--train.save_every=2", "--train.keep_checkpoints=1", "--train.lr=1e-3"]

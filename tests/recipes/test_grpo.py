@@ -39,15 +39,6 @@ def fails_on_one(completion, sample):
 '''
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from a second thread on the shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def reward_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("grpo-rewards") / "my_rewards.py"
@@ -118,11 +109,10 @@ def test_lora_step_with_the_adapter_disabled_reference(tiny_model_dir, recipe_wo
 
 @pytest.mark.slow
 def test_killed_run_resumes_with_the_same_completions(tiny_model_dir, recipe_world, reward_file, tmp_path,
-                                                      vlalign_process, monkeypatch):
+                                                      vlalign_process):
     """Two epochs of two minibatches per step (off-policy reuse, old log-probs, shuffles), KL in the loss.
     A run killed (SIGKILL, in a subprocess) after its step-2 checkpoint and resumed samples, logs and
     trains exactly as an uninterrupted one: same completions, rewards, losses and final weights."""
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the subprocess computes with one thread, as this one
     model_dir = tiny_model_dir("qwen2_vl")
     common = [f"{reward_file}:parity", "--train.max_steps=4", "--train.save_every=2", "--train.keep_checkpoints=1",
               "--train.grad_accum=2", "--update.epochs=2", "--update.minibatches=2", "--update.kl_coef=0.05"]

@@ -20,15 +20,6 @@ from vlalign.recipes.rl_update import UpdateContext, update
 from vlalign.train import Run, TrainConfig, read_metrics
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from a second thread on the shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def reward_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
     """An (untrained) reward model folder on the tiny Qwen2-VL: a fixed, deterministic scorer."""

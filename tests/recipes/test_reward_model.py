@@ -21,15 +21,6 @@ from vlalign.rewards.model import RewardModelScorer, group_consecutive, load_rew
 from vlalign.train import read_metrics
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from a second thread on the shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def pair_files(recipe_world: Path, tmp_path_factory) -> tuple[Path, Path]:
     """Injected-hallucination pairs of the recipe world's train and validation splits."""
