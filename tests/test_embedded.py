@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
+from vlalign.data.world import DEMO_WORLD, WorldConfig, write_world
 from vlalign.embedded import resolve_data, resolve_model
 
 
 def test_shapes_files_resolve_and_a_stale_cache_is_rewritten(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("VLALIGN_CACHE", str(tmp_path))
+    for split in ("n_train", "n_validation", "n_test", "n_compositional"):  # a small demo world, for speed
+        monkeypatch.setitem(DEMO_WORLD, split, 20)
+    # a world cached by an older vlalign, of another configuration: rewritten as the demo's world
+    write_world(WorldConfig(n_train=5, n_validation=5, n_test=5, n_compositional=5), str(tmp_path / "shapes-default"))
     path = Path(resolve_data("shapes:train_sft.jsonl"))
     assert path == tmp_path / "shapes-default" / "train_sft.jsonl" and path.stat().st_size > 0
+    manifest = json.loads((tmp_path / "shapes-default" / "manifest.json").read_text())
+    assert manifest["config"]["shapes"] == list(DEMO_WORLD["shapes"]) and manifest["config"]["n_train"] == 20
+    assert sum(1 for _ in path.open()) == 2 * 20  # one description and one conversation per scene
     original = path.read_bytes()
     path.unlink()  # as a world cached by an older vlalign, before it wrote the SFT conversations
     assert Path(resolve_data("shapes:train_sft.jsonl")).read_bytes() == original  # deterministic rewrite

@@ -6,7 +6,8 @@ the box on a laptop:
 * ``tiny:<arch>:<size>`` as a model (e.g. ``tiny:gemma3:small``, the demo model): built offline
   by :func:`vlalign.models.tiny.build_tiny_model` into the cache and loaded from there;
 * ``shapes:<file>`` as a dataset (e.g. ``shapes:train.jsonl``, ``shapes:test_prompts.jsonl``,
-  ``shapes:pope_test_adversarial.jsonl``): the default shapes world, written once into the cache.
+  ``shapes:pope_test_adversarial.jsonl``): the demo's shapes world
+  (:data:`~vlalign.data.world.DEMO_WORLD`), written once into the cache.
 
 The cache is ``$VLALIGN_CACHE`` if set, else ``~/.cache/vlalign``. Building is deterministic, so a
 cached build is reused as long as the builder's version stamp matches.
@@ -14,8 +15,10 @@ cached build is reused as long as the builder's version stamp matches.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
+from typing import Any
 
 TINY_PREFIX = "tiny:"
 SHAPES_PREFIX = "shapes:"
@@ -43,17 +46,26 @@ def resolve_model(name_or_path: str, *, seed: int = 0) -> str:
 
 
 def resolve_data(path: str) -> str:
-    """A dataset path: ``shapes:<file>`` names a file of the default world (written once)."""
+    """A dataset path: ``shapes:<file>`` names a file of the demo's world (written once)."""
     if not path.startswith(SHAPES_PREFIX):
         return path
-    from vlalign.data.world import WorldConfig, write_world
+    from vlalign.config import to_dict
+    from vlalign.data.world import DEMO_WORLD, WorldConfig, write_world
 
     folder = cache_dir() / "shapes-default"
     target = folder / path[len(SHAPES_PREFIX):]
-    if not (folder / "manifest.json").is_file() or not target.exists():
-        # first use, or a world cached by an older vlalign that did not write this file yet
-        write_world(WorldConfig(), str(folder), overwrite=True)
+    cfg = WorldConfig(**DEMO_WORLD)
+    if not target.exists() or _cached_config(folder) != json.loads(json.dumps(to_dict(cfg))):
+        # first use, or a world cached by an older vlalign (another world, or without this file)
+        write_world(cfg, str(folder), overwrite=True)
     if not target.exists():
         available = sorted(p.name for p in folder.glob("*.jsonl"))
         raise FileNotFoundError(f"{path!r}: the shapes world has no file {target.name!r}; available: {', '.join(available)}")
     return str(target)
+
+
+def _cached_config(folder: Path) -> Any:
+    try:
+        return json.loads((folder / "manifest.json").read_text())["config"]
+    except (OSError, ValueError, KeyError):
+        return None

@@ -186,6 +186,35 @@ class WorldConfig:
         return out
 
 
+DEMO_WORLD: dict[str, Any] = {
+    "shapes": ("circle", "square", "triangle", "cross"),
+    "max_objects": 3,
+    "object_size": (0.7, 0.95),
+    "cooccurrence": {"red circle": "blue square", "green triangle": "yellow cross", "purple square": "orange circle"},
+    "heldout_combinations": ("blue circle", "yellow triangle", "green cross"),
+    "n_train": 10000,
+}
+"""The world of ``vlalign demo`` and of the ``shapes:`` datasets: :class:`WorldConfig` with these
+changes. Four well-separated shapes, at most three objects, larger objects, 10,000 training
+scenes.
+
+Why: the demo model learns its vision tower from scratch in ten CPU minutes, and shape
+recognition is what it learns last. Measured with the demo's SFT (``small`` Gemma3, 900 steps,
+2 CPU cores, greedy answers on 100 held-out questions per task):
+
+- The full default world (six shapes, up to five objects; 100 questions per task): colour
+  0.62, existence 0.82, CHAIR_i 0.58. Colour accuracy fell with the number of objects: 1.00 with
+  one, 0.70 with two, 0.47 with five. The wrong answers named the colour of another object in
+  the scene: the model sees colours but mixes up shapes.
+- This world (300 questions per task): colour 0.82, existence 0.86, counting 0.68, CHAIR_i 0.41.
+  Every hallucinated object in 200 test descriptions had the colour of an object in the scene
+  and the wrong shape (38% of the mentions); none was a co-occurrence partner.
+
+On a GPU, with the same arithmetic, model changes gave no gain at equal CPU time: a patch of 4,
+a wider or deeper vision tower, no token pooling, a 2- or 3-layer language model with more steps
+(colour 0.46-0.65). Halving the objects alone (six shapes, at most three) gave colour 0.77."""
+
+
 def validate_config(cfg: WorldConfig) -> None:
     """Raise ``ValueError`` naming the field if ``cfg`` cannot make a world."""
     bad = [s for s in cfg.shapes if s not in SHAPE_PLURALS]
