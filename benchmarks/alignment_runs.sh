@@ -11,10 +11,10 @@ export HF_HUB_OFFLINE=1
 V=.venv/bin/vlalign
 mkdir -p $O
 # mDPO vs plain DPO (both + NLL, same pairs, steps and lr as the demo)
-$V dpo --model.name_or_path=$BASE --data.train=$D/pairs/train.jsonl --data.eval= --loss.weights='{sigmoid: 1.0, nll: 1.0}' --loss.beta=0.1 --train.max_steps=150 --train.batch_size=16 --train.lr=5e-5 --train.save_every=0 --train.log_every=10 --train.output_dir=$O/dpo-plain --train.progress=false
+$V dpo --model.name_or_path=$BASE --data.train=$D/pairs/train.jsonl --data.eval= --loss.weights='{sigmoid: 1.0, nll: 1.0}' --loss.beta=0.1 --train.max_steps=150 --train.batch_size=16 --train.lr=5e-5 --train.save_every=0 --train.log_every=10 --train.output_dir=$O/dpo-plain --train.overwrite=true --train.progress=false
 $V eval --model=$O/dpo-plain/model --reference=$BASE --suite.data=$W --suite.describe=300 --suite.questions_per_task=300 --output_dir=$O/eval-dpo-plain --progress=false | grep -E "^(pope/adv|chair/chair_i|task/|kl/seq)"
 # reward model (fact-augmented) on description pairs, then PPO with it
 $V pairs --method=inject --data=$W/train.jsonl --out=$O/pairs/describe_train.jsonl --inject.tasks='[describe]' --inject.pairs_per_sample=2 --limit=3000 | tail -3
 $V pairs --method=inject --data=$W/validation.jsonl --out=$O/pairs/describe_validation.jsonl --inject.tasks='[describe]' --inject.pairs_per_sample=2 | tail -3
-$V rm --config examples/rm_shapes_facts.yaml --model.name_or_path=$BASE --data.train=$O/pairs/describe_train.jsonl --data.eval=$O/pairs/describe_validation.jsonl --train.output_dir=$O/rm-facts --train.max_steps=300 --train.eval_every=150 --train.save_every=150 --train.progress=false
-$V ppo --config examples/ppo_shapes.yaml --model.name_or_path=$BASE --reward_model=$O/rm-facts/model --data.train=$W/train_prompts.jsonl --eval.data=$W --train.output_dir=$O/ppo --train.max_steps=60 --train.save_every=30 --train.progress=false
+$V rm --config examples/rm_shapes_facts.yaml --model.name_or_path=$BASE --data.train=$O/pairs/describe_train.jsonl --data.eval=$O/pairs/describe_validation.jsonl --train.output_dir=$O/rm-facts --train.overwrite=true --train.max_steps=300 --train.eval_every=150 --train.save_every=150 --train.progress=false
+$V ppo --config examples/ppo_shapes.yaml --model.name_or_path=$BASE --reward_model=$O/rm-facts/model --data.train=$W/train_prompts.jsonl --eval.data=$W --train.output_dir=$O/ppo --train.overwrite=true --train.max_steps=60 --train.save_every=30 --train.progress=false

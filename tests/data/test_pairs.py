@@ -62,6 +62,22 @@ def test_inject_kinds_on_fixed_scene(scenes: list[SupervisedSample]) -> None:
     assert injector.describe(text, ann, "count", rng).text == "The image shows two red circles."
 
 
+def test_inject_noun_swaps_the_shape_and_keeps_the_colour(scenes: list[SupervisedSample]) -> None:
+    """noun: the absent object with the same colour that co-occurs most with those present (red
+    square, seen once beside a red circle); in free text the noun alone is replaced, and a plural
+    phrase is left alone (with the reason)."""
+    injector = Injector(VOCAB, ObjectStats.from_samples([*scenes, scene("e", ["red circle", "red square"], "x")]))
+    ann = Annotations(frozenset({"red circle"}), {"red circle": 1})
+    made = injector.describe(scenes[0].completion, ann, "noun", random.Random(0))
+    assert (made.text, made.kind, made.detail) == ("The image shows a red square.", "noun", "red circle -> red square")
+    free = injector.describe("A red circle sits here.", ann, "noun", random.Random(0))
+    assert free.text == "A red square sits here."
+    two = Annotations(frozenset({"blue square"}), {"blue square": 2})
+    assert injector.describe("Two blue squares.", two, "noun", random.Random(0)) == "no noun to swap in 'blue squares'"
+    every = Annotations(frozenset(VOCAB.names), None)
+    assert injector.describe("A red circle.", every, "noun", random.Random(0)) == "no absent noun variant"
+
+
 def test_inject_non_canonical_text_and_reasons(scenes: list[SupervisedSample]) -> None:
     injector = Injector(VOCAB, ObjectStats.from_samples(scenes))
     ann = Annotations(frozenset({"red circle", "blue square"}), {"red circle": 1, "blue square": 3})

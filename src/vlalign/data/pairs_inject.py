@@ -8,7 +8,10 @@ rejected response makes exactly one false statement of one of three kinds:
   hallucination a language prior produces;
 - ``attribute``: change the attribute of a mentioned object into an absent variant with the same
   noun (``"red circle"`` -> ``"green circle"``: object names of the form ``"<attribute> <noun>"``);
-- ``count``: state a wrong number for a mentioned object (needs a count in the text).
+- ``count``: state a wrong number for a mentioned object (needs a count in the text);
+- ``noun``: change the noun of a mentioned object into an absent object with the same attribute
+  (``"purple square"`` -> ``"purple circle"``): the error of a model that sees colours but
+  confuses shapes, which is what the shapes world's demo model does.
 
 Descriptions in the shapes world's canonical phrasing (:mod:`vlalign.data.world`) are rewritten
 canonically, so the rejected caption reads exactly like a model's caption
@@ -43,16 +46,18 @@ from vlalign.data.world import NUMBER_WORDS, caption_from_counts
 from vlalign.eval.parsing import Annotations, Mention, ObjectVocabulary, annotations_of
 from vlalign.eval.tasks import DESCRIBE, task_of
 
-INJECTION_KINDS: tuple[str, ...] = ("add", "attribute", "count")
+INJECTION_KINDS: tuple[str, ...] = ("add", "attribute", "count", "noun")
 
 
 @dataclass
 class InjectConfig:
     """Hallucination injection options."""
 
-    kinds: tuple[str, ...] = INJECTION_KINDS
-    """Kinds of injected error to use (add, attribute, count); each pair gets one, drawn at random
-    among those that apply."""
+    kinds: tuple[str, ...] = ("add", "attribute", "count")
+    """Kinds of injected error to use (any of add, attribute, count, noun); each pair gets one,
+    drawn at random among those that apply. ``noun`` is not in the default: in the demo (mDPO
+    from the base model, 150 steps) adding it gave CHAIR_i 0.415 instead of 0.426 and POPE
+    adversarial F1 0.872 instead of 0.869, within the noise of 300 descriptions."""
     pairs_per_sample: int = 1
     """Pairs made from each faithful response (each with a different rejected response)."""
     tasks: tuple[str, ...] = ("describe", "existence", "counting", "colour")
@@ -146,6 +151,12 @@ def attribute_variants(name: str, vocab: ObjectVocabulary) -> list[str]:
     return [n for n in vocab.names if n != name and " " in n and _noun(n) == noun]
 
 
+def noun_variants(name: str, vocab: ObjectVocabulary) -> list[str]:
+    """Objects of the vocabulary with the same attribute and another noun (``purple square`` -> ``purple circle``...)."""
+    attribute = _attribute(name)
+    return [n for n in vocab.names if n != name and " " in n and _attribute(n) == attribute and attribute]
+
+
 def canonical_groups(text: str, vocab: ObjectVocabulary) -> list[tuple[int, str]] | None:
     """``[(count, name), ...]`` if ``text`` is a canonical shapes-world caption, else None."""
     mentions = vocab.find(text)
@@ -175,6 +186,20 @@ def _plural_phrase(m: Mention, vocab: ObjectVocabulary) -> str | None:
     for suffix in ("s", "es"):
         if low + suffix in phrases:
             return m.phrase + suffix
+    return None
+
+
+def _swap_phrase(phrase: str, old: str, new: str, kind: str) -> str | None:
+    """``phrase`` (a mention of ``old``) naming ``new`` instead; None if its wording is not
+    ``<attribute> <noun>``-like enough to edit (e.g. a plural noun swapped)."""
+    if kind == "attribute":
+        old_attr, new_attr = _attribute(old), _attribute(new)
+        if phrase.lower().startswith(old_attr + " "):
+            return new_attr + phrase[len(old_attr):]
+        return new_attr + " " + phrase.split(" ", 1)[-1]
+    old_noun = _noun(old)
+    if phrase.lower().endswith(old_noun):
+        return phrase[: len(phrase) - len(old_noun)] + _noun(new)
     return None
 
 
@@ -215,23 +240,21 @@ class Injector:
                 return Injection(f"{text.rstrip()} There is also {article(new)} {new}.", kind, new)
             end = mentions[-1].end
             return Injection(f"{text[:end]} and {article(new)} {new}{text[end:]}", kind, new)
-        if kind == "attribute":
-            options = [(m, v) for m in mentions for v in attribute_variants(m.name, self.vocab)
+        if kind in ("attribute", "noun"):
+            variants_of = attribute_variants if kind == "attribute" else noun_variants
+            options = [(m, v) for m in mentions for v in variants_of(m.name, self.vocab)
                        if v not in ann.objects and v not in {x.name for x in mentions}]  # fmt: skip
             if not options:
-                return "no absent attribute variant"
+                return f"no absent {kind} variant"
             targets = self.stats.rank_absent(sorted(ann.objects), sorted({v for _, v in options}), rng, self.prefer)
             new = targets[0]
             m = rng.choice([m for m, v in options if v == new])
             if groups is not None:
                 changed = [(c, new if n == m.name else n) for c, n in groups]
                 return Injection(render_groups(changed, self.vocab), kind, f"{m.name} -> {new}")
-            old_attr, new_attr = _attribute(m.name), _attribute(new)
-            phrase = m.phrase
-            if phrase.lower().startswith(old_attr + " "):
-                replaced = new_attr + phrase[len(old_attr):]
-            else:
-                replaced = new_attr + " " + phrase.split(" ", 1)[-1]
+            replaced = _swap_phrase(m.phrase, m.name, new, kind)
+            if replaced is None:
+                return f"no {kind} to swap in {m.phrase!r}"
             return Injection(text[:m.start] + replaced + text[m.end:], kind, f"{m.name} -> {new}")
         if kind == "count":
             counted = [m for m in mentions if m.count is not None and m.count > 0 and m.name in ann.objects]
