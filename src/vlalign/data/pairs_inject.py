@@ -152,7 +152,7 @@ def attribute_variants(name: str, vocab: ObjectVocabulary) -> list[str]:
 
 
 def noun_variants(name: str, vocab: ObjectVocabulary) -> list[str]:
-    """Objects of the vocabulary with the same attribute and another noun (``purple square`` -> ``purple circle``...)."""
+    """Objects with the same attribute and another noun (``purple square`` -> ``purple circle``...)."""
     attribute = _attribute(name)
     return [n for n in vocab.names if n != name and " " in n and _attribute(n) == attribute and attribute]
 
