@@ -46,11 +46,12 @@ Gemma3 (bidirectional attention over image tokens; sliding-window layers get the
 On a GPU (one H100, torch 2.11, transformers 5.24, the ``small`` tiny models, 2 prompts with 8
 completions each, log-prob sums and a backward; 2026-11-26), shared and naive agreed as follows:
 
-- float32 with TF32 off: log-probs within 9.5e-7 and gradients within 7e-7 (relative norm), for
-  LLaVA, Idefics3 and Gemma3 under ``flex_attention`` and ``sdpa``, and for Qwen2-VL under sdpa.
-- float32 with cuDNN's default TF32 convolutions: up to 2.3e-4 (Gemma3) and 8e-5 (Idefics3),
-  the same under sdpa and flex. The vision patch embedding runs once per prompt in one mode and
-  once per row in the other, so the convolution rounds differently.
+- float32, with cuDNN's default TF32 convolutions: log-probs within 9.5e-7 for LLaVA (flex and
+  sdpa) and Qwen2-VL (sdpa; it refuses flex); up to 2.3e-4 for Gemma3 and 8e-5 for Idefics3, the
+  same under sdpa and flex. The vision patch embedding runs once per prompt in one mode and once
+  per row in the other, so the TF32 convolution rounds differently. With TF32 off, Gemma3 agreed
+  within 9.5e-7 in log-probs and 7e-7 in gradients (relative norm) under both attentions;
+  Idefics3 was not rerun that way.
 - bfloat16: up to 1e-2 in log-probs and 3e-3 to 8e-3 in gradients, the rounding of bf16.
 
 Gemma3's sliding-window layers give FlexAttention two mask functions. ``torch.compile`` guards
