@@ -16,6 +16,10 @@ Use them from any test:
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -95,3 +99,31 @@ def _draw_images() -> list[Image.Image]:
 @pytest.fixture(scope="session")
 def shape_images() -> list[Image.Image]:
     return _draw_images()
+
+
+def _vlalign_process(args: list[str], cache: Path, **kwargs: Any) -> subprocess.Popen:
+    """Start ``vlalign <args>`` in a new Python process (offline, cache in ``cache``)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLALIGN_CACHE": str(cache), "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "vlalign.cli", *args], env=env, **kwargs)
+
+
+@pytest.fixture
+def vlalign_process() -> Callable[..., subprocess.Popen]:
+    """``vlalign_process(args, cache) -> Popen``: the CLI in a subprocess (to kill it mid-run)."""
+    return _vlalign_process
+
+
+def _kill_after(proc: subprocess.Popen, marker: Path, timeout: float = 240.0) -> None:
+    """Wait until ``marker`` exists (a checkpoint written by ``proc``), then SIGKILL ``proc``."""
+    deadline = time.time() + timeout
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert marker.exists(), f"the run never wrote {marker}"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+@pytest.fixture
+def kill_after() -> Callable[..., None]:
+    """``kill_after(proc, marker)``: SIGKILL the process once it has written ``marker``."""
+    return _kill_after

@@ -4,12 +4,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
-import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -110,21 +106,13 @@ def test_an_interrupted_stage_resumes_from_its_checkpoint(quick_demo: Path, caps
     assert (grpo / "model" / "config.json").exists()
 
 
-def test_a_killed_demo_resumes_from_the_sft_checkpoint(tmp_path: Path, capsys) -> None:
+def test_a_killed_demo_resumes_from_the_sft_checkpoint(tmp_path: Path, capsys, vlalign_process, kill_after) -> None:
     """SIGKILL during the SFT stage (after its step-30 checkpoint), then the demo again: the world
     is reused, SFT resumes from its checkpoint (no step logged twice) and every stage finishes."""
     out = tmp_path / "demo"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLALIGN_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
     args = ["--quick", "--model=tiny:gemma3:tiny", f"--output_dir={out}", "--report=false"]
-    proc = subprocess.Popen([sys.executable, "-m", "vlalign.cli", "demo", *args], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    marker = out / "sft" / "checkpoints" / "step-0000030" / "state.json"
-    deadline = time.time() + 240
-    while not marker.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    assert marker.exists(), "the demo never wrote the SFT step-30 checkpoint"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc = vlalign_process(["demo", *args], tmp_path / "cache", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    kill_after(proc, out / "sft" / "checkpoints" / "step-0000030" / "state.json")
     assert not (out / "sft" / demo.STAGE_FILE).exists()  # killed inside the stage
     world_done = (out / "world" / demo.STAGE_FILE).stat().st_mtime_ns
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import signal
-import time
 from pathlib import Path
 
 import pytest
@@ -305,7 +303,7 @@ def test_non_finite_loss_names_step_samples_and_checkpoint(tiny_model_dir, pair_
 
 
 @pytest.mark.slow
-def test_killed_run_resumes_to_the_same_weights(tiny_model_dir, pair_file, tmp_path, vlalign_process):
+def test_killed_run_resumes_to_the_same_weights(tiny_model_dir, pair_file, tmp_path, vlalign_process, kill_after):
     """mDPO (corrupted images made on the fly), killed with SIGKILL after its step-4 checkpoint and
     resumed, logs the losses of an uninterrupted run and ends with the same weights (bit for bit:
     the subprocesses run on one thread, like this one, so every sum is taken in the same order)."""
@@ -317,13 +315,7 @@ def test_killed_run_resumes_to_the_same_weights(tiny_model_dir, pair_file, tmp_p
 
     broken = tmp_path / "broken"
     proc = vlalign_process(["dpo", *_args(model_dir, pair_file, broken, *common)], tmp_path / "cache")
-    marker = broken / "checkpoints" / "step-0000004" / "state.json"
-    deadline = time.time() + 240
-    while not marker.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    assert marker.exists(), "the run never wrote its step-4 checkpoint"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_after(proc, broken / "checkpoints" / "step-0000004" / "state.json")
     assert not (broken / "model").exists()
 
     resumed = vlalign_process(["dpo", *_args(model_dir, pair_file, broken, *common), "--resume"], tmp_path / "cache")

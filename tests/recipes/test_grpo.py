@@ -6,11 +6,9 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -109,7 +107,7 @@ def test_lora_step_with_the_adapter_disabled_reference(tiny_model_dir, recipe_wo
 
 @pytest.mark.slow
 def test_killed_run_resumes_with_the_same_completions(tiny_model_dir, recipe_world, reward_file, tmp_path,
-                                                      vlalign_process):
+                                                      vlalign_process, kill_after):
     """Two epochs of two minibatches per step (off-policy reuse, old log-probs, shuffles), KL in the loss.
     A run killed (SIGKILL, in a subprocess) after its step-2 checkpoint and resumed samples, logs and
     trains exactly as an uninterrupted one: same completions, rewards, losses and final weights."""
@@ -121,13 +119,7 @@ def test_killed_run_resumes_with_the_same_completions(tiny_model_dir, recipe_wor
 
     broken = tmp_path / "broken"
     proc = vlalign_process(["grpo", *_args(model_dir, recipe_world, broken, *common)], tmp_path / "cache")
-    marker = broken / "checkpoints" / "step-0000002" / "state.json"
-    deadline = time.time() + 240
-    while not marker.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    assert marker.exists(), "the run never wrote its step-2 checkpoint"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_after(proc, broken / "checkpoints" / "step-0000002" / "state.json")
     assert not (broken / "model").exists()
 
     grpo.run(load_config(grpo.Config, None, [*_args(model_dir, recipe_world, broken, *common), "--train.resume=true"]))

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import signal
-import time
 from pathlib import Path
 
 import pytest
@@ -42,7 +40,7 @@ def test_sft_learns_on_a_fixed_batch(tiny_model_dir, recipe_world, tmp_path):
 
 
 @pytest.mark.slow
-def test_killed_run_resumes_with_the_same_losses(tiny_model_dir, recipe_world, tmp_path, vlalign_process):
+def test_killed_run_resumes_with_the_same_losses(tiny_model_dir, recipe_world, tmp_path, vlalign_process, kill_after):
     """A run killed (SIGKILL) after its step-4 checkpoint and resumed logs exactly the losses of
     an uninterrupted run: same data order, optimiser, schedule and RNG states."""
     model_dir = tiny_model_dir("qwen2_vl")
@@ -52,13 +50,7 @@ def test_killed_run_resumes_with_the_same_losses(tiny_model_dir, recipe_world, t
 
     broken = tmp_path / "broken"
     proc = vlalign_process(["sft", *_args(model_dir, recipe_world, broken, *common)], tmp_path / "cache")
-    marker = broken / "checkpoints" / "step-0000004" / "state.json"
-    deadline = time.time() + 240
-    while not marker.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    assert marker.exists(), "the run never wrote its step-4 checkpoint"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_after(proc, broken / "checkpoints" / "step-0000004" / "state.json")
     assert not (broken / "model").exists()  # it really was interrupted before the end
 
     resumed = vlalign_process(["sft", *_args(model_dir, recipe_world, broken, *common), "--resume"], tmp_path / "cache")
