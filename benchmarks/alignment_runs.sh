@@ -12,7 +12,7 @@ V=.venv/bin/vlalign
 mkdir -p $O
 # mDPO vs plain DPO (both + NLL, same pairs, steps and lr as the demo)
 $V dpo --model.name_or_path=$BASE --data.train=$D/pairs/train.jsonl --data.eval= --loss.weights='{sigmoid: 1.0, nll: 1.0}' --loss.beta=0.1 --train.max_steps=150 --train.batch_size=16 --train.lr=5e-5 --train.save_every=0 --train.log_every=10 --train.output_dir=$O/dpo-plain --train.overwrite=true --train.progress=false
-$V eval --model=$O/dpo-plain/model --reference=$BASE --suite.data=$W --suite.describe=300 --suite.questions_per_task=300 --output_dir=$O/eval-dpo-plain --progress=false | grep -E "^(pope/adv|chair/chair_i|task/|kl/seq)"
+$V eval --model=$O/dpo-plain/model --reference=$BASE --suite.data=$W --suite.describe=500 --suite.questions_per_task=500 --suite.pope_questions=1500 --output_dir=$O/eval-dpo-plain --progress=false | grep -E "^(pope/adv|chair/chair_i|task/|kl/seq)"
 # reward model (fact-augmented) on description pairs, then PPO with it
 $V pairs --method=inject --data=$W/train.jsonl --out=$O/pairs/describe_train.jsonl --inject.tasks='[describe]' --inject.pairs_per_sample=2 --limit=3000 | tail -3
 $V pairs --method=inject --data=$W/validation.jsonl --out=$O/pairs/describe_validation.jsonl --inject.tasks='[describe]' --inject.pairs_per_sample=2 | tail -3

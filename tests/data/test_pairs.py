@@ -298,3 +298,13 @@ def test_vlalign_pairs_command(world_dir: Path, tmp_path: Path, tiny_model_dir: 
                  f"--data={world_dir / 'test_prompts.jsonl'}", f"--out={out}", "--limit=12"]) == 0  # fmt: skip
     stats = json.loads((tmp_path / "rank.stats.json").read_text())
     assert stats["inputs"] == 12 and stats["made"] + stats["dropped_total"] == 12
+
+
+def test_vlalign_pairs_tasks_filter_comes_before_the_limit(world_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "describe.jsonl"
+    assert main(["pairs", f"--data={world_dir / 'train.jsonl'}", f"--out={out}", "--tasks=[describe]", "--limit=5"]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert json.loads((tmp_path / "describe.stats.json").read_text())["inputs"] == 5
+    assert rows and {r["task"] for r in rows} == {"describe"} and len({r["scene_id"] for r in rows}) <= 5
+    with pytest.raises(ValueError, match=r"no row has a task in tasks=\['juggling'\]"):
+        main(["pairs", f"--data={world_dir / 'train.jsonl'}", f"--out={out}", "--tasks=[juggling]"])

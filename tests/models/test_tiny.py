@@ -154,10 +154,10 @@ def test_unknown_arch_or_size_is_refused(tmp_path):
 @pytest.mark.parametrize("size", ["tiny", "small", "bench"])
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_image_token_count_per_size(arch, size, shape_images):
-    """(image_px / patch / merge)^2 tokens per image: tiny 4, small 36, bench 256 (processor only)."""
+    """(image_px / patch / merge)^2 tokens per image: tiny 4, small 9, bench 256 (processor only)."""
     from vlalign.data.world import tokenizer_corpus
 
-    expected = {"tiny": 4, "small": 36, "bench": 256}[size]
+    expected = {"tiny": 4, "small": 9, "bench": 256}[size]
     assert image_tokens(arch, size) == expected
     spec = SIZES[size]
     assert (spec.image_px // spec.patch // spec.merge) ** 2 == expected

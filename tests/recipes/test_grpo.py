@@ -246,5 +246,5 @@ def test_config_errors_are_named(recipe_world, tmp_path):
         grpo.check_config(cfg("--rollout.n=1"))
     with pytest.raises(ValueError, match=r"update.minibatches \(2\) must divide train.grad_accum \(3\)"):
         grpo.check_config(cfg("--update.minibatches=2", "--train.grad_accum=3"))
-    with pytest.raises(ValueError, match="no prompt has a task in grpo.tasks"):
+    with pytest.raises(ValueError, match="no row has a task in grpo.tasks"):
         grpo.load_prompts(cfg("--grpo.tasks=[juggling]"))

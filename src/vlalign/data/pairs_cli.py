@@ -8,7 +8,7 @@ Examples::
     vlalign pairs --method=inject --inject.probes_per_image=1 --inject.kinds=add,count
     vlalign pairs --method=corrupt --corrupt.method=noise --corrupt.level=0.5 --out=data/pairs/noise.jsonl
     vlalign pairs --method=rank --rank.model=runs/sft/model --rank.n=8 --rank.scorer=claims \\
-                  --data=shapes:train_prompts.jsonl --out=data/pairs/rank.jsonl
+                  --data=shapes:train_prompts.jsonl --tasks=[describe] --out=data/pairs/rank.jsonl
 
 Injection and ranking read object annotations (an ``objects`` column) and an object vocabulary:
 ``--vocabulary=FILE.json`` (``{object: [phrases]}``), by default the ``manifest.json`` beside the
@@ -29,6 +29,7 @@ from vlalign.data.pairs_corrupt import CorruptConfig, corrupt_pairs, image_saver
 from vlalign.data.pairs_inject import InjectConfig, inject_pairs
 from vlalign.data.pairs_rank import build_scorer, sample_and_rank
 from vlalign.eval.parsing import ObjectVocabulary, load_vocabulary
+from vlalign.eval.tasks import filter_tasks
 
 
 @dataclass
@@ -75,8 +76,10 @@ class Config:
     """Output preference file (.jsonl, or .parquet with images embedded)."""
     vocabulary: str = ""
     """Object vocabulary JSON ({object: [phrases]}); '' uses the manifest.json beside the data file, if any."""
+    tasks: tuple[str, ...] = ()
+    """Use only input rows whose task column is one of these (e.g. [describe]); empty: every row."""
     limit: int = 0
-    """Use at most this many input rows (0: all)."""
+    """Use at most this many input rows (0: all), counted after the tasks filter."""
     inject: InjectConfig = field(default_factory=InjectConfig)
     """Hallucination injection."""
     corrupt: CorruptConfig = field(default_factory=CorruptConfig)
@@ -108,15 +111,21 @@ def _require_vocabulary(vocab: ObjectVocabulary | None, method: str) -> ObjectVo
     return vocab
 
 
+def _load(cfg: Config, data_path: str, kind: str) -> list[Any]:
+    """The input rows: ``cfg.tasks`` filtered, then the first ``cfg.limit``."""
+    limit = None if cfg.tasks else cfg.limit or None
+    samples = filter_tasks(load_samples(data_path, kind, limit=limit), cfg.tasks, source=data_path, option="tasks")
+    return samples[: cfg.limit] if cfg.limit else samples
+
+
 def build_pairs(cfg: Config, data_path: str, out_dir: Path) -> tuple[list[Any], PairStats]:
     """Run the configured method on the data at ``data_path``."""
-    limit = cfg.limit or None
     vocab = find_vocabulary(cfg.vocabulary, data_path)
     if cfg.method == "inject":
-        samples = load_samples(data_path, "supervised", limit=limit)
+        samples = _load(cfg, data_path, "supervised")
         return inject_pairs(samples, _require_vocabulary(vocab, "inject"), cfg.inject)
     if cfg.method == "corrupt":
-        samples = load_samples(data_path, "supervised", limit=limit)
+        samples = _load(cfg, data_path, "supervised")
         return corrupt_pairs(samples, cfg.corrupt, save_image=image_saver(out_dir, Path(cfg.out).stem + "_images"))
     if not cfg.rank.model:
         raise SystemExit("vlalign pairs: method=rank needs --rank.model (the policy whose responses are ranked)")
@@ -124,7 +133,7 @@ def build_pairs(cfg: Config, data_path: str, out_dir: Path) -> tuple[list[Any], 
     from vlalign.models.load import load_model_and_processor
     from vlalign.rollout import generate
 
-    samples = load_samples(data_path, "prompt", limit=limit)
+    samples = _load(cfg, data_path, "prompt")
     scorer = build_scorer(cfg.rank.scorer, vocab)
     model, processor = load_model_and_processor(resolve_model(cfg.rank.model), dtype=cfg.rank.dtype,
                                                 device=cfg.rank.device)  # fmt: skip

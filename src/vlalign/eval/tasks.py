@@ -20,7 +20,7 @@ Descriptions (task ``describe``) are not scored here; CHAIR (:mod:`vlalign.eval.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 from vlalign.rewards.verifiable import colour_match, count_match, exact_match, yes_no_match
@@ -38,6 +38,22 @@ def task_of(sample: Any) -> str:
     if task is None:
         return DESCRIBE if "answer" not in meta and "objects" in meta else "answer"
     return str(task)
+
+
+def filter_tasks(samples: list[Any], tasks: Collection[str], *, source: str, option: str) -> list[Any]:
+    """The samples whose :func:`task_of` is in ``tasks`` (all of them when ``tasks`` is empty).
+
+    Raises ``ValueError`` naming ``source`` (the data file) and ``option`` (the setting that asked)
+    when none is left.
+    """
+    if not tasks:
+        return samples
+    wanted = set(tasks)
+    kept = [s for s in samples if task_of(s) in wanted]
+    if not kept:
+        found = sorted({task_of(s) for s in samples})
+        raise ValueError(f"{source}: no row has a task in {option}={sorted(wanted)} (its tasks: {found})")
+    return kept
 
 
 def answer_correct(text: str, sample: Any) -> bool:

@@ -50,7 +50,7 @@ from torch import nn
 from vlalign.data.collate import pad_token_id_of
 from vlalign.data.schema import PromptSample
 from vlalign.eval.suite import Suite, SuiteConfig, build_suite, evaluate
-from vlalign.eval.tasks import DESCRIBE, task_of
+from vlalign.eval.tasks import DESCRIBE, filter_tasks, task_of
 from vlalign.models.load import save_model_and_processor
 from vlalign.models.reference import FrozenCopyReference, ReferencePolicy, make_reference
 from vlalign.recipes.common import DataConfig, ModelConfig, load_policy, load_split
@@ -180,12 +180,7 @@ def check_distributed(run: Run, cfg: Config) -> None:
 def load_prompts(cfg: Config) -> list[PromptSample]:
     """The training prompts, filtered to ``grpo.tasks``."""
     samples = load_split(cfg.data.train, "prompt", cfg.data)
-    if cfg.grpo.tasks:
-        wanted = set(cfg.grpo.tasks)
-        samples = [s for s in samples if task_of(s) in wanted]
-        if not samples:
-            raise ValueError(f"{cfg.data.train}: no prompt has a task in grpo.tasks={sorted(wanted)}")
-    return samples
+    return filter_tasks(samples, cfg.grpo.tasks, source=cfg.data.train, option="grpo.tasks")
 
 
 def build_eval_suite(cfg: Config) -> Suite | None:

@@ -61,7 +61,7 @@ from torch import Tensor, nn
 from vlalign.data.collate import pad_token_id_of
 from vlalign.data.schema import PromptSample
 from vlalign.eval.suite import EvalResult, Suite, SuiteConfig, build_suite, evaluate
-from vlalign.eval.tasks import task_of
+from vlalign.eval.tasks import filter_tasks, task_of
 from vlalign.losses import AdaptiveKLController, FixedKLController, aggregate, gae, kl_penalized_token_rewards
 from vlalign.losses import masked_whiten, value_loss
 from vlalign.models.heads import CriticModel, load_reward_model, new_head, save_head, token_scores
@@ -213,11 +213,7 @@ def check_config(cfg: Config) -> None:
 def load_prompts(cfg: Config) -> list[PromptSample]:
     """The training prompts, filtered to ``ppo.tasks``."""
     samples = load_split(cfg.data.train, "prompt", cfg.data)
-    if cfg.ppo.tasks:
-        samples = [s for s in samples if task_of(s) in set(cfg.ppo.tasks)]
-        if not samples:
-            raise ValueError(f"{cfg.data.train}: no prompt has a task in ppo.tasks={cfg.ppo.tasks}")
-    return samples
+    return filter_tasks(samples, cfg.ppo.tasks, source=cfg.data.train, option="ppo.tasks")
 
 
 def build_reward(cfg: Config) -> Any:
