@@ -90,7 +90,7 @@ def _dpo_defaults() -> dict[str, Any]:
 
 def _grpo_defaults() -> dict[str, Any]:
     return {"grpo.tasks": ["describe", "colour"], "rewards.weights": {"shapes_answer": 1.0}, "rollout.n": 8,
-            "rollout.max_new_tokens": 40, "update.kl_coef": 0.1, "train.batch_size": 16,
+            "rollout.max_new_tokens": 40, "update.kl_coef": 0.3, "train.batch_size": 16,
             "train.max_steps": 120, "train.lr": 3e-5, "train.schedule": "constant", "train.warmup_ratio": 0.0,
             "train.save_every": 20, "train.log_every": 5, "eval_tasks": []}  # fmt: skip
 
