@@ -96,7 +96,7 @@ def _grpo_defaults() -> dict[str, Any]:
 
 
 def _suite_defaults() -> dict[str, Any]:
-    # every test scene: 500 descriptions, 500 questions per task (+-1.7 points of standard error
+    # every test scene: 500 descriptions, 500 questions per task (+-1.6 points of standard error
     # on an accuracy near 0.85; the suite's default 100 gives +-4) and 1,500 POPE questions per mode
     return {"describe": 500, "questions_per_task": 500, "pope_questions": 1500}
 
