@@ -29,9 +29,9 @@ LLaVA) start as 2-D sine-cosine patterns (:func:`sincos_2d`) instead of small no
 default scale the noise is about ten times weaker than a patch's content, so the tower starts
 as a bag of patches and must discover the image's geometry before it can tell shapes apart
 (measured on the shapes world with the earlier 8 px-patch ``small`` Gemma3, batch 16, lr 5e-4,
-teacher-forced first answer token: colour accuracy 0.69 after 300 steps against 0.57 with the default init; after
-the demo's 900 steps the greedy held-out accuracies were the same either way: colour 0.62,
-existence 0.82). Qwen's vision towers use 2-D rotary positions and need no repair.
+teacher-forced first answer token: colour accuracy 0.69 after 300 steps against 0.57 with the
+default init; after the demo's 900 steps the greedy held-out accuracies were the same either
+way: colour 0.62, existence 0.82). Qwen's vision towers use 2-D rotary positions and need no repair.
 
 Building is deterministic (same arch, size and seed give byte-identical weights) and cached:
 ``out_dir`` holds a ``vlalign_tiny.json`` stamp, and a second build of the same
