@@ -278,6 +278,15 @@ def test_skip_bad_rows_counts_reasons(image_dir: Path, caplog: pytest.LogCapture
     assert len(load_samples(path, "preference", skip_bad_rows=True, check_images=False)) == 4
 
 
+def test_keep_passes_over_rows_before_image_checks_and_the_limit(image_dir: Path):
+    row = {"images": ["a.png"], "prompt": "Q", "completion": "x", "task": "describe"}
+    rows = [dict(row, task="counting", images=["gone.png"]), row, dict(row, task="colour"), row, row]
+    path = write_jsonl(image_dir / "tasks.jsonl", rows)
+    samples, report = load_samples_with_report(path, "supervised", limit=2, keep=lambda s: s.meta["task"] == "describe")
+    assert [s.id for s in samples] == [f"{path} line 2", f"{path} line 4"]  # line 1's missing image is never opened
+    assert (report.rows, report.loaded) == (2, 2)
+
+
 def test_meta_may_not_shadow_columns(tmp_path: Path):
     sample = SupervisedSample("s", [], user_prompt("Q", 0), "A", {"prompt": "oops"})
     with pytest.raises(ValueError, match=r"sample 's': meta keys \['prompt'\] clash with data columns"):

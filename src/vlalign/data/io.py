@@ -47,7 +47,7 @@ import logging
 import math
 import os
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -379,6 +379,7 @@ def load_samples_with_report(
     skip_bad_rows: bool = False,
     check_images: bool = True,
     limit: int | None = None,
+    keep: Callable[[Sample], bool] | None = None,
 ) -> tuple[list[Sample], LoadReport]:
     """Load a dataset as samples of ``kind`` (see the module doc for formats and columns).
 
@@ -386,6 +387,8 @@ def load_samples_with_report(
     folder). ``check_images`` decodes every distinct image once to catch missing or corrupt files.
     A bad row raises :class:`DataError` naming file, row and problem, unless ``skip_bad_rows``: then
     it is skipped and counted in the report (the summary is also logged as a warning).
+    ``keep`` selects samples (e.g. by task): a row it rejects is passed over before its images are
+    checked and is not counted, so ``limit`` counts the rows kept.
     """
     base = Path(image_root) if image_root is not None else _base_dir(path)
     report = LoadReport(source=str(path), kind=kind)
@@ -394,9 +397,10 @@ def load_samples_with_report(
     for where, row in iter_rows(path, split=split):
         if limit is not None and report.rows >= limit:
             break
-        report.rows += 1
         try:
             sample = row_to_sample(row, kind, where=where, base_dir=base)
+            if keep is not None and not keep(sample):
+                continue
             if check_images:
                 for k, image in enumerate(sample.images):
                     key = image if isinstance(image, str) else None
@@ -405,12 +409,14 @@ def load_samples_with_report(
                         if key is not None:
                             verified.add(key)
         except DataError as exc:
+            report.rows += 1
             if not skip_bad_rows:
                 raise
             report.skipped[exc.reason] = report.skipped.get(exc.reason, 0) + 1
             if len(report.examples) < 5:
                 report.examples.append(str(exc))
             continue
+        report.rows += 1
         samples.append(sample)
         report.loaded += 1
     if report.skipped:
@@ -427,11 +433,12 @@ def load_samples(
     skip_bad_rows: bool = False,
     check_images: bool = True,
     limit: int | None = None,
+    keep: Callable[[Sample], bool] | None = None,
 ) -> list[Sample]:
     """:func:`load_samples_with_report` without the report."""
     samples, _ = load_samples_with_report(
         path, kind, split=split, image_root=image_root, skip_bad_rows=skip_bad_rows,
-        check_images=check_images, limit=limit,
+        check_images=check_images, limit=limit, keep=keep,
     )  # fmt: skip
     return samples
 

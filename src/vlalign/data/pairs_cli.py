@@ -29,7 +29,7 @@ from vlalign.data.pairs_corrupt import CorruptConfig, corrupt_pairs, image_saver
 from vlalign.data.pairs_inject import InjectConfig, inject_pairs
 from vlalign.data.pairs_rank import build_scorer, sample_and_rank
 from vlalign.eval.parsing import ObjectVocabulary, load_vocabulary
-from vlalign.eval.tasks import filter_tasks
+from vlalign.eval.tasks import has_task, require_rows
 
 
 @dataclass
@@ -112,10 +112,9 @@ def _require_vocabulary(vocab: ObjectVocabulary | None, method: str) -> ObjectVo
 
 
 def _load(cfg: Config, data_path: str, kind: str) -> list[Any]:
-    """The input rows: ``cfg.tasks`` filtered, then the first ``cfg.limit``."""
-    limit = None if cfg.tasks else cfg.limit or None
-    samples = filter_tasks(load_samples(data_path, kind, limit=limit), cfg.tasks, source=data_path, option="tasks")
-    return samples[: cfg.limit] if cfg.limit else samples
+    """The input rows: the first ``cfg.limit`` of those whose task is in ``cfg.tasks``."""
+    samples = load_samples(data_path, kind, limit=cfg.limit or None, keep=has_task(cfg.tasks))
+    return require_rows(samples, cfg.tasks, source=data_path, option="tasks") if cfg.tasks else samples
 
 
 def build_pairs(cfg: Config, data_path: str, out_dir: Path) -> tuple[list[Any], PairStats]:

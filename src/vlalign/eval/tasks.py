@@ -20,7 +20,7 @@ Descriptions (task ``describe``) are not scored here; CHAIR (:mod:`vlalign.eval.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 from vlalign.rewards.verifiable import colour_match, count_match, exact_match, yes_no_match
@@ -40,20 +40,29 @@ def task_of(sample: Any) -> str:
     return str(task)
 
 
-def filter_tasks(samples: list[Any], tasks: Collection[str], *, source: str, option: str) -> list[Any]:
-    """The samples whose :func:`task_of` is in ``tasks`` (all of them when ``tasks`` is empty).
-
-    Raises ``ValueError`` naming ``source`` (the data file) and ``option`` (the setting that asked)
-    when none is left.
-    """
+def has_task(tasks: Collection[str]) -> Callable[[Any], bool] | None:
+    """Whether a sample's :func:`task_of` is in ``tasks``, as a predicate (None when ``tasks`` is
+    empty: every sample is wanted)."""
     if not tasks:
-        return samples
+        return None
     wanted = set(tasks)
-    kept = [s for s in samples if task_of(s) in wanted]
+    return lambda sample: task_of(sample) in wanted
+
+
+def require_rows(kept: list[Any], tasks: Collection[str], *, source: str, option: str) -> list[Any]:
+    """``kept``, or ``ValueError`` naming ``source`` (the data file) and ``option`` (the setting that
+    asked for ``tasks``) when it is empty."""
     if not kept:
-        found = sorted({task_of(s) for s in samples})
-        raise ValueError(f"{source}: no row has a task in {option}={sorted(wanted)} (its tasks: {found})")
+        raise ValueError(f"{source}: no row has a task in {option}={sorted(set(tasks))}")
     return kept
+
+
+def filter_tasks(samples: list[Any], tasks: Collection[str], *, source: str, option: str) -> list[Any]:
+    """The samples whose task is in ``tasks`` (all of them when ``tasks`` is empty; see :func:`require_rows`)."""
+    keep = has_task(tasks)
+    if keep is None:
+        return samples
+    return require_rows([s for s in samples if keep(s)], tasks, source=source, option=option)
 
 
 def answer_correct(text: str, sample: Any) -> bool:
