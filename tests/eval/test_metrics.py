@@ -12,7 +12,7 @@ from vlalign.data.schema import DataError, PromptSample, user_prompt
 from vlalign.data.world import WorldConfig, generate_split, mentioned_objects, object_vocabulary
 from vlalign.eval.chair import chair
 from vlalign.eval.parsing import ObjectVocabulary, annotations_of, load_vocabulary, pope_is_clear, pope_says_yes
-from vlalign.eval.policy import kl_from_logprobs, win_rate
+from vlalign.eval.policy import kl_from_logprobs, scored_win_rate, win_rate
 from vlalign.eval.pope import Confusion, confusion, confusion_metrics, pope_metrics
 from vlalign.eval.tasks import answer_correct, task_accuracy
 
@@ -188,6 +188,21 @@ def test_win_rate_hand() -> None:
     assert win_rate([1, 2, 3, 4], [0, 2, 5, 1]) == 0.625
     with pytest.raises(ValueError):
         win_rate([1], [])
+
+
+def test_scored_win_rate_identical_answers_tie_despite_batch_noise() -> None:
+    """The scorer gives each text its length, plus 1e-7 times the number of texts in the call: the
+    same text scores differently in the two calls, as padding makes a batched model do. Answers:
+    "aa" = "aa" tie (1/2), "abc" > "a" win, "b" < "bb" loss, "x" = "x" tie -> 2 / 4."""
+    def scorer(samples: list[str], texts: list[str]) -> list[float]:
+        return [len(t) + 1e-7 * len(texts) * (1 if texts is first else 2) for t in texts]
+
+    first = ["aa", "abc", "b", "x"]
+    second = ["aa", "a", "bb", "x"]
+    res = scored_win_rate(scorer, ["s"] * 4, first, second)
+    assert res["win_rate"] == 0.5
+    assert res["same"] == 0.5
+    assert res["score_a"] == pytest.approx(7 / 4, abs=1e-6) and res["score_b"] == pytest.approx(6 / 4, abs=1e-6)
 
 
 def test_kl_estimators_hand() -> None:

@@ -13,6 +13,7 @@ from vlalign.config import load_config
 from vlalign.data import pairs_cli
 from vlalign.data.collate import encode_completions, encode_prompts
 from vlalign.data.io import load_samples
+from vlalign.data.pairs_rank import build_scorer
 from vlalign.data.schema import DataError, PreferenceSample, PromptSample, user_prompt
 from vlalign.models.heads import RewardModel, RewardModelInfo, new_head
 from vlalign.recipes import reward_model as rm
@@ -154,7 +155,7 @@ def test_rm_learns_a_fixed_set_of_pairs(tiny_model_dir, pair_files, tmp_path):
 def test_saved_fact_augmented_model_scores_as_measured(tiny_model_dir, pair_files, tmp_path):
     """A fact-augmented run: the saved model records its facts column, the scorer re-reads the facts
     from each sample, reproduces the held-out accuracy the run logged, and its normalised held-out
-    rewards have mean 0 and std 1."""
+    rewards have mean 0 and std 1; naming its folder as a scorer loads the same scorer."""
     train, heldout = pair_files
     out = tmp_path / "facts"
     cfg = load_config(rm.Config, None, _args(tiny_model_dir("qwen2_vl"), train, heldout, out, "--train.max_steps=3",
@@ -175,3 +176,6 @@ def test_saved_fact_augmented_model_scores_as_measured(tiny_model_dir, pair_file
         direct = scorer.model(encode_prompts(scorer.processor, [first]), encode_completions(scorer.processor,
                                                                                              [[pairs[0].chosen]]))
     assert float(scorer.info.normalise(direct.double())) == pytest.approx(float(chosen[0]), abs=1e-5)
+    by_name = build_scorer(str(out / "model"))  # what --scorer / --rank.scorer=<folder> load
+    assert isinstance(by_name, RewardModelScorer)
+    assert by_name(prompts[:4], [p.chosen for p in pairs[:4]]) == pytest.approx(chosen[:4].tolist(), abs=1e-5)

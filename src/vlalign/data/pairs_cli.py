@@ -49,7 +49,8 @@ class RankConfig:
     batch_size: int = 16
     """Prompts per generation batch."""
     scorer: str = "claims"
-    """ground_truth, claims (claim-level verification), or file.py:name / module:name of a scorer."""
+    """ground_truth, claims (claim-level verification), a reward model folder (vlalign rm's <run>/model),
+    or file.py:name / module:name of a scorer."""
     threshold: float = 0.25
     """Smallest score gap between chosen and rejected."""
     pairing: Literal["best_worst", "all"] = "best_worst"

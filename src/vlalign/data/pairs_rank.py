@@ -31,6 +31,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 from vlalign.data.pairs import PairStats, pair_meta
@@ -241,15 +242,23 @@ SCORER_NAMES: tuple[str, ...] = ("ground_truth", "claims")
 
 
 def build_scorer(spec: str, vocabulary: ObjectVocabulary | None = None) -> Scorer:
-    """A scorer from its config name: ``ground_truth``, ``claims``, or ``file.py:name`` /
+    """A scorer from its config name: ``ground_truth``, ``claims``, the folder of a reward model saved
+    by ``vlalign rm`` (``<run>/model``, holding ``reward_model.json``), or ``file.py:name`` /
     ``package.module:name`` naming a scorer (``(samples, completions) -> scores``) or a function of no
-    arguments that returns one (how a reward model is plugged in)."""
+    arguments that returns one."""
     if spec == "ground_truth":
         return GroundTruthScorer(vocabulary)
     if spec == "claims":
         return ClaimVerifier(vocabulary)
+    from vlalign.models.heads import INFO_FILE
+
+    if (Path(spec) / INFO_FILE).is_file():
+        from vlalign.rewards.model import load_reward_scorer
+
+        return load_reward_scorer(spec)
     if ":" not in spec:
-        raise ValueError(f"unknown scorer {spec!r}: use one of {SCORER_NAMES}, or 'file.py:name' / 'module:name'")
+        raise ValueError(f"unknown scorer {spec!r}: use one of {SCORER_NAMES}, a reward model folder "
+                         f"(with {INFO_FILE}), or 'file.py:name' / 'module:name'")
     import inspect
 
     from vlalign.rewards.combine import load_user_function

@@ -41,8 +41,8 @@ class Config:
     suite: SuiteConfig = field(default_factory=SuiteConfig)
     """Which prompts, and how many."""
     scorer: str = "claims"
-    """Scorer of the win rate over the baseline: claims, ground_truth, or file.py:name / module:name
-    (a reward model)."""
+    """Scorer of the win rate over the baseline: claims, ground_truth, a reward model folder (vlalign rm's
+    <run>/model), or file.py:name / module:name of a scorer."""
     device: str = "auto"
     """auto (CUDA when available), cpu, cuda ..."""
     dtype: str = "auto"

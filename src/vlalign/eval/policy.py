@@ -113,7 +113,15 @@ def scored_win_rate(
     scorer: BatchScorer, samples: Sequence[Any], texts_a: Sequence[str], texts_b: Sequence[str]
 ) -> dict[str, float]:
     """Win rate of ``texts_a`` over ``texts_b`` (answers to ``samples``) under ``scorer``, with the
-    mean score of each side (``score_a``, ``score_b``)."""
+    mean score of each side (``score_a``, ``score_b``) and the share of identical answers (``same``).
+
+    Identical answers tie. A batched scorer pads each answer to the longest one in its batch, and
+    the padding changes the last bits of a score, so the same text scored in two batches can differ
+    by about 1e-7: compared as floats, every unchanged answer would count as a coin-flip win or loss
+    instead of one half."""
     a = [float(x) for x in scorer(samples, texts_a)]
     b = [float(x) for x in scorer(samples, texts_b)]
-    return {"win_rate": win_rate(a, b), "score_a": sum(a) / len(a), "score_b": sum(b) / len(b)}
+    same = [x == y for x, y in zip(texts_a, texts_b)]
+    b_tied = [x if s else y for x, y, s in zip(a, b, same)]
+    return {"win_rate": win_rate(a, b_tied), "score_a": sum(a) / len(a), "score_b": sum(b) / len(b),
+            "same": sum(same) / len(same)}

@@ -32,7 +32,8 @@ recall, f1, yes_ratio, unclear}``      (:mod:`vlalign.eval.pope`)
 ``compositional/task/<task>``
 ``kl/seq``, ``kl/token_k3``            KL from ``reference`` (when given; :mod:`vlalign.eval.policy`)
 ``win_rate``, ``win_rate/score``,      win rate of the descriptions over ``baseline``'s under
-``win_rate/baseline_score``            ``scorer`` (when both are given)
+``win_rate/baseline_score``,           ``scorer`` (when both are given); identical descriptions tie;
+``win_rate/same``                      ``same`` is the share of descriptions identical to the baseline's
 ``perf/seconds``, ``perf/tokens_per_s`` wall time and generation speed
 =====================================  ============================================================
 """
@@ -330,7 +331,8 @@ def _win_rate(
         return {}
     ours = {r["id"]: r["output"] for r in records if r["part"] == "heldout"}
     res = scored_win_rate(scorer, samples, [ours[s.id] for s in samples], [theirs[s.id] for s in samples])
-    return {"win_rate": res["win_rate"], "win_rate/score": res["score_a"], "win_rate/baseline_score": res["score_b"]}
+    return {"win_rate": res["win_rate"], "win_rate/score": res["score_a"], "win_rate/baseline_score": res["score_b"],
+            "win_rate/same": res["same"]}
 
 
 def compare(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
