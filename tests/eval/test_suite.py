@@ -106,4 +106,5 @@ def test_vlalign_eval_command(tiny_model_dir: Callable[..., Path], eval_world: P
     diff = out["difference"]
     assert all(v == 0 for k, v in diff.items() if not k.startswith("perf/"))
     assert out["metrics"]["win_rate"] == 0.5 and out["metrics"]["kl/seq"] == 0.0
+    assert out["metrics"]["win_rate/same"] == 1.0
     assert len(out["records"]["model"]) == len(out["records"]["baseline"]) > 0

@@ -87,6 +87,8 @@ class Config:
     """Image corruption."""
     rank: RankConfig = field(default_factory=RankConfig)
     """Sample and rank."""
+    progress: bool = True
+    """Show the progress bar of sampling (method=rank)."""
 
 
 def _resolve(path: str) -> str:
@@ -139,7 +141,7 @@ def build_pairs(cfg: Config, data_path: str, out_dir: Path) -> tuple[list[Any], 
                                                 device=cfg.rank.device)  # fmt: skip
     r = cfg.rank
     gens = generate(model, processor, samples, n=r.n, temperature=r.temperature, top_p=r.top_p,
-                    max_new_tokens=r.max_new_tokens, seed=r.seed, batch_size=r.batch_size, progress=True,
+                    max_new_tokens=r.max_new_tokens, seed=r.seed, batch_size=r.batch_size, progress=cfg.progress,
                     desc="sampling")  # fmt: skip
     print(f"sampled {gens.new_tokens} tokens in {gens.seconds:.1f} s ({gens.tokens_per_s:.0f} tokens/s)")
     return sample_and_rank(samples, gens.texts, scorer, threshold=r.threshold, pairing=r.pairing,
