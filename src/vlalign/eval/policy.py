@@ -117,8 +117,8 @@ def scored_win_rate(
 
     Identical answers tie. A batched scorer pads each answer to the longest one in its batch, and
     the padding changes the last bits of a score, so the same text scored in two batches can differ
-    by about 1e-7: compared as floats, every unchanged answer would count as a coin-flip win or loss
-    instead of one half."""
+    by a few times 1e-7: compared as floats, every unchanged answer would count as a coin-flip win
+    or loss instead of one half."""
     a = [float(x) for x in scorer(samples, texts_a)]
     b = [float(x) for x in scorer(samples, texts_b)]
     same = [x == y for x, y in zip(texts_a, texts_b)]
