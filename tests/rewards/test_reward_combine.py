@@ -358,6 +358,50 @@ def test_batch_scorer_in_the_combination() -> None:
     assert set(scores.metrics()) >= {"rewards/rm/mean", "rewards/rm/std"}
 
 
+class RecordingScorer:
+    """A stand-in reward model that scores each completion by its length and records what it saw."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[list[str], list[str]]] = []
+
+    def __call__(self, samples, completions):
+        self.seen.append(([s.id for s in samples], list(completions)))
+        return [float(len(c)) for c in completions]
+
+
+def test_rewards_restricted_to_tasks() -> None:
+    """Samples s0 (describe), s1 (counting, answer 3), s2 (describe), s3 (counting, answer 2).
+    rm scores only the descriptions: it is called once with s0 and s2 ("abcd" 4, "xy" 2);
+    count_match only the counting answers: s1 "3" right (1), s3 "5" wrong (0).
+    total = 1·rm + 2·count_match = [4, 2, 2, 0]; each function's metrics over what it scored:
+    rm mean 3, std 1; count_match mean 0.5, std 0.5."""
+    samples = [PromptSample(id=f"s{i}", images=[], prompt=user_prompt("q"), meta={"task": t, "answer": a})
+               for i, (t, a) in enumerate([("describe", ""), ("counting", "3"), ("describe", ""), ("counting", "2")])]
+    scorer = RecordingScorer()
+    reward = build_reward({"rm": 1.0, "count_match": 2.0}, scorers={"rm": scorer},
+                          tasks={"rm": ["describe"], "count_match": ["counting"]})
+    scores = reward(samples, ["abcd", "3", "xy", "5"], dtype=torch.float64)
+    assert scorer.seen == [(["s0", "s2"], ["abcd", "xy"])]
+    assert scores.total.tolist() == [4.0, 2.0, 2.0, 0.0]
+    assert scores.values["rm"].tolist() == [4.0, 0.0, 2.0, 0.0]
+    m = scores.metrics()
+    assert (float(m["rewards/rm/mean"]), float(m["rewards/rm/std"])) == (3.0, 1.0)
+    assert (float(m["rewards/count_match/mean"]), float(m["rewards/count_match/std"])) == (0.5, 0.5)
+    only_counting = reward([samples[1], samples[3]], ["3", "5"])  # rm scores nothing: not called, no metrics
+    assert len(scorer.seen) == 1 and "rewards/rm/mean" not in only_counting.metrics()
+    assert only_counting.total.tolist() == [2.0, 0.0]
+
+
+def test_task_restriction_errors() -> None:
+    with pytest.raises(RewardConfigError, match=r"rewards.tasks names \['rm'\], which are not in rewards.weights"):
+        build_reward({"count_match": 1.0}, tasks={"rm": ["describe"]})
+    with pytest.raises(RewardConfigError, match=r"rewards.tasks.count_match: give a non-empty list"):
+        build_reward({"count_match": 1.0}, tasks={"count_match": "counting"})
+    reward = build_reward({"count_match": 1.0}, tasks={"count_match": ["counting"]})
+    with pytest.raises(RewardError, match=r"sample 's0' has no 'task' column"):
+        reward(make_samples(["3"]), ["3"])
+
+
 @pytest.mark.parametrize(
     ("scores", "message"),
     [

@@ -5,6 +5,7 @@ A rewards config names reward functions with weights::
     rewards:
       weights: {count_match: 1.0, format: 0.2, my_rewards.py:brevity: 0.1}
       options: {overlong_penalty: {max_length: 64, cache_length: 16}}
+      tasks: {count_match: [counting]}     # optional: the tasks a reward scores
       timeout_s: 5
 
 A name is a key of :data:`vlalign.rewards.verifiable.REWARD_FUNCTIONS`, a user function
@@ -14,6 +15,11 @@ passes in ``scorers``. :func:`build_reward` checks every name and its options at
 file, a missing or non-callable function, an option the function does not take: one clear error);
 the returned :class:`CombinedReward` scores a batch into the weighted total plus each function's
 own values, whose metrics are ``rewards/<name>/mean`` and ``rewards/<name>/std``.
+
+Several tasks in one run (``tasks``): a reward named there scores only the samples whose ``task``
+column is one of its tasks, and gives 0 to the others without being called. So a reward model
+trained on descriptions scores the descriptions, and a verifiable reward the short answers, in the
+same batch. Its metrics are over the samples it scored (absent from a step where it scored none).
 
 Every call is guarded (:func:`call_reward`): a reward that raises, returns something other than a
 finite real number (a string, None, NaN, inf), or runs past ``timeout_s`` stops the step with a
@@ -311,14 +317,21 @@ class RewardScores:
     total: Tensor
     """``(N,)`` Σ_k weight_k · values[k]."""
     values: dict[str, Tensor]
-    """Each function's own (unweighted) values, ``(N,)``, keyed by metric name."""
+    """Each function's own (unweighted) values, ``(N,)``, keyed by metric name (0 where it did not score)."""
     weights: dict[str, float]
     """Each function's weight, keyed by metric name."""
+    scored: dict[str, Tensor] = field(default_factory=dict)
+    """``(N,)`` bool: which completions a task-restricted function scored (absent: all of them)."""
 
     def metrics(self) -> dict[str, Tensor]:
-        """``rewards/<name>/mean`` and ``/std`` (population std) per function and for the total."""
+        """``rewards/<name>/mean`` and ``/std`` (population std) per function, over the completions it
+        scored, and for the total."""
         out: dict[str, Tensor] = {}
         for name, values in [*self.values.items(), ("total", self.total)]:
+            if name in self.scored:
+                values = values[self.scored[name]]
+                if values.numel() == 0:
+                    continue
             out[f"rewards/{name}/mean"] = values.mean()
             out[f"rewards/{name}/std"] = values.std(correction=0) if values.numel() > 1 else values.new_zeros(())
         return out
@@ -338,6 +351,22 @@ class CombinedReward:
     """Time limit of one reward-function call in seconds (None: no limit)."""
     mode: Literal["auto", "signal", "thread"] = "auto"
     """How time limits are enforced (see :func:`call_with_timeout`)."""
+    tasks: dict[str, frozenset[str]] = field(default_factory=dict)
+    """Metric name -> the sample tasks it scores; a function not named here scores every sample."""
+
+    def _scored(self, name: str, samples: Sequence[PromptSample]) -> list[bool] | None:
+        """Which samples ``name`` scores (None: all)."""
+        if name not in self.tasks:
+            return None
+        out = []
+        for s in samples:
+            task = (getattr(s, "meta", None) or {}).get("task")
+            if task is None:
+                raise RewardError(f"reward {name!r} scores only the tasks {sorted(self.tasks[name])} "
+                                  f"(rewards.tasks), but sample {sample_id(s)!r} has no 'task' column",
+                                  function=name, sample_id=sample_id(s))  # fmt: skip
+            out.append(str(task) in self.tasks[name])
+        return out
 
     def __call__(
         self, samples: Sequence[PromptSample], completions: Sequence[str], *, dtype: torch.dtype = torch.float32
@@ -348,20 +377,26 @@ class CombinedReward:
                 f"{len(samples)} samples but {len(completions)} completions; pass one sample per completion"
             )
         values: dict[str, Tensor] = {}
-        for name, fn in self.functions.items():
-            scores = [
-                call_reward(fn, name, c, s, timeout_s=self.timeout_s, mode=self.mode)
-                for s, c in zip(samples, completions)
-            ]
-            values[name] = torch.tensor(scores, dtype=torch.float64)  # (N,)
-        for name, scorer in self.scorers.items():
-            values[name] = torch.tensor(self._score_batch(name, scorer, samples, completions), dtype=torch.float64)
+        scored: dict[str, Tensor] = {}
+        for name in [*self.functions, *self.scorers]:
+            mask = self._scored(name, samples)
+            keep = range(len(samples)) if mask is None else [i for i, m in enumerate(mask) if m]
+            sub_s, sub_c = [samples[i] for i in keep], [completions[i] for i in keep]
+            if name in self.functions:
+                found = [call_reward(self.functions[name], name, c, s, timeout_s=self.timeout_s, mode=self.mode)
+                         for s, c in zip(sub_s, sub_c)]  # fmt: skip
+            else:
+                found = self._score_batch(name, self.scorers[name], sub_s, sub_c) if keep else []
+            v = torch.zeros(len(samples), dtype=torch.float64)  # (N,)
+            v[list(keep)] = torch.tensor(found, dtype=torch.float64)
+            values[name] = v
+            if mask is not None:
+                scored[name] = torch.tensor(mask, dtype=torch.bool)
         total = torch.zeros(len(completions), dtype=torch.float64)  # (N,)
         for name, v in values.items():
             total = total + self.weights[name] * v
-        return RewardScores(
-            total=total.to(dtype), values={k: v.to(dtype) for k, v in values.items()}, weights=dict(self.weights)
-        )
+        return RewardScores(total=total.to(dtype), values={k: v.to(dtype) for k, v in values.items()},
+                            weights=dict(self.weights), scored=scored)  # fmt: skip
 
     @staticmethod
     def _score_batch(
@@ -399,6 +434,9 @@ class RewardsConfig:
     or a reward model the recipe provides. Weight 0 logs a reward without optimising it."""
     options: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Reward name -> keyword options, e.g. {overlong_penalty: {max_length: 64, cache_length: 16}}."""
+    tasks: dict[str, list[str]] = field(default_factory=dict)
+    """Reward name -> the tasks (a sample's task column) it scores, e.g. {reward_model: [describe],
+    shapes_answer: [colour, existence]}; it gives 0 to other samples. A reward not named: every sample."""
     timeout_s: float = 10.0
     """Time limit of one reward call in seconds; a slower call stops the step (0: no limit)."""
 
@@ -411,17 +449,23 @@ def build_reward(
     timeout_s: float | None = 10.0,
     base_dir: str | Path | None = None,
     mode: Literal["auto", "signal", "thread"] = "auto",
+    tasks: Mapping[str, Sequence[str]] | None = None,
 ) -> CombinedReward:
     """Resolve every reward name of ``weights`` (see the module docstring) into a :class:`CombinedReward`."""
     options = dict(options or {})
     scorers = dict(scorers or {})
+    tasks = dict(tasks or {})
     if not weights:
         raise RewardConfigError("rewards.weights is empty: name at least one reward, e.g. {count_match: 1.0}")
-    unused = sorted(set(options) - set(weights))
-    if unused:
-        raise RewardConfigError(
-            f"rewards.options names {unused}, which are not in rewards.weights ({sorted(weights)})"
-        )
+    for section, names in (("options", options), ("tasks", tasks)):
+        unused = sorted(set(names) - set(weights))
+        if unused:
+            raise RewardConfigError(
+                f"rewards.{section} names {unused}, which are not in rewards.weights ({sorted(weights)})"
+            )
+    for name, listed in tasks.items():
+        if isinstance(listed, str) or not listed or not all(isinstance(t, str) and t for t in listed):
+            raise RewardConfigError(f"rewards.tasks.{name}: give a non-empty list of task names, got {listed!r}")
     functions: dict[str, RewardFunction] = {}
     batch: dict[str, BatchScorer] = {}
     out_weights: dict[str, float] = {}
@@ -448,14 +492,16 @@ def build_reward(
                 "as 'file.py:function'"
             )
         out_weights[key] = float(weight)
-    return CombinedReward(functions, batch, out_weights, timeout_s=timeout_s or None, mode=mode)
+    by_task = {metric_name(name): frozenset(listed) for name, listed in tasks.items()}
+    return CombinedReward(functions, batch, out_weights, timeout_s=timeout_s or None, mode=mode, tasks=by_task)
 
 
 def build_reward_from_config(
     cfg: RewardsConfig, *, scorers: Mapping[str, BatchScorer] | None = None, base_dir: str | Path | None = None
 ) -> CombinedReward:
     """:func:`build_reward` from a :class:`RewardsConfig` section."""
-    return build_reward(cfg.weights, options=cfg.options, scorers=scorers, timeout_s=cfg.timeout_s, base_dir=base_dir)
+    return build_reward(cfg.weights, options=cfg.options, scorers=scorers, timeout_s=cfg.timeout_s, base_dir=base_dir,
+                        tasks=cfg.tasks)
 
 
 # ----------------------------------------------------------------------------- fact-augmented inputs
