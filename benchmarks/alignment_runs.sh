@@ -6,7 +6,8 @@
 #   make demo && bash benchmarks/alignment_runs.sh runs/demo      # writes runs/final/
 # Read the numbers from runs/final/eval-dpo-plain/eval.json (against runs/demo/eval-dpo/eval.json),
 # runs/final/rm-facts/metrics.jsonl (eval/accuracy) and runs/final/eval-ppo/eval.json (the PPO
-# policy beside the base model on the demo's suite, with the reward model's win rate).
+# policy beside the base model on the demo's suite, with the reward model's win rate), and
+# runs/final/eval-ppo-tasks/eval.json (PPO on descriptions and short answers, a reward per task).
 set -x
 D=${1:-runs/demo}; W=$D/world; BASE=$D/sft/model; O=runs/final
 export HF_HUB_OFFLINE=1
@@ -25,3 +26,6 @@ done
 $V rm --config examples/rm_shapes_facts.yaml --model.name_or_path=$BASE --data.train=$O/pairs/describe_rm_train.jsonl --data.eval=$O/pairs/describe_rm_validation.jsonl --train.output_dir=$O/rm-facts --train.overwrite=true --train.max_steps=300 --train.eval_every=150 --train.save_every=150 --train.progress=false
 $V ppo --config examples/ppo_shapes.yaml --model.name_or_path=$BASE --reward_model=$O/rm-facts/model --data.train=$W/train_prompts.jsonl --eval.data=$W --train.output_dir=$O/ppo --train.overwrite=true --train.save_every=50 --train.progress=false
 $V eval --model=$O/ppo/model --baseline=$BASE --scorer=$O/rm-facts/model --suite.data=$W --suite.describe=500 --suite.questions_per_task=500 --suite.pope_questions=1500 --output_dir=$O/eval-ppo --progress=false | grep -E "^(win_rate|pope/adv|chair/chair_i|chair/recall|task/|kl/seq)"
+# PPO on descriptions (reward model) and colour / existence questions (verifiable reward)
+$V ppo --config examples/ppo_shapes.yaml --model.name_or_path=$BASE --reward_model=$O/rm-facts/model --data.train=$W/train_prompts.jsonl --eval.data=$W --ppo.tasks='[describe, colour, existence]' --rewards.weights='{reward_model: 1.0, shapes_answer: 1.0}' --rewards.tasks='{reward_model: [describe], shapes_answer: [colour, existence]}' --train.max_steps=150 --train.output_dir=$O/ppo-tasks --train.overwrite=true --train.save_every=50 --train.progress=false
+$V eval --model=$O/ppo-tasks/model --baseline=$BASE --scorer=$O/rm-facts/model --suite.data=$W --suite.describe=500 --suite.questions_per_task=500 --suite.pope_questions=1500 --output_dir=$O/eval-ppo-tasks --progress=false | grep -E "^(win_rate|pope/adv|chair/chair_i|chair/recall|task/|kl/seq)"
