@@ -9,8 +9,9 @@ Stages, in order (each a folder of the demo folder, ``runs/demo`` unless told ot
                descriptions (its own hallucinations as the rejected responses)
     dpo        DPO with mDPO's image-conditioned term, from the base model
     eval-dpo   the suite on the DPO model (KL from the base model)
-    grpo       GRPO with verifiable rewards on descriptions (object F1 against the scene) and
-               colour questions (colour match), from the DPO model
+    grpo       GRPO with verifiable rewards on descriptions (object F1 against the scene),
+               colour questions (colour match) and existence questions (yes/no match), from the
+               DPO model
     eval-grpo  the suite on the GRPO model (KL from the base model)
     report     report.html (curves, before/after bars, a gallery of descriptions)
 
@@ -89,8 +90,8 @@ def _dpo_defaults() -> dict[str, Any]:
 
 
 def _grpo_defaults() -> dict[str, Any]:
-    return {"grpo.tasks": ["describe", "colour"], "rewards.weights": {"shapes_answer": 1.0}, "rollout.n": 8,
-            "rollout.max_new_tokens": 40, "update.kl_coef": 0.3, "train.batch_size": 16,
+    return {"grpo.tasks": ["describe", "colour", "existence"], "rewards.weights": {"shapes_answer": 1.0},
+            "rollout.n": 8, "rollout.max_new_tokens": 40, "update.kl_coef": 0.3, "train.batch_size": 16,
             "train.max_steps": 120, "train.lr": 3e-5, "train.schedule": "constant", "train.warmup_ratio": 0.0,
             "train.save_every": 20, "train.log_every": 5, "eval_tasks": []}  # fmt: skip
 
@@ -141,8 +142,9 @@ class Config:
     dpo: dict[str, Any] = field(default_factory=_dpo_defaults)
     """vlalign dpo settings (default: mDPO from the base model on both pair sets)."""
     grpo: dict[str, Any] = field(default_factory=_grpo_defaults)
-    """vlalign grpo settings (default: the shapes_answer reward (object F1 / colour match) on describe
-    and colour prompts, from the DPO model; see the README for what counting rewards did)."""
+    """vlalign grpo settings (default: the shapes_answer reward (object F1 / colour / yes-no match) on
+    describe, colour and existence prompts, from the DPO model; see the README for what counting
+    rewards did)."""
     suite: dict[str, Any] = field(default_factory=_suite_defaults)
     """Evaluation-suite settings shared by the three evaluations (see vlalign eval --help)."""
     report: bool = True
