@@ -400,6 +400,12 @@ def test_task_restriction_errors() -> None:
     reward = build_reward({"count_match": 1.0}, tasks={"count_match": ["counting"]})
     with pytest.raises(RewardError, match=r"sample 's0' has no 'task' column"):
         reward(make_samples(["3"]), ["3"])
+    colour = PromptSample(id="c0", images=[], prompt=user_prompt("q"), meta={"task": "colour", "answer": "red"})
+    with pytest.raises(RewardError, match=r"no reward scores sample 'c0' \(task 'colour'\): rewards.tasks names only "
+                                          r"\['counting'\]"):
+        reward([colour], ["red"])
+    unrestricted = build_reward({"count_match": 1.0, "colour_match": 1.0}, tasks={"count_match": ["counting"]})
+    assert unrestricted([colour], ["red"]).total.tolist() == [1.0]  # colour_match scores every sample
 
 
 @pytest.mark.parametrize(

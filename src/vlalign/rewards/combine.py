@@ -20,6 +20,7 @@ Several tasks in one run (``tasks``): a reward named there scores only the sampl
 column is one of its tasks, and gives 0 to the others without being called. So a reward model
 trained on descriptions scores the descriptions, and a verifiable reward the short answers, in the
 same batch. Its metrics are over the samples it scored (absent from a step where it scored none).
+When every reward is restricted, a sample that none of them scores is an error, not a zero.
 
 Every call is guarded (:func:`call_reward`): a reward that raises, returns something other than a
 finite real number (a string, None, NaN, inf), or runs past ``timeout_s`` stops the step with a
@@ -392,6 +393,13 @@ class CombinedReward:
             values[name] = v
             if mask is not None:
                 scored[name] = torch.tensor(mask, dtype=torch.bool)
+        if scored and len(scored) == len(values):  # every reward is task-restricted: none may leave a sample out
+            unscored = [i for i in range(len(samples)) if not any(bool(m[i]) for m in scored.values())]
+            if unscored:
+                s = samples[unscored[0]]
+                raise RewardError(f"no reward scores sample {sample_id(s)!r} (task {s.meta.get('task')!r}): "
+                                  f"rewards.tasks names only {sorted(set().union(*self.tasks.values()))}",
+                                  function="rewards.tasks", sample_id=sample_id(s))  # fmt: skip
         total = torch.zeros(len(completions), dtype=torch.float64)  # (N,)
         for name, v in values.items():
             total = total + self.weights[name] * v
