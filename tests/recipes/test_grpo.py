@@ -236,6 +236,24 @@ def test_every_estimator_and_kl_placement_prepares_an_update(tiny_model, recipe_
         assert bool(torch.isfinite(ro.advantages).all())
 
 
+def test_a_reward_model_scores_the_completions(tiny_model_dir, recipe_world, reward_model_dir, tmp_path):
+    """One GRPO step on descriptions with a `vlalign rm` folder as the reward: the rewards logged for
+    the sampled completions are the reward model's scores of them, recomputed here."""
+    from vlalign.rewards.model import load_reward_scorer
+
+    args = _args(tiny_model_dir("qwen2_vl"), recipe_world, tmp_path / "run", "reward_model", "--grpo.tasks=[describe]",
+                 f"--reward_model={reward_model_dir}", "--train.max_steps=1")  # fmt: skip
+    grpo.run(load_config(grpo.Config, None, args))
+    logged = _completions(tmp_path / "run")
+    by_id = {s.id: s for s in load_samples(recipe_world / "train_prompts.jsonl", "prompt")}
+    scorer = load_reward_scorer(reward_model_dir, device="cpu", dtype="float32")
+    for row in logged:
+        texts = row["completions"]
+        expected = scorer([by_id[row["id"]]] * len(texts), texts)
+        assert row["rewards"] == pytest.approx(expected, abs=1e-5)
+    assert len(logged) == 2 and len(set(sum((r["rewards"] for r in logged), []))) > 1
+
+
 def test_config_errors_are_named(recipe_world, tmp_path):
     def cfg(*extra: str) -> grpo.Config:
         return load_config(grpo.Config, None, _args(Path("m"), recipe_world, tmp_path, "count_match", *extra))
@@ -246,5 +264,7 @@ def test_config_errors_are_named(recipe_world, tmp_path):
         grpo.check_config(cfg("--rollout.n=1"))
     with pytest.raises(ValueError, match=r"update.minibatches \(2\) must divide train.grad_accum \(3\)"):
         grpo.check_config(cfg("--update.minibatches=2", "--train.grad_accum=3"))
+    with pytest.raises(ValueError, match="rewards.weights names reward_model but --reward_model"):
+        grpo.check_config(cfg("--rewards.weights={reward_model: 1.0}"))
     with pytest.raises(ValueError, match="no row has a task in grpo.tasks"):
         grpo.load_prompts(cfg("--grpo.tasks=[juggling]"))

@@ -12,23 +12,12 @@ import torch
 from vlalign.config import load_config
 from vlalign.data.collate import encode_completions, encode_prompts, pad_token_id_of
 from vlalign.data.schema import PromptSample, user_prompt
-from vlalign.models.heads import RewardModel, RewardModelInfo, load_head, new_head, save_reward_model
+from vlalign.models.heads import load_head, new_head
 from vlalign.models.logprobs import completion_logprobs
 from vlalign.recipes import ppo
 from vlalign.recipes.rl_common import Rollouts
 from vlalign.recipes.rl_update import UpdateContext, update
 from vlalign.train import Run, TrainConfig, read_metrics
-
-
-@pytest.fixture(scope="module")
-def reward_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
-    """An (untrained) reward model folder on the tiny Qwen2-VL: a fixed, deterministic scorer."""
-    from vlalign.models.load import load_model_and_processor
-
-    model, processor = load_model_and_processor(tiny_model_dir("qwen2_vl"), device="cpu", dtype="float32")
-    rm = RewardModel(model, new_head(model, seed=11))
-    info = RewardModelInfo(hidden_size=rm.head.hidden_size, scale=0.1)
-    return save_reward_model(rm, processor, tmp_path_factory.mktemp("ppo-rm") / "rm", info)
 
 
 def _args(model_dir: Path, world: Path, rm_dir: Path, out: Path, *extra: str) -> list[str]:

@@ -32,6 +32,7 @@ Examples::
                  --grpo.tasks='[counting]' --train.output_dir=runs/grpo
     vlalign grpo --config examples/grpo_counting.yaml
     vlalign grpo --advantage=rloo --update.kl_coef=0.02 --update.kl_in=reward ...
+    vlalign grpo --reward_model=runs/rm/model --rewards.weights='{reward_model: 1.0}' --grpo.tasks='[describe]' ...
     vlalign grpo --train.output_dir=runs/grpo --resume    # continue exactly where it stopped
 """
 
@@ -60,12 +61,14 @@ from vlalign.recipes.rl_common import (
     PolicyUpdateConfig,
     Rollouts,
     advantages,
+    build_rl_reward,
     global_masked_moments,
     group_filter_mask,
     mean_over_processes,
     old_logprobs,
     overlong_shaping,
     reference_logprobs,
+    require_reward_model,
     rollout,
     rollout_metrics,
     rollout_seed,
@@ -73,7 +76,7 @@ from vlalign.recipes.rl_common import (
     token_kl,
 )
 from vlalign.recipes.rl_update import UpdateContext, update
-from vlalign.rewards import RewardScores, RewardsConfig, build_reward_from_config
+from vlalign.rewards import RewardScores, RewardsConfig
 from vlalign.rollout import GenerationSettings
 from vlalign.train import BatchPlan, Run, TrainConfig, build_optimizer, build_scheduler, check_finite, total_steps
 
@@ -118,7 +121,7 @@ class GRPOSettings:
 
 @dataclass
 class Config:
-    """GRPO, Dr.GRPO, RLOO and REINFORCE++ on prompts with verifiable rewards."""
+    """GRPO, Dr.GRPO, RLOO and REINFORCE++ on prompts with verifiable rewards and / or a reward model."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     """The policy (usually a supervised fine-tuned model)."""
@@ -129,7 +132,11 @@ class Config:
     rollout: GenerationSettings = field(default_factory=_rollout_defaults)
     """Sampling: n is G (completions per prompt); temperature must be > 0."""
     rewards: RewardsConfig = field(default_factory=RewardsConfig)
-    """Reward functions and weights."""
+    """Reward functions and weights; 'reward_model' names the reward model of reward_model."""
+    reward_model: str = ""
+    """Folder of a reward model trained by `vlalign rm` (needed when rewards.weights names reward_model)."""
+    reward_batch_size: int = 16
+    """Prompts per reward-model forward."""
     advantage: AdvantageName = "grpo"
     """Advantage estimator: grpo, dr_grpo, rloo, reinforce_pp, reinforce_pp_baseline."""
     update: PolicyUpdateConfig = field(default_factory=PolicyUpdateConfig)
@@ -164,6 +171,7 @@ def check_config(cfg: Config) -> None:
                          f"({cfg.train.grad_accum})")
     if cfg.grpo.overlong_buffer < 0 or cfg.grpo.overlong_buffer > cfg.rollout.max_new_tokens:
         raise ValueError(f"grpo.overlong_buffer must be in [0, rollout.max_new_tokens={cfg.rollout.max_new_tokens}]")
+    require_reward_model(cfg.rewards, cfg.reward_model)
 
 
 def check_distributed(run: Run, cfg: Config) -> None:
@@ -344,7 +352,8 @@ def run(cfg: Config) -> dict[str, Any]:
     pad = pad_token_id_of(processor)
     train_set = load_prompts(cfg)
     suite = build_eval_suite(cfg)
-    reward = build_reward_from_config(cfg.rewards)
+    reward = build_rl_reward(cfg.rewards, cfg.reward_model, device=cfg.model.device, dtype=cfg.model.dtype,
+                             batch_size=cfg.reward_batch_size)  # fmt: skip
     plan = BatchPlan(len(train_set), cfg.train.batch_size, cfg.train.grad_accum, run.num_processes, cfg.train.seed)
     steps = total_steps(cfg.train, plan)
     optimizer = build_optimizer(model, cfg.train)

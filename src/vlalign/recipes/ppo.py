@@ -73,10 +73,12 @@ from vlalign.recipes.grpo import CompletionLog
 from vlalign.recipes.rl_common import (
     PolicyUpdateConfig,
     Rollouts,
+    build_rl_reward,
     global_masked_moments,
     mean_over_processes,
     policy_logprobs,
     reference_logprobs,
+    require_reward_model,
     rollout,
     rollout_metrics,
     rollout_seed,
@@ -84,7 +86,7 @@ from vlalign.recipes.rl_common import (
     token_kl,
 )
 from vlalign.recipes.rl_update import UpdateContext, update
-from vlalign.rewards import RewardsConfig, build_reward_from_config
+from vlalign.rewards import RewardsConfig
 from vlalign.rollout import GenerationSettings
 from vlalign.train import BatchPlan, Run, TrainConfig, build_optimizer, build_scheduler, check_finite, total_steps
 
@@ -200,8 +202,7 @@ def check_config(cfg: Config) -> None:
     if cfg.train.grad_accum % cfg.update.minibatches:
         raise ValueError(f"update.minibatches ({cfg.update.minibatches}) must divide train.grad_accum "
                          f"({cfg.train.grad_accum})")
-    if "reward_model" in cfg.rewards.weights and not cfg.reward_model:
-        raise ValueError("rewards.weights names reward_model but --reward_model (a `vlalign rm` folder) is not set")
+    require_reward_model(cfg.rewards, cfg.reward_model)
     if cfg.ppo.kl_target < 0 or cfg.ppo.kl_horizon <= 0 or not 0 <= cfg.ppo.lam <= 1 or not 0 <= cfg.ppo.gamma <= 1:
         raise ValueError("ppo: need kl_target >= 0, kl_horizon > 0 and gamma, lam in [0, 1]")
     if cfg.ppo.kl_target > 0 and cfg.update.kl_coef <= 0:
@@ -214,18 +215,6 @@ def load_prompts(cfg: Config) -> list[PromptSample]:
     """The training prompts, filtered to ``ppo.tasks``."""
     samples = load_split(cfg.data.train, "prompt", cfg.data)
     return filter_tasks(samples, cfg.ppo.tasks, source=cfg.data.train, option="ppo.tasks")
-
-
-def build_reward(cfg: Config) -> Any:
-    """The combined reward (reward model and / or verifiable functions)."""
-    scorers = {}
-    if cfg.reward_model:
-        from vlalign.rewards.model import load_reward_scorer
-
-        device = "cpu" if cfg.model.device == "cpu" else "auto"
-        scorers["reward_model"] = load_reward_scorer(cfg.reward_model, device=device, dtype=cfg.model.dtype,
-                                                     batch_size=cfg.reward_batch_size)  # fmt: skip
-    return build_reward_from_config(cfg.rewards, scorers=scorers)
 
 
 def build_critic(cfg: Config, policy: nn.Module, processor: Any) -> nn.Module:
@@ -460,7 +449,8 @@ def run(cfg: Config) -> dict[str, Any]:
     model, processor = load_policy(cfg.model)
     pad = pad_token_id_of(processor)
     train_set = load_prompts(cfg)
-    reward = build_reward(cfg)
+    reward = build_rl_reward(cfg.rewards, cfg.reward_model, device=cfg.model.device, dtype=cfg.model.dtype,
+                             batch_size=cfg.reward_batch_size)  # fmt: skip
     critic = build_critic(cfg, model, processor)
     plan = BatchPlan(len(train_set), cfg.train.batch_size, cfg.train.grad_accum, run.num_processes, cfg.train.seed)
     steps = total_steps(cfg.train, plan)

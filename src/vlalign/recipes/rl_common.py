@@ -61,7 +61,7 @@ from vlalign.losses import (
 from vlalign.models.logprobs import CompletionLogprobs, completion_logprobs
 from vlalign.models.packing import concat_prompts
 from vlalign.models.reference import ReferencePolicy
-from vlalign.rewards import RewardError, RewardScores
+from vlalign.rewards import CombinedReward, RewardError, RewardsConfig, RewardScores, build_reward_from_config
 from vlalign.rollout import GenerationSettings, generate
 from vlalign.train import Run
 
@@ -458,8 +458,32 @@ def mean_over_processes(run: Run, metrics: dict[str, Any]) -> dict[str, float]:
     return {k: v / max(n, 1.0) for k, (v, n) in zip(keys, total.tolist())}
 
 
+
+# ----------------------------------------------------------------------------- rewards
+
+
+def require_reward_model(rewards: RewardsConfig, reward_model: str) -> None:
+    """The config error of a reward named ``reward_model`` without a reward model folder."""
+    if "reward_model" in rewards.weights and not reward_model:
+        raise ValueError("rewards.weights names reward_model but --reward_model (a `vlalign rm` folder) is not set")
+
+
+def build_rl_reward(rewards: RewardsConfig, reward_model: str, *, device: str, dtype: str,
+                    batch_size: int) -> CombinedReward:
+    """The reward of an RL recipe: the functions of ``rewards`` and, when ``reward_model`` names a folder
+    saved by ``vlalign rm``, that model as the reward called ``reward_model`` (on the CPU when the policy
+    is, else on the first accelerator)."""
+    require_reward_model(rewards, reward_model)
+    scorers = {}
+    if reward_model:
+        from vlalign.rewards.model import load_reward_scorer
+
+        scorers["reward_model"] = load_reward_scorer(reward_model, device="cpu" if device == "cpu" else "auto",
+                                                     dtype=dtype, batch_size=batch_size)  # fmt: skip
+    return build_reward_from_config(rewards, scorers=scorers)
+
 __all__ = [
-    "ADVANTAGES", "PolicyUpdateConfig", "Rollouts", "advantages", "global_masked_moments", "group_filter_mask",
-    "mean_over_processes", "old_logprobs", "overlong_shaping", "policy_logprobs", "reference_logprobs", "rollout",
-    "rollout_metrics", "rollout_seed", "score", "token_kl",
+    "ADVANTAGES", "PolicyUpdateConfig", "Rollouts", "advantages", "build_rl_reward", "global_masked_moments",
+    "group_filter_mask", "mean_over_processes", "old_logprobs", "overlong_shaping", "policy_logprobs",
+    "reference_logprobs", "require_reward_model", "rollout", "rollout_metrics", "rollout_seed", "score", "token_kl",
 ]
