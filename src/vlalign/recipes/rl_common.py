@@ -458,7 +458,6 @@ def mean_over_processes(run: Run, metrics: dict[str, Any]) -> dict[str, float]:
     return {k: v / max(n, 1.0) for k, (v, n) in zip(keys, total.tolist())}
 
 
-
 # ----------------------------------------------------------------------------- rewards
 
 
