@@ -398,8 +398,8 @@ def test_task_restriction_errors() -> None:
     with pytest.raises(RewardConfigError, match=r"rewards.tasks.count_match: give a non-empty list"):
         build_reward({"count_match": 1.0}, tasks={"count_match": "counting"})
     reward = build_reward({"count_match": 1.0}, tasks={"count_match": ["counting"]})
-    with pytest.raises(RewardError, match=r"sample 's0' has no 'task' column"):
-        reward(make_samples(["3"]), ["3"])
+    with pytest.raises(RewardError, match=r"no reward scores sample 's0' \(task 'answer'\)"):
+        reward(make_samples(["3"]), ["3"])  # no task column: task_of calls it an 'answer' row
     colour = PromptSample(id="c0", images=[], prompt=user_prompt("q"), meta={"task": "colour", "answer": "red"})
     with pytest.raises(RewardError, match=r"no reward scores sample 'c0' \(task 'colour'\): rewards.tasks names only "
                                           r"\['counting'\]"):

@@ -16,10 +16,10 @@ file, a missing or non-callable function, an option the function does not take: 
 the returned :class:`CombinedReward` scores a batch into the weighted total plus each function's
 own values, whose metrics are ``rewards/<name>/mean`` and ``rewards/<name>/std``.
 
-Several tasks in one run (``tasks``): a reward named there scores only the samples whose ``task``
-column is one of its tasks, and gives 0 to the others without being called. So a reward model
-trained on descriptions scores the descriptions, and a verifiable reward the short answers, in the
-same batch. Its metrics are over the samples it scored (absent from a step where it scored none).
+Several tasks in one run (``tasks``): a reward named there scores only the samples whose task
+(:func:`vlalign.eval.tasks.task_of`, the ``task`` column) is one of its tasks, and gives 0 to the
+others without being called. So a reward model trained on descriptions scores the descriptions,
+and a verifiable reward the short answers, in the same batch. Its metrics are over the samples it scored (absent from a step where it scored none).
 When every reward is restricted, a sample that none of them scores is an error, not a zero.
 
 Every call is guarded (:func:`call_reward`): a reward that raises, returns something other than a
@@ -356,18 +356,12 @@ class CombinedReward:
     """Metric name -> the sample tasks it scores; a function not named here scores every sample."""
 
     def _scored(self, name: str, samples: Sequence[PromptSample]) -> list[bool] | None:
-        """Which samples ``name`` scores (None: all)."""
+        """Which samples ``name`` scores (None: all), by the task that ``grpo.tasks`` / ``ppo.tasks`` filter on."""
         if name not in self.tasks:
             return None
-        out = []
-        for s in samples:
-            task = (getattr(s, "meta", None) or {}).get("task")
-            if task is None:
-                raise RewardError(f"reward {name!r} scores only the tasks {sorted(self.tasks[name])} "
-                                  f"(rewards.tasks), but sample {sample_id(s)!r} has no 'task' column",
-                                  function=name, sample_id=sample_id(s))  # fmt: skip
-            out.append(str(task) in self.tasks[name])
-        return out
+        from vlalign.eval.tasks import task_of  # here: vlalign.eval.tasks imports vlalign.rewards
+
+        return [task_of(s) in self.tasks[name] for s in samples]
 
     def __call__(
         self, samples: Sequence[PromptSample], completions: Sequence[str], *, dtype: torch.dtype = torch.float32
@@ -396,8 +390,10 @@ class CombinedReward:
         if scored and len(scored) == len(values):  # every reward is task-restricted: none may leave a sample out
             unscored = [i for i in range(len(samples)) if not any(bool(m[i]) for m in scored.values())]
             if unscored:
+                from vlalign.eval.tasks import task_of
+
                 s = samples[unscored[0]]
-                raise RewardError(f"no reward scores sample {sample_id(s)!r} (task {s.meta.get('task')!r}): "
+                raise RewardError(f"no reward scores sample {sample_id(s)!r} (task {task_of(s)!r}): "
                                   f"rewards.tasks names only {sorted(set().union(*self.tasks.values()))}",
                                   function="rewards.tasks", sample_id=sample_id(s))  # fmt: skip
         total = torch.zeros(len(completions), dtype=torch.float64)  # (N,)
