@@ -19,8 +19,9 @@ own values, whose metrics are ``rewards/<name>/mean`` and ``rewards/<name>/std``
 Several tasks in one run (``tasks``): a reward named there scores only the samples whose task
 (:func:`vlalign.eval.tasks.task_of`, the ``task`` column) is one of its tasks, and gives 0 to the
 others without being called. So a reward model trained on descriptions scores the descriptions,
-and a verifiable reward the short answers, in the same batch. Its metrics are over the samples it scored (absent from a step where it scored none).
-When every reward is restricted, a sample that none of them scores is an error, not a zero.
+and a verifiable reward the short answers, in the same batch. Its metrics are over the samples it
+scored (absent from a step where it scored none). When every reward is restricted, a sample that
+none of them scores is an error, not a zero.
 
 Every call is guarded (:func:`call_reward`): a reward that raises, returns something other than a
 finite real number (a string, None, NaN, inf), or runs past ``timeout_s`` stops the step with a
