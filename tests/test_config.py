@@ -98,3 +98,24 @@ class WithOwnDefaults:
 def test_partial_override_keeps_the_parents_defaults_for_a_section():
     cfg = load_config(WithOwnDefaults, None, ["--train.layers=[9]"])
     assert (cfg.train.lr, cfg.train.schedule, cfg.train.layers) == (0.5, "linear", [9])
+
+
+def test_cli_output_into_a_closed_pipe_ends_quietly(tmp_path, monkeypatch):
+    """``vlalign demo --help | head -1``: the reader stops early; the command exits 1, no traceback."""
+    from vlalign.cli import main
+
+    sink = open(tmp_path / "stdout", "w")  # stands in for the pipe's fd, which main redirects
+
+    class ClosedPipe:
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self):
+            pass
+
+        def fileno(self):
+            return sink.fileno()
+
+    monkeypatch.setattr("sys.stdout", ClosedPipe())
+    assert main(["demo", "--help"]) == 1
+    sink.close()
