@@ -22,13 +22,25 @@ it. The reported figure is the largest over the repetitions. Where ``clear_refs`
 written, each (mode, workload) runs in a fresh subprocess and its whole-process peak (model and
 start-up included, so the ratios are closer to 1) is reported instead (``--isolate``).
 
+On a GPU (``--device cuda``): the model and batches live on the device, every timed step is bracketed by
+``torch.cuda.synchronize()``, and a step's peak is ``torch.cuda.max_memory_allocated()`` during the step
+minus the memory allocated before it (the caching allocator's counters, reset before every step; with
+``--isolate``, each child's whole-process peak of allocated GPU memory). ``--dtype bfloat16`` loads the
+weights in bf16 (log-probs are still computed in float32 from the bf16 logits); the shared/naive log-prob
+difference then holds the rounding of bf16. On one H100 (torch 2.11, transformers 5.24, defaults, median of
+5; 2026-11-27): bfloat16 pair / group speed-ups 1.72x / 2.63x, peak-memory ratios 0.52 / 0.17, largest
+log-prob difference 7.8e-3; float32 1.73x / 2.98x, 0.52 / 0.17, 9.5e-7. The tiny model leaves the GPU
+mostly idle (a step takes 50 to 150 ms; fixed per-kernel costs weigh more), which is likely why the
+speed-ups are smaller there than on a CPU.
+
 Threads: one by default. On a shared 2-core machine, two intra-op threads stall on each other
 whenever another process holds a core, and the stall is paid per operator, so it taxes the shared
 mode (fewer FLOPs, as many operators) far more than the naive one: measured here with another job
 running, 2 threads gave pair / group speed-ups of 1.37x / 2.99x where 1 thread gave 1.97x / 5.36x
 in the same conditions. On a quiet machine, compare with ``--threads 2``.
 
-Run: ``make bench`` or ``python benchmarks/logprobs.py [--arch qwen2_vl] [--reps 5] [--threads 2]``.
+Run: ``make bench`` or ``python benchmarks/logprobs.py [--arch qwen2_vl] [--reps 5] [--threads 2]``;
+on a GPU ``python benchmarks/logprobs.py --device cuda [--dtype bfloat16]``.
 """
 
 from __future__ import annotations
@@ -94,6 +106,27 @@ def _reset_peak() -> bool:
         return False
 
 
+def _on_cuda(device: str | torch.device) -> bool:
+    return torch.device(device).type == "cuda"
+
+
+class _CudaPeak:
+    """Per-step peak of GPU memory allocated by the caching allocator, above its level before the step."""
+
+    def __init__(self, device: str) -> None:
+        self.device = torch.device(device)
+        self.before = 0
+
+    def start(self) -> None:
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self.before = torch.cuda.memory_allocated(self.device)
+
+    def stop(self) -> float:
+        torch.cuda.synchronize(self.device)
+        return (torch.cuda.max_memory_allocated(self.device) - self.before) / 2**20
+
+
 # ---------------------------------------------------------------------------------- the data
 
 
@@ -156,7 +189,7 @@ def _loss(result: Any, work: Workload) -> torch.Tensor:
         logps = PreferenceLogps(chosen_logps=sums[:, 0], rejected_logps=sums[:, 1],
                                 ref_chosen_logps=zeros, ref_rejected_logps=zeros)
         return dpo_loss(logps, beta=0.1).losses.mean()
-    rewards = torch.arange(len(result), dtype=torch.float32) % 3
+    rewards = torch.arange(len(result), dtype=torch.float32, device=result.logps.device) % 3
     adv = grpo_advantages(rewards, group_size=work.k)
     out = ppo_clip_loss(result.logps, result.logps.detach(), adv, result.mask)
     return out.losses.sum() / result.mask.sum()
@@ -166,14 +199,23 @@ def _step(model: torch.nn.Module, work: Workload, mode: str, pad: int) -> tuple[
     gc.collect()
     model.zero_grad(set_to_none=True)
     gc.collect()
-    before = _status_kib("VmRSS")
-    reset = _reset_peak()
+    device = next(model.parameters()).device
+    cuda = _CudaPeak(str(device)) if _on_cuda(device) else None
+    if cuda is not None:
+        cuda.start()  # synchronizes: the timer starts with the GPU idle
+    else:
+        before = _status_kib("VmRSS")
+        reset = _reset_peak()
     start = time.perf_counter()
     result = completion_logprobs(model, work.prompts, work.completions, mode=mode,  # type: ignore[arg-type]
                                  pad_token_id=pad)
     _loss(result, work).backward()
-    elapsed = time.perf_counter() - start
-    peak = (_status_kib("VmHWM") - before) / 1024 if reset else float("nan")
+    if cuda is not None:
+        peak = cuda.stop()  # synchronizes: the timer stops when the backward has run
+        elapsed = time.perf_counter() - start
+    else:
+        elapsed = time.perf_counter() - start
+        peak = (_status_kib("VmHWM") - before) / 1024 if reset else float("nan")
     return elapsed, peak, result.detach()
 
 
@@ -206,7 +248,8 @@ def _setup(args: argparse.Namespace) -> tuple[torch.nn.Module, Any, list[Workloa
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     folder = build_tiny_model(args.arch, "bench", Path(args.model_dir) / f"{args.arch}-bench")
-    model, processor = load_model_and_processor(folder, device="cpu", dtype="float32", attn_implementation=args.attn,
+    model, processor = load_model_and_processor(folder, device=args.device, dtype=args.dtype,
+                                                attn_implementation=args.attn,
                                                 gradient_checkpointing=args.gradient_checkpointing)
     model.train()
     from vlalign.models.tiny import SIZES
@@ -221,7 +264,10 @@ def _child(args: argparse.Namespace) -> None:
     pad = pad_token_id_of(processor)
     work = next(w for w in works if w.name == args.workload)
     res = _measure(model, work, (args.only,), args.reps, pad)
-    res[args.only]["peak_mb"] = _status_kib("VmHWM") / 1024
+    if _on_cuda(args.device):
+        res[args.only]["peak_mb"] = torch.cuda.max_memory_allocated(args.device) / 2**20  # never reset here
+    else:
+        res[args.only]["peak_mb"] = _status_kib("VmHWM") / 1024
     res[args.only]["logps"] = res.pop("logps")[args.only].tolist()
     print(json.dumps(res[args.only]))
 
@@ -243,7 +289,8 @@ def _isolated(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
 def _table(results: dict[str, dict[str, Any]], args: argparse.Namespace, how_memory: str) -> str:
     lines = [
         f"vlalign log-prob benchmark: {args.arch} 'bench' ({image_tokens(args.arch, 'bench')} image tokens/prompt), "
-        f"attention={args.attn}, gradient checkpointing={'on' if args.gradient_checkpointing else 'off'}, "
+        f"device={_device_name(args.device)}, dtype={args.dtype}, attention={args.attn}, "
+        f"gradient checkpointing={'on' if args.gradient_checkpointing else 'off'}, "
         f"threads={args.threads}, median of {args.reps}, forward+backward; peak memory: {how_memory}",
         f"{'workload':<22}{'mode':<8}{'time (s)':>10}{'speed-up':>10}{'peak MB':>10}{'mem ratio':>10}"
         f"{'tokens':>8}{'slots':>8}{'max |dlogp|':>13}",
@@ -263,6 +310,10 @@ def _table(results: dict[str, dict[str, Any]], args: argparse.Namespace, how_mem
     return "\n".join(lines)
 
 
+def _device_name(device: str) -> str:
+    return f"{device} ({torch.cuda.get_device_name(device)})" if _on_cuda(device) else device
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", default="qwen2_vl")
@@ -273,19 +324,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--completion-tokens", type=int, default=32)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads (see the module doc)")
+    parser.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1 ...")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights dtype")
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--model-dir", default=os.path.join(tempfile.gettempdir(), "vlalign-bench-models"))
     parser.add_argument("--isolate", action="store_true", help="each mode in a fresh process (whole-process peaks)")
     parser.add_argument("--only", choices=MODES, help=argparse.SUPPRESS)
     parser.add_argument("--workload", choices=("pairs", "groups"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if _on_cuda(args.device) and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: CUDA is not available")
     if args.only:
         _child(args)
         return
-    malloc_ok = _fix_malloc()
-    if args.isolate or not (_reset_peak() and malloc_ok):
+    cuda = _on_cuda(args.device)  # on a GPU the caching allocator's counters need neither probe
+    malloc_ok = cuda or _fix_malloc()
+    if args.isolate or not (cuda or (_reset_peak() and malloc_ok)):
         results = _isolated(args)
-        how = "whole-process peak RSS (model included), one fresh process per mode and workload"
+        how = ("whole-process peak of allocated GPU memory" if cuda else "whole-process peak RSS") + \
+            " (model included), one fresh process per mode and workload"
     else:
         model, processor, works = _setup(args)
         pad = pad_token_id_of(processor)
@@ -293,7 +350,8 @@ def main(argv: list[str] | None = None) -> None:
         for work in works:
             results[work.name] = _measure(model, work, MODES, args.reps, pad)
             results[work.name].pop("logps")
-        how = "per-step high-water mark of the resident set above its level before the step"
+        how = ("per-step peak of allocated GPU memory above its level before the step" if cuda else
+               "per-step high-water mark of the resident set above its level before the step")
     print(_table(results, args, how))
     summary = {
         "pair_speedup": results["pairs"]["naive"]["time_s"] / results["pairs"]["shared"]["time_s"],
@@ -302,7 +360,8 @@ def main(argv: list[str] | None = None) -> None:
         "group_peak_mem_ratio": results["groups"]["shared"]["peak_mb"] / results["groups"]["naive"]["peak_mb"],
         "max_abs_logprob_diff": max(results[n]["max_abs_logprob_diff"] for n in results),
     }
-    print(json.dumps({k: round(v, 4) if k != "max_abs_logprob_diff" else v for k, v in summary.items()}))
+    line: dict[str, Any] = {k: round(v, 4) if k != "max_abs_logprob_diff" else v for k, v in summary.items()}
+    print(json.dumps({**line, "device": str(args.device), "dtype": args.dtype}))
 
 
 if __name__ == "__main__":
