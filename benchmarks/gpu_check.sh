@@ -2,9 +2,10 @@
 # GPU check of vlalign: does the pipeline run on CUDA in bf16, and what does prefix sharing save there?
 #
 #   (a) torch / transformers (and friends) versions, the GPU's name, bf16 support;
-#   (b) `vlalign demo --quick` with the defaults device=auto (-> cuda) and dtype=auto (-> bf16 on a GPU
-#       that has it): every stage, the summary table, every number of the summary, the evaluations and
-#       the training logs finite, the models' peak GPU memory, the final model reloaded (device, dtype);
+#   (b) `vlalign demo --quick` with the defaults device=auto (-> cuda), dtype=auto and mixed_precision=auto
+#       (trained models: float32 weights, bf16 autocast; evaluated ones: bf16 weights, on a GPU that has
+#       bf16): every stage, the summary table, every number of the summary, the evaluations and the
+#       training logs finite, the models' peak GPU memory, the final model reloaded (device, dtype);
 #   (c) benchmarks/logprobs.py --device cuda in bfloat16 and in float32 (speed-ups, peak-memory ratios,
 #       largest shared-vs-naive log-prob difference);
 #   (d) a few fast CPU tests that touch bf16 (tests/models/test_load.py, test_heads.py), with the versions
@@ -86,8 +87,12 @@ if sys.argv[1] != "cpu":
     print(f"GPU: {torch.cuda.get_device_name(0)}, {p.total_memory / 2**30:.1f} GiB, capability {p.major}.{p.minor}, "
           f"bf16 supported: {torch.cuda.is_bf16_supported()}")
     from vlalign.models.load import resolve_device, resolve_dtype
+    from vlalign.recipes.common import trained_weights_dtype
+    from vlalign.train import resolve_mixed_precision
     dev = resolve_device("auto")
-    print(f"vlalign resolves device=auto -> {dev}, dtype=auto -> {resolve_dtype('auto', dev)}")
+    print(f"vlalign resolves device=auto -> {dev}; dtype=auto -> {resolve_dtype('auto', dev)} for frozen models "
+          f"and LoRA bases, {trained_weights_dtype('auto', lora=False)} for fully trained ones; "
+          f"train.mixed_precision=auto -> {resolve_mixed_precision('auto')}")
 EOF
 
 # ------------------------------------------------------------------------------ (b) the quick demo

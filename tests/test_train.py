@@ -128,3 +128,17 @@ def test_non_finite_loss_names_step_samples_and_checkpoint(tmp_path):
     check_finite(torch.tensor(1.0), step=5, sample_ids=["a"], run_dir=tmp_path)
     with pytest.raises(NonFiniteLossError, match=r"at step 5; batch sample ids: a, b; the last good checkpoint is .*step-0000004"):
         check_finite(torch.tensor(float("nan")), step=5, sample_ids=["a", "b"], run_dir=tmp_path)
+
+
+def test_mixed_precision_auto(monkeypatch):
+    """auto: what ``accelerate launch --mixed_precision`` set (None lets accelerate read it), else
+    bf16 on a GPU that has it and 'no' elsewhere; explicit values pass through."""
+    from vlalign.train import resolve_mixed_precision
+
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    gpu_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    assert resolve_mixed_precision("auto") == ("bf16" if gpu_bf16 else "no")
+    assert resolve_mixed_precision("no") == "no" and resolve_mixed_precision("fp16") == "fp16"
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    assert resolve_mixed_precision("auto") is None
+    assert resolve_mixed_precision("no") == "no"

@@ -63,8 +63,9 @@ class TrainConfig:
     """Learning-rate decay after warm-up."""
     max_grad_norm: float = 1.0
     """Clip the global gradient norm to this value; 0 disables clipping."""
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    """Autocast precision (bf16 on recent GPUs; 'no' on CPUs)."""
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    """Autocast precision. auto: what ``accelerate launch`` was told, else bf16 on a GPU that
+    supports it and 'no' on CPUs."""
     log_every: int = 10
     """Write metrics every this many optimiser steps."""
     save_every: int = 200
@@ -211,10 +212,21 @@ def make_accelerator(cfg: TrainConfig, run_dir: Path):
 
     trackers = [t for t in cfg.trackers if _tracker_available(t)]
     return Accelerator(
-        mixed_precision=cfg.mixed_precision,
+        mixed_precision=resolve_mixed_precision(cfg.mixed_precision),
         log_with=trackers or None,
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")),
     )
+
+
+def resolve_mixed_precision(value: str) -> str | None:
+    """``train.mixed_precision`` for ``Accelerator``: "auto" is None (accelerate then reads what
+    ``accelerate launch`` set) under ``accelerate launch --mixed_precision``, else bf16 on a GPU
+    that supports it and "no" otherwise; other values pass through."""
+    if value != "auto":
+        return value
+    if os.environ.get("ACCELERATE_MIXED_PRECISION"):
+        return None
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
 
 
 def _tracker_available(name: str) -> bool:

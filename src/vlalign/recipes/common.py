@@ -27,7 +27,10 @@ class ModelConfig:
     name_or_path: str = "tiny:gemma3:small"
     """A local folder, a hub name, or tiny:<arch>:<size> (built offline; the demo model is tiny:gemma3:small)."""
     dtype: str = "auto"
-    """Weights dtype: auto (bf16 on GPUs that support it, else float32), float32, bfloat16, float16."""
+    """Weights dtype: float32, bfloat16, float16, or auto: float32 when every weight trains (bf16
+    compute comes from train.mixed_precision; bf16 weights would round away AdamW updates smaller
+    than 1/256 of a weight), and with LoRA bf16 on GPUs that support it (the adapters stay
+    float32), float32 on CPUs."""
     device: str = "auto"
     """auto (CUDA when available), cpu, cuda, cuda:1 ..."""
     attn_implementation: str = "sdpa"
@@ -68,12 +71,27 @@ class DataConfig:
     """Use at most this many held-out rows for the periodic evaluation (0: all)."""
 
 
+def trained_weights_dtype(dtype: str, *, lora: bool) -> str:
+    """The dtype to load a model in that trains: ``auto`` is float32 when every weight trains.
+
+    Without float32 master weights, an AdamW step changes a bf16 weight only when the update is
+    at least half a unit in its last place (2**-9 of the weight): at a learning rate of 5e-5 most
+    updates of weights above 0.03 would vanish. Frozen base weights (LoRA) may stay in bf16.
+    """
+    if dtype == "auto" and not lora:
+        return "float32"
+    if dtype in ("bfloat16", "bf16", "float16", "fp16") and not lora:
+        logger.warning("model.dtype=%s with every weight training: AdamW updates smaller than the weights' "
+                       "rounding step are lost; float32 weights with train.mixed_precision=bf16 keep them", dtype)
+    return dtype
+
+
 def load_policy(cfg: ModelConfig, *, lora: bool | None = None) -> tuple[torch.nn.Module, Any]:
-    """The model and processor that ``cfg`` describes."""
+    """The model and processor that ``cfg`` describes, in :func:`trained_weights_dtype`."""
     use_lora = cfg.use_lora if lora is None else lora
     return load_model_and_processor(
         resolve_model(cfg.name_or_path, seed=cfg.tiny_seed),
-        dtype=cfg.dtype,
+        dtype=trained_weights_dtype(cfg.dtype, lora=use_lora),
         device=cfg.device,
         attn_implementation=cfg.attn_implementation or None,
         gradient_checkpointing=cfg.gradient_checkpointing,

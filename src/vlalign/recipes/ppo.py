@@ -68,7 +68,7 @@ from vlalign.models.heads import CriticModel, load_reward_model, new_head, save_
 from vlalign.models.load import LoraSpec, load_model_and_processor, save_model_and_processor
 from vlalign.models.logprobs import CompletionLogprobs
 from vlalign.models.reference import AdapterDisabledReference, FrozenCopyReference, ReferencePolicy, make_reference
-from vlalign.recipes.common import DataConfig, ModelConfig, load_policy, load_split
+from vlalign.recipes.common import DataConfig, ModelConfig, load_policy, load_split, trained_weights_dtype
 from vlalign.recipes.grpo import CompletionLog
 from vlalign.recipes.rl_common import (
     PolicyUpdateConfig,
@@ -224,8 +224,8 @@ def build_critic(cfg: Config, policy: nn.Module, processor: Any) -> nn.Module:
     source = cfg.critic.name_or_path
     lora = cfg.model.lora if cfg.critic.use_lora else None
     if source and (Path(source) / "reward_model.json").is_file():
-        rm, critic_processor, _ = load_reward_model(source, device=cfg.model.device, dtype=cfg.model.dtype,
-                                                    trainable=True)  # fmt: skip
+        rm, critic_processor, _ = load_reward_model(source, device=cfg.model.device, trainable=True,
+                                                    dtype=trained_weights_dtype(cfg.model.dtype, lora=lora is not None))
         backbone, head = rm.backbone, rm.head
         if lora is not None:
             from vlalign.models.load import apply_lora
@@ -247,7 +247,8 @@ def build_critic(cfg: Config, policy: nn.Module, processor: Any) -> nn.Module:
 def _load_critic_backbone(source: str, cfg: Config, lora: LoraSpec | None) -> tuple[nn.Module, Any]:
     from vlalign.embedded import resolve_model
 
-    return load_model_and_processor(resolve_model(source), dtype=cfg.model.dtype, device=cfg.model.device,
+    return load_model_and_processor(resolve_model(source), device=cfg.model.device,
+                                    dtype=trained_weights_dtype(cfg.model.dtype, lora=lora is not None),
                                     attn_implementation=cfg.model.attn_implementation or None, lora=lora)  # fmt: skip
 
 
