@@ -29,7 +29,7 @@ class ModelConfig:
     dtype: str = "auto"
     """Weights dtype: float32, bfloat16, float16, or auto: float32 when every weight trains (bf16
     compute comes from train.mixed_precision; bf16 weights would round away AdamW updates smaller
-    than 1/256 of a weight), and with LoRA bf16 on GPUs that support it (the adapters stay
+    than 1/512 to 1/256 of a weight), and with LoRA bf16 on GPUs that support it (the adapters stay
     float32), float32 on CPUs."""
     device: str = "auto"
     """auto (CUDA when available), cpu, cuda, cuda:1 ..."""
@@ -75,7 +75,7 @@ def trained_weights_dtype(dtype: str, *, lora: bool) -> str:
     """The dtype to load a model in that trains: ``auto`` is float32 when every weight trains.
 
     Without float32 master weights, an AdamW step changes a bf16 weight only when the update is
-    at least half a unit in its last place (2**-9 of the weight): at a learning rate of 5e-5 most
+    at least half its rounding step (2**-9 to 2**-8 of the weight): at a learning rate of 5e-5 most
     updates of weights above 0.03 would vanish. Frozen base weights (LoRA) may stay in bf16.
     """
     if dtype == "auto" and not lora:
