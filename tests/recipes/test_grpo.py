@@ -92,6 +92,23 @@ def test_one_step_raises_the_log_prob_of_positive_advantages(tiny_model_dir, rec
         assert key in metrics, key
 
 
+def test_reference_log_probs_are_computed_in_the_update_precision(tiny_model_dir, recipe_world, reward_file,
+                                                                  tmp_path):
+    """Under bf16 autocast (here on the CPU) the reference's log-probs of the rollout are computed in
+    the precision of the policy's forward (accelerate wraps the prepared policy in autocast; the
+    frozen reference copy is not wrapped): before the first update the policy equals the reference,
+    so the KL between them is exactly 0. With the reference in float32 beside a bf16 policy the KL
+    in the reward was about 5e-6 per sequence here: bf16's rounding, charged as a penalty."""
+    cfg = load_config(grpo.Config, None, _args(tiny_model_dir("qwen2_vl"), recipe_world, tmp_path / "run",
+                                               f"{reward_file}:parity", "--train.max_steps=1",
+                                               "--train.mixed_precision=bf16", "--update.kl_coef=0.1",
+                                               "--update.kl_in=reward"))  # fmt: skip
+    grpo.run(cfg)
+    metrics = read_metrics(tmp_path / "run")[0]
+    assert metrics["kl/ref_seq_in_reward"] == 0.0 and metrics["kl/ref"] == 0.0
+    assert metrics["policy/ratio_mean"] == 1.0
+
+
 def test_lora_step_with_the_adapter_disabled_reference(tiny_model_dir, recipe_world, reward_file, tmp_path):
     """LoRA: the reference is the policy with its adapter switched off, so at the first step (LoRA's B
     starts at zero) the KL to it is zero; the saved model is the adapter alone."""

@@ -463,10 +463,11 @@ def precompute_reference(run: Run, reference: ReferencePolicy, encoder: PairEnco
     if run.accelerator.is_main_process:
         from tqdm.auto import tqdm
 
-        for chunk in tqdm(list(chunks(samples, batch_size)), desc="reference", disable=not run.cfg.progress):
-            pb = encoder(chunk, count=False)
-            if len(pb):
-                reference.logprobs(pb.batch.prompts, pb.batch.completions, sample_keys=pb.keys)
+        with run.accelerator.autocast():  # the precision the training steps compute in
+            for chunk in tqdm(list(chunks(samples, batch_size)), desc="reference", disable=not run.cfg.progress):
+                pb = encoder(chunk, count=False)
+                if len(pb):
+                    reference.logprobs(pb.batch.prompts, pb.batch.completions, sample_keys=pb.keys)
         run.print(f"reference cache: {reference.num_computed} completions computed, {reference.num_hits} cached "
                   f"({reference.folder})")
     finish_precompute(reference, run)

@@ -373,9 +373,10 @@ def run(cfg: Config) -> dict[str, Any]:
 
     for step in range(run.start_step, steps):
         t_start = time.perf_counter()
-        ro, metrics = collect(run, policy, processor, reward, train_set, plan, step, cfg)
-        t_update = time.perf_counter()
-        metrics.update(prepare_update(policy, reference, ro, cfg, pad_token_id=pad, reduce_sum=reduce_sum))
+        with run.accelerator.autocast():  # the precision the update computes its log-probs in
+            ro, metrics = collect(run, policy, processor, reward, train_set, plan, step, cfg)
+            t_update = time.perf_counter()
+            metrics.update(prepare_update(policy, reference, ro, cfg, pad_token_id=pad, reduce_sum=reduce_sum))
         ctx = UpdateContext(temperature=cfg.rollout.temperature, pad_token_id=pad, micro_batches=cfg.train.grad_accum,
                             norm_length=cfg.update.norm_length or cfg.rollout.max_new_tokens, seed=cfg.train.seed,
                             step=step)  # fmt: skip

@@ -307,10 +307,11 @@ def precompute_reference(run: Run, reference: ReferencePolicy, encoder: Unpaired
     if not isinstance(reference, PrecomputedReference):
         return
     if run.accelerator.is_main_process:
-        for chunk in chunks(samples, batch_size):
-            ub = encoder(chunk, count=False)
-            if len(ub):
-                reference.logprobs(ub.prompts, [[g[0]] for g in ub.completions], sample_keys=ub.keys)
+        with run.accelerator.autocast():  # the precision the training steps compute in
+            for chunk in chunks(samples, batch_size):
+                ub = encoder(chunk, count=False)
+                if len(ub):
+                    reference.logprobs(ub.prompts, [[g[0]] for g in ub.completions], sample_keys=ub.keys)
     run.accelerator.wait_for_everyone()
     reference._entries = None  # re-read what the main process wrote
 

@@ -477,8 +477,9 @@ def run(cfg: Config) -> dict[str, Any]:
     for step in range(run.start_step, steps):
         t_start = time.perf_counter()
         samples = [train_set[i] for mb in plan.micro_batches(step, run.process_index) for i in mb]
-        ro, metrics = collect(run, policy, run.accelerator.unwrap_model(critic), processor, reward, reference,
-                              samples, step, cfg, pad=pad)  # fmt: skip
+        with run.accelerator.autocast():  # the precision the update computes its log-probs and values in
+            ro, metrics = collect(run, policy, run.accelerator.unwrap_model(critic), processor, reward, reference,
+                                  samples, step, cfg, pad=pad)  # fmt: skip
         t_update = time.perf_counter()
         beta = controller.value
         metrics.update(ppo_advantages(ro, kl_coef=beta, cfg=cfg, reduce_sum=reduce_sum))
