@@ -93,17 +93,18 @@ def test_one_step_raises_the_log_prob_of_positive_advantages(tiny_model_dir, rec
 
 
 def test_reference_log_probs_are_computed_in_the_update_precision(tiny_model_dir, recipe_world, reward_file,
-                                                                  tmp_path):
+                                                                  tmp_path, vlalign_process):
     """Under bf16 autocast (here on the CPU) the reference's log-probs of the rollout are computed in
     the precision of the policy's forward (accelerate wraps the prepared policy in autocast; the
     frozen reference copy is not wrapped): before the first update the policy equals the reference,
     so the KL between them is exactly 0. With the reference in float32 beside a bf16 policy the KL
     in the reward was about 5e-6 per sequence here: bf16's rounding, charged as a penalty."""
-    cfg = load_config(grpo.Config, None, _args(tiny_model_dir("qwen2_vl"), recipe_world, tmp_path / "run",
-                                               f"{reward_file}:parity", "--train.max_steps=1",
-                                               "--train.mixed_precision=bf16", "--update.kl_coef=0.1",
-                                               "--update.kl_in=reward"))  # fmt: skip
-    grpo.run(cfg)
+    args = _args(tiny_model_dir("qwen2_vl"), recipe_world, tmp_path / "run", f"{reward_file}:parity",
+                 "--train.max_steps=1", "--train.mixed_precision=bf16", "--update.kl_coef=0.1", "--update.kl_in=reward")
+    # a process of its own: accelerate keeps one mixed-precision setting per process
+    proc = vlalign_process(["grpo", *args], tmp_path / "cache", stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
     metrics = read_metrics(tmp_path / "run")[0]
     assert metrics["kl/ref_seq_in_reward"] == 0.0 and metrics["kl/ref"] == 0.0
     assert metrics["policy/ratio_mean"] == 1.0
