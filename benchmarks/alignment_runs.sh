@@ -1,10 +1,12 @@
 #!/bin/bash
 # The measured runs of issues 6 and 7 beyond the demo, from a finished demo folder (its world,
-# base model and pairs): plain DPO beside the demo's mDPO (same pairs, NLL term, steps and lr),
-# a fact-augmented reward model on description pairs (injected hallucinations, and the base model's
-# own sampled descriptions ranked against the scene), and PPO with that reward model.
+# base model and pairs): plain DPO beside the demo's mDPO (same pairs, NLL term, steps and lr), the
+# demo's DPO stage with seeds 1 and 2, a fact-augmented reward model on description pairs (injected
+# hallucinations, and the base model's own sampled descriptions ranked against the scene), and PPO
+# with that reward model.
 #   make demo && bash benchmarks/alignment_runs.sh runs/demo      # writes runs/final/
-# Read the numbers from runs/final/eval-dpo-plain/eval.json (against runs/demo/eval-dpo/eval.json),
+# Read the numbers from runs/final/eval-dpo-plain/eval.json and eval-dpo-seed{1,2}/eval.json (against
+# runs/demo/eval-dpo/eval.json),
 # runs/final/rm-facts/metrics.jsonl (eval/accuracy) and runs/final/eval-ppo/eval.json (the PPO
 # policy beside the base model on the demo's suite, with the reward model's win rate), and
 # runs/final/eval-ppo-tasks/eval.json (PPO on descriptions and short answers, a reward per task).
@@ -14,8 +16,13 @@ export HF_HUB_OFFLINE=1
 V=.venv/bin/vlalign
 mkdir -p $O
 # mDPO vs plain DPO (both + NLL, same pairs, steps and lr as the demo)
-$V dpo --model.name_or_path=$BASE --data.train=$D/pairs/train.jsonl --data.eval= --loss.weights='{sigmoid: 1.0, nll: 1.0}' --loss.beta=0.1 --train.max_steps=150 --train.batch_size=16 --train.lr=5e-5 --train.save_every=0 --train.log_every=10 --train.output_dir=$O/dpo-plain --train.overwrite=true --train.progress=false
+$V dpo --model.name_or_path=$BASE --data.train=$D/pairs/train.jsonl --data.eval= --loss.weights='{sigmoid: 1.0, nll: 1.0}' --loss.beta=0.1 --train.max_steps=250 --train.batch_size=16 --train.lr=5e-5 --train.save_every=0 --train.log_every=10 --train.output_dir=$O/dpo-plain --train.overwrite=true --train.progress=false
 $V eval --model=$O/dpo-plain/model --reference=$BASE --suite.data=$W --suite.describe=500 --suite.questions_per_task=500 --suite.pope_questions=1500 --output_dir=$O/eval-dpo-plain --progress=false | grep -E "^(pope/adv|chair/chair_i|task/|kl/seq)"
+# the demo's DPO stage with two other seeds (data order, corruption, dropout): the spread of its numbers
+for seed in 1 2; do
+  $V dpo --model.name_or_path=$BASE --data.train=$D/pairs/train.jsonl --data.eval= --loss.weights='{mdpo: 1.0, nll: 1.0}' --loss.options='{mdpo: {conditional_weight: 0.5}}' --loss.beta=0.1 --train.max_steps=250 --train.batch_size=16 --train.lr=5e-5 --train.seed=$seed --train.save_every=0 --train.log_every=10 --train.output_dir=$O/dpo-seed$seed --train.overwrite=true --train.progress=false
+  $V eval --model=$O/dpo-seed$seed/model --reference=$BASE --suite.data=$W --suite.describe=500 --suite.questions_per_task=500 --suite.pope_questions=1500 --output_dir=$O/eval-dpo-seed$seed --progress=false | grep -E "^(pope/adv|chair/chair_i|task/|kl/seq)"
+done
 # reward model (fact-augmented) on description pairs, then PPO with it
 $V pairs --method=inject --data=$W/train.jsonl --out=$O/pairs/describe_train.jsonl --inject.tasks='[describe]' --inject.pairs_per_sample=2 --limit=3000 | tail -3
 $V pairs --method=inject --data=$W/validation.jsonl --out=$O/pairs/describe_validation.jsonl --inject.tasks='[describe]' --inject.pairs_per_sample=2 | tail -3

@@ -85,7 +85,7 @@ def _rank_defaults() -> dict[str, Any]:
 def _dpo_defaults() -> dict[str, Any]:
     # mDPO's image-conditioned term at half weight: at 1.0 it cost colour and counting (see the README)
     return {"loss.weights": {"mdpo": 1.0, "nll": 1.0}, "loss.options": {"mdpo": {"conditional_weight": 0.5}},
-            "loss.beta": 0.1, "train.max_steps": 150, "train.batch_size": 16,
+            "loss.beta": 0.1, "train.max_steps": 250, "train.batch_size": 16,
             "train.lr": 5e-5, "train.save_every": 100, "train.log_every": 10, "data.eval": ""}  # fmt: skip
 
 
