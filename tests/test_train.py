@@ -8,17 +8,16 @@ import numpy as np
 import pytest
 import torch
 
+from vlalign.run_metrics import MetricsLog, read_metrics
 from vlalign.train import (
     BatchPlan,
     Checkpointer,
-    MetricsLog,
     NonFiniteLossError,
     TrainConfig,
     build_optimizer,
     build_scheduler,
     check_finite,
     prepare_run_dir,
-    read_metrics,
     total_steps,
 )
 

@@ -37,7 +37,7 @@ from vlalign.report_gallery import GalleryColumn, description_records, gallery_h
 from vlalign.report_plots import as_float, bar_groups, curve_charts, metric_series, plot_bars, plot_curves
 
 SUMMARY_FILE = "demo_summary.json"
-METRICS_FILE = "metrics.jsonl"  # the name vlalign.train.MetricsLog writes (not imported: it pulls in torch)
+METRICS_FILE = "metrics.jsonl"  # the name vlalign.run_metrics.MetricsLog writes (not imported: it pulls in torch)
 EVAL_FILE = "eval.json"
 SUITE_FILE = "suite_eval.json"
 CONFIG_FILE = "config.yaml"

@@ -24,7 +24,7 @@ from vlalign.data.io import load_samples, write_samples
 from vlalign.data.pairs_inject import InjectConfig, inject_pairs
 from vlalign.eval.parsing import load_vocabulary
 from vlalign.recipes import dpo, kto
-from vlalign.train import read_metrics
+from vlalign.run_metrics import read_metrics
 
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"

@@ -17,7 +17,8 @@ from vlalign.data.pairs_inject import InjectConfig, inject_pairs
 from vlalign.data.schema import DataError, PreferenceSample
 from vlalign.eval.parsing import load_vocabulary
 from vlalign.recipes import dpo
-from vlalign.train import NonFiniteLossError, read_metrics
+from vlalign.run_metrics import read_metrics
+from vlalign.train import NonFiniteLossError
 
 
 

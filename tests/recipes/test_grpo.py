@@ -23,7 +23,8 @@ from vlalign.models.reference import make_reference
 from vlalign.recipes import grpo
 from vlalign.recipes.rl_common import ADVANTAGES, policy_logprobs, rollout, rollout_seed
 from vlalign.rewards import RewardError, build_reward
-from vlalign.train import BatchPlan, read_metrics
+from vlalign.run_metrics import read_metrics
+from vlalign.train import BatchPlan
 
 REWARDS = '''
 def parity(completion, sample):

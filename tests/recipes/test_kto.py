@@ -17,7 +17,8 @@ from vlalign.eval.parsing import load_vocabulary
 from vlalign.models.load import load_model_and_processor
 from vlalign.models.logprobs import completion_logprobs
 from vlalign.recipes import kto
-from vlalign.train import BatchPlan, read_metrics
+from vlalign.run_metrics import read_metrics
+from vlalign.train import BatchPlan
 
 
 

@@ -17,7 +17,8 @@ from vlalign.models.logprobs import completion_logprobs
 from vlalign.recipes import ppo
 from vlalign.recipes.rl_common import Rollouts
 from vlalign.recipes.rl_update import UpdateContext, update
-from vlalign.train import Run, TrainConfig, read_metrics
+from vlalign.run_metrics import read_metrics
+from vlalign.train import Run, TrainConfig
 
 
 def _args(model_dir: Path, world: Path, rm_dir: Path, out: Path, *extra: str) -> list[str]:

@@ -19,7 +19,7 @@ from vlalign.models.heads import RewardModel, RewardModelInfo, new_head
 from vlalign.recipes import reward_model as rm
 from vlalign.rewards import fact_augmented_sample
 from vlalign.rewards.model import RewardModelScorer, group_consecutive, load_reward_scorer, prepare_samples
-from vlalign.train import read_metrics
+from vlalign.run_metrics import read_metrics
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import pytest
 
 from vlalign.config import load_config
 from vlalign.recipes import sft
-from vlalign.train import read_metrics
+from vlalign.run_metrics import read_metrics
 
 
 

@@ -1,0 +1,93 @@
+"""A training run's numbers: ``metrics.jsonl`` (and the trackers), throughput and peak memory.
+
+:class:`MetricsLog` appends one JSON object per logged step to ``<run_dir>/metrics.jsonl``;
+:func:`read_metrics` reads them back; :class:`Throughput` turns the samples and tokens of the
+steps since its last reading into rates, with the peak memory of those steps.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class MetricsLog:
+    """Appends one JSON object per logged step to ``metrics.jsonl`` (main process only) and
+    forwards the same numbers to the accelerator's trackers."""
+
+    def __init__(self, run_dir: Path, accelerator=None, *, stage: str | None = None) -> None:
+        self.path = Path(run_dir) / METRICS_FILE
+        self.accelerator = accelerator
+        self.stage = stage
+        self.is_main = accelerator is None or accelerator.is_main_process
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        clean = {k: to_float(v) for k, v in metrics.items()}
+        if self.is_main:
+            record = {"step": step, "time": time.time(), **({"stage": self.stage} if self.stage else {}), **clean}
+            with open(self.path, "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+        if self.accelerator is not None and self.accelerator.trackers:
+            self.accelerator.log(clean, step=step)
+
+    def truncate_after(self, step: int) -> None:
+        """Drop records past ``step`` (used on resume so a restarted run leaves no duplicates)."""
+        if not self.is_main or not self.path.exists():
+            return
+        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        self.path.write_text("".join(line + "\n" for line in kept))
+
+
+def to_float(v: Any) -> float:
+    """A metric value (a number or a one-element tensor) as a Python float."""
+    if isinstance(v, torch.Tensor):
+        return float(v.detach().float().cpu())
+    return float(v)
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """All records of a run's ``metrics.jsonl`` (empty if there is none)."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class Throughput:
+    """Samples/s, tokens/s and peak memory over the steps since the last :meth:`read`."""
+
+    def __init__(self, device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
+        self.reset()
+
+    def reset(self) -> None:
+        self.t0 = time.perf_counter()
+        self.samples = 0
+        self.tokens = 0
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def add(self, samples: int, tokens: int) -> None:
+        self.samples += samples
+        self.tokens += tokens
+
+    def read(self) -> dict[str, float]:
+        dt = max(time.perf_counter() - self.t0, 1e-9)
+        out = {"perf/samples_per_s": self.samples / dt, "perf/tokens_per_s": self.tokens / dt, "perf/peak_mem_mb": peak_memory_mb(self.device)}
+        self.reset()
+        return out
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak allocated accelerator memory, or the process's peak resident size on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
