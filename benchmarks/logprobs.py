@@ -338,8 +338,7 @@ def main(argv: list[str] | None = None) -> None:
         _child(args)
         return
     cuda = _on_cuda(args.device)  # on a GPU the caching allocator's counters need neither probe
-    malloc_ok = cuda or _fix_malloc()
-    if args.isolate or not (cuda or (_reset_peak() and malloc_ok)):
+    if args.isolate or not (cuda or (_fix_malloc() and _reset_peak())):
         results = _isolated(args)
         how = ("whole-process peak of allocated GPU memory" if cuda else "whole-process peak RSS") + \
             " (model included), one fresh process per mode and workload"

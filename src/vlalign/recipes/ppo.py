@@ -64,7 +64,7 @@ from vlalign.eval.suite import EvalResult, Suite, SuiteConfig, build_suite, eval
 from vlalign.eval.tasks import filter_tasks, task_of
 from vlalign.losses import AdaptiveKLController, FixedKLController, aggregate, gae, kl_penalized_token_rewards
 from vlalign.losses import masked_whiten, value_loss
-from vlalign.models.heads import CriticModel, load_reward_model, new_head, save_head, token_scores
+from vlalign.models.heads import INFO_FILE, CriticModel, load_reward_model, new_head, save_head, token_scores
 from vlalign.models.load import LoraSpec, load_model_and_processor, save_model_and_processor
 from vlalign.models.logprobs import CompletionLogprobs
 from vlalign.models.reference import AdapterDisabledReference, FrozenCopyReference, ReferencePolicy, make_reference
@@ -223,7 +223,7 @@ def build_critic(cfg: Config, policy: nn.Module, processor: Any) -> nn.Module:
         return new_head(policy, dropout=cfg.critic.head_dropout, seed=cfg.train.seed)
     source = cfg.critic.name_or_path
     lora = cfg.model.lora if cfg.critic.use_lora else None
-    if source and (Path(source) / "reward_model.json").is_file():
+    if source and (Path(source) / INFO_FILE).is_file():
         rm, critic_processor, _ = load_reward_model(source, device=cfg.model.device, trainable=True,
                                                     dtype=trained_weights_dtype(cfg.model.dtype, lora=lora is not None))
         backbone, head = rm.backbone, rm.head

@@ -481,6 +481,7 @@ def build_rl_reward(rewards: RewardsConfig, reward_model: str, *, device: str, d
                                                      dtype=dtype, batch_size=batch_size)  # fmt: skip
     return build_reward_from_config(rewards, scorers=scorers)
 
+
 __all__ = [
     "ADVANTAGES", "PolicyUpdateConfig", "Rollouts", "advantages", "build_rl_reward", "global_masked_moments",
     "group_filter_mask", "mean_over_processes", "old_logprobs", "overlong_shaping", "policy_logprobs",
