@@ -30,6 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "ppo": ("vlalign.recipes.ppo", "actor-critic PPO with a vision-language critic"),
     "pairs": ("vlalign.data.pairs_cli", "build preference pairs: hallucination injection, image corruption, sample-and-rank"),
     "eval": ("vlalign.eval.cli", "POPE, CHAIR, task accuracy, win rate and KL; one model or two side by side"),
+    "compare": ("vlalign.eval.compare_cli", "the difference between two evaluations, with its paired-bootstrap interval"),
     "demo": ("vlalign.demo", "the whole pipeline on the shapes world, with a table and a report"),
     "report": ("vlalign.report_cli", "an HTML report (plots, gallery) of a run folder"),
 }

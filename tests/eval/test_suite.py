@@ -9,11 +9,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
 from vlalign.cli import main
 from vlalign.data.io import load_samples
+from vlalign.eval.paired import metrics_from_counts, record_counts
 from vlalign.eval.policy import completion_token_logprobs, kl_divergence
 from vlalign.eval.pope import pope_metrics
 from vlalign.eval.suite import SuiteConfig, build_suite, evaluate
@@ -65,6 +67,14 @@ def test_evaluate_in_memory(tiny_model: Callable[..., Any], eval_world: Path) ->
     again = pope_metrics([r["output"] for r in adv], [r["answer"] for r in adv])
     assert again["f1"] == res.metrics["pope/adversarial/f1"]
     assert "kl/seq" not in res.metrics and "win_rate" not in res.metrics
+    # the paired bootstrap's counts recompute every suite metric they cover, exactly
+    summed: dict[str, float] = {}
+    for r in res.records:
+        for k, v in record_counts(r).items():
+            summed[k] = summed.get(k, 0.0) + v
+    recomputed = metrics_from_counts({k: np.array([v]) for k, v in summed.items()})
+    assert {"pope/random/f1", "chair/chair_i", "chair/recall", "task/colour", "compositional/chair/chair_s"} <= set(recomputed)
+    assert {k: float(v[0]) for k, v in recomputed.items()} == {k: res.metrics[k] for k in recomputed}
 
 
 def test_completion_logprobs_match_one_row_at_a_time(tiny_model: Callable[..., Any], eval_world: Path) -> None:
@@ -108,3 +118,6 @@ def test_vlalign_eval_command(tiny_model_dir: Callable[..., Path], eval_world: P
     assert out["metrics"]["win_rate"] == 0.5 and out["metrics"]["kl/seq"] == 0.0
     assert out["metrics"]["win_rate/same"] == 1.0
     assert len(out["records"]["model"]) == len(out["records"]["baseline"]) > 0
+    intervals = out["difference_interval"]
+    assert "pope/adversarial/f1" in intervals and "task/counting" in intervals
+    assert all((v["difference"], v["low"], v["high"]) == (0.0, 0.0, 0.0) for v in intervals.values())

@@ -6,7 +6,9 @@
 * :mod:`.tasks`: accuracy of short answers (counting, colour, existence, exact answers);
 * :mod:`.policy`: KL from a reference policy, win rate under a scorer;
 * :mod:`.suite`: :class:`~.suite.Suite`, :func:`~.suite.build_suite` and :func:`~.suite.evaluate`
-  (a model in memory -> metrics), used by recipes and by ``vlalign eval`` (:mod:`.cli`).
+  (a model in memory -> metrics), used by recipes and by ``vlalign eval`` (:mod:`.cli`);
+* :mod:`.paired`: the difference of two evaluations on the same questions with its paired-bootstrap
+  interval over scenes (``vlalign compare``, :mod:`.compare_cli`).
 
 Names are imported lazily (``from vlalign.eval import evaluate`` loads the suite on first use),
 so that the pure-text modules stay cheap to import.
@@ -24,6 +26,7 @@ _LAZY = {
     "build_suite": "vlalign.eval.suite",
     "evaluate": "vlalign.eval.suite",
     "compare": "vlalign.eval.suite",
+    "paired_bootstrap": "vlalign.eval.paired",
     "chair": "vlalign.eval.chair",
     "pope_metrics": "vlalign.eval.pope",
     "task_accuracy": "vlalign.eval.tasks",

@@ -3,8 +3,10 @@
 Prints one table (the model, the baseline and their difference) and writes ``eval.json`` in
 ``output_dir``: both models' metrics, the differences, the suite's settings and every answer given
 (``records``, for reports and galleries). With a baseline, the model's KL from the baseline and
-its win rate over the baseline's descriptions (under ``scorer``) are measured too; with a
-``reference`` instead, only the KL from it (the reference itself is not evaluated).
+its win rate over the baseline's descriptions (under ``scorer``) are measured too, and each
+difference gets a 95% paired-bootstrap interval over the scenes (``difference_interval``; see
+:mod:`vlalign.eval.paired`; ``vlalign compare`` does the same for evaluations already written);
+with a ``reference`` instead, only the KL from it (the reference itself is not evaluated).
 
 Examples::
 
@@ -18,11 +20,12 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from vlalign.config import to_dict
+from vlalign.eval.paired import Interval, paired_bootstrap
 from vlalign.eval.suite import EvalResult, SuiteConfig, build_suite, compare, evaluate
 
 
@@ -73,21 +76,32 @@ def _fmt(value: float | None) -> str:
     return f"{value:.0f}" if abs(value) >= 1000 or float(value).is_integer() and abs(value) >= 10 else f"{value:.3f}"
 
 
-def format_table(columns: dict[str, dict[str, float]], *, difference: bool = True) -> str:
-    """A text table: one row per metric, one column per model (and ``A - B`` for two models)."""
+def format_table(
+    columns: dict[str, dict[str, float]], *, difference: bool = True, intervals: dict[str, Interval] | None = None,
+    level: float = 0.95,
+) -> str:
+    """A text table: one row per metric, one column per model (and ``A - B`` for two models).
+
+    ``intervals`` (from :func:`~vlalign.eval.paired.paired_bootstrap`) add a column with each
+    difference's ``level`` interval, marked ``*`` where it excludes zero.
+    """
     names = list(columns)
     keys: list[str] = []
     for metrics in columns.values():
         keys += [k for k in metrics if k not in keys]
     keys = sorted(keys, key=lambda k: (k.startswith("perf/"), k.startswith("compositional/"), k))
-    header = ["metric", *names] + (["difference"] if difference and len(names) == 2 else [])
+    two = difference and len(names) == 2
+    header = ["metric", *names] + (["difference"] if two else []) + ([f"{level:.0%} interval"] if two and intervals else [])
     rows = [header]
     for key in keys:
         values = [columns[n].get(key) for n in names]
         row = [key, *(_fmt(v) for v in values)]
-        if len(header) > len(names) + 1:
+        if two:
             a, b = values
             row.append(_fmt(a - b) if a is not None and b is not None else "-")
+        if two and intervals:
+            iv = intervals.get(key)
+            row.append(f"[{iv.low:+.3f}, {iv.high:+.3f}]{'*' if iv.excludes_zero else ' '}" if iv is not None else "-")
         rows.append(row)
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(r, widths)))
@@ -121,7 +135,8 @@ def run(cfg: Config) -> dict[str, Any]:
         print(f"the {'baseline' if cfg.baseline else 'reference'} has another tokenizer: no KL from it")
     result = evaluate(model, processor, suite, reference=reference, baseline=base, scorer=scorer, progress=cfg.progress)
     columns = {"model": result.metrics} | ({"baseline": base.metrics} if base is not None else {})
-    print(format_table(columns))
+    intervals = paired_bootstrap([result.records], [base.records]) if base is not None else None
+    print(format_table(columns, intervals=intervals))
     out = {
         "model": cfg.model,
         "baseline": cfg.baseline or None,
@@ -129,6 +144,7 @@ def run(cfg: Config) -> dict[str, Any]:
         "metrics": result.metrics,
         "baseline_metrics": base.metrics if base is not None else None,
         "difference": compare(result.metrics, base.metrics) if base is not None else None,
+        "difference_interval": {k: asdict(v) for k, v in intervals.items()} if intervals is not None else None,
         "config": to_dict(cfg),
         "records": {"model": result.records, "baseline": base.records if base is not None else None},
     }

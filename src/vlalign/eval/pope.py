@@ -72,7 +72,7 @@ def pope_metrics(answers: Sequence[str], labels: Sequence[str | bool]) -> dict[s
     Returns accuracy, precision, recall, f1, yes_ratio, ``unclear`` (share of answers saying
     neither yes nor no, counted as yes) and ``n`` (questions).
     """
-    truth = [_label(v) for v in labels]
+    truth = [pope_label(v) for v in labels]
     said = [pope_says_yes(a) for a in answers]
     out = confusion_metrics(confusion(said, truth))
     out["unclear"] = _ratio(sum(not pope_is_clear(a) for a in answers), len(answers))
@@ -80,7 +80,8 @@ def pope_metrics(answers: Sequence[str], labels: Sequence[str | bool]) -> dict[s
     return out
 
 
-def _label(value: str | bool) -> bool:
+def pope_label(value: str | bool) -> bool:
+    """A POPE label (``"Yes"``/``"No"``, any case, a final full stop allowed, or a boolean) as a boolean."""
     if isinstance(value, bool):
         return value
     text = str(value).strip().lower().rstrip(".")

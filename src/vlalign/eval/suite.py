@@ -275,7 +275,8 @@ def _record(part: str, sample: PromptSample, text: str, vocab: ObjectVocabulary 
         rec["said_yes"] = pope_says_yes(text)
     elif rec["task"] == DESCRIBE and vocab is not None and meta.get("objects") is not None:
         report = caption_report(text, meta["objects"], vocab)
-        rec.update({"objects": list(meta["objects"]), "hallucinated": report.hallucinated, "recalled": report.recalled})
+        rec.update({"objects": list(meta["objects"]), "mentions": len(report.mentions), "hallucinated": report.hallucinated,
+                    "recalled": report.recalled})  # fmt: skip
     elif "answer" in meta:
         rec["correct"] = answer_correct(text, sample)
     return rec

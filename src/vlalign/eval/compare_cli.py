@@ -1,0 +1,95 @@
+"""``vlalign compare``: the difference between evaluations already written, with its paired interval.
+
+Reads the ``eval.json`` files of ``vlalign eval`` (or the folders holding them), runs the paired
+bootstrap of :mod:`vlalign.eval.paired` over the scenes both sides answered, and prints one row
+per metric: side a, side b, ``a - b`` and its interval (``*`` where the interval excludes zero).
+Several files per side are pooled (runs with other seeds of one setting, say); the interval then
+covers which scenes were asked, not which seed was drawn, so read each run's own difference too.
+Every evaluation must have answered the same questions (the same suite settings).
+
+Examples::
+
+    vlalign compare runs/eval-dpo runs/eval-sft
+    vlalign compare --a=runs/ev-plain-s0,runs/ev-plain-s1 --b=runs/ev-mdpo-s0,runs/ev-mdpo-s1 \\
+                    --metrics=pope/adversarial --out=runs/plain-vs-mdpo.json
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from vlalign.eval.cli import format_table
+from vlalign.eval.paired import paired_bootstrap
+
+POSITIONAL = ("a", "b")
+"""Fields that may also be given as bare arguments, in this order (``vlalign compare A B``)."""
+
+
+@dataclass
+class Config:
+    """Which evaluations to compare, and how many bootstrap draws."""
+
+    a: tuple[str, ...] = ()
+    """Side a: eval.json files or folders holding one (comma-separated; several are pooled) (required)."""
+    b: tuple[str, ...] = ()
+    """Side b, as side a; the difference is a - b (required)."""
+    which: Literal["model", "baseline"] = "model"
+    """Whose answers in each eval.json: model, or baseline (the second model of a side-by-side eval)."""
+    metrics: tuple[str, ...] = ()
+    """Show only metrics starting with one of these (e.g. pope/adversarial,chair); empty: all."""
+    samples: int = 2000
+    """Bootstrap draws (scenes drawn with replacement)."""
+    level: float = 0.95
+    """Coverage of the interval."""
+    seed: int = 0
+    """Seed of the draws."""
+    out: str = ""
+    """A JSON file for the intervals ('' for none)."""
+
+
+def _records(path: str, which: str) -> list[dict[str, Any]]:
+    file = Path(path) / "eval.json" if Path(path).is_dir() else Path(path)
+    if not file.is_file():
+        raise ValueError(f"{path}: no eval.json there (give the file of vlalign eval, or its folder)")
+    try:
+        data = json.loads(file.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{file}: not valid JSON ({exc})") from exc
+    records = (data.get("records") or {}).get(which) if isinstance(data, dict) else None
+    if not records:
+        raise ValueError(f"{file}: no '{which}' answers under 'records' (written by vlalign eval?)")
+    return list(records)
+
+
+def run(cfg: Config) -> int:
+    """Print the comparison table (and write ``out``); 2 with the reason on stderr for bad inputs."""
+    if not cfg.a or not cfg.b:
+        print("vlalign compare: give both sides: vlalign compare A B (eval.json files or their folders)", file=sys.stderr)
+        return 2
+    try:
+        a = [_records(p, cfg.which) for p in cfg.a]
+        b = [_records(p, cfg.which) for p in cfg.b]
+        intervals = paired_bootstrap(a, b, samples=cfg.samples, level=cfg.level, seed=cfg.seed)
+    except ValueError as exc:
+        print(f"vlalign compare: {exc}", file=sys.stderr)
+        return 2
+    shown = {k: v for k, v in intervals.items() if not cfg.metrics or any(k.startswith(m) for m in cfg.metrics)}
+    if not shown:
+        have = ", ".join(intervals)
+        print(f"vlalign compare: no metric starts with {', '.join(cfg.metrics)} (have: {have})", file=sys.stderr)
+        return 2
+    columns = {"a": {k: v.a for k, v in shown.items()}, "b": {k: v.b for k, v in shown.items()}}
+    print(f"a: {', '.join(cfg.a)}\nb: {', '.join(cfg.b)}\n"
+          f"{len(a[0])} answers per evaluation; {cfg.samples} paired draws of whole scenes")  # fmt: skip
+    print(format_table(columns, intervals=shown, level=cfg.level))
+    if cfg.out:
+        Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
+        saved = {"a": list(cfg.a), "b": list(cfg.b), "level": cfg.level, "samples": cfg.samples,
+                 "intervals": {k: asdict(v) for k, v in shown.items()}}  # fmt: skip
+        Path(cfg.out).write_text(json.dumps(saved, indent=1) + "\n")
+        print(f"wrote {cfg.out}")
+    return 0
