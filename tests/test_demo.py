@@ -6,6 +6,7 @@ import json
 import math
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -76,6 +77,21 @@ def test_every_stage_runs_and_the_summary_holds_the_table(quick_demo: Path) -> N
     dpo_cfg = (quick_demo / "dpo" / "config.yaml").read_text()
     assert str(quick_demo / "sft" / "model") in dpo_cfg
     assert str(quick_demo / "dpo" / "model") in (quick_demo / "grpo" / "config.yaml").read_text()
+
+
+def test_demo_check_prints_each_target_with_its_paired_interval(quick_demo: Path) -> None:
+    """benchmarks/demo_check.py: one row per target, its verdict and the interval of aligned - base
+    from the two stages' answers (exit 0 only if every target is met: the quick demo need not)."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "demo_check.py"
+    done = subprocess.run([sys.executable, str(script), str(quick_demo)], capture_output=True, text=True, timeout=120)
+    assert done.returncode in (0, 1), done.stderr
+    rows = {line.split("(")[-1].split(")")[0]: line for line in done.stdout.splitlines() if "(" in line and "[" in line}
+    assert set(rows) == {"chair/chair_i", "pope/adversarial/f1", "task/counting", "task/colour"}, done.stdout
+    summary = json.loads((quick_demo / demo.SUMMARY_FILE).read_text())
+    base, final = summary["stages"][0]["metrics"], summary["stages"][-1]["metrics"]
+    for key, line in rows.items():
+        assert f"{final[key] - base[key]:+.3f} [" in line, line
+    assert (done.returncode == 0) == all(" yes " in line for line in rows.values())
 
 
 def test_a_second_run_reuses_everything_and_a_change_reruns_only_what_follows(quick_demo: Path, capsys) -> None:
