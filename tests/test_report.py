@@ -287,6 +287,26 @@ def test_eval_folder_before_and_after(tmp_path: Path) -> None:
     assert sorted(page.marks) == ["Blue Box", "green triangle", "red disc"]  # the baseline column
 
 
+def test_eval_folder_intervals_of_the_differences(tmp_path: Path) -> None:
+    """Both models answered the same questions: a 95% interval per difference. Every baseline
+    description hallucinates and no model description does, so every draw of scenes gives CHAIR_s
+    1 - 0 and the interval of model - baseline is [-1, -1]. Other questions: no column, a note."""
+    write_world(tmp_path / "world")
+    folder = tmp_path / "eval"
+    folder.mkdir()
+    clean = [dict(r, mentions=1) for r in LAST_RECORDS]
+    dirty = [dict(r, hallucinated=["green triangle"], mentions=2) for r in clean]
+    metrics = {"chair/chair_s": 0.0}
+    (folder / "eval.json").write_text(eval_json(metrics, clean, ({"chair/chair_s": 1.0}, dirty)))
+    page = parse(write_report(folder))
+    text = "".join(page.text)
+    assert "95% interval (paired, scenes drawn)" in text
+    assert "chair/chair_s10-1[-1, -1]" in text and "chair/chair_i" not in text  # only metrics in both columns
+    (folder / "eval.json").write_text(eval_json(metrics, clean, ({"chair/chair_s": 1.0}, dirty[:3])))
+    text = "".join(parse(write_report(folder)).text)
+    assert "95% interval" not in text and "no intervals of the differences: b evaluation 1 answered other" in text
+
+
 def test_nothing_to_report(tmp_path: Path) -> None:
     (tmp_path / "config.yaml").write_text("train: {}\n")
     with pytest.raises(ReportError, match=f"nothing to report in {tmp_path}"):

@@ -3,10 +3,11 @@
 :func:`write_report` reads files only (no model, no torch) and handles three kinds of folder:
 
 * **the demo folder** (``demo_summary.json``, written by ``vlalign demo``): the stages' summary
-  metrics side by side (table and grouped bars), each stage's training curves, and a gallery of
+  metrics side by side (table with the last stage's difference from the first and its paired 95%
+  interval, grouped bars), each stage's training curves, and a gallery of
   held-out images described by the first and the last evaluated stage;
 * **an evaluation folder** (``eval.json`` from ``vlalign eval``): the model beside its baseline
-  (table, before/after bars, gallery);
+  (table with differences and their intervals, before/after bars, gallery);
 * **a training run folder** (``metrics.jsonl`` from any recipe, ``config.yaml``, and the
   end-of-run suite's ``suite_eval.json`` when the recipe ran it): training curves (loss; rewards,
   margin and accuracy; KL; reward per function; throughput; evaluation over steps), the last
@@ -32,6 +33,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from vlalign.eval.paired import Interval, paired_bootstrap
 from vlalign.eval.parsing import ObjectVocabulary, load_vocabulary
 from vlalign.report_gallery import GalleryColumn, description_records, gallery_html
 from vlalign.report_plots import as_float, bar_groups, curve_charts, metric_series, plot_bars, plot_curves
@@ -233,9 +235,12 @@ def _metric_order(keys: list[str]) -> list[str]:
     return headline + rest
 
 
-def metrics_table(columns: dict[str, dict[str, Any]], *, delta: tuple[str, str] | None = None) -> str:
+def metrics_table(
+    columns: dict[str, dict[str, Any]], *, delta: tuple[str, str] | None = None, intervals: dict[str, Interval] | None = None
+) -> str:
     """Rows = metric names, columns = models or stages; each cell's exact value is in ``data-value``.
-    ``delta=(a, b)`` adds a column ``a - b``."""
+    ``delta=(a, b)`` adds a column ``a - b``; ``intervals`` (of that difference, from
+    :func:`~vlalign.eval.paired.paired_bootstrap`) a column with each one's 95% interval."""
     keys: list[str] = []
     for metrics in columns.values():
         keys += [k for k in metrics if k not in keys]
@@ -243,6 +248,8 @@ def metrics_table(columns: dict[str, dict[str, Any]], *, delta: tuple[str, str] 
     head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
     if delta:
         head += f"<th>{html.escape(delta[0])} − {html.escape(delta[1])}</th>"
+    if delta and intervals:
+        head += "<th>95% interval (paired, scenes drawn)</th>"
     rows = []
     for key in keys:
         cells = []
@@ -253,9 +260,25 @@ def metrics_table(columns: dict[str, dict[str, Any]], *, delta: tuple[str, str] 
         if delta:
             a, b = as_float(columns[delta[0]].get(key)), as_float(columns[delta[1]].get(key))
             cells.append(f'<td class="num delta">{fmt(a - b) if a is not None and b is not None else "–"}</td>')
+        if delta and intervals:
+            iv = intervals.get(key)
+            span = f"[{fmt(iv.low)}, {fmt(iv.high)}]" if iv is not None else "–"
+            cells.append(f'<td class="num interval">{span}</td>')
         rows.append(f'<tr><th class="metric">{html.escape(key)}</th>{"".join(cells)}</tr>')
     return (f'<table class="metrics"><thead><tr><th>metric</th>{head}</tr></thead>'
             f'<tbody>{"".join(rows)}</tbody></table>')  # fmt: skip
+
+
+def paired_intervals(a: list[dict[str, Any]], b: list[dict[str, Any]] | None, notes: list[str]) -> dict[str, Interval]:
+    """The intervals of ``metric(a) - metric(b)`` from two evaluations' answers ({} and a note when
+    they did not answer the same questions; {} when either has no answers)."""
+    if not a or not b:
+        return {}
+    try:
+        return paired_bootstrap([a], [b])
+    except ValueError as exc:
+        notes.append(f"no intervals of the differences: {exc}")
+        return {}
 
 
 def _last_values(records: list[dict[str, Any]]) -> dict[str, Any]:
@@ -326,8 +349,11 @@ def _demo_sections(page: _Page, root: Path, summary: dict[str, Any], notes: list
     columns = {s.name: s.summary for s in stages if s.summary}
     names = list(columns)
     delta = (names[-1], names[0]) if len(names) >= 2 else None
+    shown = [s for s in stages if s.summary]
+    first, last = (shown[0].evaluation, shown[-1].evaluation) if delta else (None, None)
+    intervals = paired_intervals(last.records, first.records, notes) if first and last else {}
     page.section("summary", "Summary: the stages side by side",
-                 metrics_table(columns, delta=delta) if columns else "")  # fmt: skip
+                 metrics_table(columns, delta=delta, intervals=intervals) if columns else "")  # fmt: skip
     page.section("evaluation", "Evaluation across stages", page.bars("summary-", columns) if columns else "")
     for stage in stages:
         body = page.curves(f"{_slug(stage.name)}-", stage.records, f"stage {stage.name}")
@@ -341,13 +367,15 @@ def _demo_sections(page: _Page, root: Path, summary: dict[str, Any], notes: list
     page.section("gallery", "Gallery: held-out descriptions, first and last stage", gallery_html(columns_g))
 
 
-def _eval_sections(page: _Page, evaluation: Evaluation, label: str) -> None:
+def _eval_sections(page: _Page, evaluation: Evaluation, label: str, notes: list[str]) -> None:
     columns: dict[str, dict[str, Any]] = {}
     if evaluation.baseline_metrics is not None:
         columns["baseline"] = evaluation.baseline_metrics
     columns[label] = evaluation.metrics
     delta = (label, "baseline") if "baseline" in columns else None
-    page.section("summary", f"Evaluation metrics ({evaluation.path.name})", metrics_table(columns, delta=delta))
+    intervals = paired_intervals(evaluation.records, evaluation.baseline_records, notes) if delta else {}
+    page.section("summary", f"Evaluation metrics ({evaluation.path.name})",
+                 metrics_table(columns, delta=delta, intervals=intervals))  # fmt: skip
     page.section("evaluation", "Evaluation: before and after" if delta else "Evaluation", page.bars("eval-", columns))
     gallery = []
     if evaluation.baseline_records:
@@ -367,7 +395,7 @@ def _run_sections(page: _Page, root: Path, notes: list[str]) -> None:
     if not records and evaluation is None:
         return
     if evaluation is not None:
-        _eval_sections(page, evaluation, label)
+        _eval_sections(page, evaluation, label, notes)
     if records:
         last = _last_values(records)
         page.section("final", "Last logged values", metrics_table({"last": last}))
