@@ -6,7 +6,7 @@
 The numbers come from ``demo_summary.json`` (written by ``vlalign demo``): the last stage (the
 aligned model) against the first (the base model). Where both stages' ``eval.json`` are there,
 each difference also gets its 95% paired-bootstrap interval over the test scenes
-(:func:`vlalign.eval.paired.paired_bootstrap`; ``-`` for CHAIR_i from evaluations written before
+(:func:`vlalign.demo.stage_intervals`; ``-`` for CHAIR_i from evaluations written before
 the mention count was kept). Nothing is timed here: the stage wall times are printed as measured.
 """
 
@@ -16,6 +16,8 @@ import argparse
 import json
 import sys
 from pathlib import Path
+
+from vlalign.demo import stage_intervals
 
 
 def _metrics(summary: dict, stage: str) -> dict[str, float]:
@@ -41,17 +43,6 @@ def checks(summary: dict) -> list[tuple[str, float, float, bool]]:
     return out
 
 
-def intervals(demo_dir: Path, summary: dict) -> dict:
-    """The paired intervals of aligned - base, or {} when an evaluation file is missing."""
-    from vlalign.eval.paired import paired_bootstrap
-
-    files = [demo_dir / summary["stages"][i].get("eval", "") / "eval.json" for i in (-1, 0)]
-    if not all(f.is_file() for f in files):
-        return {}
-    aligned, base = (json.loads(f.read_text())["records"]["model"] for f in files)
-    return paired_bootstrap([aligned], [base])
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("demo_dir", nargs="?", default="runs/demo", help="the demo folder (default runs/demo)")
@@ -61,7 +52,7 @@ def main() -> int:
         raise SystemExit(f"{path} not found: run `make demo` (or `vlalign demo --output_dir={args.demo_dir}`) first")
     summary = json.loads(path.read_text())
     results = checks(summary)
-    paired = intervals(Path(args.demo_dir), summary)
+    paired = stage_intervals(Path(args.demo_dir), summary)
     width = max(len(r[0]) for r in results)
     print(f"{'target'.ljust(width)}  {'base':>7}  {'aligned':>7}  met  aligned - base, 95% interval")
     for label, b, a, met in results:

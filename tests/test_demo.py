@@ -61,6 +61,14 @@ def test_every_stage_runs_and_the_summary_holds_the_table(quick_demo: Path) -> N
         assert stage["metrics"]["seconds/train"] > 0
         assert (quick_demo / stage["folder"] / "model" / "config.json").exists()
     assert set(summary["stage_seconds"]) == set(STAGES)
+    # last stage - first, with its paired interval, for every suite metric the answers recompute
+    first, last = summary["stages"][0]["metrics"], summary["stages"][-1]["metrics"]
+    intervals = summary["intervals"]
+    assert {"chair/chair_i", "pope/adversarial/f1", "task/counting", "compositional/chair/chair_i"} <= set(intervals)
+    for key, iv in intervals.items():
+        assert iv["difference"] == last[key] - first[key], key
+        assert iv["low"] <= iv["high"], key
+    assert "grpo - base [95%]" in demo.format_summary(summary)
     for stage in summary["stages"]:
         for key, value in stage["metrics"].items():
             assert math.isfinite(value), (stage["stage"], key)

@@ -18,8 +18,9 @@ Stages, in order (each a folder of the demo folder, ``runs/demo`` unless told ot
 A stage whose folder holds a ``stage.json`` with the same fingerprint (a hash of its settings
 and of the fingerprints of the stages it reads) is reused; a stage interrupted mid-way resumes
 from its last checkpoint; a stage whose settings changed is run again (and so is everything
-after it). The demo ends by printing one table, the stages side by side, written also as
-``demo_summary.json``.
+after it). The demo ends by printing one table, the stages side by side with the last stage's
+difference from the base and its 95% paired-bootstrap interval over the test scenes, written also
+as ``demo_summary.json``.
 
 Every stage's settings are ``--key=value`` overrides of the recipe it runs, so the demo can be
 steered without code: ``vlalign demo --sft='{train.max_steps: 500}'`` (see ``--help``).
@@ -32,12 +33,13 @@ import json
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from vlalign.config import load_config, to_dict
 from vlalign.data.world import DEMO_WORLD
+from vlalign.eval.paired import Interval, paired_bootstrap
 
 SUMMARY_FILE = "demo_summary.json"
 STAGE_FILE = "stage.json"
@@ -320,6 +322,7 @@ def run(cfg: Config) -> dict[str, Any]:
         if did_run:
             ran.add(stage.name)
     summary = summarise(stages, records)
+    summary["intervals"] = {k: asdict(v) for k, v in stage_intervals(root, summary).items()}
     summary["total_seconds"] = time.perf_counter() - total
     (root / SUMMARY_FILE).write_text(json.dumps(summary, indent=1) + "\n")
     print()
@@ -348,15 +351,36 @@ def summarise(stages: list[Stage], records: dict[str, dict[str, Any]]) -> dict[s
     return {"stages": out, "stage_seconds": seconds}
 
 
-def format_summary(summary: dict[str, Any]) -> str:
-    """The printed table: one row per metric, one column per evaluated stage."""
+def stage_intervals(root: Path, summary: dict[str, Any]) -> dict[str, Interval]:
+    """Last evaluated stage - first, per metric, with its paired 95% interval over the test scenes
+    (:func:`vlalign.eval.paired.paired_bootstrap` on the two stages' answers); {} when either
+    stage's eval.json is missing or they did not answer the same questions."""
     stages = summary["stages"]
-    rows = [["metric", *(s["stage"] for s in stages)]]
+    files = [root / stages[i]["eval"] / "eval.json" for i in (-1, 0)] if len(stages) >= 2 else []
+    if not files or not all(f.is_file() for f in files):
+        return {}
+    last, first = (json.loads(f.read_text()).get("records", {}).get("model") or [] for f in files)
+    try:
+        return paired_bootstrap([last], [first]) if last and first else {}
+    except ValueError:
+        return {}
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """The printed table: one row per metric, one column per evaluated stage, and the last stage's
+    difference from the first with its 95% interval when ``summary["intervals"]`` has it."""
+    stages = summary["stages"]
+    intervals = summary.get("intervals") or {}
+    rows = [["metric", *(s["stage"] for s in stages)] + ([f"{stages[-1]['stage']} - {stages[0]['stage']} [95%]"] if intervals else [])]
     for key, label in (*TABLE_METRICS, ("seconds/train", "train seconds"), ("seconds/eval", "eval seconds")):
         values = [s["metrics"].get(key) for s in stages]
         if all(v is None for v in values):
             continue
-        rows.append([label, *("-" if v is None else f"{v:.0f}" if key.startswith("seconds") else f"{v:.3f}" for v in values)])
+        row = [label, *("-" if v is None else f"{v:.0f}" if key.startswith("seconds") else f"{v:.3f}" for v in values)]
+        if intervals:
+            iv = intervals.get(key)
+            row.append(f"{iv['difference']:+.3f} [{iv['low']:+.3f}, {iv['high']:+.3f}]" if iv else "-")
+        rows.append(row)
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
