@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 from pathlib import Path
 from typing import Any
 
@@ -139,6 +140,13 @@ def test_vlalign_compare_command(tmp_path: Path, capsys: pytest.CaptureFixture[s
     saved = json.loads(out.read_text())["intervals"]
     assert saved["pope/adversarial/f1"]["difference"] == pytest.approx(1 / 3, abs=1e-15)
     assert saved["pope/adversarial/yes_ratio"]["difference"] == -0.5
+    assert "each run against its counterpart" not in text  # one run a side: nothing per run
+    # two runs a side: pooled, and each pair alone (the second pair: a's answers on both sides, 0)
+    assert main(["compare", f"--a={a},{a}", f"--b={b},{a}", shown, f"--out={out}"]) == 0
+    text = capsys.readouterr().out
+    assert "each run against its counterpart" in text and re.search(r"pope/adversarial/f1 +\+0\.333\* / \+0\.000\n", text)
+    per_run = json.loads(out.read_text())["per_run"]
+    assert [r["pope/adversarial/f1"]["difference"] for r in per_run] == pytest.approx([1 / 3, 0.0], abs=1e-15)
     assert main(["compare", str(a), str(tmp_path / "nowhere")]) == 2
     assert "nowhere: no eval.json there" in capsys.readouterr().err
     assert main(["compare", str(a), str(_eval_file(tmp_path / "c", records_b[:-2]))]) == 2

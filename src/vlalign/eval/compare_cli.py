@@ -4,7 +4,9 @@ Reads the ``eval.json`` files of ``vlalign eval`` (or the folders holding them),
 bootstrap of :mod:`vlalign.eval.paired` over the scenes both sides answered, and prints one row
 per metric: side a, side b, ``a - b`` and its interval (``*`` where the interval excludes zero).
 Several files per side are pooled (runs with other seeds of one setting, say); the interval then
-covers which scenes were asked, not which seed was drawn, so read each run's own difference too.
+covers which scenes were asked, not which seed was drawn, so with as many files on each side the
+k-th of a is also compared with the k-th of b alone (printed below the table, ``per_run`` in
+``out``): read each run's own difference too.
 Every evaluation must have answered the same questions (the same suite settings).
 
 Examples::
@@ -65,6 +67,12 @@ def _records(path: str, which: str) -> list[dict[str, Any]]:
     return list(records)
 
 
+def _per_run(a: list[list[dict[str, Any]]], b: list[list[dict[str, Any]]], shown: dict[str, Any],
+             cfg: Config) -> list[dict[str, Any]]:
+    """Each pair of runs (a's k-th, b's k-th) compared alone: the spread the pooled interval omits."""
+    return [paired_bootstrap([x], [y], samples=cfg.samples, level=cfg.level, seed=cfg.seed) for x, y in zip(a, b)]
+
+
 def run(cfg: Config) -> int:
     """Print the comparison table (and write ``out``); 2 with the reason on stderr for bad inputs."""
     if not cfg.a or not cfg.b:
@@ -86,10 +94,18 @@ def run(cfg: Config) -> int:
     print(f"a: {', '.join(cfg.a)}\nb: {', '.join(cfg.b)}\n"
           f"{len(a[0])} answers per evaluation; {cfg.samples} paired draws of whole scenes")  # fmt: skip
     print(format_table(columns, intervals=shown, level=cfg.level))
+    per_run = _per_run(a, b, shown, cfg) if len(a) == len(b) > 1 else []
+    if per_run:
+        print(f"\neach run against its counterpart (a's k-th against b's k-th; * the {cfg.level:.0%} interval excludes 0):")
+        width = max(len(k) for k in shown)
+        for key in shown:
+            print(f"{key.ljust(width)}  " + " / ".join(f"{r[key].difference:+.3f}{'*' if r[key].excludes_zero else ''}"
+                                                        for r in per_run))  # fmt: skip
     if cfg.out:
         Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
         saved = {"a": list(cfg.a), "b": list(cfg.b), "level": cfg.level, "samples": cfg.samples,
-                 "intervals": {k: asdict(v) for k, v in shown.items()}}  # fmt: skip
+                 "intervals": {k: asdict(v) for k, v in shown.items()},
+                 "per_run": [{k: asdict(r[k]) for k in shown} for r in per_run]}  # fmt: skip
         Path(cfg.out).write_text(json.dumps(saved, indent=1) + "\n")
         print(f"wrote {cfg.out}")
     return 0
