@@ -66,6 +66,17 @@ def test_chair_i_needs_the_mention_count() -> None:
     assert "chair/chair_i" not in m and float(m["chair/chair_s"][0]) == 1.0
 
 
+def test_a_metric_one_side_cannot_compute_is_left_out() -> None:
+    """New records (with the mention count) against old ones (without): CHAIR_i is not compared
+    (rather than read as 0 on the old side); CHAIR_s is."""
+    new = [{"part": "heldout", "id": f"d{i}", "image": f"s{i}.png", "objects": ["red circle"], "mentions": 2,
+            "hallucinated": ["blue square"] if i % 2 else [], "recalled": ["red circle"]} for i in range(6)]  # fmt: skip
+    old = [{k: v for k, v in r.items() if k != "mentions"} for r in new]
+    res = paired_bootstrap([new], [old], samples=50)
+    assert "chair/chair_i" not in res and res["chair/chair_s"].difference == 0.0
+    assert paired_bootstrap([new], [new], samples=50)["chair/chair_i"].a == 3 / 12
+
+
 def _accuracy_runs(n: int, seed: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     rng = random.Random(seed)
     a = [question(i, 0, rng.random() < 0.8) for i in range(n)]

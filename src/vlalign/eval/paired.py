@@ -176,11 +176,11 @@ def paired_bootstrap(
     scene_of = {_question(r): _scene(r) for r in a[0]}
     scenes, keys_a, counts_a = scene_counts(a, scene_of, side="a")
     _, keys_b, counts_b = scene_counts(b, scene_of, side="b")  # the same scenes, in the same order
-    keys = sorted(set(keys_a) | set(keys_b))
-    counts_a, counts_b = _align(keys_a, counts_a, keys), _align(keys_b, counts_b, keys)
+    # each side's metrics from its own counts: a count one side lacks (CHAIR_i's mentions in older
+    # records) leaves that metric out instead of reading as zero
     weights = np.random.default_rng(seed).multinomial(len(scenes), np.full(len(scenes), 1.0 / len(scenes)), size=samples)
-    point_a, point_b = _metrics(counts_a.sum(0, keepdims=True), keys), _metrics(counts_b.sum(0, keepdims=True), keys)
-    draws_a, draws_b = _metrics(weights @ counts_a, keys), _metrics(weights @ counts_b, keys)
+    point_a, point_b = _metrics(counts_a.sum(0, keepdims=True), keys_a), _metrics(counts_b.sum(0, keepdims=True), keys_b)
+    draws_a, draws_b = _metrics(weights @ counts_a, keys_a), _metrics(weights @ counts_b, keys_b)
     tail = (1.0 - level) / 2.0
     out: dict[str, Interval] = {}
     for name in sorted(set(point_a) & set(point_b)):
@@ -188,15 +188,6 @@ def paired_bootstrap(
         low, high = np.quantile(diffs, [tail, 1.0 - tail])
         pa, pb = float(point_a[name][0]), float(point_b[name][0])
         out[name] = Interval(a=pa, b=pb, difference=pa - pb, low=float(low), high=float(high), se=float(diffs.std()))
-    return out
-
-
-def _align(keys: list[str], counts: np.ndarray, to: list[str]) -> np.ndarray:
-    index = {k: i for i, k in enumerate(keys)}
-    out = np.zeros((counts.shape[0], len(to)))
-    for j, k in enumerate(to):
-        if k in index:
-            out[:, j] = counts[:, index[k]]
     return out
 
 
