@@ -57,7 +57,7 @@ def main() -> int:
     print(f"{'target'.ljust(width)}  {'base':>7}  {'aligned':>7}  met  aligned - base, 95% interval")
     for label, b, a, met in results:
         iv = paired.get(label[label.rindex("(") + 1 : -1])
-        span = f"{iv.difference:+.3f} [{iv.low:+.3f}, {iv.high:+.3f}]" if iv is not None else "-"
+        span = iv.text() if iv is not None else "-"
         print(f"{label.ljust(width)}  {b:7.3f}  {a:7.3f}  {'yes' if met else 'NO ':3}  {span}")
     seconds = summary.get("stage_seconds", {})
     print("stage wall times: " + ", ".join(f"{k} {v:.0f}s" for k, v in seconds.items()))

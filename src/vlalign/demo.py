@@ -379,7 +379,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         row = [label, *("-" if v is None else f"{v:.0f}" if key.startswith("seconds") else f"{v:.3f}" for v in values)]
         if intervals:
             iv = intervals.get(key)
-            row.append(f"{iv['difference']:+.3f} [{iv['low']:+.3f}, {iv['high']:+.3f}]" if iv else "-")
+            row.append(Interval(**iv).text() if iv else "-")
         rows.append(row)
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]

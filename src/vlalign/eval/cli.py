@@ -101,7 +101,7 @@ def format_table(
             row.append(_fmt(a - b) if a is not None and b is not None else "-")
         if two and intervals:
             iv = intervals.get(key)
-            row.append(f"[{iv.low:+.3f}, {iv.high:+.3f}]{'*' if iv.excludes_zero else ' '}" if iv is not None else "-")
+            row.append(f"{iv.text(with_difference=False)}{'*' if iv.excludes_zero else ' '}" if iv is not None else "-")
         rows.append(row)
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(r, widths)))

@@ -52,6 +52,11 @@ class Interval:
         """Whether the interval lies wholly on one side of zero."""
         return self.low > 0.0 or self.high < 0.0
 
+    def text(self, *, with_difference: bool = True) -> str:
+        """``"+0.018 [+0.008, +0.028]"`` (3 decimals, signed); without the difference, the bracket only."""
+        bracket = f"[{self.low:+.3f}, {self.high:+.3f}]"
+        return f"{self.difference:+.3f} {bracket}" if with_difference else bracket
+
 
 def _prefix(part: str) -> str:
     return "" if part == "heldout" else f"{part}/"
