@@ -6,7 +6,7 @@
 The numbers come from ``demo_summary.json`` (written by ``vlalign demo``): the last stage (the
 aligned model) against the first (the base model). Where both stages' ``eval.json`` are there,
 each difference also gets its 95% paired-bootstrap interval over the test scenes
-(:func:`vlalign.demo.stage_intervals`; ``-`` for CHAIR_i from evaluations written before
+(:func:`vlalign.commands.demo.stage_intervals`; ``-`` for CHAIR_i from evaluations written before
 the mention count was kept). Nothing is timed here: the stage wall times are printed as measured.
 """
 
@@ -17,7 +17,7 @@ import json
 import sys
 from pathlib import Path
 
-from vlalign.demo import stage_intervals
+from vlalign.commands.demo import stage_intervals
 
 
 def _metrics(summary: dict, stage: str) -> dict[str, float]:

@@ -88,7 +88,7 @@ if sys.argv[1] != "cpu":
           f"bf16 supported: {torch.cuda.is_bf16_supported()}")
     from vlalign.models.load import resolve_device, resolve_dtype
     from vlalign.recipes.common import trained_weights_dtype
-    from vlalign.train import resolve_mixed_precision
+    from vlalign.training import resolve_mixed_precision
     dev = resolve_device("auto")
     print(f"vlalign resolves device=auto -> {dev}; dtype=auto -> {resolve_dtype('auto', dev)} for frozen models "
           f"and LoRA bases, {trained_weights_dtype('auto', lora=False)} for fully trained ones; "

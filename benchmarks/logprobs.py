@@ -72,8 +72,12 @@ from vlalign.models.logprobs import completion_logprobs
 from vlalign.models.tiny import build_tiny_model, image_tokens
 
 MODES = ("shared", "naive")
-QUESTIONS = ["Describe the image.", "How many shapes are there?", "Is there a red circle in the image?",
-             "What colour is the square?"]
+QUESTIONS = [
+    "Describe the image.",
+    "How many shapes are there?",
+    "Is there a red circle in the image?",
+    "What colour is the square?",
+]
 
 
 # ------------------------------------------------------------------------------ memory probes
@@ -172,8 +176,10 @@ class Workload:
 def _workloads(processor: Any, args: argparse.Namespace, px: int) -> list[Workload]:
     out = []
     for name, n_prompts, k in (("pairs", args.pair_batch, 2), ("groups", args.group_batch, args.group_size)):
-        samples = [PromptSample(id=f"{name}{i}", images=[_image(i, px)], prompt=user_prompt(QUESTIONS[i % 4]))
-                   for i in range(n_prompts)]
+        samples = [
+            PromptSample(id=f"{name}{i}", images=[_image(i, px)], prompt=user_prompt(QUESTIONS[i % 4]))
+            for i in range(n_prompts)
+        ]
         prompts = encode_prompts(processor, samples)
         out.append(Workload(name, prompts, _completions(processor, n_prompts, k, args.completion_tokens, seed=k), k))
     return out
@@ -186,8 +192,9 @@ def _loss(result: Any, work: Workload) -> torch.Tensor:
     if work.k == 2:
         sums = result.by_prompt(result.sums)  # (B, 2)
         zeros = torch.zeros_like(sums[:, 0])
-        logps = PreferenceLogps(chosen_logps=sums[:, 0], rejected_logps=sums[:, 1],
-                                ref_chosen_logps=zeros, ref_rejected_logps=zeros)
+        logps = PreferenceLogps(
+            chosen_logps=sums[:, 0], rejected_logps=sums[:, 1], ref_chosen_logps=zeros, ref_rejected_logps=zeros
+        )
         return dpo_loss(logps, beta=0.1).losses.mean()
     rewards = torch.arange(len(result), dtype=torch.float32, device=result.logps.device) % 3
     adv = grpo_advantages(rewards, group_size=work.k)
@@ -207,8 +214,13 @@ def _step(model: torch.nn.Module, work: Workload, mode: str, pad: int) -> tuple[
         before = _status_kib("VmRSS")
         reset = _reset_peak()
     start = time.perf_counter()
-    result = completion_logprobs(model, work.prompts, work.completions, mode=mode,  # type: ignore[arg-type]
-                                 pad_token_id=pad)
+    result = completion_logprobs(
+        model,
+        work.prompts,
+        work.completions,
+        mode=mode,  # type: ignore[arg-type]
+        pad_token_id=pad,
+    )
     _loss(result, work).backward()
     if cuda is not None:
         peak = cuda.stop()  # synchronizes: the timer stops when the backward has run
@@ -232,8 +244,13 @@ def _measure(model: torch.nn.Module, work: Workload, modes: tuple[str, ...], rep
             peaks[m].append(p)
     out: dict[str, Any] = {}
     for m in modes:
-        out[m] = {"time_s": statistics.median(times[m]), "times_s": times[m], "peak_mb": max(peaks[m]),
-                  "tokens": results[m].num_tokens, "slots": results[m].num_slots}
+        out[m] = {
+            "time_s": statistics.median(times[m]),
+            "times_s": times[m],
+            "peak_mb": max(peaks[m]),
+            "tokens": results[m].num_tokens,
+            "slots": results[m].num_slots,
+        }
     if len(modes) == 2:
         a, b = results["shared"], results["naive"]
         out["max_abs_logprob_diff"] = float((a.logps - b.logps).abs().max())
@@ -248,9 +265,13 @@ def _setup(args: argparse.Namespace) -> tuple[torch.nn.Module, Any, list[Workloa
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     folder = build_tiny_model(args.arch, "bench", Path(args.model_dir) / f"{args.arch}-bench")
-    model, processor = load_model_and_processor(folder, device=args.device, dtype=args.dtype,
-                                                attn_implementation=args.attn,
-                                                gradient_checkpointing=args.gradient_checkpointing)
+    model, processor = load_model_and_processor(
+        folder,
+        device=args.device,
+        dtype=args.dtype,
+        attn_implementation=args.attn,
+        gradient_checkpointing=args.gradient_checkpointing,
+    )
     model.train()
     from vlalign.models.tiny import SIZES
 
@@ -304,8 +325,10 @@ def _table(results: dict[str, dict[str, Any]], args: argparse.Namespace, how_mem
             speed = res["naive"]["time_s"] / r["time_s"]
             mem = r["peak_mb"] / res["naive"]["peak_mb"]
             diff = f"{res['max_abs_logprob_diff']:.2e}" if m == "shared" else ""
-            lines.append(f"{label:<22}{m:<8}{r['time_s']:>10.3f}{speed:>9.2f}x{r['peak_mb']:>10.0f}{mem:>10.2f}"
-                         f"{r['tokens']:>8}{r['slots']:>8}{diff:>13}")
+            lines.append(
+                f"{label:<22}{m:<8}{r['time_s']:>10.3f}{speed:>9.2f}x{r['peak_mb']:>10.0f}{mem:>10.2f}"
+                f"{r['tokens']:>8}{r['slots']:>8}{diff:>13}"
+            )
             label = ""
     return "\n".join(lines)
 
@@ -340,8 +363,9 @@ def main(argv: list[str] | None = None) -> None:
     cuda = _on_cuda(args.device)  # on a GPU the caching allocator's counters need neither probe
     if args.isolate or not (cuda or (_fix_malloc() and _reset_peak())):
         results = _isolated(args)
-        how = ("whole-process peak of allocated GPU memory" if cuda else "whole-process peak RSS") + \
-            " (model included), one fresh process per mode and workload"
+        how = (
+            "whole-process peak of allocated GPU memory" if cuda else "whole-process peak RSS"
+        ) + " (model included), one fresh process per mode and workload"
     else:
         model, processor, works = _setup(args)
         pad = pad_token_id_of(processor)
@@ -349,8 +373,11 @@ def main(argv: list[str] | None = None) -> None:
         for work in works:
             results[work.name] = _measure(model, work, MODES, args.reps, pad)
             results[work.name].pop("logps")
-        how = ("per-step peak of allocated GPU memory above its level before the step" if cuda else
-               "per-step high-water mark of the resident set above its level before the step")
+        how = (
+            "per-step peak of allocated GPU memory above its level before the step"
+            if cuda
+            else "per-step high-water mark of the resident set above its level before the step"
+        )
     print(_table(results, args, how))
     summary = {
         "pair_speedup": results["pairs"]["naive"]["time_s"] / results["pairs"]["shared"]["time_s"],

@@ -50,7 +50,9 @@ def other_images(rows: list[dict], folder: Path, seed: int) -> tuple[list[dict],
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("pairs", type=Path, help="a preference JSONL file (vlalign pairs / the demo's pairs/train.jsonl)")
+    parser.add_argument(
+        "pairs", type=Path, help="a preference JSONL file (vlalign pairs / the demo's pairs/train.jsonl)"
+    )
     parser.add_argument("out", type=Path, help="the JSONL file to write")
     parser.add_argument("--seed", type=int, default=0, help="seed of the draw (default 0)")
     args = parser.parse_args()

@@ -80,8 +80,12 @@ def tiny_model(tiny_model_dir: Callable[..., Path]) -> Callable[..., tuple[Any, 
 
 def _draw_images() -> list[Image.Image]:
     images = []
-    for colour, shape in [((220, 30, 30), "disc"), ((30, 60, 220), "square"),
-                          ((30, 170, 60), "triangle"), ((230, 200, 20), "bar")]:
+    for colour, shape in [
+        ((220, 30, 30), "disc"),
+        ((30, 60, 220), "square"),
+        ((30, 170, 60), "triangle"),
+        ((230, 200, 20), "bar"),
+    ]:
         img = Image.new("RGB", (48, 48), (250, 250, 250))
         draw = ImageDraw.Draw(img)
         if shape == "disc":

@@ -18,8 +18,12 @@ def test_other_image_pairs_gives_each_pair_another_scenes_image(tmp_path: Path) 
     src.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
     def run(out: str, seed: int) -> list[dict]:
-        done = subprocess.run([sys.executable, str(SCRIPTS / "other_image_pairs.py"), str(src), str(tmp_path / out),
-                               f"--seed={seed}"], capture_output=True, text=True, timeout=60)  # fmt: skip
+        done = subprocess.run(
+            [sys.executable, str(SCRIPTS / "other_image_pairs.py"), str(src), str(tmp_path / out), f"--seed={seed}"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert done.returncode == 0, done.stderr
         assert "30 of 31 pairs" in done.stdout
         return [json.loads(line) for line in (tmp_path / out).read_text().splitlines()]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Literal
 
 import pytest
 
@@ -28,7 +28,7 @@ class Outer:
     """Optimiser steps."""
     verbose: bool = False
     """Chatty output."""
-    limit: Optional[int] = None
+    limit: int | None = None
     """Optional cap."""
     train: Inner = field(default_factory=Inner)
     """Training options."""
@@ -38,7 +38,14 @@ def test_defaults_yaml_then_overrides(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("steps: 20\ntrain:\n  lr: 0.5\n  schedule: linear\n")
     cfg = load_config(Outer, path, ["--train.lr=0.25", "--name", "x", "--verbose", "--limit=3"])
-    assert (cfg.steps, cfg.train.lr, cfg.train.schedule, cfg.name, cfg.verbose, cfg.limit) == (20, 0.25, "linear", "x", True, 3)
+    assert (cfg.steps, cfg.train.lr, cfg.train.schedule, cfg.name, cfg.verbose, cfg.limit) == (
+        20,
+        0.25,
+        "linear",
+        "x",
+        True,
+        3,
+    )
     assert cfg.train.layers == [1, 2]
 
 
@@ -65,7 +72,9 @@ def test_unknown_key_in_yaml_file(tmp_path):
 def test_bad_values_name_the_field():
     with pytest.raises(ConfigError, match=r"steps: expected an integer, got 2\.5"):
         load_config(Outer, None, ["--steps=2.5"])
-    with pytest.raises(ConfigError, match=r"train\.schedule: 'cosin' is not one of 'cosine', 'linear'; did you mean 'cosine'\?"):
+    with pytest.raises(
+        ConfigError, match=r"train\.schedule: 'cosin' is not one of 'cosine', 'linear'; did you mean 'cosine'\?"
+    ):
         load_config(Outer, None, ["--train.schedule=cosin"])
     with pytest.raises(ConfigError, match=r"verbose: expected true or false"):
         load_config(Outer, None, ["--verbose=maybe"])

@@ -20,7 +20,7 @@ from typing import Any
 from vlalign.config import ConfigError, format_help, load_config
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "world": ("vlalign.data.world_cli", "build the shapes world (images + JSONL datasets) on disk"),
+    "world": ("vlalign.commands.world", "build the shapes world (images + JSONL datasets) on disk"),
     "build-model": ("vlalign.models.tiny_cli", "build a tiny model of a real architecture offline"),
     "sft": ("vlalign.recipes.sft", "supervised fine-tuning on (prompt, images, completion) data"),
     "dpo": ("vlalign.recipes.dpo", "direct preference optimisation and its variants (IPO, SimPO, mDPO, ...)"),
@@ -28,17 +28,23 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "rm": ("vlalign.recipes.reward_model", "train a Bradley-Terry reward model on preference pairs"),
     "grpo": ("vlalign.recipes.grpo", "GRPO / Dr.GRPO / RLOO / REINFORCE++ with verifiable or learned rewards"),
     "ppo": ("vlalign.recipes.ppo", "actor-critic PPO with a vision-language critic"),
-    "pairs": ("vlalign.data.pairs_cli", "build preference pairs: hallucination injection, image corruption, sample-and-rank"),
-    "eval": ("vlalign.eval.cli", "POPE, CHAIR, task accuracy, win rate and KL; one model or two side by side"),
-    "compare": ("vlalign.eval.compare_cli", "the difference between two evaluations, with its paired-bootstrap interval"),
-    "demo": ("vlalign.demo", "the whole pipeline on the shapes world, with a table and a report"),
-    "report": ("vlalign.report_cli", "an HTML report (plots, gallery) of a run folder"),
+    "pairs": (
+        "vlalign.commands.pairs",
+        "build preference pairs: hallucination injection, image corruption, sample-and-rank",
+    ),
+    "eval": ("vlalign.commands.eval", "POPE, CHAIR, task accuracy, win rate and KL; one model or two side by side"),
+    "compare": (
+        "vlalign.commands.compare",
+        "the difference between two evaluations, with its paired-bootstrap interval",
+    ),
+    "demo": ("vlalign.commands.demo", "the whole pipeline on the shapes world, with a table and a report"),
+    "report": ("vlalign.commands.report", "an HTML report (plots, gallery) of a run folder"),
 }
 
 
 def _usage() -> str:
     width = max(len(n) for n in COMMANDS)
-    rows = "\n".join(f"  {name.ljust(width)}  {doc}" for name, doc in COMMANDS.items() if _exists(COMMANDS[name][0]))
+    rows = "\n".join(f"  {name.ljust(width)}  {doc}" for name, (module, doc) in COMMANDS.items() if _exists(module))
     return (
         "usage: vlalign <command> [--config FILE.yaml] [--resume] [--section.field=value ...]\n"
         "       vlalign <command> --help\n\n"

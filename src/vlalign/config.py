@@ -24,7 +24,7 @@ import inspect
 import textwrap
 import types
 import typing
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
@@ -40,7 +40,7 @@ class ConfigError(ValueError):
 # ----------------------------------------------------------------------------- documentation
 
 
-@lru_cache(maxsize=None)
+@cache
 def field_docs(cls: type) -> dict[str, str]:
     """Attribute docstrings of a dataclass (and its dataclass bases), keyed by field name."""
     docs: dict[str, str] = {}

@@ -8,16 +8,21 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from vlalign.data.world import WorldConfig
-from vlalign.data.world_tasks import write_world
+from vlalign.shapes.tasks import write_world
+from vlalign.shapes.world import WorldConfig
 
 
 def small_world_config(**overrides) -> WorldConfig:
     """A world small enough to write in well under a second, with every split and POPE file."""
     base = dict(
-        n_train=150, n_validation=20, n_test=40, n_compositional=30, image_size=48,
-        pope_splits=("test", "compositional"), seed=7,
-    )  # fmt: skip
+        n_train=150,
+        n_validation=20,
+        n_test=40,
+        n_compositional=30,
+        image_size=48,
+        pope_splits=("test", "compositional"),
+        seed=7,
+    )
     base.update(overrides)
     return WorldConfig(**base)
 

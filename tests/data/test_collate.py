@@ -19,8 +19,13 @@ from vlalign.data.collate import (
 from vlalign.data.schema import DataError, PromptSample, SupervisedSample, user_prompt
 from vlalign.models.tiny import ARCHITECTURES
 
-END_OF_TURN = {"qwen2_vl": "<|im_end|>", "qwen2_5_vl": "<|im_end|>", "llava": "</s>",
-               "idefics3": "<end_of_utterance>", "gemma3": "<end_of_turn>"}
+END_OF_TURN = {
+    "qwen2_vl": "<|im_end|>",
+    "qwen2_5_vl": "<|im_end|>",
+    "llava": "</s>",
+    "idefics3": "<end_of_utterance>",
+    "gemma3": "<end_of_turn>",
+}
 VISION_KEYS = {
     "qwen2_vl": {"pixel_values", "image_grid_thw", "mm_token_type_ids"},
     "qwen2_5_vl": {"pixel_values", "image_grid_thw", "mm_token_type_ids"},
@@ -38,8 +43,14 @@ def _samples(images, n=3, n_images=None):
     for i in range(n):
         imgs = [images[(k + j) % len(images)] for j in range(n_images[i])]
         k += n_images[i]
-        out.append(SupervisedSample(id=f"s{i}", images=imgs, prompt=user_prompt(QUESTIONS[i % 3], n_images[i]),
-                                    completion=COMPLETIONS[i % 3]))
+        out.append(
+            SupervisedSample(
+                id=f"s{i}",
+                images=imgs,
+                prompt=user_prompt(QUESTIONS[i % 3], n_images[i]),
+                completion=COMPLETIONS[i % 3],
+            )
+        )
     return out
 
 
@@ -72,8 +83,10 @@ def test_labels_cover_exactly_completion_and_end_of_turn(arch, tiny_processor, s
         p, c = int(batch.prompt_lengths[r]), int(batch.completion_lengths[r])
         assert c == labelled.numel()
         # labels sit on their own token ids, right after the prompt, then padding (mask 0)
-        assert torch.equal(batch.input_ids[r, p:p + c], labelled)
-        assert bool((batch.labels[r, :p] == IGNORE_INDEX).all()) and bool((batch.labels[r, p + c:] == IGNORE_INDEX).all())
+        assert torch.equal(batch.input_ids[r, p : p + c], labelled)
+        assert bool((batch.labels[r, :p] == IGNORE_INDEX).all()) and bool(
+            (batch.labels[r, p + c :] == IGNORE_INDEX).all()
+        )
         assert batch.attention_mask[r].tolist() == [1] * (p + c) + [0] * (batch.input_ids.shape[1] - p - c)
     assert batch.sample_ids == ["s0", "s1", "s2"]
 
@@ -94,8 +107,12 @@ def test_batched_prompts_equal_one_sample_processing(arch, tiny_processor, tiny_
             alone = SupervisedCollator(processor)([sample])
             p, c = int(batch.prompt_lengths[r]), int(batch.completion_lengths[r])
             text = render_prompt(processor, sample.prompt)
-            direct = processor(text=[text], images=[list(sample.images)], return_tensors="pt",
-                               add_special_tokens=not text.startswith(processor.tokenizer.bos_token or "\0"))
+            direct = processor(
+                text=[text],
+                images=[list(sample.images)],
+                return_tensors="pt",
+                add_special_tokens=not text.startswith(processor.tokenizer.bos_token or "\0"),
+            )
             assert batch.input_ids[r, :p].tolist() == direct["input_ids"][0].tolist()
             single = model(**alone.model_inputs()).logits[0, : p + c]
             torch.testing.assert_close(logits[r, : p + c], single, atol=1e-4, rtol=1e-4)
@@ -115,8 +132,12 @@ def test_vision_rows_with_several_images_per_prompt(arch, tiny_processor, shape_
         for key, tensor in prompts.vision.items():
             own = tensor[prompts.vision_rows[key][i]]
             ref = alone.vision[key]
-            if key in ("pixel_values", "pixel_attention_mask") and ref.ndim >= 4 and tensor.ndim == ref.ndim \
-                    and arch == "idefics3":
+            if (
+                key in ("pixel_values", "pixel_attention_mask")
+                and ref.ndim >= 4
+                and tensor.ndim == ref.ndim
+                and arch == "idefics3"
+            ):
                 own = own[:, : ref.shape[1]]  # the batch pads every prompt to 3 images
             torch.testing.assert_close(own, ref, atol=0, rtol=0, msg=key)
     completions = encode_completions(processor, [["a", "b"], ["c"], ["d", "e", "f"]])
@@ -145,15 +166,17 @@ def test_per_token_fields_follow_the_layout(tiny_processor, shape_images):
 @pytest.mark.parametrize("arch", ["qwen2_vl", "gemma3"])
 def test_prompt_collator_left_pads_and_generates(arch, tiny_processor, tiny_model, shape_images):
     processor = tiny_processor(arch)
-    samples = [PromptSample(id=f"p{i}", images=[shape_images[i]], prompt=user_prompt(q))
-               for i, q in enumerate(["Describe the image.", "Is there a star?"])]
+    samples = [
+        PromptSample(id=f"p{i}", images=[shape_images[i]], prompt=user_prompt(q))
+        for i, q in enumerate(["Describe the image.", "Is there a star?"])
+    ]
     batch = PromptCollator(processor)(samples)
     lengths = batch.prompt_lengths.tolist()
     width = batch.input_ids.shape[1]
     for r, n in enumerate(lengths):
         assert batch.attention_mask[r].tolist() == [0] * (width - n) + [1] * n
         alone = encode_prompts(processor, [samples[r]])
-        assert batch.input_ids[r, width - n:].tolist() == alone.input_ids[0]
+        assert batch.input_ids[r, width - n :].tolist() == alone.input_ids[0]
     model, _ = tiny_model(arch)
     out = model.generate(**batch.model_inputs(), max_new_tokens=3, do_sample=False)
     assert out.shape[0] == 2 and out.shape[1] <= width + 3
@@ -199,8 +222,12 @@ def test_image_mismatch_names_the_sample(arch, tiny_processor, shape_images):
     two_images = SupervisedSample(id="bad-count", images=shape_images[:2], prompt=user_prompt("Hi?"), completion="x")
     with pytest.raises(DataError, match=r"sample 'bad-count'.*1 image placeholder.*2 image"):
         SupervisedCollator(processor)([good, two_images])
-    literal = SupervisedSample(id="bad-literal", images=[shape_images[0]],
-                               prompt=user_prompt(f"What is {processor.image_token}?"), completion="x")
+    literal = SupervisedSample(
+        id="bad-literal",
+        images=[shape_images[0]],
+        prompt=user_prompt(f"What is {processor.image_token}?"),
+        completion="x",
+    )
     with pytest.raises(DataError, match=r"sample 'bad-literal'.*2 image token"):
         SupervisedCollator(processor)([good, literal])
     empty = SupervisedSample(id="bad-empty", images=[shape_images[0]], prompt=user_prompt("Hi?"), completion="")
@@ -221,8 +248,10 @@ def test_batch_moves_to_a_device(tiny_processor, shape_images):
 def test_prompt_without_image_in_a_batch(arch, tiny_processor, tiny_model, shape_images):
     """A text-only prompt owns no vision rows; its row's logits equal its single-sample forward."""
     processor = tiny_processor(arch)
-    samples = [SupervisedSample(id="img", images=[shape_images[0]], prompt=user_prompt("Hi?"), completion="Yes"),
-               SupervisedSample(id="txt", images=[], prompt=user_prompt("How many?", 0), completion="2")]
+    samples = [
+        SupervisedSample(id="img", images=[shape_images[0]], prompt=user_prompt("Hi?"), completion="Yes"),
+        SupervisedSample(id="txt", images=[], prompt=user_prompt("How many?", 0), completion="2"),
+    ]
     prompts = encode_prompts(processor, samples)
     assert prompts.num_images == [1, 0] and prompts.image_token_count[1] == 0
     for key, rows in prompts.vision_rows.items():

@@ -45,16 +45,27 @@ def mixed_samples(image_dir: Path, png_bytes) -> list:
     a = str(image_dir / "a.png")
     return [
         SupervisedSample("s/1", [a, png_bytes((0, 0, 250))], user_prompt("Two?", 2), "Yes", {"task": "x", "k": [1]}),
-        PreferenceSample("p1", [Image.new("RGB", (4, 4), (9, 9, 9))], user_prompt("Q"), "good", "bad",
-                         {"source": "inject"}, ["worse", "worst"]),  # fmt: skip
+        PreferenceSample(
+            "p1",
+            [Image.new("RGB", (4, 4), (9, 9, 9))],
+            user_prompt("Q"),
+            "good",
+            "bad",
+            {"source": "inject"},
+            ["worse", "worst"],
+        ),
         UnpairedSample("u1", [a], user_prompt("Q"), "fine", False),
         PromptSample("q1", [a], user_prompt("Q"), {"answer": "3"}),
     ]
 
 
 def kind_of(sample) -> str:
-    return {SupervisedSample: "supervised", PreferenceSample: "preference", UnpairedSample: "unpaired",
-            PromptSample: "prompt"}[type(sample)]  # fmt: skip
+    return {
+        SupervisedSample: "supervised",
+        PreferenceSample: "preference",
+        UnpairedSample: "unpaired",
+        PromptSample: "prompt",
+    }[type(sample)]
 
 
 def assert_same(loaded, original) -> None:
@@ -83,20 +94,28 @@ def test_write_then_load_round_trip(tmp_path: Path, image_dir: Path, png_bytes, 
 
 
 def test_hf_saved_dataset_and_dataset_dict(tmp_path: Path):
-    features = datasets.Features({
-        "images": datasets.List(datasets.Image()),
-        "prompt": datasets.Value("string"),
-        "chosen": datasets.Value("string"),
-        "rejected": datasets.Value("string"),
-    })  # fmt: skip
-    rows = {"images": [[Image.new("RGB", (4, 4), (250, 0, 0))], [Image.new("RGB", (4, 4), (0, 250, 0))]],
-            "prompt": ["Colour?", "Colour?"], "chosen": ["red", "green"], "rejected": ["blue", "red"]}  # fmt: skip
+    features = datasets.Features(
+        {
+            "images": datasets.List(datasets.Image()),
+            "prompt": datasets.Value("string"),
+            "chosen": datasets.Value("string"),
+            "rejected": datasets.Value("string"),
+        }
+    )
+    rows = {
+        "images": [[Image.new("RGB", (4, 4), (250, 0, 0))], [Image.new("RGB", (4, 4), (0, 250, 0))]],
+        "prompt": ["Colour?", "Colour?"],
+        "chosen": ["red", "green"],
+        "rejected": ["blue", "red"],
+    }
     ds = datasets.Dataset.from_dict(rows, features=features)
     ds.save_to_disk(str(tmp_path / "single"))
     before = sorted(p.name for p in (tmp_path / "single").iterdir())
     samples = load_samples(tmp_path / "single", "preference")
     assert [s.chosen for s in samples] == ["red", "green"] and [pixel(s.images[0]) for s in samples] == [
-        (250, 0, 0), (0, 250, 0)]  # fmt: skip
+        (250, 0, 0),
+        (0, 250, 0),
+    ]
     assert isinstance(samples[0].images[0], bytes)  # lazy: still encoded
     assert samples[0].prompt == [{"role": "user", "content": [IMG, TEXT("Colour?")]}]
     assert sorted(p.name for p in (tmp_path / "single").iterdir()) == before  # nothing written into it
@@ -110,8 +129,9 @@ def test_hf_saved_dataset_and_dataset_dict(tmp_path: Path):
 def test_folder_of_parquet_shards_with_split(tmp_path: Path, png_bytes):
     (tmp_path / "data").mkdir()
     for split, colour in (("train", (250, 0, 0)), ("test", (0, 0, 250))):
-        table = pa.Table.from_pylist([{"image": {"bytes": png_bytes(colour), "path": "x.png"}, "question": "Q?",
-                                       "answer": split}] * 3)  # fmt: skip
+        table = pa.Table.from_pylist(
+            [{"image": {"bytes": png_bytes(colour), "path": "x.png"}, "question": "Q?", "answer": split}] * 3
+        )
         pq.write_table(table, tmp_path / "data" / f"{split}-00000-of-00001.parquet")
     test = load_samples(tmp_path, "supervised", split="test")
     assert len(test) == 3 and {s.completion for s in test} == {"test"} and pixel(test[0].images[0]) == (0, 0, 250)
@@ -124,31 +144,57 @@ def test_folder_of_parquet_shards_with_split(tmp_path: Path, png_bytes):
 
 
 def test_rlaif_v_parquet_unchanged(tmp_path: Path, png_bytes):
-    row = {"ds_name": "RLAIF-V", "image": {"bytes": png_bytes((1, 2, 3)), "path": None},
-           "question": "What is in the image?", "chosen": "A cat.", "rejected": "A dog and a cat.",
-           "origin_dataset": "COCO", "origin_split": '{"model": "m"}', "idx": "rlaif-7",
-           "image_path": "coco/1.jpg"}  # fmt: skip
+    row = {
+        "ds_name": "RLAIF-V",
+        "image": {"bytes": png_bytes((1, 2, 3)), "path": None},
+        "question": "What is in the image?",
+        "chosen": "A cat.",
+        "rejected": "A dog and a cat.",
+        "origin_dataset": "COCO",
+        "origin_split": '{"model": "m"}',
+        "idx": "rlaif-7",
+        "image_path": "coco/1.jpg",
+    }
     pq.write_table(pa.Table.from_pylist([row]), tmp_path / "RLAIF-V-Dataset_000.parquet")
     (s,) = load_samples(tmp_path / "RLAIF-V-Dataset_000.parquet", "preference")
     assert isinstance(s, PreferenceSample) and s.id == "rlaif-7"
     assert s.prompt == [{"role": "user", "content": [IMG, TEXT("What is in the image?")]}]
     assert (s.chosen, s.rejected, pixel(s.images[0])) == ("A cat.", "A dog and a cat.", (1, 2, 3))
-    assert s.meta == {"ds_name": "RLAIF-V", "origin_dataset": "COCO", "origin_split": '{"model": "m"}',
-                      "image_path": "coco/1.jpg", "idx": "rlaif-7"}  # fmt: skip
+    assert s.meta == {
+        "ds_name": "RLAIF-V",
+        "origin_dataset": "COCO",
+        "origin_split": '{"model": "m"}',
+        "image_path": "coco/1.jpg",
+        "idx": "rlaif-7",
+    }
 
 
 def _vlf(response: str, model: str, h, v, e) -> dict:
-    return {"model": model, "response": response, "annotations": {
-        "Helpfulness": {"Rating": h, "Rationale": "..."}, "Visual Faithfulness": {"Rating": v, "Rationale": "..."},
-        "Ethical Considerations": {"Rating": e, "Rationale": "..."}}}  # fmt: skip
+    return {
+        "model": model,
+        "response": response,
+        "annotations": {
+            "Helpfulness": {"Rating": h, "Rationale": "..."},
+            "Visual Faithfulness": {"Rating": v, "Rationale": "..."},
+            "Ethical Considerations": {"Rating": e, "Rationale": "..."},
+        },
+    }
 
 
 def test_vlfeedback_rows_become_best_versus_worst(tmp_path: Path, image_dir: Path):
     """Mean ratings: A (4+5+5)/3 = 4.667, B (2+1+5)/3 = 2.667, C (3+5)/2 = 4.0 ("N/A" ignored),
     so chosen is A and rejected is B."""
-    row = {"id": "vlf-1", "prompt": "Describe the image.", "models": ["ma", "mb", "mc"], "img_path": "a.png",
-           "completions": [_vlf("A", "ma", "4", "5", "5"), _vlf("B", "mb", "2", "1", "5"),
-                           _vlf("C", "mc", "3", "N/A", "5")]}  # fmt: skip
+    row = {
+        "id": "vlf-1",
+        "prompt": "Describe the image.",
+        "models": ["ma", "mb", "mc"],
+        "img_path": "a.png",
+        "completions": [
+            _vlf("A", "ma", "4", "5", "5"),
+            _vlf("B", "mb", "2", "1", "5"),
+            _vlf("C", "mc", "3", "N/A", "5"),
+        ],
+    }
     tie = dict(row, id="vlf-2", completions=[_vlf("A", "ma", "4", "4", "4"), _vlf("B", "mb", "4", "4", "4")])
     path = write_jsonl(image_dir / "vlfeedback_80k.jsonl", [row, tie])
     samples, report = load_samples_with_report(path, "preference", skip_bad_rows=True)
@@ -164,9 +210,14 @@ def test_vlfeedback_rows_become_best_versus_worst(tmp_path: Path, image_dir: Pat
 
 def test_povid_json_array_with_image_root(tmp_path: Path, image_dir: Path):
     human = {"from": "human", "value": "<image>\nDescribe this image in detail."}
-    rows = [{"id": "povid-1", "image": "b.png",
-             "conversations": [human, {"from": "gpt", "value": "A green square."}],
-             "rejected_conversations": [human, {"from": "gpt", "value": "A green square and a dog."}]}]  # fmt: skip
+    rows = [
+        {
+            "id": "povid-1",
+            "image": "b.png",
+            "conversations": [human, {"from": "gpt", "value": "A green square."}],
+            "rejected_conversations": [human, {"from": "gpt", "value": "A green square and a dog."}],
+        }
+    ]
     (tmp_path / "povid").mkdir()
     path = tmp_path / "povid" / "POVID_preference_data_for_VLLMs.json"
     path.write_text(json.dumps(rows, indent=2))
@@ -178,9 +229,13 @@ def test_povid_json_array_with_image_root(tmp_path: Path, image_dir: Path):
 
 
 def test_trl_messages_column(tmp_path: Path, image_dir: Path):
-    row = {"images": ["a.png"], "messages": [
-        {"role": "user", "content": [IMG, TEXT("How many?")]},
-        {"role": "assistant", "content": [TEXT("2")]}]}  # fmt: skip
+    row = {
+        "images": ["a.png"],
+        "messages": [
+            {"role": "user", "content": [IMG, TEXT("How many?")]},
+            {"role": "assistant", "content": [TEXT("2")]},
+        ],
+    }
     path = write_jsonl(image_dir / "sft.jsonl", [row])
     (s,) = load_samples(path, "supervised")
     assert s.prompt == [row["messages"][0]] and s.completion == "2" and s.id.endswith("sft.jsonl line 1")
@@ -189,8 +244,10 @@ def test_trl_messages_column(tmp_path: Path, image_dir: Path):
 
 
 def test_unpaired_rows(tmp_path: Path, image_dir: Path):
-    rows = [{"images": ["a.png"], "prompt": "Q?", "completion": "A", "label": True},
-            {"images": ["a.png"], "prompt": "Q?", "completion": "B", "label": "yes"}]  # fmt: skip
+    rows = [
+        {"images": ["a.png"], "prompt": "Q?", "completion": "A", "label": True},
+        {"images": ["a.png"], "prompt": "Q?", "completion": "B", "label": "yes"},
+    ]
     path = write_jsonl(image_dir / "kto.jsonl", rows)
     (s,) = load_samples(path, "unpaired", limit=1)
     assert s.label is True and s.completion == "A"
@@ -215,24 +272,42 @@ def test_shapes_world_files_load(world_dir: Path):
 @pytest.mark.parametrize(
     ("row", "kind", "message"),
     [
-        ({"images": ["a.png"], "prompt": "Q", "rejected": "b"}, "preference",
-         "bad.jsonl line 1: missing column 'chosen' (the row has: images, prompt, rejected)"),
+        (
+            {"images": ["a.png"], "prompt": "Q", "rejected": "b"},
+            "preference",
+            "bad.jsonl line 1: missing column 'chosen' (the row has: images, prompt, rejected)",
+        ),
         ({"images": ["a.png"], "completion": "b"}, "supervised", "missing column 'prompt' (or question, query"),
         ({"images": ["a.png"], "prompt": "Q"}, "supervised", "missing column 'completion' (or response, answer)"),
-        ({"images": ["nope.png"], "prompt": "Q", "completion": "c"}, "supervised",
-         "bad.jsonl line 1 image 0: image file '"),
+        (
+            {"images": ["nope.png"], "prompt": "Q", "completion": "c"},
+            "supervised",
+            "bad.jsonl line 1 image 0: image file '",
+        ),
         ({"images": ["bad.png"], "prompt": "Q", "completion": "c"}, "supervised", "is unreadable or corrupt"),
-        ({"images": ["a.png"], "prompt": "<image><image> Q", "completion": "c"}, "supervised",
-         "the prompt has 2 image placeholder(s) but the row has 1 image(s)"),
+        (
+            {"images": ["a.png"], "prompt": "<image><image> Q", "completion": "c"},
+            "supervised",
+            "the prompt has 2 image placeholder(s) but the row has 1 image(s)",
+        ),
         ({"images": ["a.png"], "prompt": "Q", "completion": ""}, "supervised", "'completion' is empty"),
-        ({"images": ["a.png"], "prompt": "Q", "chosen": "x", "rejected": assistant(" ")}, "preference",
-         "bad.jsonl line 1: 'rejected' is empty"),
+        (
+            {"images": ["a.png"], "prompt": "Q", "chosen": "x", "rejected": assistant(" ")},
+            "preference",
+            "bad.jsonl line 1: 'rejected' is empty",
+        ),
         ({"images": ["http://x.org/a.png"], "prompt": "Q"}, "prompt", "is a URL; download it and give a local path"),
         ({"image": 5, "prompt": "Q"}, "prompt", "column 'image': cannot use 5 as an image"),
-        ({"images": ["a.png"], "conversations": [{"from": "bot", "value": "x"}]}, "supervised",
-         "message 0 is from 'bot'; expected human, gpt or system"),
-        ({"images": ["a.png"], "messages": [{"role": "user", "content": "Q"}]}, "supervised",
-         "column 'messages' must end with an assistant (gpt) turn"),
+        (
+            {"images": ["a.png"], "conversations": [{"from": "bot", "value": "x"}]},
+            "supervised",
+            "message 0 is from 'bot'; expected human, gpt or system",
+        ),
+        (
+            {"images": ["a.png"], "messages": [{"role": "user", "content": "Q"}]},
+            "supervised",
+            "column 'messages' must end with an assistant (gpt) turn",
+        ),
         (["not", "a", "dict"], "prompt", "bad.jsonl line 1: a row must be a JSON object, got list"),
     ],
 )
@@ -258,9 +333,15 @@ def test_bad_files(tmp_path: Path):
 
 def test_skip_bad_rows_counts_reasons(image_dir: Path, caplog: pytest.LogCaptureFixture):
     good = {"images": ["a.png"], "prompt": "Q", "chosen": "x", "rejected": "y"}
-    rows = [good, dict(good, chosen=""), {"images": ["bad.png"], "prompt": "Q", "chosen": "x", "rejected": "y"},
-            {"prompt": "Q", "chosen": "x"}, dict(good, prompt="<image> <image> Q"), good,
-            dict(good, images=["gone.png"])]  # fmt: skip
+    rows = [
+        good,
+        dict(good, chosen=""),
+        {"images": ["bad.png"], "prompt": "Q", "chosen": "x", "rejected": "y"},
+        {"prompt": "Q", "chosen": "x"},
+        dict(good, prompt="<image> <image> Q"),
+        good,
+        dict(good, images=["gone.png"]),
+    ]
     path = write_jsonl(image_dir / "mixed.jsonl", rows)
     with pytest.raises(DataError, match="mixed.jsonl line 2: 'chosen' is empty"):
         load_samples(path, "preference")

@@ -16,12 +16,12 @@ from PIL import Image
 from vlalign.cli import main
 from vlalign.data.io import load_samples
 from vlalign.data.pairs import margin_summary
-from vlalign.data.pairs_corrupt import CorruptConfig, corrupt_image, corrupt_pairs, patch_boxes
-from vlalign.data.pairs_inject import InjectConfig, Injector, ObjectStats, inject_pairs
-from vlalign.data.pairs_rank import ClaimVerifier, GroundTruthScorer, rank_pairs, sample_and_rank
+from vlalign.data.pairs.corrupt import CorruptConfig, corrupt_image, corrupt_pairs, patch_boxes
+from vlalign.data.pairs.inject import InjectConfig, Injector, ObjectStats, inject_pairs
+from vlalign.data.pairs.rank import ClaimVerifier, GroundTruthScorer, rank_pairs, sample_and_rank
 from vlalign.data.schema import DataError, PromptSample, SupervisedSample, user_prompt
-from vlalign.data.world import WorldConfig, object_vocabulary
 from vlalign.eval.parsing import Annotations, ObjectVocabulary
+from vlalign.shapes.world import WorldConfig, object_vocabulary
 
 VOCAB = ObjectVocabulary(object_vocabulary(WorldConfig()))
 
@@ -30,9 +30,20 @@ def scene(sid: str, names: list[str], completion: str, task: str = "describe", *
     """A describe (or QA) row of a scene holding one object per name (repeats allowed)."""
     objs = [{"colour": n.split()[0], "shape": n.split()[1]} for n in names]
     question = meta.pop("question", "Describe the image.")
-    return SupervisedSample(f"{sid}/{task}", [f"{sid}.png"], user_prompt(question), completion,
-                            {"task": task, "scene_id": sid, "objects": sorted(set(names)), "scene_objects": objs,
-                             "answer": completion, **meta})  # fmt: skip
+    return SupervisedSample(
+        f"{sid}/{task}",
+        [f"{sid}.png"],
+        user_prompt(question),
+        completion,
+        {
+            "task": task,
+            "scene_id": sid,
+            "objects": sorted(set(names)),
+            "scene_objects": objs,
+            "answer": completion,
+            **meta,
+        },
+    )
 
 
 @pytest.fixture
@@ -85,9 +96,11 @@ def test_inject_non_canonical_text_and_reasons(scenes: list[SupervisedSample]) -
     rng = random.Random(0)
     add = injector.describe(text, ann, "add", rng).text
     assert add == "A red circle sits left of 3 blue boxes and a green circle."
-    for words, options in [("Three blue boxes sit here.", {"Two blue boxes sit here.", "Four blue boxes sit here."}),
-                           ("There are 3 blue boxes.", {"There are 2 blue boxes.", "There are 4 blue boxes."}),
-                           ("A red circle sits here.", {"Two red circles sits here."})]:  # fmt: skip
+    for words, options in [
+        ("Three blue boxes sit here.", {"Two blue boxes sit here.", "Four blue boxes sit here."}),
+        ("There are 3 blue boxes.", {"There are 2 blue boxes.", "There are 4 blue boxes."}),
+        ("A red circle sits here.", {"Two red circles sits here."}),
+    ]:
         assert injector.describe(words, ann, "count", random.Random(1)).text in options
     full = Annotations(frozenset(VOCAB.names), None)
     assert injector.describe("The image shows a red circle.", full, "add", rng) == "no absent object to add"
@@ -111,8 +124,10 @@ def test_inject_short_answers(scenes: list[SupervisedSample]) -> None:
 
 
 def test_inject_pairs_dataset(scenes: list[SupervisedSample]) -> None:
-    rows = scenes + [scene("a", ["red circle"], "No", task="existence", question_object="blue square"),
-                     scene("a", ["red circle"], "Yes", task="existence")]  # fmt: skip
+    rows = scenes + [
+        scene("a", ["red circle"], "No", task="existence", question_object="blue square"),
+        scene("a", ["red circle"], "Yes", task="existence"),
+    ]
     pairs, stats = inject_pairs(rows, VOCAB, InjectConfig(probes_per_image=1, seed=0, balance_existence=False))
     assert stats.inputs == 6 and stats.dropped == {"asks about a present object": 1}
     assert stats.made == len(pairs) == 5 + 4  # 5 injections + one probe per image
@@ -129,8 +144,10 @@ def test_inject_pairs_dataset(scenes: list[SupervisedSample]) -> None:
 def test_balanced_existence_pairs_prefer_yes_as_often_as_no(scenes: list[SupervisedSample]) -> None:
     """With balance_existence (the default) the existence pairs do not all prefer "No": the row about
     a present object gives (Yes > No), and every image gets a present-object probe beside its absent one."""
-    rows = scenes + [scene("a", ["red circle"], "No", task="existence", question_object="blue square"),
-                     scene("a", ["red circle"], "Yes", task="existence", question_object="red circle")]  # fmt: skip
+    rows = scenes + [
+        scene("a", ["red circle"], "No", task="existence", question_object="blue square"),
+        scene("a", ["red circle"], "Yes", task="existence", question_object="red circle"),
+    ]
     pairs, stats = inject_pairs(rows, VOCAB, InjectConfig(probes_per_image=1, seed=0))
     assert stats.dropped == {}
     existence = [p for p in pairs if p.meta.get("task") == "existence"]
@@ -152,9 +169,16 @@ def test_inject_without_annotations_is_a_clear_error() -> None:
 # ----------------------------------------------------------------------------- scorers and ranking
 
 
-TRUTH = PromptSample("s", [], user_prompt("Describe the image.", 0), {
-    "task": "describe", "objects": ["blue square", "red circle"],
-    "scene_objects": [{"colour": "red", "shape": "circle"}, {"colour": "blue", "shape": "square"}]})  # fmt: skip
+TRUTH = PromptSample(
+    "s",
+    [],
+    user_prompt("Describe the image.", 0),
+    {
+        "task": "describe",
+        "objects": ["blue square", "red circle"],
+        "scene_objects": [{"colour": "red", "shape": "circle"}, {"colour": "blue", "shape": "square"}],
+    },
+)
 RESPONSES = {  # text: (claim score, ground-truth F1), worked out in test_scorers_hand
     "The image shows a red circle and a blue square.": (1.0, 1.0),
     "The image shows a red circle, a blue square and a green star.": (0.75, 0.8),
@@ -186,8 +210,9 @@ def test_perfect_scorer_never_prefers_the_worse(pairing: str) -> None:
     texts = list(RESPONSES)
     samples = [PromptSample(f"s{i}", [], TRUTH.prompt, TRUTH.meta) for i in range(40)]
     groups = [[rng.choice(texts) for _ in range(4)] for _ in samples]
-    pairs, stats = sample_and_rank(samples, groups, GroundTruthScorer(VOCAB), threshold=0.2, pairing=pairing,
-                                   max_pairs_per_prompt=3)  # fmt: skip
+    pairs, stats = sample_and_rank(
+        samples, groups, GroundTruthScorer(VOCAB), threshold=0.2, pairing=pairing, max_pairs_per_prompt=3
+    )
     assert pairs and stats.made == len(pairs)
     for p in pairs:
         assert RESPONSES[p.chosen][1] - RESPONSES[p.rejected][1] >= 0.2
@@ -200,8 +225,11 @@ def test_rank_pairs_drop_reasons() -> None:
     groups = [["a", "a"], ["a", "b"], ["a", "b"], ["a", "b", "c"]]
     scores = [[1.0, 1.0], [0.5, 0.5], [0.6, 0.5], [0.0, 1.0, 0.5]]
     pairs, stats = rank_pairs(s, groups, scores, threshold=0.2)
-    assert stats.dropped == {"fewer than 2 distinct responses": 1, "all scores equal": 1,
-                             "score gap below threshold": 1}  # fmt: skip
+    assert stats.dropped == {
+        "fewer than 2 distinct responses": 1,
+        "all scores equal": 1,
+        "score gap below threshold": 1,
+    }
     assert [(p.chosen, p.rejected) for p in pairs] == [("b", "a")]
     assert margin_summary([0.5, 1.0, 2.0])["p50"] == 1.0
 
@@ -261,15 +289,19 @@ def test_crop_keeps_the_requested_area() -> None:
     img = _checker(40)
     out = corrupt_image(img, "crop", 0.75, seed=2).resize((20, 20), Image.Resampling.BICUBIC)
     src = np.asarray(img, dtype=np.float64)
-    best = min(np.abs(src[y:y + 20, x:x + 20] - np.asarray(out, dtype=np.float64)).mean()
-               for y in range(21) for x in range(21))  # fmt: skip
+    best = min(
+        np.abs(src[y : y + 20, x : x + 20] - np.asarray(out, dtype=np.float64)).mean()
+        for y in range(21)
+        for x in range(21)
+    )
     assert best < 12.0
 
 
 def test_corrupt_pairs_same_response_corrupted_image(scenes: list[SupervisedSample]) -> None:
     rows = [SupervisedSample("r", [_checker()], user_prompt("Describe the image."), "Text.", {})]
-    pairs, stats = corrupt_pairs(rows + [SupervisedSample("n", [], user_prompt("Q", 0), "A", {})],
-                                 CorruptConfig(method="mask", level=0.5))  # fmt: skip
+    pairs, stats = corrupt_pairs(
+        rows + [SupervisedSample("n", [], user_prompt("Q", 0), "A", {})], CorruptConfig(method="mask", level=0.5)
+    )
     assert len(pairs) == 1 and stats.dropped == {"no image": 1}
     p = pairs[0]
     assert p.chosen == p.rejected == "Text." and p.meta["source"] == "corrupt-mask"
@@ -287,22 +319,51 @@ def test_vlalign_pairs_command(world_dir: Path, tmp_path: Path, tiny_model_dir: 
     assert stats["made"] == len(pairs) > 0 and stats["margin"]["n"] == len(pairs)
     assert all(p.chosen != p.rejected for p in pairs)
     out = tmp_path / "noise.jsonl"
-    assert main(["pairs", "--method=corrupt", "--corrupt.method=noise", "--corrupt.level=0.5",
-                 f"--data={world_dir / 'train.jsonl'}", f"--out={out}", "--limit=6"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "pairs",
+                "--method=corrupt",
+                "--corrupt.method=noise",
+                "--corrupt.level=0.5",
+                f"--data={world_dir / 'train.jsonl'}",
+                f"--out={out}",
+                "--limit=6",
+            ]
+        )
+        == 0
+    )
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert all((tmp_path / r["rejected_images"][0]).is_file() for r in rows)
     assert len({r["scene_id"] for r in rows}) == len({r["rejected_images"][0] for r in rows}) < len(rows)
     out = tmp_path / "rank.jsonl"
-    assert main(["pairs", "--method=rank", f"--rank.model={tiny_model_dir('qwen2_vl')}", "--rank.n=3",
-                 "--rank.max_new_tokens=4", "--rank.scorer=ground_truth", "--rank.threshold=0.5", "--rank.device=cpu",
-                 f"--data={world_dir / 'test_prompts.jsonl'}", f"--out={out}", "--limit=12"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "pairs",
+                "--method=rank",
+                f"--rank.model={tiny_model_dir('qwen2_vl')}",
+                "--rank.n=3",
+                "--rank.max_new_tokens=4",
+                "--rank.scorer=ground_truth",
+                "--rank.threshold=0.5",
+                "--rank.device=cpu",
+                f"--data={world_dir / 'test_prompts.jsonl'}",
+                f"--out={out}",
+                "--limit=12",
+            ]
+        )
+        == 0
+    )
     stats = json.loads((tmp_path / "rank.stats.json").read_text())
     assert stats["inputs"] == 12 and stats["made"] + stats["dropped_total"] == 12
 
 
 def test_vlalign_pairs_tasks_filter_comes_before_the_limit(world_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "describe.jsonl"
-    assert main(["pairs", f"--data={world_dir / 'train.jsonl'}", f"--out={out}", "--tasks=[describe]", "--limit=5"]) == 0
+    assert (
+        main(["pairs", f"--data={world_dir / 'train.jsonl'}", f"--out={out}", "--tasks=[describe]", "--limit=5"]) == 0
+    )
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert json.loads((tmp_path / "describe.stats.json").read_text())["inputs"] == 5
     assert rows and {r["task"] for r in rows} == {"describe"} and len({r["scene_id"] for r in rows}) <= 5

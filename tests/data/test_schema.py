@@ -27,7 +27,9 @@ IMG, TEXT = {"type": "image"}, lambda t: {"type": "text", "text": t}
 
 
 def test_plain_string_prompt_gets_placeholders_prepended():
-    assert prompt_messages("How many squares?", 2) == [{"role": "user", "content": [IMG, IMG, TEXT("How many squares?")]}]
+    assert prompt_messages("How many squares?", 2) == [
+        {"role": "user", "content": [IMG, IMG, TEXT("How many squares?")]}
+    ]
     assert prompt_messages("Hello", 0) == [{"role": "user", "content": [TEXT("Hello")]}]
 
 

@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from vlalign.data.world import (
+from vlalign.shapes.render import render_scene
+from vlalign.shapes.tasks import object_statistics, pope_negatives, read_manifest, task_rows, write_world
+from vlalign.shapes.world import (
     COLOUR_RGB,
     SHAPE_PLURALS,
     Scene,
@@ -25,8 +27,6 @@ from vlalign.data.world import (
     parse_objects,
     tokenizer_corpus,
 )
-from vlalign.data.world_render import render_scene
-from vlalign.data.world_tasks import object_statistics, pope_negatives, read_manifest, task_rows, write_world
 
 SPLITS = ("train", "validation", "test", "compositional")
 
@@ -48,8 +48,12 @@ def scenes_by_id(rows: list[dict]) -> dict[str, list[dict]]:
 def test_caption_hand_written():
     """Groups in canonical order (circle before square before star), ``an`` before a vowel."""
     cfg = WorldConfig()
-    objs = [WorldObject("square", "blue", 0.2, 0.2, 0.2), WorldObject("star", "orange", 0.2, 0.5, 0.5),
-            WorldObject("circle", "red", 0.2, 0.8, 0.8), WorldObject("square", "blue", 0.2, 0.2, 0.8)]  # fmt: skip
+    objs = [
+        WorldObject("square", "blue", 0.2, 0.2, 0.2),
+        WorldObject("star", "orange", 0.2, 0.5, 0.5),
+        WorldObject("circle", "red", 0.2, 0.8, 0.8),
+        WorldObject("square", "blue", 0.2, 0.2, 0.8),
+    ]
     scene = Scene("train-000001", "train", tuple(objs))
     assert scene.caption(cfg) == "The image shows a red circle, two blue squares and an orange star."
     assert caption_from_counts([(1, "green", "cross")]) == "The image shows a green cross."
@@ -61,8 +65,13 @@ def test_caption_hand_written():
 def test_parse_objects_tricky_strings():
     text = "Two violet discs and no red circle, 3 Squares; an Orange star and some boxes."
     got = [(m.shape, m.colour, m.count) for m in parse_objects(text)]
-    assert got == [("circle", "purple", 2), ("circle", "red", 0), ("square", None, 3), ("star", "orange", 1),
-                   ("square", None, None)]  # fmt: skip
+    assert got == [
+        ("circle", "purple", 2),
+        ("circle", "red", 0),
+        ("square", None, 3),
+        ("star", "orange", 1),
+        ("square", None, None),
+    ]
     first = parse_objects(text)[0]
     assert text[first.start : first.end] == "Two violet discs"
     # negated and colourless mentions are not affirmed objects
@@ -92,8 +101,9 @@ def test_tokenizer_corpus_covers_every_word_written(world_dir: Path):
     assert seen and seen <= corpus_words, seen - corpus_words
     everything = set(SHAPE_PLURALS) | set(SHAPE_PLURALS.values()) | set(COLOUR_RGB) | {str(d) for d in range(10)}
     assert everything <= corpus_words
-    small = tokenizer_corpus(WorldConfig(shapes=("circle",), colours=("red",), heldout_combinations=(),
-                                         cooccurrence={}))  # fmt: skip
+    small = tokenizer_corpus(
+        WorldConfig(shapes=("circle",), colours=("red",), heldout_combinations=(), cooccurrence={})
+    )
     assert "Is there a red circle in the image?" in small and "square" not in " ".join(small)
 
 
@@ -375,8 +385,16 @@ def test_world_command(tmp_path: Path, capsys: pytest.CaptureFixture):
     from vlalign.cli import main
 
     out = tmp_path / "w"
-    args = ["world", f"--out={out}", "--world.n_train=6", "--world.n_validation=2", "--world.n_test=3",
-            "--world.n_compositional=0", "--world.image_size=32", "--world.tasks=describe,counting"]  # fmt: skip
+    args = [
+        "world",
+        f"--out={out}",
+        "--world.n_train=6",
+        "--world.n_validation=2",
+        "--world.n_test=3",
+        "--world.n_compositional=0",
+        "--world.image_size=32",
+        "--world.tasks=describe,counting",
+    ]
     assert main(args) == 0
     manifest = read_manifest(out)
     assert manifest["scenes"] == {"train": 6, "validation": 2, "test": 3}

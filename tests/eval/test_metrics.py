@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from vlalign.data.schema import DataError, PromptSample, user_prompt
-from vlalign.data.world import WorldConfig, generate_split, mentioned_objects, object_vocabulary
 from vlalign.eval.chair import chair
 from vlalign.eval.parsing import ObjectVocabulary, annotations_of, load_vocabulary, pope_is_clear, pope_says_yes
 from vlalign.eval.policy import kl_from_logprobs, scored_win_rate, win_rate
 from vlalign.eval.pope import Confusion, confusion, confusion_metrics, pope_metrics
 from vlalign.eval.tasks import answer_correct, task_accuracy
+from vlalign.shapes.world import WorldConfig, generate_split, mentioned_objects, object_vocabulary
 
 VOCAB = ObjectVocabulary(object_vocabulary(WorldConfig()))
 
@@ -48,8 +48,18 @@ def test_pope_metrics_hand_computed() -> None:
     """Labels 6 yes, 4 no. Predictions: yes-labels -> Y Y Y Y N N (TP 4, FN 2), no-labels ->
     Y N N N (FP 1, TN 3). accuracy 7/10, precision 4/5, recall 4/6, F1 = 2*0.8*(2/3)/(0.8+2/3)
     = 8/11, yes-ratio 5/10; one answer ("I think so") says neither: unclear 1/10, read as yes."""
-    answers = ["Yes", "Yes, there is.", "yes", "Yes.", "No", "Not at all.",
-               "I think so", "No", "There is no such object.", "NO."]  # fmt: skip
+    answers = [
+        "Yes",
+        "Yes, there is.",
+        "yes",
+        "Yes.",
+        "No",
+        "Not at all.",
+        "I think so",
+        "No",
+        "There is no such object.",
+        "NO.",
+    ]
     labels = ["Yes"] * 6 + ["No"] * 4
     m = pope_metrics(answers, labels)
     assert m["accuracy"] == pytest.approx(0.7, abs=1e-12)
@@ -75,8 +85,11 @@ def test_pope_zero_denominators() -> None:
 def test_mentions_synonyms_counts_negations() -> None:
     found = VOCAB.find("The image shows two violet discs, no red circle and 3 yellow blocks; not a green star.")
     assert [(m.name, m.count, m.negated) for m in found] == [
-        ("purple circle", 2, False), ("red circle", 0, True), ("yellow square", 3, False), ("green star", 1, True),
-    ]  # fmt: skip
+        ("purple circle", 2, False),
+        ("red circle", 0, True),
+        ("yellow square", 3, False),
+        ("green star", 1, True),
+    ]
     assert found[0].phrase == "violet discs"
     assert VOCAB.mentioned("A red circle and a Red Circle.") == ["red circle", "red circle"]
     assert VOCAB.mentioned("There is a circle.") == []  # a shape without colour names no object
@@ -110,8 +123,15 @@ def test_load_vocabulary_errors(tmp_path) -> None:
 
 
 def test_annotations_of() -> None:
-    s = PromptSample("s", [], user_prompt("q", 0), {"objects": ["red circle"], "scene_objects": [
-        {"shape": "circle", "colour": "red"}, {"shape": "circle", "colour": "red"}]})  # fmt: skip
+    s = PromptSample(
+        "s",
+        [],
+        user_prompt("q", 0),
+        {
+            "objects": ["red circle"],
+            "scene_objects": [{"shape": "circle", "colour": "red"}, {"shape": "circle", "colour": "red"}],
+        },
+    )
     ann = annotations_of(s)
     assert ann is not None and ann.objects == {"red circle"} and ann.counts == {"red circle": 2}
     assert annotations_of(PromptSample("t", [], user_prompt("q", 0), {})) is None
@@ -174,8 +194,12 @@ def test_answer_normalisation(task: str, answer: str, text: str, ok: bool) -> No
 
 
 def test_task_accuracy_groups_by_task_and_skips_descriptions() -> None:
-    samples = [_q("counting", "2"), _q("counting", "1"), _q("colour", "red"),
-               PromptSample("d", [], user_prompt("q", 0), {"task": "describe", "objects": []})]  # fmt: skip
+    samples = [
+        _q("counting", "2"),
+        _q("counting", "1"),
+        _q("colour", "red"),
+        PromptSample("d", [], user_prompt("q", 0), {"task": "describe", "objects": []}),
+    ]
     acc = task_accuracy(["two", "2", "Red", "anything"], samples)
     assert acc == {"colour": 1.0, "colour_n": 1.0, "counting": 0.5, "counting_n": 2.0}
 
@@ -194,6 +218,7 @@ def test_scored_win_rate_identical_answers_tie_despite_batch_noise() -> None:
     """The scorer gives each text its length, plus 1e-7 times the number of texts in the call: the
     same text scores differently in the two calls, as padding makes a batched model do. Answers:
     "aa" = "aa" tie (1/2), "abc" > "a" win, "b" < "bb" loss, "x" = "x" tie -> 2 / 4."""
+
     def scorer(samples: list[str], texts: list[str]) -> list[float]:
         return [len(t) + 1e-7 * len(texts) * (1 if texts is first else 2) for t in texts]
 

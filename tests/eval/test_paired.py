@@ -19,12 +19,23 @@ from vlalign.eval.paired import metrics_from_counts, paired_bootstrap, record_co
 
 
 def pope(scene: int, k: int, said: bool, answer: str, mode: str = "adversarial") -> dict[str, Any]:
-    return {"part": f"pope/{mode}", "id": f"s{scene}/pope-{mode}/{k}", "image": f"img/s{scene}.png",
-            "said_yes": said, "answer": answer}  # fmt: skip
+    return {
+        "part": f"pope/{mode}",
+        "id": f"s{scene}/pope-{mode}/{k}",
+        "image": f"img/s{scene}.png",
+        "said_yes": said,
+        "answer": answer,
+    }
 
 
 def question(scene: int, k: int, correct: bool, task: str = "counting") -> dict[str, Any]:
-    return {"part": "heldout", "id": f"s{scene}/{task}/{k}", "image": f"img/s{scene}.png", "task": task, "correct": correct}
+    return {
+        "part": "heldout",
+        "id": f"s{scene}/{task}/{k}",
+        "image": f"img/s{scene}.png",
+        "task": task,
+        "correct": correct,
+    }
 
 
 def test_record_counts_and_metrics_by_hand() -> None:
@@ -33,14 +44,36 @@ def test_record_counts_and_metrics_by_hand() -> None:
     cells = [(True, "Yes")] * 3 + [(True, "No")] + [(False, "No")] * 4 + [(False, "Yes")] * 2
     records = [pope(i, 0, s, a) for i, (s, a) in enumerate(cells)]
     records += [
-        {"part": "heldout", "id": "d0", "task": "describe", "objects": ["red circle", "blue square"], "mentions": 3,
-         "hallucinated": ["green cross"], "recalled": ["red circle", "blue square"]},
-        {"part": "compositional", "id": "d1", "task": "describe", "objects": ["red circle"], "mentions": 1,
-         "hallucinated": [], "recalled": ["red circle"]},
-        {"part": "heldout", "id": "d2", "task": "describe", "objects": ["red circle", "blue square"], "mentions": 1,
-         "hallucinated": [], "recalled": ["red circle"]},
-        question(0, 0, True), question(1, 0, False),
-    ]  # fmt: skip
+        {
+            "part": "heldout",
+            "id": "d0",
+            "task": "describe",
+            "objects": ["red circle", "blue square"],
+            "mentions": 3,
+            "hallucinated": ["green cross"],
+            "recalled": ["red circle", "blue square"],
+        },
+        {
+            "part": "compositional",
+            "id": "d1",
+            "task": "describe",
+            "objects": ["red circle"],
+            "mentions": 1,
+            "hallucinated": [],
+            "recalled": ["red circle"],
+        },
+        {
+            "part": "heldout",
+            "id": "d2",
+            "task": "describe",
+            "objects": ["red circle", "blue square"],
+            "mentions": 1,
+            "hallucinated": [],
+            "recalled": ["red circle"],
+        },
+        question(0, 0, True),
+        question(1, 0, False),
+    ]
     assert record_counts(records[0]) == {"pope/adversarial:tp": 1.0}
     assert record_counts(records[3]) == {"pope/adversarial:fp": 1.0}
     assert record_counts(records[-1]) == {"task/counting:asked": 1.0, "task/counting:right": 0.0}
@@ -60,8 +93,14 @@ def test_record_counts_and_metrics_by_hand() -> None:
 
 def test_chair_i_needs_the_mention_count() -> None:
     """Records written before the mention count was kept give CHAIR_s and recall, not CHAIR_i."""
-    old = {"part": "heldout", "id": "d0", "task": "describe", "objects": ["red circle"], "hallucinated": ["blue square"],
-           "recalled": ["red circle"]}  # fmt: skip
+    old = {
+        "part": "heldout",
+        "id": "d0",
+        "task": "describe",
+        "objects": ["red circle"],
+        "hallucinated": ["blue square"],
+        "recalled": ["red circle"],
+    }
     m = metrics_from_counts({k: np.array([v]) for k, v in record_counts(old).items()})
     assert "chair/chair_i" not in m and float(m["chair/chair_s"][0]) == 1.0
 
@@ -69,8 +108,18 @@ def test_chair_i_needs_the_mention_count() -> None:
 def test_a_metric_one_side_cannot_compute_is_left_out() -> None:
     """New records (with the mention count) against old ones (without): CHAIR_i is not compared
     (rather than read as 0 on the old side); CHAIR_s is."""
-    new = [{"part": "heldout", "id": f"d{i}", "image": f"s{i}.png", "objects": ["red circle"], "mentions": 2,
-            "hallucinated": ["blue square"] if i % 2 else [], "recalled": ["red circle"]} for i in range(6)]  # fmt: skip
+    new = [
+        {
+            "part": "heldout",
+            "id": f"d{i}",
+            "image": f"s{i}.png",
+            "objects": ["red circle"],
+            "mentions": 2,
+            "hallucinated": ["blue square"] if i % 2 else [],
+            "recalled": ["red circle"],
+        }
+        for i in range(6)
+    ]
     old = [{k: v for k, v in r.items() if k != "mentions"} for r in new]
     res = paired_bootstrap([new], [old], samples=50)
     assert "chair/chair_i" not in res and res["chair/chair_s"].difference == 0.0
@@ -117,12 +166,16 @@ def test_scenes_are_drawn_whole_and_runs_pool() -> None:
     repeated = paired_bootstrap([four(a)], [four(b)], samples=500)["task/counting"]
     assert (repeated.low, repeated.high, repeated.se) == pytest.approx((once.low, once.high, once.se), abs=1e-15)
     pooled = paired_bootstrap([a, a], [b, b], samples=500)["task/counting"]
-    assert (pooled.difference, pooled.low, pooled.high) == pytest.approx((once.difference, once.low, once.high), abs=1e-15)
+    assert (pooled.difference, pooled.low, pooled.high) == pytest.approx(
+        (once.difference, once.low, once.high), abs=1e-15
+    )
 
 
 def test_evaluations_of_other_questions_are_refused() -> None:
     a, b = _accuracy_runs(10, 0)
-    with pytest.raises(ValueError, match=r"b evaluation 1 answered other questions.*'s9/counting/0' \(heldout\) is missing"):
+    with pytest.raises(
+        ValueError, match=r"b evaluation 1 answered other questions.*'s9/counting/0' \(heldout\) is missing"
+    ):
         paired_bootstrap([a], [b[:-1]])
     with pytest.raises(ValueError, match="a evaluation 2"):
         paired_bootstrap([a, a[1:]], [b])
@@ -155,7 +208,9 @@ def test_vlalign_compare_command(tmp_path: Path, capsys: pytest.CaptureFixture[s
     # two runs a side: pooled, and each pair alone (the second pair: a's answers on both sides, 0)
     assert main(["compare", f"--a={a},{a}", f"--b={b},{a}", shown, f"--out={out}"]) == 0
     text = capsys.readouterr().out
-    assert "each run against its counterpart" in text and re.search(r"pope/adversarial/f1 +\+0\.333\* / \+0\.000\n", text)
+    assert "each run against its counterpart" in text and re.search(
+        r"pope/adversarial/f1 +\+0\.333\* / \+0\.000\n", text
+    )
     per_run = json.loads(out.read_text())["per_run"]
     assert [r["pope/adversarial/f1"]["difference"] for r in per_run] == pytest.approx([1 / 3, 0.0], abs=1e-15)
     assert main(["compare", str(a), str(tmp_path / "nowhere")]) == 2

@@ -21,8 +21,16 @@ from vlalign.eval.pope import pope_metrics
 from vlalign.eval.suite import SuiteConfig, build_suite, evaluate
 from vlalign.eval.tasks import task_of
 
-SMALL = dict(pope_questions=6, describe=3, questions_per_task=3, compositional_describe=2,
-             compositional_questions_per_task=2, kl_prompts=3, max_new_tokens=6, batch_size=8)  # fmt: skip
+SMALL = dict(
+    pope_questions=6,
+    describe=3,
+    questions_per_task=3,
+    compositional_describe=2,
+    compositional_questions_per_task=2,
+    kl_prompts=3,
+    max_new_tokens=6,
+    batch_size=8,
+)
 
 
 def test_build_suite_caps_and_shares_pope_scenes(eval_world: Path) -> None:
@@ -59,9 +67,19 @@ def test_evaluate_in_memory(tiny_model: Callable[..., Any], eval_world: Path) ->
     suite = build_suite(SuiteConfig(data=str(eval_world), **SMALL))
     res = evaluate(model, processor, suite)
     assert len(res.records) == len(suite)
-    for key in ("pope/adversarial/f1", "pope/random/yes_ratio", "chair/chair_i", "chair/chair_s", "chair/recall",
-                "task/counting", "task/colour", "task/existence", "compositional/chair/chair_i",
-                "compositional/task/counting", "perf/seconds"):  # fmt: skip
+    for key in (
+        "pope/adversarial/f1",
+        "pope/random/yes_ratio",
+        "chair/chair_i",
+        "chair/chair_s",
+        "chair/recall",
+        "task/counting",
+        "task/colour",
+        "task/existence",
+        "compositional/chair/chair_i",
+        "compositional/task/counting",
+        "perf/seconds",
+    ):
         assert math.isfinite(res.metrics[key]), key
     adv = [r for r in res.records if r["part"] == "pope/adversarial"]
     again = pope_metrics([r["output"] for r in adv], [r["answer"] for r in adv])
@@ -73,7 +91,9 @@ def test_evaluate_in_memory(tiny_model: Callable[..., Any], eval_world: Path) ->
         for k, v in record_counts(r).items():
             summed[k] = summed.get(k, 0.0) + v
     recomputed = metrics_from_counts({k: np.array([v]) for k, v in summed.items()})
-    assert {"pope/random/f1", "chair/chair_i", "chair/recall", "task/colour", "compositional/chair/chair_s"} <= set(recomputed)
+    assert {"pope/random/f1", "chair/chair_i", "chair/recall", "task/colour", "compositional/chair/chair_s"} <= set(
+        recomputed
+    )
     assert {k: float(v[0]) for k, v in recomputed.items()} == {k: res.metrics[k] for k in recomputed}
 
 
@@ -82,8 +102,12 @@ def test_completion_logprobs_match_one_row_at_a_time(tiny_model: Callable[..., A
     model, processor = tiny_model("qwen2_vl")
     samples = load_samples(eval_world / "test_prompts.jsonl", "prompt")[:4]
     tok = processor.tokenizer
-    ids = [tok("The image shows a red circle.")["input_ids"], tok("2")["input_ids"], tok("No")["input_ids"],
-           tok("green")["input_ids"]]  # fmt: skip
+    ids = [
+        tok("The image shows a red circle.")["input_ids"],
+        tok("2")["input_ids"],
+        tok("No")["input_ids"],
+        tok("green")["input_ids"],
+    ]
     batched = completion_token_logprobs(model, processor, samples, ids, batch_size=4)
     for sample, comp, got in zip(samples, ids, batched):
         alone = completion_token_logprobs(model, processor, [sample], [comp], batch_size=1)[0]
@@ -108,8 +132,16 @@ def test_vlalign_eval_command(tiny_model_dir: Callable[..., Path], eval_world: P
     """`vlalign eval --model A --baseline A`: eval.json with both columns, zero differences, a
     win rate of 1/2 (every description ties) and a KL of 0."""
     model = str(tiny_model_dir("qwen2_vl"))
-    args = ["eval", f"--model={model}", f"--baseline={model}", f"--output_dir={tmp_path}", "--device=cpu",
-            "--dtype=float32", "--progress=false", f"--suite.data={eval_world}"]  # fmt: skip
+    args = [
+        "eval",
+        f"--model={model}",
+        f"--baseline={model}",
+        f"--output_dir={tmp_path}",
+        "--device=cpu",
+        "--dtype=float32",
+        "--progress=false",
+        f"--suite.data={eval_world}",
+    ]
     args += [f"--suite.{k}={v}" for k, v in SMALL.items()]
     assert main(args) == 0
     out = json.loads((tmp_path / "eval.json").read_text())

@@ -119,7 +119,10 @@ def test_hsa_dpo_with_lm_term_through_combine() -> None:
     logps = PreferenceLogps(t(-2.0, -1.0), t(-4.0, -3.0), t(-3.0, -1.5), t(-3.0, -2.0), t(2.0, 4.0), t(3.0, 3.0))
     severity = t(1.5, 0.5)
     out = combine_losses(
-        logps, weights={"hsa_dpo": 1.0, "nll": 0.2}, beta=0.1, options={"hsa_dpo": {"severity": severity}},
+        logps,
+        weights={"hsa_dpo": 1.0, "nll": 0.2},
+        beta=0.1,
+        options={"hsa_dpo": {"severity": severity}},
         registry=ALL_PREFERENCE_LOSSES,
     )
     manual = hsa_dpo_loss(logps, beta=0.1, severity=severity).losses + 0.2 * nll_loss(logps).losses

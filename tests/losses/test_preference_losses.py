@@ -151,9 +151,7 @@ def test_simpo_hand_value() -> None:
 def test_orpo_hand_value() -> None:
     """Mean token log-probs ln(1/2) (P = 1/2, odds 1) and ln(1/5) (P = 1/5, odds 1/4):
     log-odds ratio = ln 4, σ(ln 4) = 4/5; NLL = ln 2 ⇒ L = ln 2 − 0.1·ln(4/5)."""
-    logps = PreferenceLogps(
-        t(3 * math.log(0.5)), t(2 * math.log(0.2)), chosen_lengths=t(3.0), rejected_lengths=t(2.0)
-    )
+    logps = PreferenceLogps(t(3 * math.log(0.5)), t(2 * math.log(0.2)), chosen_lengths=t(3.0), rejected_lengths=t(2.0))
     out = orpo_loss(logps, beta=0.1)
     torch.testing.assert_close(out.losses, t(math.log(2) - 0.1 * math.log(0.8)), rtol=0, atol=1e-15)
     torch.testing.assert_close(out.metrics["orpo/log_odds_ratio"], torch.tensor(math.log(4), dtype=F64))
@@ -185,9 +183,7 @@ def test_mpo_combination_hand_value_and_equivalence() -> None:
     torch.testing.assert_close(out.losses, t(expected), rtol=0, atol=1e-15)
     rand = random_pairs(seed=5)
     combined = combine_losses(rand, weights={"sigmoid": 0.8, "bco_pair": 0.2, "nll": 1.0}, beta=0.2).losses
-    manual = (
-        0.8 * dpo_loss(rand, beta=0.2).losses + 0.2 * bco_pair_loss(rand, beta=0.2).losses + nll_loss(rand).losses
-    )
+    manual = 0.8 * dpo_loss(rand, beta=0.2).losses + 0.2 * bco_pair_loss(rand, beta=0.2).losses + nll_loss(rand).losses
     torch.testing.assert_close(combined, manual, rtol=0, atol=1e-15)
     assert set(out.metrics) >= {"loss/sigmoid", "loss/bco_pair", "loss/nll", "rewards/accuracy"}
 

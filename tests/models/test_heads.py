@@ -34,8 +34,10 @@ TEXTS = [["The image shows a red circle.", "No"], ["Two squares and a very small
 
 
 def _batch(processor, images):
-    samples = [PromptSample(id="a", images=[images[0]], prompt=user_prompt("Describe the image.")),
-               PromptSample(id="b", images=[images[1], images[2]], prompt=user_prompt("How many squares?", 2))]
+    samples = [
+        PromptSample(id="a", images=[images[0]], prompt=user_prompt("Describe the image.")),
+        PromptSample(id="b", images=[images[1], images[2]], prompt=user_prompt("How many squares?", 2)),
+    ]
     return encode_prompts(processor, samples), encode_completions(processor, TEXTS)
 
 
@@ -88,7 +90,7 @@ def test_value_head_reads_the_state_before_each_token(tiny_model, shape_images):
     assert values.shape == (3, int(c_len.max()))
     for r in range(3):
         n = int(c_len[r])
-        expected = critic.head(hidden[r, p_len[r] - 1: p_len[r] - 1 + n])
+        expected = critic.head(hidden[r, p_len[r] - 1 : p_len[r] - 1 + n])
         torch.testing.assert_close(values[r, :n], expected, rtol=0, atol=1e-5)
         assert bool((values[r, n:] == 0).all())
 
@@ -150,11 +152,19 @@ def test_saved_reward_model_scores_the_same(tiny_model, shape_images, tmp_path, 
     again, proc2, info2 = load_reward_model(out, device="cpu", dtype="float32")
     assert info2 == info and not any(p.requires_grad for p in again.parameters()) and not again.training
     with torch.no_grad():
-        after = again(encode_prompts(proc2, [PromptSample(id="a", images=[shape_images[0]],
-                                                          prompt=user_prompt("Describe the image.")),
-                                             PromptSample(id="b", images=[shape_images[1], shape_images[2]],
-                                                          prompt=user_prompt("How many squares?", 2))]),
-                      encode_completions(proc2, TEXTS), pad_token_id=pad)
+        after = again(
+            encode_prompts(
+                proc2,
+                [
+                    PromptSample(id="a", images=[shape_images[0]], prompt=user_prompt("Describe the image.")),
+                    PromptSample(
+                        id="b", images=[shape_images[1], shape_images[2]], prompt=user_prompt("How many squares?", 2)
+                    ),
+                ],
+            ),
+            encode_completions(proc2, TEXTS),
+            pad_token_id=pad,
+        )
     torch.testing.assert_close(after, before, rtol=0, atol=1e-5)
     torch.testing.assert_close(info2.normalise(torch.tensor([2.25])), torch.tensor([1.0]))
 

@@ -13,8 +13,8 @@ from vlalign.data.collate import SupervisedCollator
 from vlalign.data.schema import SupervisedSample, user_prompt
 from vlalign.models.load import (
     LoraSpec,
-    checkpointing_enabled,
     ModelLoadError,
+    checkpointing_enabled,
     find_parts,
     load_model_and_processor,
     resolve_source,
@@ -22,23 +22,39 @@ from vlalign.models.load import (
 )
 from vlalign.models.tiny import ARCHITECTURES
 
-LANGUAGE = {"qwen2_vl": "model.language_model", "qwen2_5_vl": "model.language_model",
-            "llava": "model.language_model", "idefics3": "model.text_model", "gemma3": "model.language_model"}
-VISION = {"qwen2_vl": "model.visual", "qwen2_5_vl": "model.visual", "llava": "model.vision_tower",
-          "idefics3": "model.vision_model", "gemma3": "model.vision_tower"}
-PROJECTOR = {"qwen2_vl": "model.visual.merger", "qwen2_5_vl": "model.visual.merger",
-             "llava": "model.multi_modal_projector", "idefics3": "model.connector",
-             "gemma3": "model.multi_modal_projector"}
+LANGUAGE = {
+    "qwen2_vl": "model.language_model",
+    "qwen2_5_vl": "model.language_model",
+    "llava": "model.language_model",
+    "idefics3": "model.text_model",
+    "gemma3": "model.language_model",
+}
+VISION = {
+    "qwen2_vl": "model.visual",
+    "qwen2_5_vl": "model.visual",
+    "llava": "model.vision_tower",
+    "idefics3": "model.vision_model",
+    "gemma3": "model.vision_tower",
+}
+PROJECTOR = {
+    "qwen2_vl": "model.visual.merger",
+    "qwen2_5_vl": "model.visual.merger",
+    "llava": "model.multi_modal_projector",
+    "idefics3": "model.connector",
+    "gemma3": "model.multi_modal_projector",
+}
 
 
 def _lora_modules(model: nn.Module) -> set[str]:
     prefix = "base_model.model."
-    return {n[len(prefix):] for n, m in model.named_modules() if hasattr(m, "lora_A") and n.startswith(prefix)}
+    return {n[len(prefix) :] for n, m in model.named_modules() if hasattr(m, "lora_A") and n.startswith(prefix)}
 
 
 def _batch(processor, images):
-    samples = [SupervisedSample(id=f"s{i}", images=[im], prompt=user_prompt("What colour is the square?"),
-                                completion=c) for i, (im, c) in enumerate(zip(images, ["blue", "It is red."]))]
+    samples = [
+        SupervisedSample(id=f"s{i}", images=[im], prompt=user_prompt("What colour is the square?"), completion=c)
+        for i, (im, c) in enumerate(zip(images, ["blue", "It is red."]))
+    ]
     return SupervisedCollator(processor)(samples)
 
 
@@ -88,9 +104,19 @@ def test_lora_auto_targets_language_model_projections(arch, tiny_model):
     """Default LoRA: exactly the 7 attention/MLP projections of every language-model layer."""
     model, _ = tiny_model(arch, lora=LoraSpec(r=4, alpha=8))
     n_layers = model.config.text_config.num_hidden_layers
-    expected = {f"{LANGUAGE[arch]}.layers.{i}.{leaf}" for i in range(n_layers) for leaf in (
-        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-        "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
+    expected = {
+        f"{LANGUAGE[arch]}.layers.{i}.{leaf}"
+        for i in range(n_layers)
+        for leaf in (
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "self_attn.v_proj",
+            "self_attn.o_proj",
+            "mlp.gate_proj",
+            "mlp.up_proj",
+            "mlp.down_proj",
+        )
+    }
     assert _lora_modules(model) == expected
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
@@ -101,14 +127,16 @@ def test_lora_on_vision_and_trainable_projector(arch, tiny_model):
     plain, _ = tiny_model(arch)
     parts = find_parts(plain)
     assert (parts.language, parts.vision, parts.projectors) == (LANGUAGE[arch], VISION[arch], [PROJECTOR[arch]])
-    vision_linear = {n for n, m in plain.named_modules() if n.startswith(VISION[arch] + ".")
-                     and not n.startswith(PROJECTOR[arch] + ".") and isinstance(m, nn.Linear)}
+    vision_linear = {
+        n
+        for n, m in plain.named_modules()
+        if n.startswith(VISION[arch] + ".") and not n.startswith(PROJECTOR[arch] + ".") and isinstance(m, nn.Linear)
+    }
     model, _ = tiny_model(arch, lora=LoraSpec(r=4, freeze_vision=False, train_projector=True))
     lora = _lora_modules(model)
     assert {n for n in lora if n.startswith(VISION[arch] + ".")} == vision_linear
     assert not any(re.search(r"patch_embed|lm_head|embed_tokens", n) for n in lora)
-    projector_trainable = [n for n, p in model.named_parameters()
-                           if p.requires_grad and "modules_to_save" in n]
+    projector_trainable = [n for n, p in model.named_parameters() if p.requires_grad and "modules_to_save" in n]
     projector_params = [n for n, _ in plain.named_parameters() if n.startswith(PROJECTOR[arch] + ".")]
     assert len(projector_trainable) == len(projector_params) > 0
 
@@ -154,7 +182,7 @@ def test_save_adapter_merged_and_full_reload_identically(arch, tiny_model, shape
     model, processor = tiny_model(arch, lora=LoraSpec(r=4, alpha=8, dropout=0.0, train_projector=True))
     batch = _batch(processor, shape_images[:2])
     with torch.no_grad():  # move the adapters (and the projector copy) away from their init
-        for name, param in model.named_parameters():
+        for _name, param in model.named_parameters():
             if param.requires_grad:
                 param.add_(0.05 * torch.randn_like(param))
     reference = _logits(model, batch)

@@ -36,13 +36,25 @@ from vlalign.models.tiny import ARCHITECTURES
 TOL = 1e-5
 QUESTIONS = ["Is there a red circle?", "Describe every shape in the image, from left to right, with its colour."]
 PAIRS = [["Yes.", "No, there is a blue square."], ["A red disc and a green triangle.", "Nothing."]]
-GROUP = ["Yes", "No", "A red disc.", "Two shapes: a disc and a square.", "3", "The square is blue and small.",
-         "I see a triangle", "There is a yellow bar at the bottom of the image."]
+GROUP = [
+    "Yes",
+    "No",
+    "A red disc.",
+    "Two shapes: a disc and a square.",
+    "3",
+    "The square is blue and small.",
+    "I see a triangle",
+    "There is a yellow bar at the bottom of the image.",
+]
 
 
 def _prompts(processor, images, n_images=(1, 2)):
-    samples = [PromptSample(id=f"p{i}", images=[images[(i + j) % 4] for j in range(n)],
-                            prompt=user_prompt(QUESTIONS[i % 2], n)) for i, n in enumerate(n_images)]
+    samples = [
+        PromptSample(
+            id=f"p{i}", images=[images[(i + j) % 4] for j in range(n)], prompt=user_prompt(QUESTIONS[i % 2], n)
+        )
+        for i, n in enumerate(n_images)
+    ]
     return encode_prompts(processor, samples)
 
 
@@ -63,8 +75,9 @@ def _full_forward_logps(model, prompts, completions, pad):
 def _dpo(result):
     sums = result.by_prompt(result.sums)  # (B, 2)
     ref = torch.tensor([-3.0, -5.0])[: sums.shape[0]]
-    logps = PreferenceLogps(chosen_logps=sums[:, 0], rejected_logps=sums[:, 1],
-                            ref_chosen_logps=ref, ref_rejected_logps=ref - 1.0)
+    logps = PreferenceLogps(
+        chosen_logps=sums[:, 0], rejected_logps=sums[:, 1], ref_chosen_logps=ref, ref_rejected_logps=ref - 1.0
+    )
     return dpo_loss(logps, beta=0.5).losses.mean()
 
 
@@ -97,8 +110,9 @@ def _assert_same(shared, naive):
 def _assert_same_grads(g_shared, g_naive, *, expect_vision: bool):
     assert g_shared.keys() == g_naive.keys() and g_shared
     if expect_vision:  # the vision tower is reached
-        assert any(part in n for n in g_shared for part in (".visual.", ".vision_tower.", ".vision_model.")), \
-            sorted(g_shared)[:5]
+        assert any(part in n for n in g_shared for part in (".visual.", ".vision_tower.", ".vision_model.")), sorted(
+            g_shared
+        )[:5]
     worst = max((g_shared[n] - g_naive[n]).abs().max().item() for n in g_shared)
     assert worst <= TOL, worst
     assert any(g.abs().max() > 1e-4 for g in g_shared.values())  # the loss really reaches the weights
@@ -114,8 +128,11 @@ def _perturb_lora(model, seed=0):
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-@pytest.mark.parametrize("lora,checkpointing", [(False, False), (True, False), (False, True), (True, True)],
-                         ids=["full", "lora", "full-gc", "lora-gc"])
+@pytest.mark.parametrize(
+    "lora,checkpointing",
+    [(False, False), (True, False), (False, True), (True, True)],
+    ids=["full", "lora", "full-gc", "lora-gc"],
+)
 def test_shared_equals_naive_logps_and_gradients(arch, lora, checkpointing, tiny_model, shape_images):
     """k = 2 (DPO loss) and k = 8 (GRPO loss), prompts with 1 and 2 images and different questions,
     ragged completions: per-token log-probs and every parameter gradient agree within 1e-5."""
@@ -148,8 +165,9 @@ def test_eager_attention_and_the_model_own_logits(arch, tiny_model, shape_images
     completions = encode_completions(processor, [GROUP[:3], GROUP[3:8]])
     with torch.no_grad():
         reference, batch = _full_forward_logps(model, prompts, completions, pad)
-        shared = completion_logprobs(model, prompts, completions, pad_token_id=pad, temperature=0.7,
-                                     return_entropy=True, return_hidden=True)
+        shared = completion_logprobs(
+            model, prompts, completions, pad_token_id=pad, temperature=0.7, return_entropy=True, return_hidden=True
+        )
         naive = completion_logprobs(model, prompts, completions, mode="naive", pad_token_id=pad)
         cold = completion_logprobs(model, prompts, completions, pad_token_id=pad)
     _assert_same(cold, naive)
@@ -259,8 +277,15 @@ def test_packed_layout_by_hand():
     """
     from vlalign.data.collate import EncodedPrompts
 
-    prompts = EncodedPrompts(sample_ids=["a", "b"], input_ids=[[5, 6, 7], [11, 12]], token_fields={}, vision={},
-                             vision_rows={}, num_images=[0, 0], image_token_count=[0, 0])
+    prompts = EncodedPrompts(
+        sample_ids=["a", "b"],
+        input_ids=[[5, 6, 7], [11, 12]],
+        token_fields={},
+        vision={},
+        vision_rows={},
+        num_images=[0, 0],
+        image_token_count=[0, 0],
+    )
     packed = packed_layout(prompts, [[[8, 9], [10]], [[13, 14, 15]]], pad_token_id=0)
     lay = packed.layout
     assert lay.input_ids.tolist() == [[5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 15, 0]]
@@ -275,8 +300,14 @@ def test_packed_layout_by_hand():
     assert lay.mask.tolist() == [[True, True, False], [True, False, False], [True, True, True]]
     assert lay.num_tokens == 11
     visible = block_attention_mask(packed.segments)[:, 0].int().tolist()
-    assert visible[0] == [[1, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0],
-                          [1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 0], [1, 1, 1, 0, 0, 1]]
+    assert visible[0] == [
+        [1, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0],
+        [1, 1, 1, 0, 0, 0],
+        [1, 1, 1, 1, 0, 0],
+        [1, 1, 1, 1, 1, 0],
+        [1, 1, 1, 0, 0, 1],
+    ]
     assert visible[1][5] == [0, 0, 0, 0, 0, 1]  # padding sees only itself
     batch = build_rows(prompts, [[[8, 9], [10]], [[13, 14, 15]]], pad_token_id=0)
     naive = naive_layout(batch)
@@ -290,8 +321,15 @@ def test_mrope_positions_restart_after_the_prompt():
     and 1 tokens continue at 7, 8 and 7 on all three rows."""
     from vlalign.data.collate import EncodedPrompts
 
-    prompts = EncodedPrompts(sample_ids=["a"], input_ids=[[1, 2, 3, 4]], token_fields={}, vision={},
-                             vision_rows={}, num_images=[0], image_token_count=[0])
+    prompts = EncodedPrompts(
+        sample_ids=["a"],
+        input_ids=[[1, 2, 3, 4]],
+        token_fields={},
+        vision={},
+        vision_rows={},
+        num_images=[0],
+        image_token_count=[0],
+    )
     packed = packed_layout(prompts, [[[8, 9], [10]]], pad_token_id=0)
     prompt_pos = torch.tensor([[0, 1, 1, 6], [0, 1, 2, 6], [0, 2, 1, 6]])
     out = mrope_positions([prompt_pos], packed)
@@ -318,8 +356,7 @@ def test_misaligned_image_tokens_and_overlong_prompts_raise(tiny_model, shape_im
     model, processor = tiny_model("qwen2_vl")
     pad = pad_token_id_of(processor)
     # a literal image token in the text: the collator's error (never a shifted image)
-    bad = PromptSample(id="literal", images=[shape_images[0]],
-                       prompt=user_prompt("Is there <|image_pad|> here?"))
+    bad = PromptSample(id="literal", images=[shape_images[0]], prompt=user_prompt("Is there <|image_pad|> here?"))
     with pytest.raises(DataError, match="literal"):
         encode_prompts(processor, [bad])
     prompts = _prompts(processor, shape_images)
@@ -346,8 +383,9 @@ def test_uniform_image_tokens_checked_for_fixed_size_architectures(tiny_model, s
     image_id = model.config.image_token_id
     prompts.input_ids[1].remove(image_id)
     with pytest.raises(DataError, match="image tokens per image differ.*'p0': 4 for 1, 'p1': 3 for 1"):
-        completion_logprobs(model, prompts, encode_completions(processor, PAIRS),
-                            pad_token_id=pad_token_id_of(processor))
+        completion_logprobs(
+            model, prompts, encode_completions(processor, PAIRS), pad_token_id=pad_token_id_of(processor)
+        )
 
 
 # ------------------------------------------------------------------------------ preferences
@@ -367,10 +405,12 @@ def test_preference_batch_pairs_negatives_and_corrupted_images(arch, tiny_model,
     with torch.no_grad():
         batch = preference_batch(prompts, [c[0] for c in chosen], rejected, corrupted_prompts=corrupted)
         out = preference_logprobs(model, batch, pad_token_id=pad)
-        pair = preference_logprobs(model, preference_batch(prompts, [c[0] for c in chosen], [r[0] for r in rejected]),
-                                   pad_token_id=pad)
-        sep = completion_logprobs(model, prompts, [chosen[i] + rejected[i] for i in range(2)], mode="naive",
-                                  pad_token_id=pad)
+        pair = preference_logprobs(
+            model, preference_batch(prompts, [c[0] for c in chosen], [r[0] for r in rejected]), pad_token_id=pad
+        )
+        sep = completion_logprobs(
+            model, prompts, [chosen[i] + rejected[i] for i in range(2)], mode="naive", pad_token_id=pad
+        )
         cor = completion_logprobs(model, corrupted, chosen, mode="naive", pad_token_id=pad)
     sums = sep.by_prompt(sep.sums)  # (2, 3): chosen, rejected 1, rejected 2
     assert out.rejected_logps.shape == (2, 2) and pair.rejected_logps.shape == (2,)
@@ -380,6 +420,8 @@ def test_preference_batch_pairs_negatives_and_corrupted_images(arch, tiny_model,
     torch.testing.assert_close(out.corrupted_chosen_logps, cor.sums, atol=TOL, rtol=0)
     assert out.chosen_lengths.tolist() == [len(c[0]) for c in chosen]
     assert out.rejected_lengths.tolist() == [[len(r) for r in group] for group in rejected]
-    assert torch.equal(out.tokens.token_ids[out.chosen_rows][out.tokens.mask[out.chosen_rows]],
-                       torch.tensor([t for c in chosen for t in c[0]]))
+    assert torch.equal(
+        out.tokens.token_ids[out.chosen_rows][out.tokens.mask[out.chosen_rows]],
+        torch.tensor([t for c in chosen for t in c[0]]),
+    )
     assert (out.corrupted_chosen_logps - out.chosen_logps).abs().max() > 1e-4  # the image matters

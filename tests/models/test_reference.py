@@ -43,8 +43,10 @@ def forward_calls():
 
 
 def _batch(processor, images, questions=("Is there a red circle?", "Describe the image.")):
-    samples = [PromptSample(id=f"s{i}", images=[img], prompt=user_prompt(q)) for i, (img, q) in
-               enumerate(zip(images, questions))]
+    samples = [
+        PromptSample(id=f"s{i}", images=[img], prompt=user_prompt(q))
+        for i, (img, q) in enumerate(zip(images, questions))
+    ]
     return encode_prompts(processor, samples), encode_completions(processor, COMPLETIONS)
 
 

@@ -36,7 +36,9 @@ def _samples(images, n=2):
     questions = ["Is there a red circle in the image?", "Describe the image.", "How many squares are there?"]
     answers = ["Yes", "There is a blue square.", "2"]
     return [
-        SupervisedSample(id=f"s{i}", images=[images[i]], prompt=user_prompt(questions[i % 3]), completion=answers[i % 3])
+        SupervisedSample(
+            id=f"s{i}", images=[images[i]], prompt=user_prompt(questions[i % 3]), completion=answers[i % 3]
+        )
         for i in range(n)
     ]
 
@@ -54,9 +56,12 @@ def test_reloads_offline_as_the_real_classes(arch, tiny_model_dir, monkeypatch):
     # generation stops on the end-of-turn token as well as on eos
     eot = FAMILY_OF_ARCH[arch]
     stops = model.generation_config.eos_token_id
-    assert processor.tokenizer.convert_tokens_to_ids(
-        {"chatml": "<|im_end|>", "llava": "</s>", "idefics3": "<end_of_utterance>", "gemma3": "<end_of_turn>"}[eot]
-    ) in stops
+    assert (
+        processor.tokenizer.convert_tokens_to_ids(
+            {"chatml": "<|im_end|>", "llava": "</s>", "idefics3": "<end_of_utterance>", "gemma3": "<end_of_turn>"}[eot]
+        )
+        in stops
+    )
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
@@ -65,8 +70,10 @@ def test_output_depends_on_the_image(arch, tiny_model, shape_images):
     model, processor = tiny_model(arch)
     model.eval()
     images = [shape_images[0], shape_images[1], shape_images[0]]
-    samples = [SupervisedSample(id=f"r{i}", images=[im], prompt=user_prompt("What colour is the circle?"),
-                                completion="red") for i, im in enumerate(images)]
+    samples = [
+        SupervisedSample(id=f"r{i}", images=[im], prompt=user_prompt("What colour is the circle?"), completion="red")
+        for i, im in enumerate(images)
+    ]
     batch = SupervisedCollator(processor)(samples)
     with torch.no_grad():
         logits = model(**batch.model_inputs()).logits  # (3, T, V)
@@ -118,7 +125,7 @@ def test_vision_position_tables_start_geometric(tiny_model_dir):
         weights = load_file(tiny_model_dir(arch) / "model.safetensors")
         (table,) = [v for k, v in weights.items() if k.endswith("position_embedding.weight") and "vision" in k]
         side = int(table.shape[0] ** 0.5)
-        patches = table[table.shape[0] - side * side:]
+        patches = table[table.shape[0] - side * side :]
         torch.testing.assert_close(patches, sincos_2d(side, table.shape[1]), rtol=0, atol=0)
         if table.shape[0] == side * side + 1:
             assert not bool(table[0].any())  # CLIP's class-token row
@@ -155,15 +162,16 @@ def test_unknown_arch_or_size_is_refused(tmp_path):
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_image_token_count_per_size(arch, size, shape_images):
     """(image_px / patch / merge)^2 tokens per image: tiny 4, small 9, bench 256 (processor only)."""
-    from vlalign.data.world import tokenizer_corpus
+    from vlalign.shapes.world import tokenizer_corpus
 
     expected = {"tiny": 4, "small": 9, "bench": 256}[size]
     assert image_tokens(arch, size) == expected
     spec = SIZES[size]
     assert (spec.image_px // spec.patch // spec.merge) ** 2 == expected
     processor = make_processor(arch, size, train_tokenizer(FAMILY_OF_ARCH[arch], tokenizer_corpus()))
-    text = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}]}],
-                                         add_generation_prompt=True, tokenize=False)
+    text = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}]}], add_generation_prompt=True, tokenize=False
+    )
     out = processor(text=[text], images=[[shape_images[0]]], return_tensors="pt")
     ids = set(image_token_ids(processor))
     assert sum(int(t) in ids for t in out["input_ids"][0]) == expected

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from vlalign.data.world import WorldConfig
-from vlalign.data.world_tasks import write_world
+from vlalign.shapes.tasks import write_world
+from vlalign.shapes.world import WorldConfig
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,7 @@
 """Data parallelism: ``accelerate launch`` with two CPU processes (gloo) gives the losses, rewards,
 held-out metrics and weights of one process holding the same global batch.
 
-The two runs see the same samples at every step (:class:`vlalign.train.BatchPlan`): one process
+The two runs see the same samples at every step (:class:`vlalign.training.BatchPlan`): one process
 with 2 micro-batches of 2 per step, or two processes with 1 micro-batch of 2 each. Every
 per-example mean divides by the step's global count, summed before any backward, and DDP averages
 the gradients, so only the order of float32 additions differs between the runs.
@@ -21,11 +21,10 @@ from safetensors.torch import load_file
 
 from vlalign.config import load_config
 from vlalign.data.io import load_samples, write_samples
-from vlalign.data.pairs_inject import InjectConfig, inject_pairs
+from vlalign.data.pairs.inject import InjectConfig, inject_pairs
 from vlalign.eval.parsing import load_vocabulary
 from vlalign.recipes import dpo, kto
-from vlalign.run_metrics import read_metrics
-
+from vlalign.training.metrics import read_metrics
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
@@ -55,20 +54,49 @@ RECIPES = {
 @pytest.mark.parametrize("recipe", list(RECIPES))
 def test_two_processes_match_one_process(recipe, tiny_model_dir, pair_file, tmp_path):
     module, extra = RECIPES[recipe]
-    common = [f"--model.name_or_path={tiny_model_dir('qwen2_vl')}", "--model.device=cpu", "--model.dtype=float32",
-              f"--data.train={pair_file}", f"--data.eval={pair_file}", "--data.limit=8", "--data.eval_limit=6",
-              "--train.batch_size=2", "--train.max_steps=3", "--train.lr=1e-3", "--train.log_every=1",
-              "--train.trackers=[]", "--train.progress=false", "--train.warmup_ratio=0", *extra]
+    common = [
+        f"--model.name_or_path={tiny_model_dir('qwen2_vl')}",
+        "--model.device=cpu",
+        "--model.dtype=float32",
+        f"--data.train={pair_file}",
+        f"--data.eval={pair_file}",
+        "--data.limit=8",
+        "--data.eval_limit=6",
+        "--train.batch_size=2",
+        "--train.max_steps=3",
+        "--train.lr=1e-3",
+        "--train.log_every=1",
+        "--train.trackers=[]",
+        "--train.progress=false",
+        "--train.warmup_ratio=0",
+        *extra,
+    ]
     one = tmp_path / "one"
     module.run(load_config(module.Config, None, [*common, "--train.grad_accum=2", f"--train.output_dir={one}"]))
 
     two = tmp_path / "two"
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "VLALIGN_CACHE": str(tmp_path / "cache")}
+    env = {
+        **os.environ,
+        "ACCELERATE_USE_CPU": "true",
+        "OMP_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+        "VLALIGN_CACHE": str(tmp_path / "cache"),
+    }
     launcher = Path(sys.executable).parent / "accelerate"
-    cmd = [str(launcher), "launch", "--config_file", str(EXAMPLES / "accelerate" / "ddp_cpu.yaml"),
-           "--main_process_port", str(_free_port()), "-m", "vlalign.cli", recipe, *common, "--train.grad_accum=1",
-           f"--train.output_dir={two}"]
+    cmd = [
+        str(launcher),
+        "launch",
+        "--config_file",
+        str(EXAMPLES / "accelerate" / "ddp_cpu.yaml"),
+        "--main_process_port",
+        str(_free_port()),
+        "-m",
+        "vlalign.cli",
+        recipe,
+        *common,
+        "--train.grad_accum=1",
+        f"--train.output_dir={two}",
+    ]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "3 steps of 4" in done.stdout  # two processes of one micro-batch of 2: a global batch of 4

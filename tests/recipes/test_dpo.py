@@ -13,13 +13,12 @@ from safetensors.torch import load_file
 
 from vlalign.config import load_config
 from vlalign.data.io import load_samples, write_jsonl, write_samples
-from vlalign.data.pairs_inject import InjectConfig, inject_pairs
+from vlalign.data.pairs.inject import InjectConfig, inject_pairs
 from vlalign.data.schema import DataError, PreferenceSample
 from vlalign.eval.parsing import load_vocabulary
 from vlalign.recipes import dpo
-from vlalign.run_metrics import read_metrics
-from vlalign.train import NonFiniteLossError
-
+from vlalign.training import NonFiniteLossError
+from vlalign.training.metrics import read_metrics
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +26,9 @@ def pair_file(recipe_world: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     """Injection pairs of the recipe world's descriptions, each with a second rejected response
     (``rejected_extra``, for POVID) and a severity column (for HSA-DPO)."""
     samples = load_samples(recipe_world / "train.jsonl", "supervised")
-    pairs, _ = inject_pairs(samples, load_vocabulary(recipe_world / "manifest.json"),
-                            InjectConfig(pairs_per_sample=2, tasks=("describe",)))
+    pairs, _ = inject_pairs(
+        samples, load_vocabulary(recipe_world / "manifest.json"), InjectConfig(pairs_per_sample=2, tasks=("describe",))
+    )
     by_source: dict[str, list[PreferenceSample]] = {}
     for p in pairs:
         by_source.setdefault(p.id.rsplit("/", 2)[0], []).append(p)
@@ -37,17 +37,29 @@ def pair_file(recipe_world: Path, tmp_path_factory: pytest.TempPathFactory) -> P
         if len(group) == 2:
             first, second = group
             meta = {**first.meta, "severity": 1.0 + len(rows) % 3}
-            rows.append(PreferenceSample(first.id, first.images, first.prompt, first.chosen, first.rejected, meta,
-                                         [second.rejected]))
+            rows.append(
+                PreferenceSample(
+                    first.id, first.images, first.prompt, first.chosen, first.rejected, meta, [second.rejected]
+                )
+            )
     out = tmp_path_factory.mktemp("dpo-pairs") / "pairs.jsonl"
     write_samples(rows, out)
     return out
 
 
 def _args(model_dir: Path, train: Path | str, out: Path, *extra: str) -> list[str]:
-    return [f"--model.name_or_path={model_dir}", "--model.device=cpu", "--model.dtype=float32",
-            f"--data.train={train}", f"--train.output_dir={out}", "--train.trackers=[]", "--train.progress=false",
-            "--train.log_every=1", "--train.warmup_ratio=0", *extra]  # fmt: skip
+    return [
+        f"--model.name_or_path={model_dir}",
+        "--model.device=cpu",
+        "--model.dtype=float32",
+        f"--data.train={train}",
+        f"--train.output_dir={out}",
+        "--train.trackers=[]",
+        "--train.progress=false",
+        "--train.log_every=1",
+        "--train.warmup_ratio=0",
+        *extra,
+    ]
 
 
 def _records(run_dir: Path) -> list[dict]:
@@ -83,9 +95,22 @@ def test_every_term_raises_the_margin_on_a_fixed_batch(term, tiny_model_dir, pai
     right way through the whole loop. ``nll`` alone only raises the chosen log-prob, so for it the
     chosen log-prob must grow. The first step's rewards against the frozen copy are exactly 0."""
     out = tmp_path / "run"
-    cfg = load_config(dpo.Config, None, _args(tiny_model_dir("qwen2_vl"), pair_file, out, *TERMS[term],
-                                              "--data.limit=4", "--train.batch_size=4", "--train.max_steps=4",
-                                              "--train.lr=2e-3", "--train.schedule=constant", "--train.save_every=0"))
+    cfg = load_config(
+        dpo.Config,
+        None,
+        _args(
+            tiny_model_dir("qwen2_vl"),
+            pair_file,
+            out,
+            *TERMS[term],
+            "--data.limit=4",
+            "--train.batch_size=4",
+            "--train.max_steps=4",
+            "--train.lr=2e-3",
+            "--train.schedule=constant",
+            "--train.save_every=0",
+        ),
+    )
     dpo.run(cfg)
     recs = _records(out)
     assert [r["step"] for r in recs] == [1, 2, 3, 4] and all(math.isfinite(r["train/loss"]) for r in recs)
@@ -123,16 +148,41 @@ def test_lora_run_logs_metrics_evaluates_and_saves_a_loadable_model(tiny_model_d
     from transformers import AutoModelForImageTextToText
 
     out = tmp_path / "run"
-    cfg = load_config(dpo.Config, None, _args(
-        tiny_model_dir("qwen2_vl"), pair_file, out, f"--data.eval={pair_file}", "--data.eval_limit=6",
-        "--model.use_lora=true", "--train.batch_size=2", "--train.grad_accum=2", "--train.max_steps=4",
-        "--train.eval_every=2", "--train.lr=1e-3", "--save=merged"))
+    cfg = load_config(
+        dpo.Config,
+        None,
+        _args(
+            tiny_model_dir("qwen2_vl"),
+            pair_file,
+            out,
+            f"--data.eval={pair_file}",
+            "--data.eval_limit=6",
+            "--model.use_lora=true",
+            "--train.batch_size=2",
+            "--train.grad_accum=2",
+            "--train.max_steps=4",
+            "--train.eval_every=2",
+            "--train.lr=1e-3",
+            "--save=merged",
+        ),
+    )
     final = dpo.run(cfg)
     records = read_metrics(out)
     step = _records(out)[0]
-    for key in ("train/loss", "rewards/chosen", "rewards/rejected", "rewards/margin", "rewards/accuracy",
-                "logps/chosen", "logps/rejected", "perf/samples_per_s", "perf/tokens_per_s", "perf/peak_mem_mb",
-                "train/lr", "train/grad_norm"):
+    for key in (
+        "train/loss",
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/margin",
+        "rewards/accuracy",
+        "logps/chosen",
+        "logps/rejected",
+        "perf/samples_per_s",
+        "perf/tokens_per_s",
+        "perf/peak_mem_mb",
+        "train/lr",
+        "train/grad_norm",
+    ):
         assert key in step and math.isfinite(step[key]), key
     assert step["perf/samples_per_s"] > 0 and step["perf/tokens_per_s"] > step["perf/samples_per_s"]
     assert [r["step"] for r in records if "eval/loss" in r] == [2, 4]
@@ -146,27 +196,57 @@ def test_eval_suite_runs_on_the_trained_model_in_memory(tiny_model_dir, pair_fil
     """eval_suite=end: POPE, CHAIR, task accuracy and the KL from the frozen reference copy come
     back as suite/... metrics and land, with every answer, in suite_eval.json."""
     out = tmp_path / "run"
-    final = dpo.run(load_config(dpo.Config, None, _args(
-        tiny_model_dir("qwen2_vl"), pair_file, out, "--data.limit=4", "--train.batch_size=4", "--train.max_steps=1",
-        "--eval_suite=end", f"--suite.data={recipe_world}", "--suite.pope_questions=4", "--suite.describe=3",
-        "--suite.questions_per_task=2", "--suite.compositional_describe=2", "--suite.compositional_questions_per_task=1",
-        "--suite.kl_prompts=2", "--suite.max_new_tokens=6")))
+    final = dpo.run(
+        load_config(
+            dpo.Config,
+            None,
+            _args(
+                tiny_model_dir("qwen2_vl"),
+                pair_file,
+                out,
+                "--data.limit=4",
+                "--train.batch_size=4",
+                "--train.max_steps=1",
+                "--eval_suite=end",
+                f"--suite.data={recipe_world}",
+                "--suite.pope_questions=4",
+                "--suite.describe=3",
+                "--suite.questions_per_task=2",
+                "--suite.compositional_describe=2",
+                "--suite.compositional_questions_per_task=1",
+                "--suite.kl_prompts=2",
+                "--suite.max_new_tokens=6",
+            ),
+        )
+    )
     for key in ("suite/pope/adversarial/f1", "suite/chair/chair_i", "suite/task/counting", "suite/kl/seq"):
         assert key in final and math.isfinite(final[key]), key
     saved = json.loads((out / "suite_eval.json").read_text())
     assert saved["metrics"]["chair/chair_i"] == final["suite/chair/chair_i"] and saved["records"]
 
 
-def test_precomputed_reference_equals_the_frozen_copy_and_runs_no_reference_forward(tiny_model_dir, pair_file,
-                                                                                   tmp_path):
+def test_precomputed_reference_equals_the_frozen_copy_and_runs_no_reference_forward(
+    tiny_model_dir, pair_file, tmp_path
+):
     """The on-disk reference cache (with mDPO's corrupted prompts in it) gives the same losses as a
     frozen copy; after precomputing, training steps run no reference forward at all."""
-    common = ("--loss.weights={mdpo: 1.0}", "--data.limit=8", "--train.batch_size=4", "--train.max_steps=3",
-              "--train.lr=1e-3", "--train.save_every=0")
+    common = (
+        "--loss.weights={mdpo: 1.0}",
+        "--data.limit=8",
+        "--train.batch_size=4",
+        "--train.max_steps=3",
+        "--train.lr=1e-3",
+        "--train.save_every=0",
+    )
     model_dir = tiny_model_dir("qwen2_vl")
     dpo.run(load_config(dpo.Config, None, _args(model_dir, pair_file, tmp_path / "copy", *common)))
-    dpo.run(load_config(dpo.Config, None, _args(model_dir, pair_file, tmp_path / "cache", *common,
-                                                "--reference.strategy=precomputed")))
+    dpo.run(
+        load_config(
+            dpo.Config,
+            None,
+            _args(model_dir, pair_file, tmp_path / "cache", *common, "--reference.strategy=precomputed"),
+        )
+    )
     copy, cached = _records(tmp_path / "copy"), _records(tmp_path / "cache")
     for a, b in zip(copy, cached, strict=True):
         assert b["train/loss"] == pytest.approx(a["train/loss"], abs=1e-6)
@@ -182,8 +262,16 @@ def test_ref_model_is_the_reference(tiny_model_dir, pair_file, tmp_path):
     from vlalign.models.tiny import build_tiny_model
 
     other = build_tiny_model("qwen2_vl", "tiny", tmp_path / "other", seed=1)
-    args = _args(tiny_model_dir("qwen2_vl"), pair_file, tmp_path / "run", "--data.limit=4", "--train.batch_size=4",
-                 "--train.max_steps=1", "--ref-model", str(other))
+    args = _args(
+        tiny_model_dir("qwen2_vl"),
+        pair_file,
+        tmp_path / "run",
+        "--data.limit=4",
+        "--train.batch_size=4",
+        "--train.max_steps=1",
+        "--ref-model",
+        str(other),
+    )
     cfg = load_config(dpo.Config, None, args)
     assert cfg.ref_model == str(other)
     dpo.run(cfg)
@@ -220,12 +308,19 @@ def test_mdpo_batch_encodes_corrupted_prompts_in_the_same_processor_call(tiny_mo
     n = pb.batch.prompts.vision_rows["pixel_values"][0]
     c = pb.batch.prompts.vision_rows["pixel_values"][3]
     assert not torch.equal(pb.batch.prompts.vision["pixel_values"][n], pb.batch.prompts.vision["pixel_values"][c])
-    same = PreferenceSample(samples[0].id, samples[0].images, samples[0].prompt, samples[0].chosen, samples[0].rejected,
-                            {"rejected_images": list(samples[0].images)})
+    same = PreferenceSample(
+        samples[0].id,
+        samples[0].images,
+        samples[0].prompt,
+        samples[0].chosen,
+        samples[0].rejected,
+        {"rejected_images": list(samples[0].images)},
+    )
     given = encoder([same])
     rows = given.batch.prompts.vision_rows["pixel_values"]
-    assert torch.equal(given.batch.prompts.vision["pixel_values"][rows[0]],
-                       given.batch.prompts.vision["pixel_values"][rows[1]])
+    assert torch.equal(
+        given.batch.prompts.vision["pixel_values"][rows[0]], given.batch.prompts.vision["pixel_values"][rows[1]]
+    )
     with torch.no_grad():
         lp = dpo.policy_logprobs(model, pb, mode="shared", pad_token_id=encoder.pad_token_id)
     assert (lp.corrupted_chosen_logps - lp.chosen_logps).abs().max() > 1e-5
@@ -239,8 +334,9 @@ def _write(rows: list[dict], path: Path) -> Path:
     return path
 
 
-def _row(i: int, image: str, chosen: str = "The image shows a red circle.",
-         rejected: str = "The image shows a blue square.") -> dict:
+def _row(
+    i: int, image: str, chosen: str = "The image shows a red circle.", rejected: str = "The image shows a blue square."
+) -> dict:
     return {"id": f"r{i}", "images": [image], "prompt": "Describe the image.", "chosen": chosen, "rejected": rejected}
 
 
@@ -260,11 +356,25 @@ def test_bad_rows_are_named_or_counted(tiny_model_dir, recipe_world, tmp_path):
     for name, (bad, message) in cases.items():
         data = _write([*good, bad], tmp_path / f"{name}.jsonl")
         with pytest.raises(DataError, match=message) as err:
-            dpo.run(load_config(dpo.Config, None, _args(model_dir, data, tmp_path / f"run-{name}", "--train.max_steps=1")))
+            dpo.run(
+                load_config(dpo.Config, None, _args(model_dir, data, tmp_path / f"run-{name}", "--train.max_steps=1"))
+            )
         assert "r9" in str(err.value) or "line 5" in str(err.value)
     data = _write([*good, *(bad for bad, _ in cases.values())], tmp_path / "skip.jsonl")
-    final = dpo.run(load_config(dpo.Config, None, _args(model_dir, data, tmp_path / "run-skip", "--train.max_steps=1",
-                                                        "--train.batch_size=4", "--data.skip_bad_rows=true")))
+    final = dpo.run(
+        load_config(
+            dpo.Config,
+            None,
+            _args(
+                model_dir,
+                data,
+                tmp_path / "run-skip",
+                "--train.max_steps=1",
+                "--train.batch_size=4",
+                "--data.skip_bad_rows=true",
+            ),
+        )
+    )
     assert final["data/skipped_pairs"] == 4 and final["data/train_pairs"] == 4
 
 
@@ -275,23 +385,42 @@ def test_overlong_pairs_are_dropped_and_counted_or_refused(tiny_model_dir, tiny_
     pb = dpo.PairEncoder(tiny_processor("qwen2_vl"), max_length=None)(samples)
     lengths = [len(p) + max(len(c) for c in g) for p, g in zip(pb.batch.prompts.input_ids, pb.batch.completions)]
     limit = max(lengths) - 1
-    args = _args(tiny_model_dir("qwen2_vl"), pair_file, tmp_path / "drop", "--data.limit=8", "--train.batch_size=8",
-                 "--train.max_steps=1", f"--data.max_length={limit}")
+    args = _args(
+        tiny_model_dir("qwen2_vl"),
+        pair_file,
+        tmp_path / "drop",
+        "--data.limit=8",
+        "--train.batch_size=8",
+        "--train.max_steps=1",
+        f"--data.max_length={limit}",
+    )
     dpo.run(load_config(dpo.Config, None, args))
     rec = _records(tmp_path / "drop")[0]
     assert 0 < rec["data/dropped_overlong"] == sum(n > limit for n in lengths) < 8
     assert rec["train/pairs"] == 8 - rec["data/dropped_overlong"]
     with pytest.raises(DataError, match=f"exceed max_length {limit}"):
-        dpo.run(load_config(dpo.Config, None, [*args, "--data.on_overlong=raise",
-                                               f"--train.output_dir={tmp_path / 'raise'}"]))
+        dpo.run(
+            load_config(
+                dpo.Config, None, [*args, "--data.on_overlong=raise", f"--train.output_dir={tmp_path / 'raise'}"]
+            )
+        )
 
 
 def test_non_finite_loss_names_step_samples_and_checkpoint(tiny_model_dir, pair_file, tmp_path):
     """An absurd learning rate blows the weights up after step 1 (checkpointed); the step-2 loss is
     not finite and the run stops naming step 2, the batch's samples and the step-1 checkpoint."""
-    args = _args(tiny_model_dir("qwen2_vl"), pair_file, tmp_path / "run", "--data.limit=4", "--train.batch_size=4",
-                 "--train.max_steps=3", "--train.save_every=1", "--train.lr=1e30", "--train.max_grad_norm=0",
-                 "--train.schedule=constant")
+    args = _args(
+        tiny_model_dir("qwen2_vl"),
+        pair_file,
+        tmp_path / "run",
+        "--data.limit=4",
+        "--train.batch_size=4",
+        "--train.max_steps=3",
+        "--train.save_every=1",
+        "--train.lr=1e30",
+        "--train.max_grad_norm=0",
+        "--train.schedule=constant",
+    )
     with pytest.raises(NonFiniteLossError) as err:
         dpo.run(load_config(dpo.Config, None, args))
     message = str(err.value)
@@ -309,8 +438,15 @@ def test_killed_run_resumes_to_the_same_weights(tiny_model_dir, pair_file, tmp_p
     resumed, logs the losses of an uninterrupted run and ends with the same weights (bit for bit:
     the subprocesses run on one thread, like this one, so every sum is taken in the same order)."""
     model_dir = tiny_model_dir("qwen2_vl")
-    common = ["--loss.weights={mdpo: 1.0}", "--data.limit=16", "--train.batch_size=4", "--train.max_steps=8",
-              "--train.save_every=2", "--train.keep_checkpoints=1", "--train.lr=1e-3"]
+    common = [
+        "--loss.weights={mdpo: 1.0}",
+        "--data.limit=16",
+        "--train.batch_size=4",
+        "--train.max_steps=8",
+        "--train.save_every=2",
+        "--train.keep_checkpoints=1",
+        "--train.lr=1e-3",
+    ]
     whole = tmp_path / "whole"
     dpo.run(load_config(dpo.Config, None, _args(model_dir, pair_file, whole, *common)))
 
@@ -321,8 +457,9 @@ def test_killed_run_resumes_to_the_same_weights(tiny_model_dir, pair_file, tmp_p
 
     resumed = vlalign_process(["dpo", *_args(model_dir, pair_file, broken, *common), "--resume"], tmp_path / "cache")
     assert resumed.wait(timeout=300) == 0
-    assert [(r["step"], r["train/loss"]) for r in _records(broken)] == [(r["step"], r["train/loss"])
-                                                                        for r in _records(whole)]
+    assert [(r["step"], r["train/loss"]) for r in _records(broken)] == [
+        (r["step"], r["train/loss"]) for r in _records(whole)
+    ]
     a, b = load_file(str(whole / "model" / "model.safetensors")), load_file(str(broken / "model" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -337,10 +474,21 @@ def test_iterative_dpo_runs_rounds_and_resumes(tiny_model_dir, recipe_world, tmp
     scorer = tmp_path / "length_scorer.py"
     scorer.write_text("def score(samples, completions):\n    return [float(len(c)) for c in completions]\n")
     out = tmp_path / "online"
-    args = _args(tiny_model_dir("qwen2_vl"), "", out, "--online.rounds=2",
-                 f"--online.prompts={recipe_world / 'train_prompts.jsonl'}", "--online.prompts_per_round=6",
-                 "--online.generation.n=3", "--online.generation.max_new_tokens=6", f"--online.scorer={scorer}:score",
-                 "--online.threshold=1", "--train.batch_size=2", "--train.max_steps=2", "--train.lr=1e-3")
+    args = _args(
+        tiny_model_dir("qwen2_vl"),
+        "",
+        out,
+        "--online.rounds=2",
+        f"--online.prompts={recipe_world / 'train_prompts.jsonl'}",
+        "--online.prompts_per_round=6",
+        "--online.generation.n=3",
+        "--online.generation.max_new_tokens=6",
+        f"--online.scorer={scorer}:score",
+        "--online.threshold=1",
+        "--train.batch_size=2",
+        "--train.max_steps=2",
+        "--train.lr=1e-3",
+    )
     final = dpo.run(load_config(dpo.Config, None, args))
     rounds = json.loads((out / "rounds.json").read_text())
     assert [r["round"] for r in rounds] == [1, 2] and all(r["pairs"] >= 2 for r in rounds)

@@ -11,15 +11,14 @@ import torch
 
 from vlalign.config import load_config
 from vlalign.data.io import load_samples, write_jsonl, write_samples
-from vlalign.data.pairs_inject import InjectConfig, inject_pairs
+from vlalign.data.pairs.inject import InjectConfig, inject_pairs
 from vlalign.data.schema import DataError
 from vlalign.eval.parsing import load_vocabulary
 from vlalign.models.load import load_model_and_processor
 from vlalign.models.logprobs import completion_logprobs
 from vlalign.recipes import kto
-from vlalign.run_metrics import read_metrics
-from vlalign.train import BatchPlan
-
+from vlalign.training import BatchPlan
+from vlalign.training.metrics import read_metrics
 
 
 @pytest.fixture(scope="module")
@@ -33,9 +32,18 @@ def pair_file(recipe_world: Path, tmp_path_factory: pytest.TempPathFactory) -> P
 
 
 def _args(model_dir: Path, train: Path, out: Path, *extra: str) -> list[str]:
-    return [f"--model.name_or_path={model_dir}", "--model.device=cpu", "--model.dtype=float32",
-            f"--data.train={train}", f"--train.output_dir={out}", "--train.trackers=[]", "--train.progress=false",
-            "--train.log_every=1", "--train.warmup_ratio=0", *extra]  # fmt: skip
+    return [
+        f"--model.name_or_path={model_dir}",
+        "--model.device=cpu",
+        "--model.dtype=float32",
+        f"--data.train={train}",
+        f"--train.output_dir={out}",
+        "--train.trackers=[]",
+        "--train.progress=false",
+        "--train.log_every=1",
+        "--train.warmup_ratio=0",
+        *extra,
+    ]
 
 
 def _records(run_dir: Path) -> list[dict]:
@@ -60,8 +68,20 @@ def test_reference_point_is_the_mean_mismatched_log_ratio(tiny_model_dir, pair_f
     policy_dir = tiny_model_dir("qwen2_vl")
     ref_dir = build_tiny_model("qwen2_vl", "tiny", tmp_path / "reference", seed=1)
     out = tmp_path / "run"
-    cfg = load_config(kto.Config, None, _args(policy_dir, pair_file, out, "--from_pairs=true", "--data.limit=3",
-                                              "--train.batch_size=3", "--train.max_steps=1", f"--ref-model={ref_dir}"))
+    cfg = load_config(
+        kto.Config,
+        None,
+        _args(
+            policy_dir,
+            pair_file,
+            out,
+            "--from_pairs=true",
+            "--data.limit=3",
+            "--train.batch_size=3",
+            "--train.max_steps=1",
+            f"--ref-model={ref_dir}",
+        ),
+    )
     kto.run(cfg)
     logged = _records(out)[0]["kl/reference_point"]
 
@@ -86,10 +106,26 @@ def test_kto_moves_desirable_above_undesirable_on_a_fixed_batch(tiny_model_dir, 
     mean reward rises above the undesirable ones' (the margin grows from exactly 0), and the loss
     falls below its start (0.5 per completion, since every reward starts at 0 and z0 at 0)."""
     out = tmp_path / "run"
-    final = kto.run(load_config(kto.Config, None, _args(
-        tiny_model_dir("qwen2_vl"), pair_file, out, "--from_pairs=true", "--data.limit=4", "--train.batch_size=8",
-        "--train.max_steps=5", "--train.lr=5e-4", "--train.schedule=constant", "--train.save_every=0",
-        f"--data.eval={pair_file}", "--data.eval_limit=4")))
+    final = kto.run(
+        load_config(
+            kto.Config,
+            None,
+            _args(
+                tiny_model_dir("qwen2_vl"),
+                pair_file,
+                out,
+                "--from_pairs=true",
+                "--data.limit=4",
+                "--train.batch_size=8",
+                "--train.max_steps=5",
+                "--train.lr=5e-4",
+                "--train.schedule=constant",
+                "--train.save_every=0",
+                f"--data.eval={pair_file}",
+                "--data.eval_limit=4",
+            ),
+        )
+    )
     recs = _records(out)
     assert recs[0]["train/loss"] == pytest.approx(0.5, abs=1e-6) and recs[0]["rewards/margin"] == 0.0
     assert all(r["count/desirable"] == r["count/undesirable"] == 4 for r in recs)
@@ -100,8 +136,16 @@ def test_kto_moves_desirable_above_undesirable_on_a_fixed_batch(tiny_model_dir, 
 
 def test_bad_kto_inputs_are_named(tiny_model_dir, recipe_world, tmp_path):
     image = str(sorted((recipe_world / "images").rglob("*.png"))[0])
-    rows = [{"id": f"u{i}", "images": [image], "prompt": "Describe the image.", "completion": "A red circle.",
-             "label": i % 2 == 0} for i in range(4)]
+    rows = [
+        {
+            "id": f"u{i}",
+            "images": [image],
+            "prompt": "Describe the image.",
+            "completion": "A red circle.",
+            "label": i % 2 == 0,
+        }
+        for i in range(4)
+    ]
     rows[2]["label"] = "yes"
     data = tmp_path / "bad.jsonl"
     write_jsonl(rows, data)

@@ -17,17 +17,31 @@ from vlalign.models.logprobs import completion_logprobs
 from vlalign.recipes import ppo
 from vlalign.recipes.rl_common import Rollouts
 from vlalign.recipes.rl_update import UpdateContext, update
-from vlalign.run_metrics import read_metrics
-from vlalign.train import Run, TrainConfig
+from vlalign.training import Run, TrainConfig
+from vlalign.training.metrics import read_metrics
 
 
 def _args(model_dir: Path, world: Path, rm_dir: Path, out: Path, *extra: str) -> list[str]:
-    return [f"--model.name_or_path={model_dir}", "--model.device=cpu", "--model.dtype=float32",
-            f"--data.train={world / 'train_prompts.jsonl'}", f"--reward_model={rm_dir}",
-            "--rewards.weights={reward_model: 1.0, object_f1: 0.5}", "--ppo.tasks=[describe]",
-            f"--train.output_dir={out}", "--train.batch_size=2", "--train.grad_accum=2", "--train.lr=1e-3",
-            "--train.trackers=[]", "--train.progress=false", "--train.log_every=1", "--rollout.max_new_tokens=8",
-            "--update.minibatches=2", "--eval_tasks=[]", *extra]  # fmt: skip
+    return [
+        f"--model.name_or_path={model_dir}",
+        "--model.device=cpu",
+        "--model.dtype=float32",
+        f"--data.train={world / 'train_prompts.jsonl'}",
+        f"--reward_model={rm_dir}",
+        "--rewards.weights={reward_model: 1.0, object_f1: 0.5}",
+        "--ppo.tasks=[describe]",
+        f"--train.output_dir={out}",
+        "--train.batch_size=2",
+        "--train.grad_accum=2",
+        "--train.lr=1e-3",
+        "--train.trackers=[]",
+        "--train.progress=false",
+        "--train.log_every=1",
+        "--rollout.max_new_tokens=8",
+        "--update.minibatches=2",
+        "--eval_tasks=[]",
+        *extra,
+    ]
 
 
 # ----------------------------------------------------------------------------- by hand
@@ -42,8 +56,14 @@ def test_advantages_by_hand():
     A_0 = 0.25 - 0.5 + 0.5*0.75 = 0.125."""
     cfg = load_config(ppo.Config, None, ["--ppo.lam=0.5", "--ppo.whiten_advantages=false"])
     sample = PromptSample(id="s", images=[], prompt=user_prompt("hi", 0))
-    ro = Rollouts(samples=[sample], prompts=None,  # type: ignore[arg-type]
-                  token_ids=[[[5, 6]]], texts=[["ab"]], stopped=[[True]], group_size=1)
+    ro = Rollouts(
+        samples=[sample],
+        prompts=None,  # type: ignore[arg-type]
+        token_ids=[[[5, 6]]],
+        texts=[["ab"]],
+        stopped=[[True]],
+        group_size=1,
+    )
     ro.rewards = torch.tensor([1.0])
     ro.old_logps = torch.tensor([[-1.0, -2.0]])
     ro.ref_logps = torch.tensor([[-1.1, -1.8]])
@@ -84,8 +104,9 @@ def test_one_step_raises_the_logprob_of_the_better_completion(tiny_model, shape_
     ro.rewards = torch.tensor([1.0, -1.0])
     head = new_head(model, seed=0)
     head_before = head.score.weight.detach().clone()
-    ro.old_logps, ro.extras["values"] = ppo.rollout_values(model, head, ro, shared=True, temperature=1.0,
-                                                           pad_token_id=pad, micro_batch=1)  # fmt: skip
+    ro.old_logps, ro.extras["values"] = ppo.rollout_values(
+        model, head, ro, shared=True, temperature=1.0, pad_token_id=pad, micro_batch=1
+    )
     ppo.ppo_advantages(ro, kl_coef=0.0, cfg=cfg, reduce_sum=lambda t: t)
     assert bool((ro.advantages[0][ro.mask[0]] > 0).all()) and bool((ro.advantages[1][ro.mask[1]] < 0).all())
 
@@ -93,8 +114,17 @@ def test_one_step_raises_the_logprob_of_the_better_completion(tiny_model, shape_
     optimizer = ppo.build_optimizer_for(model, head, replace(cfg, train=TrainConfig(lr=1e-3)))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     ctx = UpdateContext(temperature=1.0, pad_token_id=pad, micro_batches=1, norm_length=16, seed=0, step=0)
-    metrics = update(run, model, optimizer, scheduler, ro, cfg.update, ctx, return_hidden=True,
-                     extra_loss=ppo.value_term(head, cfg, pad))  # fmt: skip
+    metrics = update(
+        run,
+        model,
+        optimizer,
+        scheduler,
+        ro,
+        cfg.update,
+        ctx,
+        return_hidden=True,
+        extra_loss=ppo.value_term(head, cfg, pad),
+    )
     assert metrics["value/loss"] > 0
     with torch.no_grad():
         after = completion_logprobs(model, prompts, ids).sums
@@ -118,13 +148,26 @@ def test_resumed_run_continues_identically(tiny_model_dir, recipe_world, reward_
     model_dir = tiny_model_dir("qwen2_vl")
     common = ["--ppo.kl_target=0.5", "--ppo.kl_horizon=20", "--update.epochs=2", "--train.save_every=2"]
     whole = tmp_path / "whole"
-    ppo.run(load_config(ppo.Config, None, _args(model_dir, recipe_world, reward_model_dir, whole, "--train.max_steps=4",
-                                                *common)))  # fmt: skip
+    ppo.run(
+        load_config(
+            ppo.Config, None, _args(model_dir, recipe_world, reward_model_dir, whole, "--train.max_steps=4", *common)
+        )
+    )
     split = tmp_path / "split"
-    ppo.run(load_config(ppo.Config, None, _args(model_dir, recipe_world, reward_model_dir, split, "--train.max_steps=2",
-                                                *common)))  # fmt: skip
-    ppo.run(load_config(ppo.Config, None, _args(model_dir, recipe_world, reward_model_dir, split, "--train.max_steps=4",
-                                                "--train.resume=true", *common)))  # fmt: skip
+    ppo.run(
+        load_config(
+            ppo.Config, None, _args(model_dir, recipe_world, reward_model_dir, split, "--train.max_steps=2", *common)
+        )
+    )
+    ppo.run(
+        load_config(
+            ppo.Config,
+            None,
+            _args(
+                model_dir, recipe_world, reward_model_dir, split, "--train.max_steps=4", "--train.resume=true", *common
+            ),
+        )
+    )
     a, b = _step_records(whole), _step_records(split)
     assert [r["step"] for r in a] == [1, 2, 3, 4] and a == b
     sampled = (whole / "completions.jsonl").read_text()
@@ -143,11 +186,25 @@ def test_separate_critic_from_the_reward_model(tiny_model_dir, recipe_world, rew
     head, trains (its head moves), is saved under critic/, and the final evaluation measures CHAIR, the KL
     from the start and the reward model's win rate over the starting model."""
     out = tmp_path / "sep"
-    cfg = load_config(ppo.Config, None, _args(tiny_model_dir("qwen2_vl"), recipe_world, reward_model_dir, out,
-                                              "--train.max_steps=2", "--critic.shared=false",
-                                              f"--critic.name_or_path={reward_model_dir}", "--critic.lr=1e-2",
-                                              "--eval_tasks=[describe]", f"--eval.data={recipe_world}",
-                                              "--eval.describe=4", "--eval.kl_prompts=2", "--eval.max_new_tokens=8"))
+    cfg = load_config(
+        ppo.Config,
+        None,
+        _args(
+            tiny_model_dir("qwen2_vl"),
+            recipe_world,
+            reward_model_dir,
+            out,
+            "--train.max_steps=2",
+            "--critic.shared=false",
+            f"--critic.name_or_path={reward_model_dir}",
+            "--critic.lr=1e-2",
+            "--eval_tasks=[describe]",
+            f"--eval.data={recipe_world}",
+            "--eval.describe=4",
+            "--eval.kl_prompts=2",
+            "--eval.max_new_tokens=8",
+        ),
+    )
     final = ppo.run(cfg)
     start_head = load_head(reward_model_dir / "reward_head.safetensors")
     trained_head = load_head(out / "critic" / "value_head.safetensors")

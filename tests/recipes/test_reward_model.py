@@ -9,17 +9,17 @@ from pathlib import Path
 import pytest
 import torch
 
+from vlalign.commands import pairs as pairs_cli
 from vlalign.config import load_config
-from vlalign.data import pairs_cli
 from vlalign.data.collate import encode_completions, encode_prompts
 from vlalign.data.io import load_samples
-from vlalign.data.pairs_rank import build_scorer
+from vlalign.data.pairs.rank import build_scorer
 from vlalign.data.schema import DataError, PreferenceSample, PromptSample, user_prompt
 from vlalign.models.heads import RewardModel, RewardModelInfo, new_head
 from vlalign.recipes import reward_model as rm
 from vlalign.rewards import fact_augmented_sample
 from vlalign.rewards.model import RewardModelScorer, group_consecutive, load_reward_scorer, prepare_samples
-from vlalign.run_metrics import read_metrics
+from vlalign.training.metrics import read_metrics
 
 
 @pytest.fixture(scope="module")
@@ -28,24 +28,47 @@ def pair_files(recipe_world: Path, tmp_path_factory) -> tuple[Path, Path]:
     out = tmp_path_factory.mktemp("rm-pairs")
     files = []
     for split in ("train", "validation"):
-        cfg = load_config(pairs_cli.Config, None, ["--method=inject", "--inject.balance_existence=false", f"--data={recipe_world / f'{split}.jsonl'}",
-                                                   f"--out={out / f'{split}.jsonl'}"])  # fmt: skip
+        cfg = load_config(
+            pairs_cli.Config,
+            None,
+            [
+                "--method=inject",
+                "--inject.balance_existence=false",
+                f"--data={recipe_world / f'{split}.jsonl'}",
+                f"--out={out / f'{split}.jsonl'}",
+            ],
+        )
         pairs_cli.run(cfg)
         files.append(out / f"{split}.jsonl")
     return files[0], files[1]
 
 
 def _args(model_dir: Path, train: Path, heldout: Path | str, out: Path, *extra: str) -> list[str]:
-    return [f"--model.name_or_path={model_dir}", "--model.device=cpu", "--model.dtype=float32",
-            f"--data.train={train}", f"--data.eval={heldout}", f"--train.output_dir={out}",
-            "--train.trackers=[]", "--train.progress=false", "--train.log_every=1", "--train.warmup_ratio=0",
-            *extra]  # fmt: skip
+    return [
+        f"--model.name_or_path={model_dir}",
+        "--model.device=cpu",
+        "--model.dtype=float32",
+        f"--data.train={train}",
+        f"--data.eval={heldout}",
+        f"--train.output_dir={out}",
+        "--train.trackers=[]",
+        "--train.progress=false",
+        "--train.log_every=1",
+        "--train.warmup_ratio=0",
+        *extra,
+    ]
 
 
 def _pair(i: int, source: str = "", scene: str = "") -> PreferenceSample:
     meta = {k: v for k, v in {"source": source, "scene_id": scene}.items() if v}
-    return PreferenceSample(id=f"p{i}", images=[f"img{i}.png"], prompt=user_prompt("Describe the image."),
-                            chosen="a", rejected="b", meta=meta)
+    return PreferenceSample(
+        id=f"p{i}",
+        images=[f"img{i}.png"],
+        prompt=user_prompt("Describe the image."),
+        chosen="a",
+        rejected="b",
+        meta=meta,
+    )
 
 
 # ----------------------------------------------------------------------------- by hand
@@ -72,8 +95,11 @@ def test_heldout_metrics_per_source_by_hand():
     assert out["eval/accuracy"] == 0.5 and out["eval/accuracy/a"] == 0.5 and out["eval/accuracy/b"] == 0.5
     assert out["eval/pairs/a"] == 2 and out["eval/pairs/b"] == 1 and out["eval/margin"] == 0.0
     assert out["eval/accuracy/task/describe"] == 1.0 and out["eval/pairs/task/describe"] == 1
-    expected = (torch.log1p(torch.exp(torch.tensor(-1.0, dtype=torch.float64))) + torch.log1p(
-        torch.exp(torch.tensor(1.0, dtype=torch.float64))) + torch.log(torch.tensor(2.0, dtype=torch.float64))) / 3
+    expected = (
+        torch.log1p(torch.exp(torch.tensor(-1.0, dtype=torch.float64)))
+        + torch.log1p(torch.exp(torch.tensor(1.0, dtype=torch.float64)))
+        + torch.log(torch.tensor(2.0, dtype=torch.float64))
+    ) / 3
     assert abs(out["eval/loss"] - float(expected)) < 1e-12
 
 
@@ -106,8 +132,9 @@ def test_group_consecutive_by_hand():
 
 def test_fact_augmented_inputs_name_a_sample_without_facts():
     info = RewardModelInfo(hidden_size=8, facts_column="objects")
-    with_facts = PromptSample(id="s0", images=["x.png"], prompt=user_prompt("Describe."),
-                              meta={"objects": ["red circle"]})
+    with_facts = PromptSample(
+        id="s0", images=["x.png"], prompt=user_prompt("Describe."), meta={"objects": ["red circle"]}
+    )
     seen = prepare_samples([with_facts], info)[0]
     assert seen.prompt[0]["content"][1]["text"] == "Facts about the image: red circle\n"
     with pytest.raises(DataError, match="s1"):
@@ -142,9 +169,23 @@ def test_rm_learns_a_fixed_set_of_pairs(tiny_model_dir, pair_files, tmp_path):
     well below log 2 and the pairs are then ranked correctly."""
     train, _ = pair_files
     out = tmp_path / "run"
-    cfg = load_config(rm.Config, None, _args(tiny_model_dir("qwen2_vl"), train, train, out, "--data.limit=8",
-                                             "--data.eval_limit=8", "--train.max_steps=12", "--train.batch_size=4",
-                                             "--train.grad_accum=2", "--train.lr=3e-3", "--train.save_every=0"))
+    cfg = load_config(
+        rm.Config,
+        None,
+        _args(
+            tiny_model_dir("qwen2_vl"),
+            train,
+            train,
+            out,
+            "--data.limit=8",
+            "--data.eval_limit=8",
+            "--train.max_steps=12",
+            "--train.batch_size=4",
+            "--train.grad_accum=2",
+            "--train.lr=3e-3",
+            "--train.save_every=0",
+        ),
+    )
     final = rm.run(cfg)
     losses = [r["train/loss"] for r in read_metrics(out) if "train/loss" in r]
     assert len(losses) == 12 and abs(losses[0] - 0.693) < 0.05
@@ -158,8 +199,19 @@ def test_saved_fact_augmented_model_scores_as_measured(tiny_model_dir, pair_file
     rewards have mean 0 and std 1; naming its folder as a scorer loads the same scorer."""
     train, heldout = pair_files
     out = tmp_path / "facts"
-    cfg = load_config(rm.Config, None, _args(tiny_model_dir("qwen2_vl"), train, heldout, out, "--train.max_steps=3",
-                                             "--train.batch_size=8", "--facts_column=objects"))
+    cfg = load_config(
+        rm.Config,
+        None,
+        _args(
+            tiny_model_dir("qwen2_vl"),
+            train,
+            heldout,
+            out,
+            "--train.max_steps=3",
+            "--train.batch_size=8",
+            "--facts_column=objects",
+        ),
+    )
     final = rm.run(cfg)
     saved = json.loads((out / "model" / "reward_model.json").read_text())
     assert saved["facts_column"] == "objects" and saved["heldout_accuracy"] == final["eval/accuracy"]
@@ -173,8 +225,9 @@ def test_saved_fact_augmented_model_scores_as_measured(tiny_model_dir, pair_file
     assert abs(float(both.mean())) < 1e-5 and abs(float(both.std(correction=0)) - 1.0) < 1e-5
     with torch.no_grad():  # the facts are in what the model saw
         first = fact_augmented_sample(prompts[0], "objects")
-        direct = scorer.model(encode_prompts(scorer.processor, [first]), encode_completions(scorer.processor,
-                                                                                             [[pairs[0].chosen]]))
+        direct = scorer.model(
+            encode_prompts(scorer.processor, [first]), encode_completions(scorer.processor, [[pairs[0].chosen]])
+        )
     assert float(scorer.info.normalise(direct.double())) == pytest.approx(float(chosen[0]), abs=1e-5)
     by_name = build_scorer(str(out / "model"))  # what --scorer / --rank.scorer=<folder> load
     assert isinstance(by_name, RewardModelScorer)

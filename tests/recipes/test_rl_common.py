@@ -27,24 +27,39 @@ from vlalign.recipes.rl_common import (
 )
 from vlalign.recipes.rl_update import UpdateContext, micro_batch_groups, policy_loss_terms, update
 from vlalign.rewards import RewardError, build_reward
-from vlalign.train import Run, TrainConfig
+from vlalign.training import Run, TrainConfig
 
 F64 = torch.float64
 
 
 def _prompts(n: int) -> EncodedPrompts:
     """Text-only encoded prompts (ids 10 + i), enough for bookkeeping tests."""
-    return EncodedPrompts(sample_ids=[f"s{i}" for i in range(n)], input_ids=[[10 + i, 11 + i] for i in range(n)],
-                          token_fields={}, vision={}, vision_rows={}, num_images=[0] * n, image_token_count=[0] * n)
+    return EncodedPrompts(
+        sample_ids=[f"s{i}" for i in range(n)],
+        input_ids=[[10 + i, 11 + i] for i in range(n)],
+        token_fields={},
+        vision={},
+        vision_rows={},
+        num_images=[0] * n,
+        image_token_count=[0] * n,
+    )
 
 
 def _rollouts(lengths: list[list[int]]) -> Rollouts:
     """Rollouts whose completion (i, k) is ``[100*i + 10*k + t for t in range(length)]``."""
     n, g = len(lengths), len(lengths[0])
-    ids = [[[100 * i + 10 * k + t for t in range(length)] for k, length in enumerate(group)] for i, group in enumerate(lengths)]
-    return Rollouts(samples=[PromptSample(id=f"s{i}", images=[], prompt=[], meta={"answer": str(i)}) for i in range(n)],
-                    prompts=_prompts(n), token_ids=ids, texts=[[str(c) for c in group] for group in ids],
-                    stopped=[[True] * g for _ in range(n)], group_size=g)
+    ids = [
+        [[100 * i + 10 * k + t for t in range(length)] for k, length in enumerate(group)]
+        for i, group in enumerate(lengths)
+    ]
+    return Rollouts(
+        samples=[PromptSample(id=f"s{i}", images=[], prompt=[], meta={"answer": str(i)}) for i in range(n)],
+        prompts=_prompts(n),
+        token_ids=ids,
+        texts=[[str(c) for c in group] for group in ids],
+        stopped=[[True] * g for _ in range(n)],
+        group_size=g,
+    )
 
 
 # ----------------------------------------------------------------------------- bookkeeping
@@ -95,10 +110,21 @@ def test_group_filter_keeps_groups_with_a_reward_spread():
 def test_outcome_estimators_by_name_match_the_loss_functions():
     r = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 0.0, 1.0], dtype=F64)
     mask = torch.ones(8, 3, dtype=torch.bool)
-    assert torch.equal(advantages("grpo", r, group_size=4, mask=mask, eps=1e-4), grpo_advantages(r, group_size=4, eps=1e-4))
+    assert torch.equal(
+        advantages("grpo", r, group_size=4, mask=mask, eps=1e-4), grpo_advantages(r, group_size=4, eps=1e-4)
+    )
     assert torch.equal(advantages("rloo", r, group_size=4, mask=mask), rloo_advantages(r, group_size=4))
     # Dr.GRPO by hand: group means 0.25 and 0.75.
-    assert advantages("dr_grpo", r, group_size=4, mask=mask).tolist() == [0.75, -0.25, -0.25, -0.25, 0.25, 0.25, -0.75, 0.25]
+    assert advantages("dr_grpo", r, group_size=4, mask=mask).tolist() == [
+        0.75,
+        -0.25,
+        -0.25,
+        -0.25,
+        0.25,
+        0.25,
+        -0.75,
+        0.25,
+    ]
     with pytest.raises(ValueError, match="unknown advantage estimator 'ppo'"):
         advantages("ppo", r, group_size=4, mask=mask)
 
@@ -160,8 +186,15 @@ def test_reinforce_pp_whitening_is_global_across_processes():
 
     def worker(rank: int) -> None:
         rows = slice(4 * rank, 4 * rank + 4)
-        out[rank] = advantages("reinforce_pp_baseline", r[rows], group_size=2, mask=mask[rows], kl=kl[rows],
-                               kl_coef=0.1, reduce_sum=lambda t: reducer(rank, t))
+        out[rank] = advantages(
+            "reinforce_pp_baseline",
+            r[rows],
+            group_size=2,
+            mask=mask[rows],
+            kl=kl[rows],
+            kl_coef=0.1,
+            reduce_sum=lambda t: reducer(rank, t),
+        )
 
     threads = [threading.Thread(target=worker, args=(k,)) for k in (0, 1)]
     for t in threads:
@@ -190,8 +223,9 @@ def test_policy_loss_terms_by_hand():
     ref = torch.tensor([[-1.5, -0.5]], dtype=F64)
     ent = torch.tensor([[1.0, 0.5]], dtype=F64)
     mask = torch.ones(1, 2, dtype=torch.bool)
-    per_token, metrics = policy_loss_terms(logps, old, torch.tensor([2.0], dtype=F64), mask, cfg=cfg, ref_logps=ref,
-                                           entropy=ent)
+    per_token, metrics = policy_loss_terms(
+        logps, old, torch.tensor([2.0], dtype=F64), mask, cfg=cfg, ref_logps=ref, entropy=ent
+    )
     k3 = [math.exp(-0.5) + 0.5 - 1, math.exp(1.0) - 2.0]
     want = [-2 * math.exp(0.1) + 0.1 * k3[0] - 0.01 * 1.0, -2 * 1.28 + 0.1 * k3[1] - 0.01 * 0.5]
     assert per_token[0].tolist() == pytest.approx(want, abs=1e-12)
@@ -200,8 +234,9 @@ def test_policy_loss_terms_by_hand():
     assert float(metrics["policy/entropy"]) == 0.75
     # KL placed in the reward: the loss holds the surrogate alone, the KL is still measured.
     reward_cfg = PolicyUpdateConfig(clip_low=0.2, clip_high=0.28, kl_coef=0.1, kl_in="reward")
-    per_token, metrics = policy_loss_terms(logps, old, torch.tensor([2.0], dtype=F64), mask, cfg=reward_cfg,
-                                           ref_logps=ref)
+    per_token, metrics = policy_loss_terms(
+        logps, old, torch.tensor([2.0], dtype=F64), mask, cfg=reward_cfg, ref_logps=ref
+    )
     assert per_token[0].tolist() == pytest.approx([-2 * math.exp(0.1), -2 * 1.28], abs=1e-12)
     assert "kl/ref" in metrics
 
@@ -244,9 +279,14 @@ def test_score_stops_the_step_naming_function_sample_and_step(tmp_path, fn, samp
 
 def _image_rollouts(processor, images, lengths: list[list[int]]) -> Rollouts:
     """Real encoded prompts (one image each) with fixed completions of ordinary tokens."""
-    samples = [PromptSample(id=f"p{i}", images=[images[i % len(images)]],
-                            prompt=[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": f"q {i}"}]}])
-               for i in range(len(lengths))]  # fmt: skip
+    samples = [
+        PromptSample(
+            id=f"p{i}",
+            images=[images[i % len(images)]],
+            prompt=[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": f"q {i}"}]}],
+        )
+        for i in range(len(lengths))
+    ]
     banned = set(image_token_ids(processor))
     gen = torch.Generator().manual_seed(1)
     ids = []
@@ -255,8 +295,14 @@ def _image_rollouts(processor, images, lengths: list[list[int]]) -> Rollouts:
         for length in group:
             row = [int(t) for t in torch.randint(3, 200, (length,), generator=gen) if int(t) not in banned]
             ids[-1].append(row or [5])
-    return Rollouts(samples=samples, prompts=encode_prompts(processor, samples), token_ids=ids,
-                    texts=[["x"] * len(g) for g in ids], stopped=[[True] * len(g) for g in ids], group_size=len(lengths[0]))
+    return Rollouts(
+        samples=samples,
+        prompts=encode_prompts(processor, samples),
+        token_ids=ids,
+        texts=[["x"] * len(g) for g in ids],
+        stopped=[[True] * len(g) for g in ids],
+        group_size=len(lengths[0]),
+    )
 
 
 def _one_update(tmp_path, model, ro, cfg: PolicyUpdateConfig, micro: int, pad: int) -> dict[str, torch.Tensor]:
@@ -331,14 +377,19 @@ class _CountingProcessor:
 def test_each_prompt_is_processed_once_per_step(tiny_model, shape_images):
     """Rollout, old log-probs and the update's forward of a step share the rollout's one processor
     call: the images of the B prompts are processed once, not once per completion or per phase."""
+    from vlalign.models.generate import GenerationSettings
     from vlalign.recipes.rl_common import old_logprobs, rollout
-    from vlalign.rollout import GenerationSettings
 
     model, processor = tiny_model("qwen2_vl")
     counting = _CountingProcessor(processor)
-    samples = [PromptSample(id=f"p{i}", images=[shape_images[i]],
-                            prompt=[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Count."}]}])
-               for i in range(3)]  # fmt: skip
+    samples = [
+        PromptSample(
+            id=f"p{i}",
+            images=[shape_images[i]],
+            prompt=[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Count."}]}],
+        )
+        for i in range(3)
+    ]
     settings = GenerationSettings(n=4, temperature=1.0, max_new_tokens=4, batch_size=8)
     ro = rollout(model, counting, samples, settings=settings, seed=3)
     assert counting.calls == 1 and ro.num_rows == 12 and len(ro.prompts) == 3

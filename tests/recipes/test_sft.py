@@ -8,16 +8,23 @@ import pytest
 
 from vlalign.config import load_config
 from vlalign.recipes import sft
-from vlalign.run_metrics import read_metrics
-
+from vlalign.training.metrics import read_metrics
 
 
 def _args(model_dir: Path, world: Path, out: Path, *extra: str) -> list[str]:
     return [
-        f"--model.name_or_path={model_dir}", "--model.device=cpu", "--model.dtype=float32",
-        f"--data.train={world / 'train.jsonl'}", f"--data.eval={world / 'validation.jsonl'}",
-        f"--train.output_dir={out}", "--train.batch_size=4", "--train.lr=3e-3", "--train.log_every=1",
-        "--train.trackers=[]", "--train.progress=false", *extra,
+        f"--model.name_or_path={model_dir}",
+        "--model.device=cpu",
+        "--model.dtype=float32",
+        f"--data.train={world / 'train.jsonl'}",
+        f"--data.eval={world / 'validation.jsonl'}",
+        f"--train.output_dir={out}",
+        "--train.batch_size=4",
+        "--train.lr=3e-3",
+        "--train.log_every=1",
+        "--train.trackers=[]",
+        "--train.progress=false",
+        *extra,
     ]
 
 
@@ -28,9 +35,21 @@ def _losses(run_dir: Path) -> list[tuple[int, float]]:
 def test_sft_learns_on_a_fixed_batch(tiny_model_dir, recipe_world, tmp_path):
     """Twenty steps on one fixed batch of four samples (grad_accum splits it in two micro-batches):
     the loss must fall well below its start (a broken loss mask or label shift would not)."""
-    cfg = load_config(sft.Config, None, _args(tiny_model_dir("qwen2_vl"), recipe_world, tmp_path / "run",
-                                               "--data.limit=4", "--train.max_steps=20", "--train.batch_size=2",
-                                               "--train.grad_accum=2", "--train.warmup_ratio=0", "--train.save_every=0"))
+    cfg = load_config(
+        sft.Config,
+        None,
+        _args(
+            tiny_model_dir("qwen2_vl"),
+            recipe_world,
+            tmp_path / "run",
+            "--data.limit=4",
+            "--train.max_steps=20",
+            "--train.batch_size=2",
+            "--train.grad_accum=2",
+            "--train.warmup_ratio=0",
+            "--train.save_every=0",
+        ),
+    )
     final = sft.run(cfg)
     losses = [loss for _, loss in _losses(tmp_path / "run")]
     assert len(losses) == 20

@@ -34,7 +34,7 @@ from vlalign.rewards import (
     load_user_function,
 )
 
-USER_REWARDS = '''
+USER_REWARDS = """
 import math
 import time
 from dataclasses import dataclass
@@ -103,7 +103,7 @@ def boolean(completion, sample):
 
 def no_sample(completion):
     return 1.0
-'''
+"""
 
 
 @pytest.fixture
@@ -158,9 +158,7 @@ def test_zero_weight_is_logged_not_added_and_single_sample_std() -> None:
 
 def test_options_are_bound_and_checked() -> None:
     """overlong_penalty with max 4, cache 2 (free 2): 3 words -> (2 - 3)/2 = -0.5."""
-    reward = build_reward(
-        {"overlong_penalty": 2.0}, options={"overlong_penalty": {"max_length": 4, "cache_length": 2}}
-    )
+    reward = build_reward({"overlong_penalty": 2.0}, options={"overlong_penalty": {"max_length": 4, "cache_length": 2}})
     assert reward(make_samples(["x"]), ["a b c"]).total.tolist() == [-1.0]
     missing = r"'overlong_penalty'.*missing a required argument: 'max_length'.*rewards\.options"
     with pytest.raises(RewardConfigError, match=missing):
@@ -375,11 +373,14 @@ def test_rewards_restricted_to_tasks() -> None:
     count_match only the counting answers: s1 "3" right (1), s3 "5" wrong (0).
     total = 1·rm + 2·count_match = [4, 2, 2, 0]; each function's metrics over what it scored:
     rm mean 3, std 1; count_match mean 0.5, std 0.5."""
-    samples = [PromptSample(id=f"s{i}", images=[], prompt=user_prompt("q"), meta={"task": t, "answer": a})
-               for i, (t, a) in enumerate([("describe", ""), ("counting", "3"), ("describe", ""), ("counting", "2")])]
+    samples = [
+        PromptSample(id=f"s{i}", images=[], prompt=user_prompt("q"), meta={"task": t, "answer": a})
+        for i, (t, a) in enumerate([("describe", ""), ("counting", "3"), ("describe", ""), ("counting", "2")])
+    ]
     scorer = RecordingScorer()
-    reward = build_reward({"rm": 1.0, "count_match": 2.0}, scorers={"rm": scorer},
-                          tasks={"rm": ["describe"], "count_match": ["counting"]})
+    reward = build_reward(
+        {"rm": 1.0, "count_match": 2.0}, scorers={"rm": scorer}, tasks={"rm": ["describe"], "count_match": ["counting"]}
+    )
     scores = reward(samples, ["abcd", "3", "xy", "5"], dtype=torch.float64)
     assert scorer.seen == [(["s0", "s2"], ["abcd", "xy"])]
     assert scores.total.tolist() == [4.0, 2.0, 2.0, 0.0]
@@ -401,8 +402,11 @@ def test_task_restriction_errors() -> None:
     with pytest.raises(RewardError, match=r"no reward scores sample 's0' \(task 'answer'\)"):
         reward(make_samples(["3"]), ["3"])  # no task column: task_of calls it an 'answer' row
     colour = PromptSample(id="c0", images=[], prompt=user_prompt("q"), meta={"task": "colour", "answer": "red"})
-    with pytest.raises(RewardError, match=r"no reward scores sample 'c0' \(task 'colour'\): rewards.tasks names only "
-                                          r"\['counting'\]"):
+    with pytest.raises(
+        RewardError,
+        match=r"no reward scores sample 'c0' \(task 'colour'\): rewards.tasks names only "
+        r"\['counting'\]",
+    ):
         reward([colour], ["red"])
     unrestricted = build_reward({"count_match": 1.0, "colour_match": 1.0}, tasks={"count_match": ["counting"]})
     assert unrestricted([colour], ["red"]).total.tolist() == [1.0]  # colour_match scores every sample

@@ -14,8 +14,6 @@ import torch
 from torchvision.ops import box_iou as tv_box_iou
 
 from vlalign.data.schema import DataError, PromptSample, user_prompt
-from vlalign.data.world import WorldConfig, generate_scene
-from vlalign.data.world_tasks import task_rows
 from vlalign.rewards.verifiable import (
     REWARD_FUNCTIONS,
     answer_tag,
@@ -35,6 +33,8 @@ from vlalign.rewards.verifiable import (
     threshold_score,
     yes_no_match,
 )
+from vlalign.shapes.tasks import task_rows
+from vlalign.shapes.world import WorldConfig, generate_scene
 
 
 def sample(**meta: object) -> PromptSample:
@@ -277,8 +277,11 @@ def test_shapes_answer_pays_canonical_answers_and_not_wrong_ones() -> None:
     for s in samples:
         assert shapes_answer(s.meta["answer"], s) == 1.0, s.id
         assert shapes_answer(f"<think>look</think><answer>{s.meta['answer']}</answer>", s) == 1.0, s.id
-    wrong = {"counting": lambda a: str(int(a) + 1), "colour": lambda a: "blue" if a != "blue" else "red",
-             "existence": lambda a: "No" if a == "Yes" else "Yes"}  # fmt: skip
+    wrong = {
+        "counting": lambda a: str(int(a) + 1),
+        "colour": lambda a: "blue" if a != "blue" else "red",
+        "existence": lambda a: "No" if a == "Yes" else "Yes",
+    }
     for s in samples:
         if s.meta["task"] in wrong:
             assert shapes_answer(wrong[s.meta["task"]](s.meta["answer"]), s) == 0.0, s.id

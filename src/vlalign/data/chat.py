@@ -83,7 +83,7 @@ def _add_special_tokens(processor: Any, texts: Sequence[str]) -> bool:
     probe = "a"
     plain = tok(probe, add_special_tokens=False)["input_ids"]
     special = tok(probe, add_special_tokens=True)["input_ids"]
-    return special[len(special) - len(plain):] == plain
+    return special[len(special) - len(plain) :] == plain
 
 
 def pad_token_id_of(processor: Any) -> int:
@@ -128,8 +128,10 @@ def conversation_pieces(processor: Any, sample: SupervisedSample) -> tuple[_Firs
     turns = [k for k, m in enumerate(sample.prompt) if m.get("role") == "assistant"]
     if not turns:
         return _FirstTurn(sample.id, sample.images, sample.prompt), []
-    if count_image_placeholders(sample.prompt[turns[0]:]) > 0:
-        raise DataError(f"sample {sample.id!r}: images after the first assistant turn are not supported in multi-turn training")
+    if count_image_placeholders(sample.prompt[turns[0] :]) > 0:
+        raise DataError(
+            f"sample {sample.id!r}: images after the first assistant turn are not supported in multi-turn training"
+        )
     eot = end_of_turn_text(processor)
     ends = [*turns, len(sample.prompt)]
     rendered = [render_prompt(processor, sample.prompt[:k]) for k in ends]
@@ -139,16 +141,18 @@ def conversation_pieces(processor: Any, sample: SupervisedSample) -> tuple[_Firs
         before, after = rendered[n], rendered[n + 1]
         # Some templates put a space between the generation prompt and the answer ("ASSISTANT: Yes");
         # it is left out, as it is when the model generates right after the generation prompt.
-        tail = after[len(before):] if after.startswith(before) else ""
+        tail = after[len(before) :] if after.startswith(before) else ""
         if not tail.lstrip().startswith(answer):
             raise DataError(
                 f"sample {sample.id!r}: the chat template does not render the conversation incrementally "
                 "(a prefix's rendering is not a prefix of the next); train on single-turn samples instead"
             )
-        glue = tail.lstrip()[len(answer):]
+        glue = tail.lstrip()[len(answer) :]
         lead = glue[: len(glue) - len(glue.lstrip())]
         if not glue.lstrip().startswith(eot):
-            raise DataError(f"sample {sample.id!r}: assistant turn {n + 1} does not end with {eot!r} in the chat template")
-        rest = glue.lstrip()[len(eot):]
+            raise DataError(
+                f"sample {sample.id!r}: assistant turn {n + 1} does not end with {eot!r} in the chat template"
+            )
+        rest = glue.lstrip()[len(eot) :]
         pieces += [(answer, True), (lead + eot, True), (rest, False)]
     return _FirstTurn(sample.id, sample.images, sample.prompt[: turns[0]]), pieces

@@ -252,7 +252,9 @@ def _row_unit(key: str, tensor: Tensor, vision: dict[str, Tensor], n_prompts: in
         return "image"
     if tensor.shape[0] == n_prompts:
         return "prompt"
-    raise DataError(f"cannot tell which rows of the processor output {key!r} {tuple(tensor.shape)} belong to which prompt")
+    raise DataError(
+        f"cannot tell which rows of the processor output {key!r} {tuple(tensor.shape)} belong to which prompt"
+    )
 
 
 def _vision_rows(vision: dict[str, Tensor], num_images: list[int]) -> dict[str, list[slice]]:
@@ -264,7 +266,7 @@ def _vision_rows(vision: dict[str, Tensor], num_images: list[int]) -> dict[str, 
     if "image_grid_thw" in vision:
         per_image = vision["image_grid_thw"].prod(dim=-1).tolist()
         for i in range(n_prompts):
-            patch_bounds.append(patch_bounds[-1] + sum(per_image[image_bounds[i]:image_bounds[i + 1]]))
+            patch_bounds.append(patch_bounds[-1] + sum(per_image[image_bounds[i] : image_bounds[i + 1]]))
     rows: dict[str, list[slice]] = {}
     for key, tensor in vision.items():
         unit = _row_unit(key, tensor, vision, n_prompts, n_images)
@@ -337,7 +339,7 @@ def encode_completions(
     out: list[list[list[int]]] = []
     pos = 0
     for group in completions:
-        out.append([list(ids) + eot for ids in encoded[pos:pos + len(group)]])
+        out.append([list(ids) + eot for ids in encoded[pos : pos + len(group)]])
         pos += len(group)
     return out
 
@@ -406,12 +408,12 @@ def build_rows(
     for r, (i, j) in enumerate(order):
         p, c = prompts.input_ids[i], completions[i][j]
         input_ids[r, : len(p)] = torch.tensor(p, dtype=torch.long)
-        input_ids[r, len(p): len(p) + len(c)] = torch.tensor(c, dtype=torch.long)
+        input_ids[r, len(p) : len(p) + len(c)] = torch.tensor(c, dtype=torch.long)
         attention[r, : len(p) + len(c)] = 1
         target = torch.tensor(c, dtype=torch.long)
         if label_masks is not None:
             target[~torch.tensor(label_masks[i][j], dtype=torch.bool)] = IGNORE_INDEX
-        labels[r, len(p): len(p) + len(c)] = target
+        labels[r, len(p) : len(p) + len(c)] = target
         for k, rows in prompts.token_fields.items():
             per_token[k][r, : len(p)] = torch.tensor(rows[i], dtype=torch.long)
     row_prompt = [i for i, _ in order]
@@ -429,7 +431,9 @@ def build_rows(
     )
 
 
-def build_prompt_rows(prompts: EncodedPrompts, *, pad_token_id: int, dropped_ids: Sequence[str] = ()) -> GenerationBatch:
+def build_prompt_rows(
+    prompts: EncodedPrompts, *, pad_token_id: int, dropped_ids: Sequence[str] = ()
+) -> GenerationBatch:
     """Prompts alone, left-padded (generation appends on the right)."""
     n = len(prompts)
     width = max(prompts.lengths, default=0)

@@ -437,9 +437,15 @@ def load_samples(
 ) -> list[Sample]:
     """:func:`load_samples_with_report` without the report."""
     samples, _ = load_samples_with_report(
-        path, kind, split=split, image_root=image_root, skip_bad_rows=skip_bad_rows,
-        check_images=check_images, limit=limit, keep=keep,
-    )  # fmt: skip
+        path,
+        kind,
+        split=split,
+        image_root=image_root,
+        skip_bad_rows=skip_bad_rows,
+        check_images=check_images,
+        limit=limit,
+        keep=keep,
+    )
     return samples
 
 
@@ -493,9 +499,13 @@ def _image_entry(image: ImageLike, out_dir: Path, image_dir: str, stem: str, emb
 
 
 def sample_to_row(
-    sample: Sample, *, out_dir: str | os.PathLike, image_dir: str = "images", embed_images: bool = False,
+    sample: Sample,
+    *,
+    out_dir: str | os.PathLike,
+    image_dir: str = "images",
+    embed_images: bool = False,
     conversational: bool = True,
-) -> dict[str, Any]:  # fmt: skip
+) -> dict[str, Any]:
     """One sample as a row in the TRL layout; images that are not files are saved under ``image_dir``.
 
     Completions become assistant messages (``conversational``) or plain strings; ``meta`` entries
@@ -533,8 +543,10 @@ def write_samples(
     if p.suffix not in (".jsonl", ".parquet"):
         raise ValueError(f"{p}: write to a .jsonl or .parquet file")
     embed = p.suffix == ".parquet"
-    rows = (sample_to_row(s, out_dir=p.parent, image_dir=image_dir, embed_images=embed,
-                          conversational=conversational) for s in samples)  # fmt: skip
+    rows = (
+        sample_to_row(s, out_dir=p.parent, image_dir=image_dir, embed_images=embed, conversational=conversational)
+        for s in samples
+    )
     if not embed:
         return write_jsonl(rows, p)
     import pyarrow as pa

@@ -18,11 +18,11 @@ from __future__ import annotations
 import io
 import os
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any
 
 from PIL import Image
 
-ImageLike = Union[Image.Image, str, os.PathLike, bytes]
+ImageLike = Image.Image | str | os.PathLike | bytes
 Message = dict[str, Any]
 
 
@@ -135,7 +135,7 @@ def user_prompt(text: str, n_images: int = 1) -> list[Message]:
 
 # ----------------------------------------------------------------------------- normalisation and validation
 
-Sample = Union[SupervisedSample, PreferenceSample, UnpairedSample, PromptSample]
+Sample = SupervisedSample | PreferenceSample | UnpairedSample | PromptSample
 
 IMAGE_TOKEN = "<image>"
 """Inline image marker of LLaVA-style text (``"<image>\\nWhat is this?"``), turned into placeholders."""
@@ -210,7 +210,7 @@ def prompt_messages(prompt: Any, n_images: int, *, where: str = "prompt") -> lis
         raise data_error(
             "image count mismatch",
             f"{where}: the prompt has {n_placeholders} image placeholder(s) but the row has {n_images} image(s);"
-            " give one image per {'type': 'image'} part (or '<image>' marker), in order"
+            " give one image per {'type': 'image'} part (or '<image>' marker), in order",
         )
     return messages
 
@@ -269,7 +269,7 @@ def validate_sample(sample: Sample, *, where: str | None = None, check_images: b
     if n_placeholders != len(sample.images):
         raise data_error(
             "image count mismatch",
-            f"{where}: the prompt has {n_placeholders} image placeholder(s) but {len(sample.images)} image(s)"
+            f"{where}: the prompt has {n_placeholders} image placeholder(s) but {len(sample.images)} image(s)",
         )
     texts: dict[str, Any] = {}
     if isinstance(sample, (SupervisedSample, UnpairedSample)):

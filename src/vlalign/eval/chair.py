@@ -49,8 +49,13 @@ class ChairResult:
     captions: list[CaptionReport] = field(default_factory=list)
 
     def metrics(self) -> dict[str, float]:
-        return {"chair_i": self.chair_i, "chair_s": self.chair_s, "recall": self.recall, "n": float(self.n),
-                "mentions_per_caption": self.mentions / self.n if self.n else 0.0}  # fmt: skip
+        return {
+            "chair_i": self.chair_i,
+            "chair_s": self.chair_s,
+            "recall": self.recall,
+            "n": float(self.n),
+            "mentions_per_caption": self.mentions / self.n if self.n else 0.0,
+        }
 
 
 def caption_report(text: str, present: Sequence[str], vocab: ObjectVocabulary) -> CaptionReport:

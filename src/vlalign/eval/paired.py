@@ -72,9 +72,12 @@ def record_counts(record: Record) -> dict[str, float]:
     prefix = _prefix(part)
     if "hallucinated" in record:
         hallucinated = len(record["hallucinated"])
-        counts = {f"{prefix}chair:captions": 1.0, f"{prefix}chair:with_hallucination": float(hallucinated > 0),
-                  f"{prefix}chair:recalled": float(len(record.get("recalled", []))),
-                  f"{prefix}chair:present": float(len(set(record.get("objects", []))))}  # fmt: skip
+        counts = {
+            f"{prefix}chair:captions": 1.0,
+            f"{prefix}chair:with_hallucination": float(hallucinated > 0),
+            f"{prefix}chair:recalled": float(len(record.get("recalled", []))),
+            f"{prefix}chair:present": float(len(set(record.get("objects", [])))),
+        }
         if "mentions" in record:
             counts[f"{prefix}chair:hallucinated"] = float(hallucinated)
             counts[f"{prefix}chair:mentions"] = float(record["mentions"])
@@ -102,9 +105,13 @@ def metrics_from_counts(counts: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             tp, fp, tn, fn = (get(f"{group}:{c}") for c in ("tp", "fp", "tn", "fn"))
             total = tp + fp + tn + fn
             precision, recall = _ratio(tp, tp + fp), _ratio(tp, tp + fn)
-            out |= {f"{group}/accuracy": _ratio(tp + tn, total), f"{group}/precision": precision,
-                    f"{group}/recall": recall, f"{group}/f1": _ratio(2 * precision * recall, precision + recall),
-                    f"{group}/yes_ratio": _ratio(tp + fp, total)}  # fmt: skip
+            out |= {
+                f"{group}/accuracy": _ratio(tp + tn, total),
+                f"{group}/precision": precision,
+                f"{group}/recall": recall,
+                f"{group}/f1": _ratio(2 * precision * recall, precision + recall),
+                f"{group}/yes_ratio": _ratio(tp + fp, total),
+            }
         elif group.endswith("chair"):
             out[f"{group}/chair_s"] = _ratio(get(f"{group}:with_hallucination"), get(f"{group}:captions"))
             out[f"{group}/recall"] = _ratio(get(f"{group}:recalled"), get(f"{group}:present"))
@@ -148,15 +155,21 @@ def scene_counts(
                 row[key] = row.get(key, 0.0) + value
     scenes = sorted(table)
     keys = sorted({k for row in table.values() for k in row})
-    matrix = np.array([[table[s].get(k, 0.0) for k in keys] for s in scenes], dtype=float).reshape(len(scenes), len(keys))
+    matrix = np.array([[table[s].get(k, 0.0) for k in keys] for s in scenes], dtype=float).reshape(
+        len(scenes), len(keys)
+    )
     return scenes, keys, matrix
 
 
 def _mismatch(first: set[tuple[str, str]], other: set[tuple[str, str]], which: str) -> str:
     missing, extra = sorted(first - other), sorted(other - first)
-    example = f"{missing[0][1]!r} ({missing[0][0]}) is missing" if missing else f"{extra[0][1]!r} ({extra[0][0]}) is new"
-    return (f"{which} answered other questions than the first one ({len(other)} vs {len(first)}; e.g. "
-            f"{example}): compare evaluations run with the same suite settings")  # fmt: skip
+    example = (
+        f"{missing[0][1]!r} ({missing[0][0]}) is missing" if missing else f"{extra[0][1]!r} ({extra[0][0]}) is new"
+    )
+    return (
+        f"{which} answered other questions than the first one ({len(other)} vs {len(first)}; e.g. "
+        f"{example}): compare evaluations run with the same suite settings"
+    )
 
 
 def paired_bootstrap(
@@ -183,8 +196,13 @@ def paired_bootstrap(
     _, keys_b, counts_b = scene_counts(b, scene_of, side="b")  # the same scenes, in the same order
     # each side's metrics from its own counts: a count one side lacks (CHAIR_i's mentions in older
     # records) leaves that metric out instead of reading as zero
-    weights = np.random.default_rng(seed).multinomial(len(scenes), np.full(len(scenes), 1.0 / len(scenes)), size=samples)
-    point_a, point_b = _metrics(counts_a.sum(0, keepdims=True), keys_a), _metrics(counts_b.sum(0, keepdims=True), keys_b)
+    weights = np.random.default_rng(seed).multinomial(
+        len(scenes), np.full(len(scenes), 1.0 / len(scenes)), size=samples
+    )
+    point_a, point_b = (
+        _metrics(counts_a.sum(0, keepdims=True), keys_a),
+        _metrics(counts_b.sum(0, keepdims=True), keys_b),
+    )
     draws_a, draws_b = _metrics(weights @ counts_a, keys_a), _metrics(weights @ counts_b, keys_b)
     tail = (1.0 - level) / 2.0
     out: dict[str, Interval] = {}

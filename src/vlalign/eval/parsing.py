@@ -2,7 +2,7 @@
 
 Pure text functions, no model and no torch, shared by the evaluation metrics
 (:mod:`vlalign.eval.pope`, :mod:`vlalign.eval.chair`) and by preference-pair construction
-(:mod:`vlalign.data.pairs_inject`, :mod:`vlalign.data.pairs_rank`).
+(:mod:`vlalign.data.pairs.inject`, :mod:`vlalign.data.pairs.rank`).
 
 **POPE answers** (:func:`pope_says_yes`) follow the POPE evaluation code (Li et al. 2023): keep the
 text before the first ``.``, drop commas, split on spaces; the answer is *no* if a word is ``no``
@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from vlalign.data.schema import DataError
-from vlalign.data.world import NUMBER_WORDS
+from vlalign.shapes.world import NUMBER_WORDS
 
 # ----------------------------------------------------------------------------- POPE answers
 
@@ -110,7 +110,7 @@ class ObjectVocabulary:
         i = 0
         while i < len(tokens):
             for size in range(min(self._longest, len(tokens) - i), 0, -1):
-                name = self._table.get(tuple(words[i:i + size]))
+                name = self._table.get(tuple(words[i : i + size]))
                 if name is not None:
                     start, end = tokens[i][1], tokens[i + size - 1][2]
                     out.append(Mention(name, text[start:end], start, end, _negated(words, i), _count(words, i)))

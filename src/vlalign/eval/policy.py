@@ -29,8 +29,8 @@ from torch import Tensor, nn
 
 from vlalign.data.collate import IGNORE_INDEX, build_rows, encode_prompts, pad_token_id_of
 from vlalign.data.schema import PromptSample
+from vlalign.models.generate import generate
 from vlalign.rewards.combine import BatchScorer
-from vlalign.rollout import generate
 
 
 @torch.no_grad()
@@ -51,11 +51,13 @@ def completion_token_logprobs(
     out: list[Tensor] = []
     try:
         for lo in range(0, len(samples), batch_size):
-            prompts = encode_prompts(processor, samples[lo:lo + batch_size])
-            comps = [[list(ids)] for ids in token_ids[lo:lo + batch_size]]
+            prompts = encode_prompts(processor, samples[lo : lo + batch_size])
+            comps = [[list(ids)] for ids in token_ids[lo : lo + batch_size]]
             batch = build_rows(prompts, comps, pad_token_id=pad)
-            inputs = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device))
-                      for k, v in batch.model_inputs().items()}  # fmt: skip
+            inputs = {
+                k: (v.to(device, dtype) if v.is_floating_point() else v.to(device))
+                for k, v in batch.model_inputs().items()
+            }
             logits = model(**inputs).logits[:, :-1].float()  # (R, T-1, V)
             labels = batch.labels[:, 1:].to(device)  # (R, T-1)
             mask = labels != IGNORE_INDEX
@@ -89,8 +91,18 @@ def kl_divergence(
 ) -> dict[str, float]:
     """KL(policy || reference) on ``samples``' prompts (see the module doc); both models share
     ``processor``. Also returns ``kl_n`` (completions) and ``kl_tokens`` (tokens scored)."""
-    gens = generate(policy, processor, samples, n=1, temperature=1.0, max_new_tokens=max_new_tokens, seed=seed,
-                    batch_size=batch_size, progress=progress, desc="kl rollouts")  # fmt: skip
+    gens = generate(
+        policy,
+        processor,
+        samples,
+        n=1,
+        temperature=1.0,
+        max_new_tokens=max_new_tokens,
+        seed=seed,
+        batch_size=batch_size,
+        progress=progress,
+        desc="kl rollouts",
+    )
     ids = [g[0] for g in gens.token_ids]
     keep = [i for i, x in enumerate(ids) if x]
     chosen = [samples[i] for i in keep]
@@ -123,5 +135,9 @@ def scored_win_rate(
     b = [float(x) for x in scorer(samples, texts_b)]
     same = [x == y for x, y in zip(texts_a, texts_b)]
     b_tied = [x if s else y for x, y, s in zip(a, b, same)]
-    return {"win_rate": win_rate(a, b_tied), "score_a": sum(a) / len(a), "score_b": sum(b) / len(b),
-            "same": sum(same) / len(same)}
+    return {
+        "win_rate": win_rate(a, b_tied),
+        "score_a": sum(a) / len(a),
+        "score_b": sum(b) / len(b),
+        "same": sum(same) / len(same),
+    }

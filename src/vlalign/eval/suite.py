@@ -53,11 +53,11 @@ from vlalign.data.io import load_samples
 from vlalign.data.schema import DataError, PromptSample
 from vlalign.eval.chair import caption_report, chair
 from vlalign.eval.parsing import ObjectVocabulary, annotations_of, load_vocabulary, pope_says_yes
-from vlalign.eval.pope import pope_metrics
 from vlalign.eval.policy import kl_divergence, scored_win_rate
+from vlalign.eval.pope import pope_metrics
 from vlalign.eval.tasks import DESCRIBE, answer_correct, task_accuracy, task_of
+from vlalign.models.generate import generate
 from vlalign.rewards.combine import BatchScorer
-from vlalign.rollout import generate
 
 POPE_MODES: tuple[str, ...] = ("random", "popular", "adversarial")
 
@@ -147,8 +147,9 @@ def _subsample(samples: list[PromptSample], per_task: int, describe: int, seed: 
 
 def _scene(sample: PromptSample) -> str:
     meta = sample.meta or {}
-    return str(meta.get("scene_id") or (sample.images[0] if sample.images and isinstance(sample.images[0], str)
-                                          else sample.id))  # fmt: skip
+    return str(
+        meta.get("scene_id") or (sample.images[0] if sample.images and isinstance(sample.images[0], str) else sample.id)
+    )
 
 
 def _pope_subsample(by_mode: dict[str, list[PromptSample]], cap: int, seed: int) -> dict[str, list[PromptSample]]:
@@ -173,7 +174,7 @@ def _pope_subsample(by_mode: dict[str, list[PromptSample]], cap: int, seed: int)
 
 def _resolve_folder(data: str) -> Path:
     if data.startswith("shapes:"):
-        from vlalign.embedded import resolve_data
+        from vlalign.shapes.embedded import resolve_data
 
         return Path(resolve_data("shapes:manifest.json")).parent
     return Path(data)
@@ -213,11 +214,15 @@ def build_suite(cfg: SuiteConfig) -> Suite:
         name=name,
         pope=_pope_subsample(pope, cfg.pope_questions, cfg.seed),
         heldout=_subsample(heldout, cfg.questions_per_task, cfg.describe, f"{cfg.seed}/heldout"),
-        compositional=_subsample(compositional, cfg.compositional_questions_per_task, cfg.compositional_describe,
-                                 f"{cfg.seed}/compositional"),  # fmt: skip
-        vocabulary=vocab, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
-        kl_prompts=cfg.kl_prompts, seed=cfg.seed,
-    )  # fmt: skip
+        compositional=_subsample(
+            compositional, cfg.compositional_questions_per_task, cfg.compositional_describe, f"{cfg.seed}/compositional"
+        ),
+        vocabulary=vocab,
+        max_new_tokens=cfg.max_new_tokens,
+        batch_size=cfg.batch_size,
+        kl_prompts=cfg.kl_prompts,
+        seed=cfg.seed,
+    )
 
 
 # ----------------------------------------------------------------------------- evaluating
@@ -246,8 +251,15 @@ def answer_all(model: nn.Module, processor: Any, suite: Suite, *, progress: bool
         if _key(s) not in unique:
             unique[_key(s)] = len(order)
             order.append(s)
-    gens = generate(model, processor, order, max_new_tokens=suite.max_new_tokens, batch_size=suite.batch_size,
-                    progress=progress, desc="eval")  # fmt: skip
+    gens = generate(
+        model,
+        processor,
+        order,
+        max_new_tokens=suite.max_new_tokens,
+        batch_size=suite.batch_size,
+        progress=progress,
+        desc="eval",
+    )
     return [gens.texts[unique[_key(s)]][0] for _, s in rows], gens
 
 
@@ -266,17 +278,28 @@ def _split_metrics(
 
 def _record(part: str, sample: PromptSample, text: str, vocab: ObjectVocabulary | None) -> dict[str, Any]:
     meta = sample.meta or {}
-    rec: dict[str, Any] = {"part": part, "id": sample.id, "task": task_of(sample), "question": _question(sample),
-                           "image": str(sample.images[0]) if sample.images and isinstance(sample.images[0], (str, Path))
-                           else None, "output": text}  # fmt: skip
+    rec: dict[str, Any] = {
+        "part": part,
+        "id": sample.id,
+        "task": task_of(sample),
+        "question": _question(sample),
+        "image": str(sample.images[0]) if sample.images and isinstance(sample.images[0], (str, Path)) else None,
+        "output": text,
+    }
     if "answer" in meta:
         rec["answer"] = meta["answer"]
     if part.startswith("pope/"):
         rec["said_yes"] = pope_says_yes(text)
     elif rec["task"] == DESCRIBE and vocab is not None and meta.get("objects") is not None:
         report = caption_report(text, meta["objects"], vocab)
-        rec.update({"objects": list(meta["objects"]), "mentions": len(report.mentions), "hallucinated": report.hallucinated,
-                    "recalled": report.recalled})  # fmt: skip
+        rec.update(
+            {
+                "objects": list(meta["objects"]),
+                "mentions": len(report.mentions),
+                "hallucinated": report.hallucinated,
+                "recalled": report.recalled,
+            }
+        )
     elif "answer" in meta:
         rec["correct"] = answer_correct(text, sample)
     return rec
@@ -313,8 +336,16 @@ def evaluate(
     records = [_record(part, s, t, suite.vocabulary) for (part, s), t in zip(rows, texts)]
     if reference is not None and suite.kl_prompts > 0 and suite.heldout:
         prompts = random.Random(f"kl/{suite.seed}").sample(suite.heldout, min(suite.kl_prompts, len(suite.heldout)))
-        kl = kl_divergence(model, reference, processor, prompts, max_new_tokens=suite.max_new_tokens, seed=suite.seed,
-                           batch_size=suite.batch_size, progress=progress)  # fmt: skip
+        kl = kl_divergence(
+            model,
+            reference,
+            processor,
+            prompts,
+            max_new_tokens=suite.max_new_tokens,
+            seed=suite.seed,
+            batch_size=suite.batch_size,
+            progress=progress,
+        )
         metrics.update({"kl/seq": kl["kl"], "kl/token_k3": kl["kl_token_k3"], "kl/n": kl["kl_n"]})
     if baseline is not None and scorer is not None:
         metrics.update(_win_rate(records, baseline, scorer, suite))
@@ -332,8 +363,12 @@ def _win_rate(
         return {}
     ours = {r["id"]: r["output"] for r in records if r["part"] == "heldout"}
     res = scored_win_rate(scorer, samples, [ours[s.id] for s in samples], [theirs[s.id] for s in samples])
-    return {"win_rate": res["win_rate"], "win_rate/score": res["score_a"], "win_rate/baseline_score": res["score_b"],
-            "win_rate/same": res["same"]}
+    return {
+        "win_rate": res["win_rate"],
+        "win_rate/score": res["score_a"],
+        "win_rate/baseline_score": res["score_b"],
+        "win_rate/same": res["same"],
+    }
 
 
 def compare(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:

@@ -172,9 +172,7 @@ def kl_penalized_token_rewards(
     return rewards + torch.where(is_last, sequence_rewards.unsqueeze(-1).to(rewards.dtype), 0.0)
 
 
-def _reverse_scan(
-    rewards: Tensor, values: Tensor, valid: Tensor, *, gamma: float, lam: float
-) -> Tensor:
+def _reverse_scan(rewards: Tensor, values: Tensor, valid: Tensor, *, gamma: float, lam: float) -> Tensor:
     """A_t = δ_t + γλ·A_next, δ_t = r_t + γ·V_next − V_t over valid positions only (``(B, T)``)."""
     batch, length = rewards.shape
     next_value = rewards.new_zeros(batch)
@@ -203,9 +201,7 @@ def gae(
     """
     valid = mask.bool()
     if rewards.shape != valid.shape or values.shape != valid.shape:
-        raise ValueError(
-            f"rewards {tuple(rewards.shape)}, values {tuple(values.shape)} and mask must all be (B, T)"
-        )
+        raise ValueError(f"rewards {tuple(rewards.shape)}, values {tuple(values.shape)} and mask must all be (B, T)")
     r = masked_fill_zero(rewards, valid)
     v = masked_fill_zero(values, valid)
     advantages = _reverse_scan(r, v, valid, gamma=gamma, lam=lam)

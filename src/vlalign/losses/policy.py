@@ -28,9 +28,7 @@ from .preference import LossOutput
 
 def _check_mask(values: Tensor, mask: Tensor, name: str = "values") -> Tensor:
     if values.shape != mask.shape:
-        raise ValueError(
-            f"{name} {tuple(values.shape)} and mask {tuple(mask.shape)} must have the same shape (B, T)"
-        )
+        raise ValueError(f"{name} {tuple(values.shape)} and mask {tuple(mask.shape)} must have the same shape (B, T)")
     return mask.bool()
 
 
@@ -51,9 +49,7 @@ def masked_mean(values: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
     return masked_sum(values, mask, dim) / count.clamp(min=1).to(values.dtype)
 
 
-def token_mean(
-    values: Tensor, mask: Tensor, *, num_tokens: Tensor | float | None = None, **_: object
-) -> Tensor:
+def token_mean(values: Tensor, mask: Tensor, *, num_tokens: Tensor | float | None = None, **_: object) -> Tensor:
     """Σ_{i,t} m_it·v_it / N_tokens; N_tokens defaults to the local count (pass the global one for DP)."""
     valid = _check_mask(values, mask)
     total = masked_sum(values, valid)
@@ -122,9 +118,7 @@ def aggregate(
     """
     if mode not in AGGREGATIONS:
         raise ValueError(f"unknown aggregation mode {mode!r}; choose one of {sorted(AGGREGATIONS)}")
-    return AGGREGATIONS[mode](
-        values, mask, max_length=max_length, num_tokens=num_tokens, num_sequences=num_sequences
-    )
+    return AGGREGATIONS[mode](values, mask, max_length=max_length, num_tokens=num_tokens, num_sequences=num_sequences)
 
 
 def _per_token_advantages(advantages: Tensor, like: Tensor) -> Tensor:
@@ -132,9 +126,7 @@ def _per_token_advantages(advantages: Tensor, like: Tensor) -> Tensor:
         return advantages
     if advantages.ndim == 1 and advantages.shape[0] == like.shape[0]:
         return advantages.unsqueeze(-1).expand_as(like)
-    raise ValueError(
-        f"advantages must have shape (B,) or (B, T) = {tuple(like.shape)}, got {tuple(advantages.shape)}"
-    )
+    raise ValueError(f"advantages must have shape (B,) or (B, T) = {tuple(like.shape)}, got {tuple(advantages.shape)}")
 
 
 def ppo_clip_loss(
@@ -239,9 +231,7 @@ def entropy_loss(logits: Tensor, mask: Tensor, *, coef: float = 0.01) -> LossOut
     """
     valid = mask.bool()
     if logits.shape[:-1] != valid.shape:
-        raise ValueError(
-            f"logits {tuple(logits.shape)} must be (B, T, V) with (B, T) = mask {tuple(valid.shape)}"
-        )
+        raise ValueError(f"logits {tuple(logits.shape)} must be (B, T, V) with (B, T) = mask {tuple(valid.shape)}")
     safe_logits = masked_fill_zero(logits, valid.unsqueeze(-1).expand_as(logits))
     entropy = masked_fill_zero(entropy_from_logits(safe_logits), valid)
     return LossOutput(-coef * entropy, {"policy/entropy": masked_mean(entropy.detach(), valid)})

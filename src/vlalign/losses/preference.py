@@ -61,8 +61,7 @@ class PreferenceLogps:
         rejected_shape = tuple(self.rejected_logps.shape)
         if self.rejected_logps.ndim not in (1, 2) or rejected_shape[0] != batch:
             raise ValueError(
-                f"PreferenceLogps.rejected_logps must have shape (B,) or (B, K) with B={batch}, "
-                f"got {rejected_shape}"
+                f"PreferenceLogps.rejected_logps must have shape (B,) or (B, K) with B={batch}, got {rejected_shape}"
             )
         expected = {
             "ref_chosen_logps": (batch,),

@@ -121,11 +121,25 @@ class _Headed(nn.Module):
         self.backbone = backbone
         self.head = head
 
-    def hidden(self, prompts: EncodedPrompts, completions: Completions, *, mode: Mode = "shared",
-               pad_token_id: int = 0, max_length: int | None = None) -> CompletionLogprobs:
+    def hidden(
+        self,
+        prompts: EncodedPrompts,
+        completions: Completions,
+        *,
+        mode: Mode = "shared",
+        pad_token_id: int = 0,
+        max_length: int | None = None,
+    ) -> CompletionLogprobs:
         """The backbone's forward over ``completions[i][j]`` given prompt ``i``, hidden states included."""
-        return completion_logprobs(self.backbone, prompts, completions, mode=mode, return_hidden=True,
-                                   pad_token_id=pad_token_id, max_length=max_length)  # fmt: skip
+        return completion_logprobs(
+            self.backbone,
+            prompts,
+            completions,
+            mode=mode,
+            return_hidden=True,
+            pad_token_id=pad_token_id,
+            max_length=max_length,
+        )
 
 
 class RewardModel(_Headed):
@@ -136,8 +150,15 @@ class RewardModel(_Headed):
     (:class:`RewardModelInfo`) is applied by the scorer (:mod:`vlalign.rewards.model`), not here.
     """
 
-    def forward(self, prompts: EncodedPrompts, completions: Completions, *, mode: Mode = "shared",
-                pad_token_id: int = 0, max_length: int | None = None) -> Tensor:
+    def forward(
+        self,
+        prompts: EncodedPrompts,
+        completions: Completions,
+        *,
+        mode: Mode = "shared",
+        pad_token_id: int = 0,
+        max_length: int | None = None,
+    ) -> Tensor:
         out = self.hidden(prompts, completions, mode=mode, pad_token_id=pad_token_id, max_length=max_length)
         return sequence_scores(self.head, out)
 
@@ -145,8 +166,15 @@ class RewardModel(_Headed):
 class CriticModel(_Headed):
     """A separate vision-language critic: ``(prompts, completions) -> V(s_t)`` ``(R, L)``, 0 on padding."""
 
-    def forward(self, prompts: EncodedPrompts, completions: Completions, *, mode: Mode = "shared",
-                pad_token_id: int = 0, max_length: int | None = None) -> Tensor:
+    def forward(
+        self,
+        prompts: EncodedPrompts,
+        completions: Completions,
+        *,
+        mode: Mode = "shared",
+        pad_token_id: int = 0,
+        max_length: int | None = None,
+    ) -> Tensor:
         out = self.hidden(prompts, completions, mode=mode, pad_token_id=pad_token_id, max_length=max_length)
         return token_scores(self.head, out)
 
@@ -169,8 +197,9 @@ def load_head(path: str | Path, *, dropout: float = 0.0, device: str | torch.dev
         raise FileNotFoundError(f"head weights {path} do not exist")
     state = load_file(str(path))
     if "score.weight" not in state or state["score.weight"].ndim != 2 or state["score.weight"].shape[0] != 1:
-        raise ValueError(f"{path} does not hold a scalar head (expected score.weight of shape (1, H), "
-                         f"found keys {sorted(state)})")
+        raise ValueError(
+            f"{path} does not hold a scalar head (expected score.weight of shape (1, H), found keys {sorted(state)})"
+        )
     head = ScalarHead(int(state["score.weight"].shape[1]), dropout=dropout)
     head.load_state_dict(state)
     return head.to(device)
@@ -205,22 +234,31 @@ def read_info(folder: str | Path) -> RewardModelInfo:
     """The :class:`RewardModelInfo` of a saved reward model folder."""
     path = Path(folder) / INFO_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{folder} is not a reward model folder: {INFO_FILE} is missing "
-                                "(train one with `vlalign rm`)")
+        raise FileNotFoundError(
+            f"{folder} is not a reward model folder: {INFO_FILE} is missing (train one with `vlalign rm`)"
+        )
     data = json.loads(path.read_text())
     known = {f.name for f in fields(RewardModelInfo)}
     unknown = sorted(set(data) - known)
     if unknown or int(data.get("format", 0)) > INFO_FORMAT:
-        raise ValueError(f"{path}: unknown fields {unknown} or format {data.get('format')} (this vlalign reads "
-                         f"format {INFO_FORMAT}); upgrade vlalign or retrain the reward model")
+        raise ValueError(
+            f"{path}: unknown fields {unknown} or format {data.get('format')} (this vlalign reads "
+            f"format {INFO_FORMAT}); upgrade vlalign or retrain the reward model"
+        )
     info = RewardModelInfo(**data)
     if not (math.isfinite(info.offset) and math.isfinite(info.scale) and info.scale > 0):
         raise ValueError(f"{path}: offset {info.offset} and scale {info.scale} must be finite with scale > 0")
     return info
 
 
-def save_reward_model(model: RewardModel, processor: Any, out_dir: str | Path, info: RewardModelInfo, *,
-                      mode: Literal["auto", "adapter", "merged", "full"] = "auto") -> Path:
+def save_reward_model(
+    model: RewardModel,
+    processor: Any,
+    out_dir: str | Path,
+    info: RewardModelInfo,
+    *,
+    mode: Literal["auto", "adapter", "merged", "full"] = "auto",
+) -> Path:
     """Write a reward model folder: backbone (full or adapter, by ``mode``), head and info."""
     from vlalign.models.load import save_model_and_processor
 
@@ -230,8 +268,9 @@ def save_reward_model(model: RewardModel, processor: Any, out_dir: str | Path, i
     return out
 
 
-def load_reward_model(folder: str | Path, *, device: str | None = "auto", dtype: str | torch.dtype = "auto",
-                      trainable: bool = False) -> tuple[RewardModel, Any, RewardModelInfo]:
+def load_reward_model(
+    folder: str | Path, *, device: str | None = "auto", dtype: str | torch.dtype = "auto", trainable: bool = False
+) -> tuple[RewardModel, Any, RewardModelInfo]:
     """Reopen a folder written by :func:`save_reward_model`: ``(model, processor, info)``.
 
     ``trainable=False`` (scoring) freezes every weight and puts the model in eval mode.
@@ -243,8 +282,10 @@ def load_reward_model(folder: str | Path, *, device: str | None = "auto", dtype:
     backbone, processor = load_model_and_processor(folder, device=device, dtype=dtype, adapter_trainable=trainable)
     head = load_head(folder / HEAD_FILE, device=next(backbone.parameters()).device)
     if head.hidden_size != hidden_size_of(backbone) or head.hidden_size != info.hidden_size:
-        raise ValueError(f"{folder}: head width {head.hidden_size}, info {info.hidden_size} and backbone "
-                         f"{hidden_size_of(backbone)} disagree; the folder is inconsistent")
+        raise ValueError(
+            f"{folder}: head width {head.hidden_size}, info {info.hidden_size} and backbone "
+            f"{hidden_size_of(backbone)} disagree; the folder is inconsistent"
+        )
     model = RewardModel(backbone, head)
     if not trainable:
         model.requires_grad_(False)

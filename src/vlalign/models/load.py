@@ -39,9 +39,12 @@ VISION_NAMES = ("visual", "vision_tower", "vision_model")
 PROJECTOR_NAMES = ("multi_modal_projector", "connector", "merger", "mm_projector")
 
 _DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
 }
 
 
@@ -293,25 +296,38 @@ def load_model_and_processor(
     source, local_only = resolve_source(name_or_path, probe_timeout=probe_timeout)
     adapter_dir = Path(source) / "adapter_config.json" if local_only else None
     if adapter_dir is not None and adapter_dir.is_file() and not (Path(source) / "config.json").is_file():
-        return _load_adapter(source, dtype=dtype, device=device, attn_implementation=attn_implementation,
-                             gradient_checkpointing=gradient_checkpointing, trust_remote_code=trust_remote_code,
-                             trainable=adapter_trainable, lora=lora, probe_timeout=probe_timeout)
+        return _load_adapter(
+            source,
+            dtype=dtype,
+            device=device,
+            attn_implementation=attn_implementation,
+            gradient_checkpointing=gradient_checkpointing,
+            trust_remote_code=trust_remote_code,
+            trainable=adapter_trainable,
+            lora=lora,
+            probe_timeout=probe_timeout,
+        )
     dev = resolve_device(device)
-    kwargs: dict[str, Any] = {"dtype": resolve_dtype(dtype, dev), "trust_remote_code": trust_remote_code,
-                              "local_files_only": local_only}
+    kwargs: dict[str, Any] = {
+        "dtype": resolve_dtype(dtype, dev),
+        "trust_remote_code": trust_remote_code,
+        "local_files_only": local_only,
+    }
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     try:
-        processor = AutoProcessor.from_pretrained(source, trust_remote_code=trust_remote_code,
-                                                  local_files_only=local_only)
+        processor = AutoProcessor.from_pretrained(
+            source, trust_remote_code=trust_remote_code, local_files_only=local_only
+        )
         model = AutoModelForImageTextToText.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot load an image-text-to-text model from {source!r}: {exc}") from exc
     return _set_up(model, dev if device is not None else None, gradient_checkpointing, lora, freeze_vision), processor
 
 
-def _set_up(model: nn.Module, device: str | None, checkpointing: bool, lora: LoraSpec | None,
-            freeze_vision: bool) -> nn.Module:
+def _set_up(
+    model: nn.Module, device: str | None, checkpointing: bool, lora: LoraSpec | None, freeze_vision: bool
+) -> nn.Module:
     if device is not None:
         model.to(device)
     if checkpointing:
@@ -349,7 +365,9 @@ def _load_adapter(folder: str, *, trainable: bool, lora: LoraSpec | None, **kwar
     config = json.loads((Path(folder) / "adapter_config.json").read_text())
     base = config.get("base_model_name_or_path")
     if not base:
-        raise ModelLoadError(f"{folder}/adapter_config.json names no base_model_name_or_path; cannot load the base model")
+        raise ModelLoadError(
+            f"{folder}/adapter_config.json names no base_model_name_or_path; cannot load the base model"
+        )
     model, _ = load_model_and_processor(base, lora=None, **kwargs)
     try:
         processor = AutoProcessor.from_pretrained(folder, local_files_only=True)

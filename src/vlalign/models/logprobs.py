@@ -186,18 +186,33 @@ class CompletionLogprobs:
         return values.reshape(-1, k, *values.shape[1:])
 
     def detach(self) -> CompletionLogprobs:
-        return replace(self, **{f.name: getattr(self, f.name).detach() for f in fields(self)
-                                if isinstance(getattr(self, f.name), Tensor)})
+        return replace(
+            self,
+            **{
+                f.name: getattr(self, f.name).detach()
+                for f in fields(self)
+                if isinstance(getattr(self, f.name), Tensor)
+            },
+        )
 
     def to(self, device: torch.device | str) -> CompletionLogprobs:
-        return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self)
-                                if isinstance(getattr(self, f.name), Tensor)})
+        return replace(
+            self,
+            **{
+                f.name: getattr(self, f.name).to(device)
+                for f in fields(self)
+                if isinstance(getattr(self, f.name), Tensor)
+            },
+        )
 
     def select(self, rows: Tensor | Sequence[int]) -> CompletionLogprobs:
         """The rows ``rows`` (in that order); per-row tensors cut, token counts left as they were."""
         index = torch.as_tensor(rows, dtype=torch.long, device=self.logps.device)
-        changes = {f.name: getattr(self, f.name)[index.to(getattr(self, f.name).device)] for f in fields(self)
-                   if isinstance(getattr(self, f.name), Tensor)}
+        changes = {
+            f.name: getattr(self, f.name)[index.to(getattr(self, f.name).device)]
+            for f in fields(self)
+            if isinstance(getattr(self, f.name), Tensor)
+        }
         return replace(self, **changes)
 
 
@@ -228,13 +243,17 @@ def sharing_unsupported(model: nn.Module) -> str | None:
     """Why the packed layout cannot be used with ``model``, or None when it can."""
     model_type = getattr(unwrap(model).config, "model_type", None)
     if model_type not in ARCHITECTURES:
-        return (f"prefix sharing is not verified for model_type {model_type!r} (verified: {sorted(ARCHITECTURES)}); "
-                "computing log-probs the naive way (prompt and image repeated per completion)")
+        return (
+            f"prefix sharing is not verified for model_type {model_type!r} (verified: {sorted(ARCHITECTURES)}); "
+            "computing log-probs the naive way (prompt and image repeated per completion)"
+        )
     attn = attention_implementation(model)
     if attn not in _DENSE_ATTENTION and attn != "flex_attention":
-        return (f"attention implementation {attn!r} cannot take a block mask (a completion must see the shared "
-                "prompt); computing log-probs the naive way. Load the model with attn_implementation='sdpa' "
-                "(or 'flex_attention' on GPUs) to share prompts")
+        return (
+            f"attention implementation {attn!r} cannot take a block mask (a completion must see the shared "
+            "prompt); computing log-probs the naive way. Load the model with attn_implementation='sdpa' "
+            "(or 'flex_attention' on GPUs) to share prompts"
+        )
     return None
 
 
@@ -273,8 +292,11 @@ def _check_length(prompts: EncodedPrompts, i: int, longest: int, max_length: int
     n_prompt = len(prompts.input_ids[i])
     if n_prompt + longest <= max_length:
         return
-    what = (f"its prompt alone has {n_prompt} tokens" if n_prompt >= max_length
-            else f"prompt + longest completion have {n_prompt + longest} tokens")
+    what = (
+        f"its prompt alone has {n_prompt} tokens"
+        if n_prompt >= max_length
+        else f"prompt + longest completion have {n_prompt + longest} tokens"
+    )
     raise DataError(
         f"sample {prompts.sample_ids[i]!r}: {what} (prompt {n_prompt}, of which {prompts.image_token_count[i]} image "
         f"tokens; longest completion {longest}), more than max_length {max_length}; raise max_length or drop the "
@@ -293,8 +315,10 @@ def _check_image_tokens(model: nn.Module, prompts: EncodedPrompts) -> None:
     if token_id is None:
         return
     counts = [sum(1 for t in ids if t == token_id) for ids in prompts.input_ids]
-    advice = ("re-encode the samples with encode_prompts (never edit input_ids by hand) and give one "
-              "{'type': 'image'} part per image")
+    advice = (
+        "re-encode the samples with encode_prompts (never edit input_ids by hand) and give one "
+        "{'type': 'image'} part per image"
+    )
     grid = prompts.vision.get("image_grid_thw")
     if grid is not None:
         merge = getattr(getattr(unwrap(model).config, "vision_config", None), "spatial_merge_size", 1)
@@ -303,19 +327,25 @@ def _check_image_tokens(model: nn.Module, prompts: EncodedPrompts) -> None:
         for i, count in enumerate(counts):
             want = int(sum(per_image[rows[i]]))
             if count != want:
-                raise DataError(f"sample {prompts.sample_ids[i]!r}: its prompt holds {count} image tokens but its "
-                                f"{prompts.num_images[i]} image(s) give {want} features; {advice}")
+                raise DataError(
+                    f"sample {prompts.sample_ids[i]!r}: its prompt holds {count} image tokens but its "
+                    f"{prompts.num_images[i]} image(s) give {want} features; {advice}"
+                )
         return
     for i, (count, n) in enumerate(zip(counts, prompts.num_images)):
         if (count == 0) != (n == 0) or (n and count % n):
-            raise DataError(f"sample {prompts.sample_ids[i]!r}: its prompt holds {count} image tokens for {n} "
-                            f"image(s); {advice}")
+            raise DataError(
+                f"sample {prompts.sample_ids[i]!r}: its prompt holds {count} image tokens for {n} image(s); {advice}"
+            )
     per_image = {count // n for count, n in zip(counts, prompts.num_images) if n}
     if len(per_image) > 1:
-        detail = ", ".join(f"{prompts.sample_ids[i]!r}: {c} for {n}" for i, (c, n) in
-                           enumerate(zip(counts, prompts.num_images)) if n)
-        raise DataError(f"image tokens per image differ across the batch (samples {detail} image(s)), but every "
-                        f"image of this architecture gives the same number of features; {advice}")
+        detail = ", ".join(
+            f"{prompts.sample_ids[i]!r}: {c} for {n}" for i, (c, n) in enumerate(zip(counts, prompts.num_images)) if n
+        )
+        raise DataError(
+            f"image tokens per image differ across the batch (samples {detail} image(s)), but every "
+            f"image of this architecture gives the same number of features; {advice}"
+        )
 
 
 # --------------------------------------------------------------------------------- the forward
@@ -338,8 +368,10 @@ def _prompt_mrope(model: nn.Module, prompts: EncodedPrompts) -> list[Tensor]:
     grid = prompts.vision.get("image_grid_thw")
     with torch.no_grad():
         positions, _ = base.get_rope_index(
-            ids.to(device), mm_token_type_ids=types.to(device),
-            image_grid_thw=grid.to(device) if grid is not None else None, attention_mask=attn.to(device),
+            ids.to(device),
+            mm_token_type_ids=types.to(device),
+            image_grid_thw=grid.to(device) if grid is not None else None,
+            attention_mask=attn.to(device),
         )
     return [positions[:, b, : len(row)].cpu() for b, row in enumerate(prompts.input_ids)]
 
@@ -391,8 +423,10 @@ def _sliding_window_problem(model: nn.Module, packed: PackedRows) -> str | None:
         return None
     if int(packed.positions.max()) + 1 <= int(window):
         return None  # the window covers every sequence: the full mask is the sliding mask
-    return (f"{unwrap(model).config.model_type} has sliding-window layers and its forward takes one mask for all "
-            "layers; sequences longer than the window are computed the naive way")
+    return (
+        f"{unwrap(model).config.model_type} has sliding-window layers and its forward takes one mask for all "
+        "layers; sequences longer than the window are computed the naive way"
+    )
 
 
 def _run(
@@ -400,14 +434,23 @@ def _run(
 ) -> tuple[Tensor, Tensor | None]:
     """One forward: the kept logits ``(rows, K, V)`` and, on request, the last hidden states ``(rows, T, H)``."""
     device = inputs["input_ids"].device
-    out = model(**inputs, logits_to_keep=layout.keep.to(device), use_cache=False,
-                output_hidden_states=True if want_hidden else None)
+    out = model(
+        **inputs,
+        logits_to_keep=layout.keep.to(device),
+        use_cache=False,
+        output_hidden_states=True if want_hidden else None,
+    )
     hidden = out.hidden_states[-1] if want_hidden else None
     return out.logits, hidden
 
 
 def _token_outputs(
-    logits: Tensor, hidden: Tensor | None, layout: Layout, token_ids: Tensor, *, temperature: float,
+    logits: Tensor,
+    hidden: Tensor | None,
+    layout: Layout,
+    token_ids: Tensor,
+    *,
+    temperature: float,
     return_entropy: bool,
 ) -> dict[str, Tensor | None]:
     device = logits.device
@@ -480,10 +523,17 @@ def completion_logprobs(
     outs = _token_outputs(logits, hidden, layout, token_ids, temperature=temperature, return_entropy=return_entropy)
     rows, width = layout.input_ids.shape
     return CompletionLogprobs(
-        logps=outs["logps"], mask=layout.mask.to(device), token_ids=token_ids.to(device),
-        row_prompt=layout.row_prompt.to(device), row_completion=layout.row_completion.to(device),
-        mode=mode, num_tokens=layout.num_tokens, num_slots=rows * width,
-        entropy=outs["entropy"], hidden=outs["hidden"], last_hidden=outs["last_hidden"],
+        logps=outs["logps"],
+        mask=layout.mask.to(device),
+        token_ids=token_ids.to(device),
+        row_prompt=layout.row_prompt.to(device),
+        row_completion=layout.row_completion.to(device),
+        mode=mode,
+        num_tokens=layout.num_tokens,
+        num_slots=rows * width,
+        entropy=outs["entropy"],
+        hidden=outs["hidden"],
+        last_hidden=outs["last_hidden"],
     )
 
 
@@ -536,10 +586,15 @@ class PreferenceBatch:
         sums, lengths = result.sums, result.lengths
         corrupted = b * (1 + k) + torch.arange(b, device=device) if self.has_corrupted else None
         return PreferenceLogprobs(
-            chosen_logps=sums[chosen], rejected_logps=sums[rejected],
-            chosen_lengths=lengths[chosen], rejected_lengths=lengths[rejected],
-            chosen_rows=chosen, rejected_rows=rejected, tokens=result,
-            corrupted_chosen_logps=sums[corrupted] if corrupted is not None else None, corrupted_rows=corrupted,
+            chosen_logps=sums[chosen],
+            rejected_logps=sums[rejected],
+            chosen_lengths=lengths[chosen],
+            rejected_lengths=lengths[rejected],
+            chosen_rows=chosen,
+            rejected_rows=rejected,
+            tokens=result,
+            corrupted_chosen_logps=sums[corrupted] if corrupted is not None else None,
+            corrupted_rows=corrupted,
         )
 
 
@@ -565,16 +620,24 @@ def preference_batch(
     k = len(groups[0]) if groups else 1
     for i, group in enumerate(groups):
         if len(group) != k:
-            raise ValueError(f"preference_batch: sample {prompts.sample_ids[i]!r} has {len(group)} rejected "
-                             f"completions, the first has {k}; give every sample the same number")
+            raise ValueError(
+                f"preference_batch: sample {prompts.sample_ids[i]!r} has {len(group)} rejected "
+                f"completions, the first has {k}; give every sample the same number"
+            )
     completions = [[list(c)] + [list(r) for r in group] for c, group in zip(chosen, groups)]
     if corrupted_prompts is not None:
         if len(corrupted_prompts) != n:
             raise ValueError(f"preference_batch: {len(corrupted_prompts)} corrupted prompts for {n} prompts")
         prompts = concat_prompts(prompts, corrupted_prompts)
         completions += [[list(c)] for c in chosen]
-    return PreferenceBatch(prompts=prompts, completions=completions, num_pairs=n, num_rejected=k,
-                           rejected_matrix=matrix, has_corrupted=corrupted_prompts is not None)
+    return PreferenceBatch(
+        prompts=prompts,
+        completions=completions,
+        num_pairs=n,
+        num_rejected=k,
+        rejected_matrix=matrix,
+        has_corrupted=corrupted_prompts is not None,
+    )
 
 
 def preference_logprobs(model: nn.Module, batch: PreferenceBatch, **kwargs: Any) -> PreferenceLogprobs:

@@ -152,13 +152,24 @@ def packed_layout(
             start += n
             r += 1
     layout = Layout(
-        input_ids=input_ids, keep=keep, source=source, predictor=predictor, target=target, last=last, mask=mask,
+        input_ids=input_ids,
+        keep=keep,
+        source=source,
+        predictor=predictor,
+        target=target,
+        last=last,
+        mask=mask,
         row_prompt=torch.tensor([i for i, _ in order], dtype=torch.long),
         row_completion=torch.tensor([j for _, j in order], dtype=torch.long),
         num_tokens=sum(totals),
     )
-    return PackedRows(layout=layout, segments=segments, positions=positions, token_fields=fields,
-                      prompt_lengths=torch.tensor(prompts.lengths, dtype=torch.long))
+    return PackedRows(
+        layout=layout,
+        segments=segments,
+        positions=positions,
+        token_fields=fields,
+        prompt_lengths=torch.tensor(prompts.lengths, dtype=torch.long),
+    )
 
 
 def naive_layout(batch: SequenceBatch) -> Layout:
@@ -175,9 +186,15 @@ def naive_layout(batch: SequenceBatch) -> Layout:
     tgt = torch.where(mask, start + steps[None, :], start - 1)
     source = torch.arange(n_rows)[:, None] * width + steps[None, :]
     return Layout(
-        input_ids=batch.input_ids, keep=keep, source=source, predictor=row_base + pred, target=row_base + tgt,
-        last=row_base[:, 0] + batch.prompt_lengths + lengths - 1, mask=mask,
-        row_prompt=batch.row_prompt, row_completion=batch.row_completion,
+        input_ids=batch.input_ids,
+        keep=keep,
+        source=source,
+        predictor=row_base + pred,
+        target=row_base + tgt,
+        last=row_base[:, 0] + batch.prompt_lengths + lengths - 1,
+        mask=mask,
+        row_prompt=batch.row_prompt,
+        row_completion=batch.row_completion,
         num_tokens=int(batch.attention_mask.sum()),
     )
 

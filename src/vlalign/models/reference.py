@@ -62,7 +62,7 @@ def _normalise_name(name: str) -> str:
     """Parameter name with PEFT's wrappers removed (so a base model and its LoRA-wrapped self agree)."""
     for prefix in ("base_model.model.",):
         if name.startswith(prefix):
-            name = name[len(prefix):]
+            name = name[len(prefix) :]
     return name.replace(".base_layer.", ".").replace(".original_module.", ".")
 
 
@@ -143,7 +143,11 @@ class ReferencePolicy(ABC):
 
     @abstractmethod
     def logprobs(
-        self, prompts: EncodedPrompts, completions: Completions, *, sample_keys: Sequence[str] | None = None,
+        self,
+        prompts: EncodedPrompts,
+        completions: Completions,
+        *,
+        sample_keys: Sequence[str] | None = None,
         temperature: float = 1.0,
     ) -> CompletionLogprobs:
         """Per-token reference log-probs of ``completions[i][j]`` given prompt ``i`` (flat order)."""
@@ -168,12 +172,22 @@ class _ModelReference(ReferencePolicy):
         yield
 
     def logprobs(
-        self, prompts: EncodedPrompts, completions: Completions, *, sample_keys: Sequence[str] | None = None,
+        self,
+        prompts: EncodedPrompts,
+        completions: Completions,
+        *,
+        sample_keys: Sequence[str] | None = None,
         temperature: float = 1.0,
     ) -> CompletionLogprobs:
         with torch.no_grad(), self._context(), eval_mode(self.model):
-            result = completion_logprobs(self.model, prompts, completions, mode=self.mode, temperature=temperature,
-                                         pad_token_id=self.pad_token_id)
+            result = completion_logprobs(
+                self.model,
+                prompts,
+                completions,
+                mode=self.mode,
+                temperature=temperature,
+                pad_token_id=self.pad_token_id,
+            )
         self.num_forwards += 1
         return result.detach()
 
@@ -241,7 +255,11 @@ class PrecomputedReference(ReferencePolicy):
     name = "precomputed"
 
     def __init__(
-        self, source: ReferencePolicy | None, cache_dir: str | os.PathLike, *, fingerprint: str | None = None,
+        self,
+        source: ReferencePolicy | None,
+        cache_dir: str | os.PathLike,
+        *,
+        fingerprint: str | None = None,
         device: torch.device | str | None = None,
     ) -> None:
         if source is None and fingerprint is None:
@@ -281,8 +299,11 @@ class PrecomputedReference(ReferencePolicy):
         if not meta.exists():
             meta.write_text(json.dumps({"fingerprint": self._fingerprint, "format": CACHE_FORMAT}) + "\n")
         keys = list(new)
-        data = {"keys": keys, "lengths": torch.tensor([new[k].numel() for k in keys], dtype=torch.long),
-                "values": torch.cat([new[k] for k in keys])}
+        data = {
+            "keys": keys,
+            "lengths": torch.tensor([new[k].numel() for k in keys], dtype=torch.long),
+            "values": torch.cat([new[k] for k in keys]),
+        }
         final = self.folder / f"shard-{time.time_ns()}-{os.getpid()}.pt"
         tmp = final.with_suffix(".tmp")
         torch.save(data, tmp)
@@ -299,7 +320,11 @@ class PrecomputedReference(ReferencePolicy):
     # ---- lookups
 
     def logprobs(
-        self, prompts: EncodedPrompts, completions: Completions, *, sample_keys: Sequence[str] | None = None,
+        self,
+        prompts: EncodedPrompts,
+        completions: Completions,
+        *,
+        sample_keys: Sequence[str] | None = None,
         temperature: float = 1.0,
     ) -> CompletionLogprobs:
         if sample_keys is None:
@@ -308,14 +333,24 @@ class PrecomputedReference(ReferencePolicy):
             raise ValueError(f"{len(sample_keys)} sample keys for {len(prompts)} prompts")
         keys = [[self.entry_key(sample_keys[i], c, temperature) for c in group] for i, group in enumerate(completions)]
         entries = self._load()
-        missing = [(i, j) for i, group in enumerate(keys) for j, k in enumerate(group)
-                   if k not in entries or entries[k].numel() != len(completions[i][j])]
+        missing = [
+            (i, j)
+            for i, group in enumerate(keys)
+            for j, k in enumerate(group)
+            if k not in entries or entries[k].numel() != len(completions[i][j])
+        ]
         computed = self._compute(prompts, completions, keys, missing, temperature) if missing else 0
         self.num_hits += sum(len(g) for g in keys) - len(missing)
         return self._assemble(completions, keys, computed)
 
-    def _compute(self, prompts: EncodedPrompts, completions: Completions, keys: list[list[str]],
-                 missing: list[tuple[int, int]], temperature: float) -> int:
+    def _compute(
+        self,
+        prompts: EncodedPrompts,
+        completions: Completions,
+        keys: list[list[str]],
+        missing: list[tuple[int, int]],
+        temperature: float,
+    ) -> int:
         if self.source is None:
             i, j = missing[0]
             raise ReferenceCacheMiss(
@@ -325,8 +360,9 @@ class PrecomputedReference(ReferencePolicy):
             )
         need = sorted({i for i, _ in missing})
         wanted = {i: [j for ii, j in missing if ii == i] for i in need}
-        result = self.source.logprobs(prompts.select(need), [[completions[i][j] for j in wanted[i]] for i in need],
-                                      temperature=temperature)
+        result = self.source.logprobs(
+            prompts.select(need), [[completions[i][j] for j in wanted[i]] for i in need], temperature=temperature
+        )
         self.num_forwards += 1
         new: dict[str, Tensor] = {}
         r = 0
@@ -351,16 +387,23 @@ class PrecomputedReference(ReferencePolicy):
             mask[r, :n] = True
             token_ids[r, :n] = torch.tensor(list(completions[i][j]), dtype=torch.long)
         out = CompletionLogprobs(
-            logps=logps, mask=mask, token_ids=token_ids,
+            logps=logps,
+            mask=mask,
+            token_ids=token_ids,
             row_prompt=torch.tensor([i for i, _ in flat], dtype=torch.long),
             row_completion=torch.tensor([j for _, j in flat], dtype=torch.long),
-            mode="cache", num_tokens=num_tokens, num_slots=0,
+            mode="cache",
+            num_tokens=num_tokens,
+            num_slots=0,
         )
         return out.to(self.device)
 
     def precompute(
-        self, batches: Iterable[tuple[EncodedPrompts, Completions] | tuple[EncodedPrompts, Completions, Sequence[str]]],
-        *, temperature: float = 1.0, progress: Callable[[int], None] | None = None,
+        self,
+        batches: Iterable[tuple[EncodedPrompts, Completions] | tuple[EncodedPrompts, Completions, Sequence[str]]],
+        *,
+        temperature: float = 1.0,
+        progress: Callable[[int], None] | None = None,
     ) -> dict[str, int]:
         """Fill the cache for every batch (prompts, completions[, sample keys]); returns hit / computed counts."""
         hits, computed = self.num_hits, self.num_computed
@@ -391,7 +434,11 @@ REFERENCE_STRATEGIES: dict[str, type[ReferencePolicy]] = {
 
 
 def make_reference(
-    name: ReferenceName, model: nn.Module, *, cache_dir: str | os.PathLike | None = None, mode: Mode = "shared",
+    name: ReferenceName,
+    model: nn.Module,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    mode: Mode = "shared",
     pad_token_id: int = 0,
 ) -> ReferencePolicy:
     """The reference strategy ``name`` for the policy ``model`` (build it before training starts).
@@ -409,6 +456,7 @@ def make_reference(
             raise ValueError("the 'precomputed' reference needs cache_dir (a folder for the cached log-probs)")
         peft = hasattr(unwrap_parallel(model), "disable_adapter")
         source: ReferencePolicy = (AdapterDisabledReference if peft else FrozenCopyReference)(
-            model, mode=mode, pad_token_id=pad_token_id)
+            model, mode=mode, pad_token_id=pad_token_id
+        )
         return PrecomputedReference(source, cache_dir)
     raise ValueError(f"unknown reference strategy {name!r}; choose one of {sorted(REFERENCE_STRATEGIES)}")

@@ -118,16 +118,38 @@ class SizeSpec:
 
 SIZES: dict[str, SizeSpec] = {
     "tiny": SizeSpec(
-        image_px=32, patch=8, vision_hidden=64, vision_layers=2, vision_heads=2,
-        text_hidden=128, text_layers=2, text_heads=4, text_kv_heads=2,
+        image_px=32,
+        patch=8,
+        vision_hidden=64,
+        vision_layers=2,
+        vision_heads=2,
+        text_hidden=128,
+        text_layers=2,
+        text_heads=4,
+        text_kv_heads=2,
     ),
     "small": SizeSpec(
-        image_px=96, patch=32, vision_hidden=128, vision_layers=2, vision_heads=4,
-        text_hidden=256, text_layers=4, text_heads=4, text_kv_heads=2, merge=1,
+        image_px=96,
+        patch=32,
+        vision_hidden=128,
+        vision_layers=2,
+        vision_heads=4,
+        text_hidden=256,
+        text_layers=4,
+        text_heads=4,
+        text_kv_heads=2,
+        merge=1,
     ),
     "bench": SizeSpec(
-        image_px=448, patch=14, vision_hidden=256, vision_layers=4, vision_heads=4,
-        text_hidden=512, text_layers=6, text_heads=8, text_kv_heads=4,
+        image_px=448,
+        patch=14,
+        vision_hidden=256,
+        vision_layers=4,
+        vision_heads=4,
+        text_hidden=512,
+        text_layers=6,
+        text_heads=8,
+        text_kv_heads=4,
     ),
 }
 """Size classes. Every architecture turns an image into ``(image_px / patch / merge)^2`` tokens:
@@ -338,12 +360,11 @@ def make_processor(arch: str, size: str, tok: PreTrainedTokenizerFast) -> Proces
             min_pixels=px * px, max_pixels=px * px, patch_size=spec.patch, merge_size=spec.merge, temporal_patch_size=2
         )
         cls = Qwen2VLProcessor if arch == "qwen2_vl" else Qwen2_5_VLProcessor
-        return cls(image_processor=image_processor, tokenizer=tok, video_processor=video_processor,
-                   chat_template=template)
-    if arch == "llava":
-        image_processor = CLIPImageProcessor(
-            size={"shortest_edge": px}, crop_size={"height": px, "width": px}
+        return cls(
+            image_processor=image_processor, tokenizer=tok, video_processor=video_processor, chat_template=template
         )
+    if arch == "llava":
+        image_processor = CLIPImageProcessor(size={"shortest_edge": px}, crop_size={"height": px, "width": px})
         return LlavaProcessor(
             image_processor=image_processor,
             tokenizer=tok,
@@ -356,12 +377,14 @@ def make_processor(arch: str, size: str, tok: PreTrainedTokenizerFast) -> Proces
         image_processor = Idefics3ImageProcessor(
             do_image_splitting=False, size={"longest_edge": px}, max_image_size={"longest_edge": px}
         )
-        return Idefics3Processor(image_processor=image_processor, tokenizer=tok, image_seq_len=n_tokens,
-                                 chat_template=template)
+        return Idefics3Processor(
+            image_processor=image_processor, tokenizer=tok, image_seq_len=n_tokens, chat_template=template
+        )
     if arch == "gemma3":
         image_processor = Gemma3ImageProcessor(size={"height": px, "width": px}, do_pan_and_scan=False)
-        return Gemma3Processor(image_processor=image_processor, tokenizer=tok, image_seq_length=n_tokens,
-                               chat_template=template)
+        return Gemma3Processor(
+            image_processor=image_processor, tokenizer=tok, image_seq_length=n_tokens, chat_template=template
+        )
     raise ValueError(f"unknown architecture {arch!r}; expected one of {ARCHITECTURES}")
 
 
@@ -395,8 +418,9 @@ def sincos_2d(side: int, dim: int) -> torch.Tensor:
         raise ValueError(f"2-D sine-cosine codes need a dimension divisible by 4, not {dim}")
     quarter = dim // 4
     omega = 10000.0 ** (-torch.arange(quarter, dtype=torch.float64) / quarter)  # (dim/4,)
-    ys, xs = torch.meshgrid(torch.arange(side, dtype=torch.float64), torch.arange(side, dtype=torch.float64),
-                            indexing="ij")  # fmt: skip
+    ys, xs = torch.meshgrid(
+        torch.arange(side, dtype=torch.float64), torch.arange(side, dtype=torch.float64), indexing="ij"
+    )
     x, y = xs.reshape(-1, 1) * omega, ys.reshape(-1, 1) * omega  # (side^2, dim/4)
     return torch.cat([x.sin(), x.cos(), y.sin(), y.cos()], dim=1).float()
 
@@ -435,8 +459,7 @@ def _generation_config(tok: PreTrainedTokenizerFast, arch: str) -> GenerationCon
 
 
 def _stamp(arch: str, size: str, seed: int) -> dict[str, Any]:
-    return {"arch": arch, "size": size, "seed": seed, "builder_version": BUILDER_VERSION,
-            "spec": asdict(SIZES[size])}
+    return {"arch": arch, "size": size, "seed": seed, "builder_version": BUILDER_VERSION, "spec": asdict(SIZES[size])}
 
 
 def build_tiny_model(arch: str, size: str, out_dir: str | Path, *, seed: int = 0) -> Path:
@@ -461,7 +484,7 @@ def build_tiny_model(arch: str, size: str, out_dir: str | Path, *, seed: int = 0
         except json.JSONDecodeError:
             pass
     out.mkdir(parents=True, exist_ok=True)
-    from vlalign.data.world import tokenizer_corpus
+    from vlalign.shapes.world import tokenizer_corpus
 
     tok = train_tokenizer(FAMILY_OF_ARCH[arch], tokenizer_corpus())
     processor = make_processor(arch, size, tok)

@@ -1,7 +1,7 @@
 """Offline tokenizers and chat templates for the tiny models of :mod:`vlalign.models.tiny`.
 
 Each architecture family gets a byte-level BPE tokenizer trained in milliseconds on the shapes
-world's vocabulary (:func:`vlalign.data.world.tokenizer_corpus`) plus the role words of its chat
+world's vocabulary (:func:`vlalign.shapes.world.tokenizer_corpus`) plus the role words of its chat
 template, and the special tokens its real processor looks for:
 
 ===========  ==============================================================  =================
@@ -59,15 +59,9 @@ CHATML_TEMPLATE = (
 
 LLAVA_TEMPLATE = (
     "{%- for message in messages -%}"
-    "{%- if message['role'] == 'assistant' -%}{{ 'ASSISTANT: ' }}"
-    + _parts("")
-    + "{{ '</s>' }}"
-    "{%- elif message['role'] == 'system' -%}"
-    + _parts("")
-    + "{{ '\\n' }}"
-    "{%- else -%}{{ 'USER: ' }}"
-    + _parts("{{ '<image>\\n' }}")
-    + "{{ ' ' }}"
+    "{%- if message['role'] == 'assistant' -%}{{ 'ASSISTANT: ' }}" + _parts("") + "{{ '</s>' }}"
+    "{%- elif message['role'] == 'system' -%}" + _parts("") + "{{ '\\n' }}"
+    "{%- else -%}{{ 'USER: ' }}" + _parts("{{ '<image>\\n' }}") + "{{ ' ' }}"
     "{%- endif -%}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{ 'ASSISTANT:' }}{%- endif -%}"
@@ -88,9 +82,7 @@ GEMMA3_TEMPLATE = (
     "{{ bos_token }}"
     "{%- for message in messages -%}"
     "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
-    "{{ '<start_of_turn>' + role + '\\n' }}"
-    + _parts("{{ '<start_of_image>' }}")
-    + "{{ '<end_of_turn>\\n' }}"
+    "{{ '<start_of_turn>' + role + '\\n' }}" + _parts("{{ '<start_of_image>' }}") + "{{ '<end_of_turn>\\n' }}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\\n' }}{%- endif -%}"
 )

@@ -14,8 +14,8 @@ from typing import Any, Literal
 import torch
 
 from vlalign.data.io import load_samples_with_report
-from vlalign.embedded import resolve_data, resolve_model
 from vlalign.models.load import LoraSpec, load_model_and_processor
+from vlalign.shapes.embedded import resolve_data, resolve_model
 
 logger = logging.getLogger("vlalign")
 
@@ -81,8 +81,11 @@ def trained_weights_dtype(dtype: str, *, lora: bool) -> str:
     if dtype == "auto" and not lora:
         return "float32"
     if dtype in ("bfloat16", "bf16", "float16", "fp16") and not lora:
-        logger.warning("model.dtype=%s with every weight training: AdamW updates smaller than the weights' "
-                       "rounding step are lost; float32 weights with train.mixed_precision=bf16 keep them", dtype)
+        logger.warning(
+            "model.dtype=%s with every weight training: AdamW updates smaller than the weights' "
+            "rounding step are lost; float32 weights with train.mixed_precision=bf16 keep them",
+            dtype,
+        )
     return dtype
 
 
@@ -115,4 +118,3 @@ def load_split(path: str, kind: str, cfg: DataConfig, *, limit: int | None = Non
     if not samples:
         raise ValueError(f"{path}: no usable {kind} rows ({report.summary()})")
     return samples
-

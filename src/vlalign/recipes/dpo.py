@@ -10,7 +10,7 @@ One optimiser step runs these phases, each a function below::
     reference  the same layout under the reference (frozen copy, adapter-disabled, on-disk cache)
     loss       combine_losses over the configured terms (vlalign.losses registries), per pair;
                summed and divided by the number of pairs of the whole step over all processes
-    update     clip, AdamW, schedule (vlalign.train.Run)
+    update     clip, AdamW, schedule (vlalign.training.Run)
 
 Loss selection is configuration (``loss.weights``), never a branch in the loop: any name of
 ``vlalign.losses.ALL_PREFERENCE_LOSSES`` (sigmoid, robust, hinge, ipo, bco_pair, apo_zero, simpo,
@@ -34,8 +34,9 @@ Examples::
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -48,7 +49,7 @@ from vlalign.data.collate import (
     end_of_turn_ids,
     pad_token_id_of,
 )
-from vlalign.data.pairs_corrupt import CorruptConfig, corrupt_image, corruption_seed
+from vlalign.data.pairs.corrupt import CorruptConfig, corrupt_image, corruption_seed
 from vlalign.data.schema import DataError, PreferenceSample, PromptSample, load_image
 from vlalign.eval.suite import SuiteConfig
 from vlalign.losses import (
@@ -84,7 +85,7 @@ from vlalign.recipes.preference_common import (
     zero_loss,
 )
 from vlalign.recipes.sft import global_count
-from vlalign.train import BatchPlan, Run, TrainConfig, build_optimizer, build_scheduler, check_finite, total_steps
+from vlalign.training import BatchPlan, Run, TrainConfig, build_optimizer, build_scheduler, check_finite, total_steps
 
 PRESETS: dict[str, dict[str, float]] = {**LOSS_PRESETS, "ha_dpo": {"sigmoid": 1.0, "nll": 1.0}}
 """Named weightings: MPO (0.8 DPO + 0.2 BCO + 1.0 SFT), RPO (DPO + NLL), HA-DPO (DPO + LM loss)."""
@@ -94,8 +95,9 @@ REFERENCE_FREE = frozenset({"simpo", "orpo", "nll"})
 
 
 def _dpo_train_defaults() -> TrainConfig:
-    return TrainConfig(output_dir="runs/dpo", lr=5e-5, batch_size=8, epochs=1.0, warmup_ratio=0.1, log_every=5,
-                       save_every=100)
+    return TrainConfig(
+        output_dir="runs/dpo", lr=5e-5, batch_size=8, epochs=1.0, warmup_ratio=0.1, log_every=5, save_every=100
+    )
 
 
 def _dpo_data_defaults() -> DataConfig:
@@ -172,8 +174,10 @@ def loss_weights(cfg: LossConfig) -> dict[str, float]:
         raise ValueError(f"loss.weights: unknown term(s) {unknown}; known: {sorted(ALL_PREFERENCE_LOSSES)}")
     paired = [name for name in weights if name not in ("povid", "nll")]
     if "povid" in weights and paired:
-        raise ValueError(f"loss.weights: povid scores several rejected responses per pair and combines only with "
-                         f"nll, not with {paired}")
+        raise ValueError(
+            f"loss.weights: povid scores several rejected responses per pair and combines only with "
+            f"nll, not with {paired}"
+        )
     if cfg.ddpo_gamma < 0:
         raise ValueError(f"loss.ddpo_gamma must be >= 0 (0 = off), got {cfg.ddpo_gamma}")
     return weights
@@ -213,10 +217,18 @@ class PairEncoder:
     in ``num_dropped``, or refused with ``on_overflow="raise"``.
     """
 
-    def __init__(self, processor: Any, *, max_length: int | None, on_overflow: Literal["drop", "raise"] = "drop",
-                 corruption: CorruptConfig | None = None, extra_rejected: bool = False,
-                 severity_column: str | None = None, ddpo_min_match: int | None = None,
-                 content_keys: bool = False) -> None:
+    def __init__(
+        self,
+        processor: Any,
+        *,
+        max_length: int | None,
+        on_overflow: Literal["drop", "raise"] = "drop",
+        corruption: CorruptConfig | None = None,
+        extra_rejected: bool = False,
+        severity_column: str | None = None,
+        ddpo_min_match: int | None = None,
+        content_keys: bool = False,
+    ) -> None:
         self.processor = processor
         self.max_length = max_length
         self.on_overflow: Literal["drop", "raise"] = on_overflow
@@ -244,8 +256,10 @@ class PairEncoder:
         k = 1 + len(samples[0].rejected_extra)
         for s in samples:
             if 1 + len(s.rejected_extra) != k:
-                raise DataError(f"sample {s.id!r} has {1 + len(s.rejected_extra)} rejected responses and sample "
-                                f"{samples[0].id!r} has {k}; povid needs the same number in every row")
+                raise DataError(
+                    f"sample {s.id!r} has {1 + len(s.rejected_extra)} rejected responses and sample "
+                    f"{samples[0].id!r} has {k}; povid needs the same number in every row"
+                )
         return [[s.chosen, s.rejected, *s.rejected_extra] for s in samples]
 
     def __call__(self, samples: Sequence[PreferenceSample], *, count: bool = True) -> PairBatch:
@@ -263,22 +277,35 @@ class PairEncoder:
         keep, _ = check_lengths(prompts, completions, max_length=self.max_length, on_overflow=self.on_overflow)
         corrupted = encoded.select(range(n, 2 * n)) if self.corruption is not None else None
         if corrupted is not None:
-            ok, _ = check_lengths(corrupted, [[c[0]] for c in completions], max_length=self.max_length,
-                                  on_overflow=self.on_overflow)
+            ok, _ = check_lengths(
+                corrupted, [[c[0]] for c in completions], max_length=self.max_length, on_overflow=self.on_overflow
+            )
             keep = [i for i in keep if i in set(ok)]
         dropped = [samples[i].id for i in range(n) if i not in set(keep)]
         if count:
             self.num_dropped += len(dropped)
         return self._layout(samples, images, views, prompts, corrupted, completions, keep, dropped)
 
-    def _layout(self, samples: Sequence[PreferenceSample], images: list[list[Any]], views: list[PromptSample],
-                prompts: EncodedPrompts, corrupted: EncodedPrompts | None, completions: list[list[list[int]]],
-                keep: list[int], dropped: list[str]) -> PairBatch:
+    def _layout(
+        self,
+        samples: Sequence[PreferenceSample],
+        images: list[list[Any]],
+        views: list[PromptSample],
+        prompts: EncodedPrompts,
+        corrupted: EncodedPrompts | None,
+        completions: list[list[list[int]]],
+        keep: list[int],
+        dropped: list[str],
+    ) -> PairBatch:
         kept = [samples[i] for i in keep]
         comps = [completions[i] for i in keep]
         rejected = [c[1:] for c in comps] if self.extra_rejected else [c[1] for c in comps]
-        batch = preference_batch(prompts.select(keep), [c[0] for c in comps], rejected,
-                                 corrupted_prompts=corrupted.select(keep) if corrupted is not None else None)
+        batch = preference_batch(
+            prompts.select(keep),
+            [c[0] for c in comps],
+            rejected,
+            corrupted_prompts=corrupted.select(keep) if corrupted is not None else None,
+        )
         out = PairBatch(batch, kept, dropped)
         if self.content_keys:
             n = len(samples)
@@ -302,10 +329,14 @@ def _empty_prompts() -> EncodedPrompts:
 def make_encoder(processor: Any, cfg: Config, weights: dict[str, float], *, content_keys: bool) -> PairEncoder:
     """The pair encoder that the configured objective needs."""
     return PairEncoder(
-        processor, max_length=cfg.data.max_length, on_overflow=cfg.data.on_overlong,
-        corruption=cfg.loss.corruption if "mdpo" in weights else None, extra_rejected="povid" in weights,
+        processor,
+        max_length=cfg.data.max_length,
+        on_overflow=cfg.data.on_overlong,
+        corruption=cfg.loss.corruption if "mdpo" in weights else None,
+        extra_rejected="povid" in weights,
         severity_column=cfg.loss.severity_column if "hsa_dpo" in weights else None,
-        ddpo_min_match=cfg.loss.ddpo_min_match if cfg.loss.ddpo_gamma > 0 else None, content_keys=content_keys,
+        ddpo_min_match=cfg.loss.ddpo_min_match if cfg.loss.ddpo_gamma > 0 else None,
+        content_keys=content_keys,
     )
 
 
@@ -330,8 +361,13 @@ def _diff_mask(diffs: list[list[bool]], width: int, device: torch.device) -> Ten
     return mask.to(device)
 
 
-def ddpo_sums(lp: PreferenceLogprobs, pb: PairBatch, *, gamma: float, normalize: bool,
-              ) -> tuple[Tensor, Tensor, Tensor | None]:
+def ddpo_sums(
+    lp: PreferenceLogprobs,
+    pb: PairBatch,
+    *,
+    gamma: float,
+    normalize: bool,
+) -> tuple[Tensor, Tensor, Tensor | None]:
     """RLHF-V dense-weighted sequence log-probs of chosen, rejected (and corrupted chosen), ``(B,)`` each."""
     if lp.rejected_rows.ndim != 1:
         raise ValueError("ddpo_gamma > 0 needs one rejected response per pair (not povid's several)")
@@ -347,9 +383,11 @@ def ddpo_sums(lp: PreferenceLogprobs, pb: PairBatch, *, gamma: float, normalize:
     return weighted(lp.chosen_rows, seg_c), weighted(lp.rejected_rows, seg_r), corrupted
 
 
-def preference_record(policy: PreferenceLogprobs, ref: PreferenceLogprobs | None, pb: PairBatch,
-                      cfg: LossConfig) -> PreferenceLogps:
+def preference_record(
+    policy: PreferenceLogprobs, ref: PreferenceLogprobs | None, pb: PairBatch, cfg: LossConfig
+) -> PreferenceLogps:
     """The :class:`PreferenceLogps` the losses take (DDPO weights applied when configured)."""
+
     def sums(lp: PreferenceLogprobs) -> tuple[Tensor, Tensor, Tensor | None]:
         if cfg.ddpo_gamma > 0:
             return ddpo_sums(lp, pb, gamma=cfg.ddpo_gamma, normalize=cfg.ddpo_normalize)
@@ -361,9 +399,14 @@ def preference_record(policy: PreferenceLogprobs, ref: PreferenceLogprobs | None
         device = chosen.device
         ref_chosen, ref_rejected, ref_corrupted = (t.to(device) if t is not None else None for t in sums(ref))
     return PreferenceLogps(
-        chosen_logps=chosen, rejected_logps=rejected, ref_chosen_logps=ref_chosen, ref_rejected_logps=ref_rejected,
-        chosen_lengths=policy.chosen_lengths, rejected_lengths=policy.rejected_lengths,
-        corrupted_chosen_logps=corrupted, ref_corrupted_chosen_logps=ref_corrupted,
+        chosen_logps=chosen,
+        rejected_logps=rejected,
+        ref_chosen_logps=ref_chosen,
+        ref_rejected_logps=ref_rejected,
+        chosen_lengths=policy.chosen_lengths,
+        rejected_lengths=policy.rejected_lengths,
+        corrupted_chosen_logps=corrupted,
+        ref_corrupted_chosen_logps=ref_corrupted,
     )
 
 
@@ -378,8 +421,13 @@ def pair_losses(logps: PreferenceLogps, pb: PairBatch, cfg: LossConfig, weights:
     metrics = dict(out.metrics)
     if "rewards/margin" not in metrics and logps.has_reference:
         assert logps.ref_chosen_logps is not None and logps.ref_rejected_logps is not None
-        metrics.update(implicit_reward_metrics(cfg.beta * (logps.chosen_logps - logps.ref_chosen_logps),
-                                               cfg.beta * (logps.rejected_logps - logps.ref_rejected_logps), logps))
+        metrics.update(
+            implicit_reward_metrics(
+                cfg.beta * (logps.chosen_logps - logps.ref_chosen_logps),
+                cfg.beta * (logps.rejected_logps - logps.ref_rejected_logps),
+                logps,
+            )
+        )
     metrics.setdefault("logps/chosen", logps.chosen_logps.detach().mean())
     metrics.setdefault("logps/rejected", logps.rejected_logps.detach().mean())
     return LossOutput(out.losses, metrics)
@@ -395,16 +443,18 @@ class StepSettings:
     pad_token_id: int
 
 
-def micro_batch_loss(model: nn.Module, reference: ReferencePolicy | None, pb: PairBatch,
-                     s: StepSettings) -> tuple[LossOutput, int]:
+def micro_batch_loss(
+    model: nn.Module, reference: ReferencePolicy | None, pb: PairBatch, s: StepSettings
+) -> tuple[LossOutput, int]:
     """Policy log-probs -> reference log-probs -> per-pair losses for one micro-batch (and tokens processed)."""
     policy = policy_logprobs(model, pb, mode=s.mode, pad_token_id=s.pad_token_id)
     ref = reference_logprobs(reference, pb) if reference is not None else None
     return pair_losses(preference_record(policy, ref, pb, s.loss), pb, s.loss, s.weights), policy.tokens.num_tokens
 
 
-def dpo_step(run: Run, model: nn.Module, reference: ReferencePolicy | None, batches: Sequence[PairBatch],
-             s: StepSettings) -> tuple[dict[str, Tensor], int]:
+def dpo_step(
+    run: Run, model: nn.Module, reference: ReferencePolicy | None, batches: Sequence[PairBatch], s: StepSettings
+) -> tuple[dict[str, Tensor], int]:
     """Forward and backward over the micro-batches of one optimiser step; returns global metrics and
     the tokens this process ran through the policy.
 
@@ -433,8 +483,16 @@ def dpo_step(run: Run, model: nn.Module, reference: ReferencePolicy | None, batc
 
 
 @torch.no_grad()
-def heldout_metrics(run: Run, model: nn.Module, reference: ReferencePolicy | None, encoder: PairEncoder,
-                    samples: Sequence[PreferenceSample], s: StepSettings, *, batch_size: int) -> dict[str, float]:
+def heldout_metrics(
+    run: Run,
+    model: nn.Module,
+    reference: ReferencePolicy | None,
+    encoder: PairEncoder,
+    samples: Sequence[PreferenceSample],
+    s: StepSettings,
+    *,
+    batch_size: int,
+) -> dict[str, float]:
     """``eval/loss`` and ``eval/rewards/...`` over the held-out pairs (split across processes)."""
     inner = run.accelerator.unwrap_model(model)
     was_training = inner.training
@@ -455,8 +513,9 @@ def heldout_metrics(run: Run, model: nn.Module, reference: ReferencePolicy | Non
     return {f"eval/{k}": float(v) for k, v in metrics.items()}
 
 
-def precompute_reference(run: Run, reference: ReferencePolicy, encoder: PairEncoder,
-                         samples: Sequence[PreferenceSample], *, batch_size: int) -> None:
+def precompute_reference(
+    run: Run, reference: ReferencePolicy, encoder: PairEncoder, samples: Sequence[PreferenceSample], *, batch_size: int
+) -> None:
     """Fill the reference cache for ``samples`` (main process), then free the reference model everywhere."""
     if not isinstance(reference, PrecomputedReference):
         return
@@ -468,8 +527,10 @@ def precompute_reference(run: Run, reference: ReferencePolicy, encoder: PairEnco
                 pb = encoder(chunk, count=False)
                 if len(pb):
                     reference.logprobs(pb.batch.prompts, pb.batch.completions, sample_keys=pb.keys)
-        run.print(f"reference cache: {reference.num_computed} completions computed, {reference.num_hits} cached "
-                  f"({reference.folder})")
+        run.print(
+            f"reference cache: {reference.num_computed} completions computed, {reference.num_hits} cached "
+            f"({reference.folder})"
+        )
     finish_precompute(reference, run)
 
 
@@ -488,20 +549,38 @@ def run(cfg: Config) -> dict[str, Any]:
 def train(cfg: Config) -> dict[str, Any]:
     """Offline DPO on ``data.train``; evaluates, saves ``<output_dir>/model``, returns the final metrics."""
     if not cfg.data.train:
-        raise ValueError("data.train is required: a preference file (build one with `vlalign pairs "
-                         "--method=inject --out=data/pairs/inject.jsonl`, then --data.train=data/pairs/inject.jsonl)")
+        raise ValueError(
+            "data.train is required: a preference file (build one with `vlalign pairs "
+            "--method=inject --out=data/pairs/inject.jsonl`, then --data.train=data/pairs/inject.jsonl)"
+        )
     weights = loss_weights(cfg.loss)
     run = Run(cfg.train, config=cfg, desc="dpo")
     check_distributed(run)
     model, processor = load_policy(policy_model_config(cfg.model, run))
     train_set, skipped = load_pairs_split(cfg.data.train, cfg.data, image_conditioned_ok="mdpo" in weights)
-    eval_set = (load_pairs_split(cfg.data.eval, cfg.data, image_conditioned_ok="mdpo" in weights,
-                                 limit=cfg.data.eval_limit or None)[0] if cfg.data.eval else [])
+    eval_set = (
+        load_pairs_split(
+            cfg.data.eval, cfg.data, image_conditioned_ok="mdpo" in weights, limit=cfg.data.eval_limit or None
+        )[0]
+        if cfg.data.eval
+        else []
+    )
     needs_reference = any(name not in REFERENCE_FREE for name in weights)
     settings = StepSettings(cfg.loss, weights, cfg.logprob_mode, pad_token_id_of(processor))
-    reference = (build_reference(cfg.reference, model, processor, model_cfg=cfg.model, ref_model=cfg.ref_model,
-                                 run=run, mode=cfg.logprob_mode, pad_token_id=settings.pad_token_id)
-                 if needs_reference else None)
+    reference = (
+        build_reference(
+            cfg.reference,
+            model,
+            processor,
+            model_cfg=cfg.model,
+            ref_model=cfg.ref_model,
+            run=run,
+            mode=cfg.logprob_mode,
+            pad_token_id=settings.pad_token_id,
+        )
+        if needs_reference
+        else None
+    )
     encoder = make_encoder(processor, cfg, weights, content_keys=isinstance(reference, PrecomputedReference))
     if reference is not None:
         precompute_reference(run, reference, encoder, [*train_set, *eval_set], batch_size=cfg.train.batch_size)
@@ -512,15 +591,21 @@ def train(cfg: Config) -> dict[str, Any]:
     modules, optimizer = run.prepare({"model": model}, optimizer, scheduler, total=steps)
     model = modules["model"]
     model.train()
-    run.print(f"dpo: {len(train_set)} pairs ({sum(skipped.values())} skipped), {steps} steps of {plan.global_batch}, "
-              f"loss {weights}, reference {type(reference).__name__ if reference else 'none'}")
+    run.print(
+        f"dpo: {len(train_set)} pairs ({sum(skipped.values())} skipped), {steps} steps of {plan.global_batch}, "
+        f"loss {weights}, reference {type(reference).__name__ if reference else 'none'}"
+    )
     suite_reference = reference_module(reference) if reference is not None else None
 
     for step in range(run.start_step, steps):
         batches = [encoder([train_set[i] for i in mb]) for mb in plan.micro_batches(step, run.process_index)]
         metrics, tokens = dpo_step(run, model, reference, batches, settings)
-        check_finite(metrics["train/loss"], step=step + 1, sample_ids=[i for b in batches for i in b.sample_ids],
-                     run_dir=run.run_dir)
+        check_finite(
+            metrics["train/loss"],
+            step=step + 1,
+            sample_ids=[i for b in batches for i in b.sample_ids],
+            run_dir=run.run_dir,
+        )
         metrics["train/grad_norm"] = run.clip_and_step(model.parameters(), optimizer, scheduler)
         metrics["data/dropped_overlong"] = encoder.num_dropped
         if reference is not None:
@@ -528,18 +613,35 @@ def train(cfg: Config) -> dict[str, Any]:
         done = step + 1
         if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done < steps:
             if eval_set:
-                metrics.update(heldout_metrics(run, model, reference, encoder, eval_set, settings,
-                                               batch_size=cfg.train.batch_size))
+                metrics.update(
+                    heldout_metrics(run, model, reference, encoder, eval_set, settings, batch_size=cfg.train.batch_size)
+                )
             if cfg.eval_suite == "every":
-                metrics.update(run_suite(model, processor, cfg.suite, run=run, reference=suite_reference,
-                                         progress=False, filename=f"suite_eval_step{done}.json"))
+                metrics.update(
+                    run_suite(
+                        model,
+                        processor,
+                        cfg.suite,
+                        run=run,
+                        reference=suite_reference,
+                        progress=False,
+                        filename=f"suite_eval_step{done}.json",
+                    )
+                )
         run.end_step(done, metrics, samples=sum(len(b) for b in batches), tokens=tokens)
 
-    final: dict[str, Any] = {"data/skipped_pairs": float(sum(skipped.values())), "data/train_pairs": float(len(train_set))}
+    final: dict[str, Any] = {
+        "data/skipped_pairs": float(sum(skipped.values())),
+        "data/train_pairs": float(len(train_set)),
+    }
     if eval_set:
-        final.update(heldout_metrics(run, model, reference, encoder, eval_set, settings, batch_size=cfg.train.batch_size))
+        final.update(
+            heldout_metrics(run, model, reference, encoder, eval_set, settings, batch_size=cfg.train.batch_size)
+        )
     if cfg.eval_suite != "none":
-        final.update(run_suite(model, processor, cfg.suite, run=run, reference=suite_reference, progress=cfg.train.progress))
+        final.update(
+            run_suite(model, processor, cfg.suite, run=run, reference=suite_reference, progress=cfg.train.progress)
+        )
     run.log(steps, final)
     save_final_model(run, model, processor, cfg.save)
     run.finish()

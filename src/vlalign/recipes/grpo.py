@@ -52,6 +52,7 @@ from vlalign.data.collate import pad_token_id_of
 from vlalign.data.schema import PromptSample
 from vlalign.eval.suite import Suite, SuiteConfig, build_suite, evaluate
 from vlalign.eval.tasks import DESCRIBE, filter_tasks, task_of
+from vlalign.models.generate import GenerationSettings
 from vlalign.models.load import save_model_and_processor
 from vlalign.models.reference import FrozenCopyReference, ReferencePolicy, make_reference
 from vlalign.recipes.common import DataConfig, ModelConfig, load_policy, load_split
@@ -76,14 +77,22 @@ from vlalign.recipes.rl_common import (
     token_kl,
 )
 from vlalign.recipes.rl_update import UpdateContext, update
-from vlalign.rewards import RewardScores, RewardsConfig
-from vlalign.rollout import GenerationSettings
-from vlalign.train import BatchPlan, Run, TrainConfig, build_optimizer, build_scheduler, check_finite, total_steps
+from vlalign.rewards import RewardsConfig, RewardScores
+from vlalign.training import BatchPlan, Run, TrainConfig, build_optimizer, build_scheduler, check_finite, total_steps
 
 
 def _train_defaults() -> TrainConfig:
-    return TrainConfig(output_dir="runs/grpo", lr=1e-5, batch_size=8, grad_accum=1, max_steps=100, warmup_ratio=0.0,
-                       schedule="constant", log_every=5, save_every=50)  # fmt: skip
+    return TrainConfig(
+        output_dir="runs/grpo",
+        lr=1e-5,
+        batch_size=8,
+        grad_accum=1,
+        max_steps=100,
+        warmup_ratio=0.0,
+        schedule="constant",
+        log_every=5,
+        save_every=50,
+    )
 
 
 def _rollout_defaults() -> GenerationSettings:
@@ -167,8 +176,9 @@ def check_config(cfg: Config) -> None:
     if cfg.rollout.n < 2 and cfg.advantage in ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline"):
         raise ValueError(f"advantage {cfg.advantage!r} compares completions of a group: set rollout.n >= 2")
     if cfg.train.grad_accum % cfg.update.minibatches:
-        raise ValueError(f"update.minibatches ({cfg.update.minibatches}) must divide train.grad_accum "
-                         f"({cfg.train.grad_accum})")
+        raise ValueError(
+            f"update.minibatches ({cfg.update.minibatches}) must divide train.grad_accum ({cfg.train.grad_accum})"
+        )
     if cfg.grpo.overlong_buffer < 0 or cfg.grpo.overlong_buffer > cfg.rollout.max_new_tokens:
         raise ValueError(f"grpo.overlong_buffer must be in [0, rollout.max_new_tokens={cfg.rollout.max_new_tokens}]")
     require_reward_model(cfg.rewards, cfg.reward_model)
@@ -180,9 +190,11 @@ def check_distributed(run: Run, cfg: Config) -> None:
     from accelerate.utils import DistributedType
 
     if run.accelerator.distributed_type == DistributedType.DEEPSPEED and cfg.train.grad_accum > cfg.update.minibatches:
-        raise ValueError("under DeepSpeed set train.grad_accum equal to update.minibatches (one micro-batch per "
-                         "optimiser step; raise train.batch_size or the number of processes instead), and set "
-                         "gradient_clipping in the DeepSpeed config")
+        raise ValueError(
+            "under DeepSpeed set train.grad_accum equal to update.minibatches (one micro-batch per "
+            "optimiser step; raise train.batch_size or the number of processes instead), and set "
+            "gradient_clipping in the DeepSpeed config"
+        )
 
 
 def load_prompts(cfg: Config) -> list[PromptSample]:
@@ -217,8 +229,9 @@ def build_reference(cfg: Config, model: nn.Module, pad_token_id: int) -> Referen
 # ----------------------------------------------------------------------------- phases of a step
 
 
-def step_prompts(train_set: list[PromptSample], plan: BatchPlan, step: int, round_: int, *, seed: int,
-                 process_index: int) -> list[PromptSample]:
+def step_prompts(
+    train_set: list[PromptSample], plan: BatchPlan, step: int, round_: int, *, seed: int, process_index: int
+) -> list[PromptSample]:
     """Round 0: this process's prompts of the step (the batch plan); later rounds: as many fresh prompts
     drawn by ``(seed, step, round, process)`` (a pure function, so a resumed run draws the same)."""
     if round_ == 0:
@@ -228,8 +241,16 @@ def step_prompts(train_set: list[PromptSample], plan: BatchPlan, step: int, roun
     return [train_set[i] for i in rng.choice(len(train_set), size=count, replace=len(train_set) < count)]
 
 
-def collect(run: Run, policy: nn.Module, processor: Any, reward: Any, train_set: list[PromptSample], plan: BatchPlan,
-            step: int, cfg: Config) -> tuple[Rollouts, dict[str, Any]]:
+def collect(
+    run: Run,
+    policy: nn.Module,
+    processor: Any,
+    reward: Any,
+    train_set: list[PromptSample],
+    plan: BatchPlan,
+    step: int,
+    cfg: Config,
+) -> tuple[Rollouts, dict[str, Any]]:
     """Rollout and score the step's prompts (refilling filtered groups if configured); returns the
     rollouts to train on and the metrics of the step's own prompts (round 0)."""
     target = plan.batch_size * plan.grad_accum
@@ -243,8 +264,12 @@ def collect(run: Run, policy: nn.Module, processor: Any, reward: Any, train_set:
         scores = score(ro, reward, step=step + 1)
         ro.rewards = scores.total.to(torch.float32)
         if cfg.grpo.overlong_buffer > 0:
-            ro.rewards = ro.rewards + overlong_shaping(ro, max_length=cfg.rollout.max_new_tokens,
-                                                       buffer=cfg.grpo.overlong_buffer, factor=cfg.grpo.overlong_factor)
+            ro.rewards = ro.rewards + overlong_shaping(
+                ro,
+                max_length=cfg.rollout.max_new_tokens,
+                buffer=cfg.grpo.overlong_buffer,
+                factor=cfg.grpo.overlong_factor,
+            )
         if round_ == 0:
             metrics.update(_first_round_metrics(ro, scores, time.perf_counter() - t0))
         if cfg.grpo.filter_groups:
@@ -270,8 +295,15 @@ def _first_round_metrics(ro: Rollouts, scores: RewardScores, score_s: float) -> 
     return out
 
 
-def prepare_update(policy: nn.Module, reference: ReferencePolicy | None, ro: Rollouts, cfg: Config, *,
-                   pad_token_id: int, reduce_sum: Any) -> dict[str, Any]:
+def prepare_update(
+    policy: nn.Module,
+    reference: ReferencePolicy | None,
+    ro: Rollouts,
+    cfg: Config,
+    *,
+    pad_token_id: int,
+    reduce_sum: Any,
+) -> dict[str, Any]:
     """Old and reference log-probs, the KL penalty if it goes in the reward, and the advantages."""
     up, temp = cfg.update, cfg.rollout.temperature
     metrics: dict[str, Any] = {}
@@ -282,8 +314,9 @@ def prepare_update(policy: nn.Module, reference: ReferencePolicy | None, ro: Rol
         return metrics
     kl_in_reward = up.kl_coef > 0 and up.kl_in == "reward"
     if not up.on_policy or kl_in_reward:
-        ro.old_logps = old_logprobs(policy, ro, temperature=temp, pad_token_id=pad_token_id,
-                                    micro_batch=cfg.train.batch_size)  # fmt: skip
+        ro.old_logps = old_logprobs(
+            policy, ro, temperature=temp, pad_token_id=pad_token_id, micro_batch=cfg.train.batch_size
+        )
     if reference is not None and up.needs_reference:
         ro.ref_logps = reference_logprobs(reference, ro, temperature=temp, micro_batch=cfg.train.batch_size)
     rewards, kl = ro.rewards, None
@@ -293,16 +326,25 @@ def prepare_update(policy: nn.Module, reference: ReferencePolicy | None, ro: Rol
         metrics["kl/ref_seq_in_reward"] = seq_kl.mean()
         if cfg.advantage not in ("reinforce_pp", "reinforce_pp_baseline"):
             rewards = rewards - up.kl_coef * seq_kl  # type: ignore[operator]
-    ro.advantages = advantages(cfg.advantage, rewards, group_size=ro.group_size, mask=ro.mask,  # type: ignore[arg-type]
-                               kl=kl, kl_coef=up.kl_coef, gamma=cfg.grpo.gamma, eps=cfg.grpo.eps,
-                               reduce_sum=reduce_sum)  # fmt: skip
+    ro.advantages = advantages(
+        cfg.advantage,
+        rewards,
+        group_size=ro.group_size,
+        mask=ro.mask,  # type: ignore[arg-type]
+        kl=kl,
+        kl_coef=up.kl_coef,
+        gamma=cfg.grpo.gamma,
+        eps=cfg.grpo.eps,
+        reduce_sum=reduce_sum,
+    )
     adv = ro.advantages if ro.advantages.ndim == 2 else ro.advantages[:, None].expand(-1, ro.width)
     metrics["advantages/abs_mean"] = adv.abs()[ro.mask].mean()  # over completion tokens
     return metrics
 
 
-def run_eval(run: Run, policy: nn.Module, processor: Any, suite: Suite | None,
-             reference: ReferencePolicy | None) -> dict[str, float]:
+def run_eval(
+    run: Run, policy: nn.Module, processor: Any, suite: Suite | None, reference: ReferencePolicy | None
+) -> dict[str, float]:
     """Held-out metrics (main process); KL from the start when the reference is a frozen copy."""
     if suite is None:
         return {}
@@ -333,10 +375,14 @@ class CompletionLog:
         adv = ro.advantages if ro.advantages is not None and ro.advantages.ndim == 1 else None
         with open(self.path, "a") as fh:
             for i, sample in enumerate(ro.samples):
-                record = {"step": step, "id": sample.id, "completions": ro.texts[i],
-                          "rewards": rewards[i * g:(i + 1) * g]}
+                record = {
+                    "step": step,
+                    "id": sample.id,
+                    "completions": ro.texts[i],
+                    "rewards": rewards[i * g : (i + 1) * g],
+                }
                 if adv is not None:
-                    record["advantages"] = [round(a, 6) for a in adv[i * g:(i + 1) * g].tolist()]
+                    record["advantages"] = [round(a, 6) for a in adv[i * g : (i + 1) * g].tolist()]
                 fh.write(json.dumps(record) + "\n")
 
 
@@ -352,8 +398,9 @@ def run(cfg: Config) -> dict[str, Any]:
     pad = pad_token_id_of(processor)
     train_set = load_prompts(cfg)
     suite = build_eval_suite(cfg)
-    reward = build_rl_reward(cfg.rewards, cfg.reward_model, device=cfg.model.device, dtype=cfg.model.dtype,
-                             batch_size=cfg.reward_batch_size)  # fmt: skip
+    reward = build_rl_reward(
+        cfg.rewards, cfg.reward_model, device=cfg.model.device, dtype=cfg.model.dtype, batch_size=cfg.reward_batch_size
+    )
     plan = BatchPlan(len(train_set), cfg.train.batch_size, cfg.train.grad_accum, run.num_processes, cfg.train.seed)
     steps = total_steps(cfg.train, plan)
     optimizer = build_optimizer(model, cfg.train)
@@ -363,13 +410,18 @@ def run(cfg: Config) -> dict[str, Any]:
     model = modules["model"]
     policy = run.accelerator.unwrap_model(model)
     model.train()
-    run.print(f"grpo[{cfg.advantage}]: {len(train_set)} prompts, {steps} steps of {plan.global_batch} prompts x "
-              f"{cfg.rollout.n} completions")  # fmt: skip
+    run.print(
+        f"grpo[{cfg.advantage}]: {len(train_set)} prompts, {steps} steps of {plan.global_batch} prompts x "
+        f"{cfg.rollout.n} completions"
+    )
     if cfg.eval_before and run.start_step == 0:  # no KL: the policy is the reference here
         run.log(0, run_eval(run, policy, processor, suite, None))
     reduce_sum = lambda t: run.accelerator.reduce(t.to(run.device), "sum").cpu()  # noqa: E731
-    log = CompletionLog(run.run_dir / "completions.jsonl", start_step=run.start_step,
-                        enabled=cfg.log_completions and run.accelerator.is_main_process)  # fmt: skip
+    log = CompletionLog(
+        run.run_dir / "completions.jsonl",
+        start_step=run.start_step,
+        enabled=cfg.log_completions and run.accelerator.is_main_process,
+    )
 
     for step in range(run.start_step, steps):
         t_start = time.perf_counter()
@@ -377,13 +429,22 @@ def run(cfg: Config) -> dict[str, Any]:
             ro, metrics = collect(run, policy, processor, reward, train_set, plan, step, cfg)
             t_update = time.perf_counter()
             metrics.update(prepare_update(policy, reference, ro, cfg, pad_token_id=pad, reduce_sum=reduce_sum))
-        ctx = UpdateContext(temperature=cfg.rollout.temperature, pad_token_id=pad, micro_batches=cfg.train.grad_accum,
-                            norm_length=cfg.update.norm_length or cfg.rollout.max_new_tokens, seed=cfg.train.seed,
-                            step=step)  # fmt: skip
+        ctx = UpdateContext(
+            temperature=cfg.rollout.temperature,
+            pad_token_id=pad,
+            micro_batches=cfg.train.grad_accum,
+            norm_length=cfg.update.norm_length or cfg.rollout.max_new_tokens,
+            seed=cfg.train.seed,
+            step=step,
+        )
         metrics.update(update(run, model, optimizer, scheduler, ro, cfg.update, ctx))
         log.write(step + 1, ro)
-        check_finite(torch.tensor(metrics["train/loss"]), step=step + 1, sample_ids=[s.id for s in ro.samples],
-                     run_dir=run.run_dir)  # fmt: skip
+        check_finite(
+            torch.tensor(metrics["train/loss"]),
+            step=step + 1,
+            sample_ids=[s.id for s in ro.samples],
+            run_dir=run.run_dir,
+        )
         metrics["perf/update_s"] = time.perf_counter() - t_update
         metrics["perf/step_s"] = time.perf_counter() - t_start
         metrics = mean_over_processes(run, metrics)

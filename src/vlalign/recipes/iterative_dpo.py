@@ -8,7 +8,7 @@ Round r (1-based), in ``<output_dir>/round-<r>/``:
    seeded draw each round) ``online.generation.n`` times;
 2. a scorer (``online.scorer``: claim-level verification against the annotations by default, or
    exact ground truth, or your own / a reward model) rates the answers, and
-   :func:`vlalign.data.pairs_rank.rank_pairs` pairs a better with a worse one
+   :func:`vlalign.data.pairs.rank.rank_pairs` pairs a better with a worse one
    (``pairs.jsonl`` + ``pairs.stats.json``);
 3. DPO (every option of ``vlalign dpo``) trains on those pairs from the round's start policy,
    against a reference that is that same start policy (``online.update_reference``, as RLAIF-V)
@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from vlalign.rollout import GenerationSettings
+from vlalign.models.generate import GenerationSettings
 
 if TYPE_CHECKING:
     from vlalign.recipes.dpo import Config
@@ -89,36 +89,54 @@ def round_prompts(samples: list[Any], cfg: OnlineConfig, *, seed: int, round_: i
     return random.Random(f"vlalign-online/{seed}/{round_}").sample(list(samples), cfg.prompts_per_round)
 
 
-def sample_and_rank_round(policy_path: str, cfg: "Config", out_dir: Path, round_: int) -> dict[str, Any]:
+def sample_and_rank_round(policy_path: str, cfg: Config, out_dir: Path, round_: int) -> dict[str, Any]:
     """Sample answers of the round's policy and write the ranked pairs; returns the pair statistics."""
+    from vlalign.commands.pairs import find_vocabulary
     from vlalign.data.io import load_samples, write_samples
-    from vlalign.data.pairs_cli import find_vocabulary
-    from vlalign.data.pairs_rank import build_scorer, sample_and_rank
-    from vlalign.embedded import resolve_data, resolve_model
+    from vlalign.data.pairs.rank import build_scorer, sample_and_rank
+    from vlalign.models.generate import generate, settings_kwargs
     from vlalign.models.load import load_model_and_processor
-    from vlalign.rollout import generate, settings_kwargs
+    from vlalign.shapes.embedded import resolve_data, resolve_model
 
     o = cfg.online
     data_path = resolve_data(o.prompts)
     prompts = round_prompts(load_samples(data_path, "prompt"), o, seed=cfg.train.seed, round_=round_)
     scorer = build_scorer(o.scorer, find_vocabulary(o.vocabulary, data_path))
-    model, processor = load_model_and_processor(resolve_model(policy_path, seed=cfg.model.tiny_seed),
-                                                dtype=cfg.model.dtype, device=cfg.model.device)
-    gens = generate(model, processor, prompts, seed=cfg.train.seed * 1000 + round_, progress=cfg.train.progress,
-                    desc=f"round {round_}: sampling", **settings_kwargs(o.generation))
+    model, processor = load_model_and_processor(
+        resolve_model(policy_path, seed=cfg.model.tiny_seed), dtype=cfg.model.dtype, device=cfg.model.device
+    )
+    gens = generate(
+        model,
+        processor,
+        prompts,
+        seed=cfg.train.seed * 1000 + round_,
+        progress=cfg.train.progress,
+        desc=f"round {round_}: sampling",
+        **settings_kwargs(o.generation),
+    )
     del model
-    pairs, stats = sample_and_rank(prompts, gens.texts, scorer, threshold=o.threshold, pairing=o.pairing,
-                                   max_pairs_per_prompt=o.max_pairs_per_prompt)
+    pairs, stats = sample_and_rank(
+        prompts,
+        gens.texts,
+        scorer,
+        threshold=o.threshold,
+        pairing=o.pairing,
+        max_pairs_per_prompt=o.max_pairs_per_prompt,
+    )
     out_dir.mkdir(parents=True, exist_ok=True)
     write_samples(pairs, out_dir / "pairs.jsonl")
-    summary = {**stats.summary(), "prompts": len(prompts), "sampled_tokens": gens.new_tokens,
-               "sampling_seconds": gens.seconds}
+    summary = {
+        **stats.summary(),
+        "prompts": len(prompts),
+        "sampled_tokens": gens.new_tokens,
+        "sampling_seconds": gens.seconds,
+    }
     (out_dir / "pairs.stats.json").write_text(json.dumps(summary, indent=1) + "\n")
     print(f"round {round_}: {stats.describe()}")
     return summary
 
 
-def round_config(cfg: "Config", *, policy: str, reference: str, out_dir: Path, last: bool, resume: bool) -> "Config":
+def round_config(cfg: Config, *, policy: str, reference: str, out_dir: Path, last: bool, resume: bool) -> Config:
     """The offline DPO config of one round."""
     save = cfg.save if last else ("merged" if cfg.model.use_lora else "full")
     return dataclasses.replace(
@@ -132,7 +150,7 @@ def round_config(cfg: "Config", *, policy: str, reference: str, out_dir: Path, l
     )
 
 
-def run_rounds(cfg: "Config") -> dict[str, Any]:
+def run_rounds(cfg: Config) -> dict[str, Any]:
     """All rounds (resuming finished ones); returns the last round's metrics plus ``online/*`` counts."""
     from accelerate import PartialState
 
@@ -162,8 +180,11 @@ def run_rounds(cfg: "Config") -> dict[str, Any]:
             resume = (out_dir / "checkpoints").is_dir() and any((out_dir / "checkpoints").iterdir())
             # '' = the round's starting policy; else --ref-model, or the initial model when kept fixed
             reference = cfg.ref_model or ("" if cfg.online.update_reference or r == 1 else cfg.model.name_or_path)
-            metrics = train(round_config(cfg, policy=policy, reference=reference, out_dir=out_dir,
-                                         last=r == cfg.online.rounds, resume=resume))
+            metrics = train(
+                round_config(
+                    cfg, policy=policy, reference=reference, out_dir=out_dir, last=r == cfg.online.rounds, resume=resume
+                )
+            )
             policy = str(out_dir / "model")
         else:
             print(f"round {r}: only {stats['made']} pairs, fewer than one global batch; the policy stays as it was")

@@ -28,8 +28,9 @@ Examples::
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -63,12 +64,13 @@ from vlalign.recipes.preference_common import (
     zero_loss,
 )
 from vlalign.recipes.sft import global_count
-from vlalign.train import BatchPlan, Run, TrainConfig, build_optimizer, build_scheduler, check_finite, total_steps
+from vlalign.training import BatchPlan, Run, TrainConfig, build_optimizer, build_scheduler, check_finite, total_steps
 
 
 def _kto_train_defaults() -> TrainConfig:
-    return TrainConfig(output_dir="runs/kto", lr=5e-5, batch_size=8, epochs=1.0, warmup_ratio=0.1, log_every=5,
-                       save_every=100)
+    return TrainConfig(
+        output_dir="runs/kto", lr=5e-5, batch_size=8, epochs=1.0, warmup_ratio=0.1, log_every=5, save_every=100
+    )
 
 
 def _kto_data_defaults() -> DataConfig:
@@ -160,8 +162,14 @@ class UnpairedEncoder:
     """``UnpairedSample`` list -> :class:`UnpairedBatch` (one processor call; over-long samples dropped
     and counted, or refused). The mismatched completion is chosen among the kept samples."""
 
-    def __init__(self, processor: Any, *, max_length: int | None, on_overflow: Literal["drop", "raise"] = "drop",
-                 content_keys: bool = False) -> None:
+    def __init__(
+        self,
+        processor: Any,
+        *,
+        max_length: int | None,
+        on_overflow: Literal["drop", "raise"] = "drop",
+        content_keys: bool = False,
+    ) -> None:
         self.processor = processor
         self.max_length = max_length
         self.on_overflow: Literal["drop", "raise"] = on_overflow
@@ -180,8 +188,9 @@ class UnpairedEncoder:
         kept = [samples[i] for i in keep]
         comps = [[own[i][0], own[keep[(j + 1) % len(keep)]][0]] for j, i in enumerate(keep)]
         keys = [sample_content_hash(s.prompt, s.images) for s in kept] if self.content_keys else None
-        return UnpairedBatch(prompts.select(keep), comps, kept, torch.tensor([s.label for s in kept], dtype=torch.bool),
-                             dropped, keys)
+        return UnpairedBatch(
+            prompts.select(keep), comps, kept, torch.tensor([s.label for s in kept], dtype=torch.bool), dropped, keys
+        )
 
 
 # ----------------------------------------------------------------------------- phases
@@ -216,10 +225,15 @@ class KTOSums:
     def metrics(self, run: Run) -> dict[str, Tensor]:
         g = {k: run.accelerator.reduce(v, reduction="sum") for k, v in vars(self).items()}
         nd, nu = g["n_desirable"].clamp(min=1), g["n_undesirable"].clamp(min=1)
-        out = {"train/loss": g["loss"] / (g["n_desirable"] + g["n_undesirable"]).clamp(min=1),
-               "rewards/chosen": g["reward_desirable"] / nd, "rewards/rejected": g["reward_undesirable"] / nu,
-               "logps/chosen": g["logp_desirable"] / nd, "logps/rejected": g["logp_undesirable"] / nu,
-               "count/desirable": g["n_desirable"], "count/undesirable": g["n_undesirable"]}
+        out = {
+            "train/loss": g["loss"] / (g["n_desirable"] + g["n_undesirable"]).clamp(min=1),
+            "rewards/chosen": g["reward_desirable"] / nd,
+            "rewards/rejected": g["reward_undesirable"] / nu,
+            "logps/chosen": g["logp_desirable"] / nd,
+            "logps/rejected": g["logp_undesirable"] / nu,
+            "count/desirable": g["n_desirable"],
+            "count/undesirable": g["n_undesirable"],
+        }
         out["rewards/margin"] = out["rewards/chosen"] - out["rewards/rejected"]
         return out
 
@@ -244,14 +258,23 @@ def reference_point(run: Run, kl_terms: Sequence[Tensor]) -> Tensor:
     return (run.accelerator.reduce(local.to(run.device), reduction="sum") / count.double()).clamp(min=0.0)
 
 
-def kto_step(run: Run, model: nn.Module, reference: ReferencePolicy, batches: Sequence[UnpairedBatch],
-             cfg: Config, pad_token_id: int) -> tuple[dict[str, Tensor], int]:
+def kto_step(
+    run: Run,
+    model: nn.Module,
+    reference: ReferencePolicy,
+    batches: Sequence[UnpairedBatch],
+    cfg: Config,
+    pad_token_id: int,
+) -> tuple[dict[str, Tensor], int]:
     """One optimiser step's forwards and backwards; returns global metrics and the policy tokens run here."""
     total = global_count(run, sum(len(b) for b in batches)).clamp(min=1.0)
     refs = [reference_phase(reference, b) if len(b) else None for b in batches]
     inner = run.accelerator.unwrap_model(model)
-    kl_terms = [kl_phase(inner, b, mode=cfg.logprob_mode, pad_token_id=pad_token_id) - r[1].to(run.device)
-                for b, r in zip(batches, refs) if r is not None and cfg.loss.kl_estimate]
+    kl_terms = [
+        kl_phase(inner, b, mode=cfg.logprob_mode, pad_token_id=pad_token_id) - r[1].to(run.device)
+        for b, r in zip(batches, refs)
+        if r is not None and cfg.loss.kl_estimate
+    ]
     z0 = reference_point(run, kl_terms) if cfg.loss.kl_estimate else torch.zeros((), device=run.device)
     sums, tokens = KTOSums.zeros(run.device), 0
     for i, (ub, ref) in enumerate(zip(batches, refs)):
@@ -259,11 +282,21 @@ def kto_step(run: Run, model: nn.Module, reference: ReferencePolicy, batches: Se
             if ref is None:  # every sample dropped as over-long: keep processes in step
                 loss = zero_loss(model)
             else:
-                own = completion_logprobs(model, ub.prompts, [[g[0]] for g in ub.completions], mode=cfg.logprob_mode,
-                                          pad_token_id=pad_token_id)
+                own = completion_logprobs(
+                    model,
+                    ub.prompts,
+                    [[g[0]] for g in ub.completions],
+                    mode=cfg.logprob_mode,
+                    pad_token_id=pad_token_id,
+                )
                 logps = UnpairedLogps(own.sums, ref[0].to(own.sums.device), ub.desirable.to(own.sums.device))
-                out = kto_loss(logps, beta=cfg.loss.beta, desirable_weight=cfg.loss.desirable_weight,
-                               undesirable_weight=cfg.loss.undesirable_weight, reference_point=z0.to(own.sums.dtype))
+                out = kto_loss(
+                    logps,
+                    beta=cfg.loss.beta,
+                    desirable_weight=cfg.loss.desirable_weight,
+                    undesirable_weight=cfg.loss.undesirable_weight,
+                    reference_point=z0.to(own.sums.dtype),
+                )
                 loss = out.losses.sum() / total * run.num_processes
                 sums.add(out.losses, (cfg.loss.beta * (logps.logps - logps.ref_logps)).detach(), own.sums, ub.desirable)
                 tokens += own.num_tokens
@@ -274,8 +307,15 @@ def kto_step(run: Run, model: nn.Module, reference: ReferencePolicy, batches: Se
 
 
 @torch.no_grad()
-def heldout_metrics(run: Run, model: nn.Module, reference: ReferencePolicy, encoder: UnpairedEncoder,
-                    samples: Sequence[UnpairedSample], cfg: Config, pad_token_id: int) -> dict[str, float]:
+def heldout_metrics(
+    run: Run,
+    model: nn.Module,
+    reference: ReferencePolicy,
+    encoder: UnpairedEncoder,
+    samples: Sequence[UnpairedSample],
+    cfg: Config,
+    pad_token_id: int,
+) -> dict[str, float]:
     """``eval/loss``, ``eval/rewards/...`` and ``eval/kl/reference_point`` over the held-out split."""
     inner = run.accelerator.unwrap_model(model)
     was_training = inner.training
@@ -283,16 +323,24 @@ def heldout_metrics(run: Run, model: nn.Module, reference: ReferencePolicy, enco
     batches = [encoder(c, count=False) for c in chunks(process_shard(samples, run), cfg.train.batch_size)]
     batches = [b for b in batches if len(b)]
     refs = [reference_phase(reference, b) for b in batches]
-    kl_terms = [kl_phase(inner, b, mode=cfg.logprob_mode, pad_token_id=pad_token_id) - r[1].to(run.device)
-                for b, r in zip(batches, refs)]
+    kl_terms = [
+        kl_phase(inner, b, mode=cfg.logprob_mode, pad_token_id=pad_token_id) - r[1].to(run.device)
+        for b, r in zip(batches, refs)
+    ]
     z0 = reference_point(run, kl_terms) if cfg.loss.kl_estimate else torch.zeros((), device=run.device)
     sums = KTOSums.zeros(run.device)
     for ub, ref in zip(batches, refs):
-        own = completion_logprobs(inner, ub.prompts, [[g[0]] for g in ub.completions], mode=cfg.logprob_mode,
-                                  pad_token_id=pad_token_id)
+        own = completion_logprobs(
+            inner, ub.prompts, [[g[0]] for g in ub.completions], mode=cfg.logprob_mode, pad_token_id=pad_token_id
+        )
         logps = UnpairedLogps(own.sums, ref[0].to(own.sums.device), ub.desirable.to(own.sums.device))
-        out = kto_loss(logps, beta=cfg.loss.beta, desirable_weight=cfg.loss.desirable_weight,
-                       undesirable_weight=cfg.loss.undesirable_weight, reference_point=z0.to(own.sums.dtype))
+        out = kto_loss(
+            logps,
+            beta=cfg.loss.beta,
+            desirable_weight=cfg.loss.desirable_weight,
+            undesirable_weight=cfg.loss.undesirable_weight,
+            reference_point=z0.to(own.sums.dtype),
+        )
         sums.add(out.losses, cfg.loss.beta * (logps.logps - logps.ref_logps), own.sums, ub.desirable)
     inner.train(was_training)
     metrics = {("loss" if k == "train/loss" else k): float(v) for k, v in sums.metrics(run).items()}
@@ -300,8 +348,14 @@ def heldout_metrics(run: Run, model: nn.Module, reference: ReferencePolicy, enco
     return {f"eval/{k}": v for k, v in metrics.items()}
 
 
-def precompute_reference(run: Run, reference: ReferencePolicy, encoder: UnpairedEncoder,
-                         samples: Sequence[UnpairedSample], *, batch_size: int) -> None:
+def precompute_reference(
+    run: Run,
+    reference: ReferencePolicy,
+    encoder: UnpairedEncoder,
+    samples: Sequence[UnpairedSample],
+    *,
+    batch_size: int,
+) -> None:
     """Warm the reference cache (main process) for the batches' own completions; the mismatched ones
     depend on the batch composition and are computed (and cached) as they come."""
     if not isinstance(reference, PrecomputedReference):
@@ -322,21 +376,37 @@ def precompute_reference(run: Run, reference: ReferencePolicy, encoder: Unpaired
 def run(cfg: Config) -> dict[str, Any]:
     """Train with KTO, evaluate, save ``<output_dir>/model``; returns the final metrics."""
     if not cfg.data.train:
-        raise ValueError("data.train is required: unpaired rows (prompt, images, completion, label), or preference "
-                         "pairs with --from_pairs=true")
+        raise ValueError(
+            "data.train is required: unpaired rows (prompt, images, completion, label), or preference "
+            "pairs with --from_pairs=true"
+        )
     if cfg.loss.kl_estimate and cfg.train.batch_size < 2:
-        raise ValueError("KTO's reference point pairs each prompt with another sample's completion of the same "
-                         "micro-batch: use train.batch_size >= 2 (or loss.kl_estimate=false)")
+        raise ValueError(
+            "KTO's reference point pairs each prompt with another sample's completion of the same "
+            "micro-batch: use train.batch_size >= 2 (or loss.kl_estimate=false)"
+        )
     run = Run(cfg.train, config=cfg, desc="kto")
     check_distributed(run)
     model, processor = load_policy(policy_model_config(cfg.model, run))
     train_set = load_unpaired(cfg.data.train, cfg)
     eval_set = load_unpaired(cfg.data.eval, cfg, limit=cfg.data.eval_limit or None)
     pad = pad_token_id_of(processor)
-    reference = build_reference(cfg.reference, model, processor, model_cfg=cfg.model, ref_model=cfg.ref_model,
-                                run=run, mode=cfg.logprob_mode, pad_token_id=pad)
-    encoder = UnpairedEncoder(processor, max_length=cfg.data.max_length, on_overflow=cfg.data.on_overlong,
-                              content_keys=isinstance(reference, PrecomputedReference))
+    reference = build_reference(
+        cfg.reference,
+        model,
+        processor,
+        model_cfg=cfg.model,
+        ref_model=cfg.ref_model,
+        run=run,
+        mode=cfg.logprob_mode,
+        pad_token_id=pad,
+    )
+    encoder = UnpairedEncoder(
+        processor,
+        max_length=cfg.data.max_length,
+        on_overflow=cfg.data.on_overlong,
+        content_keys=isinstance(reference, PrecomputedReference),
+    )
     precompute_reference(run, reference, encoder, [*train_set, *eval_set], batch_size=cfg.train.batch_size)
     plan = BatchPlan(len(train_set), cfg.train.batch_size, cfg.train.grad_accum, run.num_processes, cfg.train.seed)
     steps = total_steps(cfg.train, plan)
@@ -352,8 +422,12 @@ def run(cfg: Config) -> dict[str, Any]:
     for step in range(run.start_step, steps):
         batches = [encoder([train_set[i] for i in mb]) for mb in plan.micro_batches(step, run.process_index)]
         metrics, tokens = kto_step(run, model, reference, batches, cfg, pad)
-        check_finite(metrics["train/loss"], step=step + 1, sample_ids=[i for b in batches for i in b.sample_ids],
-                     run_dir=run.run_dir)
+        check_finite(
+            metrics["train/loss"],
+            step=step + 1,
+            sample_ids=[i for b in batches for i in b.sample_ids],
+            run_dir=run.run_dir,
+        )
         metrics["train/grad_norm"] = run.clip_and_step(model.parameters(), optimizer, scheduler)
         metrics["data/dropped_overlong"] = encoder.num_dropped
         done = step + 1
@@ -361,16 +435,26 @@ def run(cfg: Config) -> dict[str, Any]:
             if eval_set:
                 metrics.update(heldout_metrics(run, model, reference, encoder, eval_set, cfg, pad))
             if cfg.eval_suite == "every":
-                metrics.update(run_suite(model, processor, cfg.suite, run=run, reference=suite_reference,
-                                         progress=False, filename=f"suite_eval_step{done}.json"))
+                metrics.update(
+                    run_suite(
+                        model,
+                        processor,
+                        cfg.suite,
+                        run=run,
+                        reference=suite_reference,
+                        progress=False,
+                        filename=f"suite_eval_step{done}.json",
+                    )
+                )
         run.end_step(done, metrics, samples=sum(len(b) for b in batches), tokens=tokens)
 
     final: dict[str, Any] = {"data/train_completions": float(len(train_set))}
     if eval_set:
         final.update(heldout_metrics(run, model, reference, encoder, eval_set, cfg, pad))
     if cfg.eval_suite != "none":
-        final.update(run_suite(model, processor, cfg.suite, run=run, reference=suite_reference,
-                               progress=cfg.train.progress))
+        final.update(
+            run_suite(model, processor, cfg.suite, run=run, reference=suite_reference, progress=cfg.train.progress)
+        )
     run.log(steps, final)
     save_final_model(run, model, processor, cfg.save)
     run.finish()

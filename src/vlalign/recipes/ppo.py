@@ -62,8 +62,16 @@ from vlalign.data.collate import pad_token_id_of
 from vlalign.data.schema import PromptSample
 from vlalign.eval.suite import EvalResult, Suite, SuiteConfig, build_suite, evaluate
 from vlalign.eval.tasks import filter_tasks, task_of
-from vlalign.losses import AdaptiveKLController, FixedKLController, aggregate, gae, kl_penalized_token_rewards
-from vlalign.losses import masked_whiten, value_loss
+from vlalign.losses import (
+    AdaptiveKLController,
+    FixedKLController,
+    aggregate,
+    gae,
+    kl_penalized_token_rewards,
+    masked_whiten,
+    value_loss,
+)
+from vlalign.models.generate import GenerationSettings
 from vlalign.models.heads import INFO_FILE, CriticModel, load_reward_model, new_head, save_head, token_scores
 from vlalign.models.load import LoraSpec, load_model_and_processor, save_model_and_processor
 from vlalign.models.logprobs import CompletionLogprobs
@@ -87,13 +95,20 @@ from vlalign.recipes.rl_common import (
 )
 from vlalign.recipes.rl_update import UpdateContext, update
 from vlalign.rewards import RewardsConfig
-from vlalign.rollout import GenerationSettings
-from vlalign.train import BatchPlan, Run, TrainConfig, build_optimizer, build_scheduler, check_finite, total_steps
+from vlalign.training import BatchPlan, Run, TrainConfig, build_optimizer, build_scheduler, check_finite, total_steps
 
 
 def _train_defaults() -> TrainConfig:
-    return TrainConfig(output_dir="runs/ppo", lr=1e-5, batch_size=8, max_steps=100, warmup_ratio=0.0,
-                       schedule="constant", log_every=5, save_every=50)  # fmt: skip
+    return TrainConfig(
+        output_dir="runs/ppo",
+        lr=1e-5,
+        batch_size=8,
+        max_steps=100,
+        warmup_ratio=0.0,
+        schedule="constant",
+        log_every=5,
+        save_every=50,
+    )
 
 
 def _data_defaults() -> DataConfig:
@@ -200,8 +215,9 @@ def check_config(cfg: Config) -> None:
     if cfg.rollout.temperature <= 0:
         raise ValueError("rollout.temperature must be > 0 for PPO (the policy must be sampled)")
     if cfg.train.grad_accum % cfg.update.minibatches:
-        raise ValueError(f"update.minibatches ({cfg.update.minibatches}) must divide train.grad_accum "
-                         f"({cfg.train.grad_accum})")
+        raise ValueError(
+            f"update.minibatches ({cfg.update.minibatches}) must divide train.grad_accum ({cfg.train.grad_accum})"
+        )
     require_reward_model(cfg.rewards, cfg.reward_model)
     if cfg.ppo.kl_target < 0 or cfg.ppo.kl_horizon <= 0 or not 0 <= cfg.ppo.lam <= 1 or not 0 <= cfg.ppo.gamma <= 1:
         raise ValueError("ppo: need kl_target >= 0, kl_horizon > 0 and gamma, lam in [0, 1]")
@@ -224,8 +240,12 @@ def build_critic(cfg: Config, policy: nn.Module, processor: Any) -> nn.Module:
     source = cfg.critic.name_or_path
     lora = cfg.model.lora if cfg.critic.use_lora else None
     if source and (Path(source) / INFO_FILE).is_file():
-        rm, critic_processor, _ = load_reward_model(source, device=cfg.model.device, trainable=True,
-                                                    dtype=trained_weights_dtype(cfg.model.dtype, lora=lora is not None))
+        rm, critic_processor, _ = load_reward_model(
+            source,
+            device=cfg.model.device,
+            trainable=True,
+            dtype=trained_weights_dtype(cfg.model.dtype, lora=lora is not None),
+        )
         backbone, head = rm.backbone, rm.head
         if lora is not None:
             from vlalign.models.load import apply_lora
@@ -233,23 +253,30 @@ def build_critic(cfg: Config, policy: nn.Module, processor: Any) -> nn.Module:
             backbone = apply_lora(backbone, lora)
         head.requires_grad_(True)
     else:
-        backbone, critic_processor = (load_policy(cfg.model, lora=cfg.critic.use_lora) if not source else
-                                      _load_critic_backbone(source, cfg, lora))  # fmt: skip
+        backbone, critic_processor = (
+            load_policy(cfg.model, lora=cfg.critic.use_lora) if not source else _load_critic_backbone(source, cfg, lora)
+        )
         head = new_head(backbone, dropout=cfg.critic.head_dropout, seed=cfg.train.seed)
-    from vlalign.eval.cli import same_tokenizer
+    from vlalign.commands.eval import same_tokenizer
 
     if not same_tokenizer(processor, critic_processor):
-        raise ValueError(f"critic.name_or_path {source!r} has another tokenizer than the policy; the critic reads the "
-                         "policy's tokens, so it must share the policy's tokenizer")
+        raise ValueError(
+            f"critic.name_or_path {source!r} has another tokenizer than the policy; the critic reads the "
+            "policy's tokens, so it must share the policy's tokenizer"
+        )
     return CriticModel(backbone, head)
 
 
 def _load_critic_backbone(source: str, cfg: Config, lora: LoraSpec | None) -> tuple[nn.Module, Any]:
-    from vlalign.embedded import resolve_model
+    from vlalign.shapes.embedded import resolve_model
 
-    return load_model_and_processor(resolve_model(source), device=cfg.model.device,
-                                    dtype=trained_weights_dtype(cfg.model.dtype, lora=lora is not None),
-                                    attn_implementation=cfg.model.attn_implementation or None, lora=lora)  # fmt: skip
+    return load_model_and_processor(
+        resolve_model(source),
+        device=cfg.model.device,
+        dtype=trained_weights_dtype(cfg.model.dtype, lora=lora is not None),
+        attn_implementation=cfg.model.attn_implementation or None,
+        lora=lora,
+    )
 
 
 def build_optimizer_for(policy: nn.Module, critic: nn.Module, cfg: Config) -> torch.optim.Optimizer:
@@ -258,8 +285,9 @@ def build_optimizer_for(policy: nn.Module, critic: nn.Module, cfg: Config) -> to
     critic_lr = cfg.critic.lr or cfg.train.lr
     for group in build_optimizer(critic, replace(cfg.train, lr=critic_lr)).param_groups:
         if group["params"]:
-            optimizer.add_param_group({"params": group["params"], "weight_decay": group["weight_decay"],
-                                       "lr": critic_lr})  # fmt: skip
+            optimizer.add_param_group(
+                {"params": group["params"], "weight_decay": group["weight_decay"], "lr": critic_lr}
+            )
     return optimizer
 
 
@@ -277,8 +305,16 @@ def build_reference(cfg: Config, model: nn.Module, pad_token_id: int) -> Referen
 
 
 @torch.no_grad()
-def rollout_values(policy: nn.Module, critic: nn.Module, ro: Rollouts, *, shared: bool, temperature: float,
-                   pad_token_id: int, micro_batch: int) -> tuple[Tensor, Tensor]:
+def rollout_values(
+    policy: nn.Module,
+    critic: nn.Module,
+    ro: Rollouts,
+    *,
+    shared: bool,
+    temperature: float,
+    pad_token_id: int,
+    micro_batch: int,
+) -> tuple[Tensor, Tensor]:
     """Old log-probs and values V(s_t) of the rollout, ``(R, L)`` each (CPU), in micro-batches of prompts.
 
     ``shared``: ``critic`` is a value head on the policy's hidden states, and one forward per
@@ -311,8 +347,11 @@ def ppo_advantages(ro: Rollouts, *, kl_coef: float, cfg: Config, reduce_sum: Any
     penalty = kl if in_reward else torch.zeros_like(values)
     token_rewards = kl_penalized_token_rewards(ro.rewards, penalty, mask, kl_coef=kl_coef if in_reward else 0.0)
     adv, returns = gae(token_rewards, values, mask, gamma=cfg.ppo.gamma, lam=cfg.ppo.lam)
-    metrics: dict[str, Tensor] = {"returns/mean": returns[mask].mean(), "values/mean": values[mask].mean(),
-                                  "values/explained_variance": explained_variance(values, returns, mask)}  # fmt: skip
+    metrics: dict[str, Tensor] = {
+        "returns/mean": returns[mask].mean(),
+        "values/mean": values[mask].mean(),
+        "values/explained_variance": explained_variance(values, returns, mask),
+    }
     if cfg.ppo.whiten_advantages:
         mean, var = global_masked_moments(adv, mask, reduce_sum=reduce_sum)
         adv = masked_whiten(adv, mask, mean=mean, var=var)
@@ -343,8 +382,13 @@ def value_term(critic: nn.Module, cfg: Config, pad_token_id: int):
         else:
             values = critic(part.prompts, part.token_ids, pad_token_id=pad_token_id)
         device = values.device
-        res = value_loss(values, part.extras["values"].to(device), part.extras["returns"].to(device), out.mask,
-                         clip_range=cfg.critic.value_clip or None)  # fmt: skip
+        res = value_loss(
+            values,
+            part.extras["values"].to(device),
+            part.extras["returns"].to(device),
+            out.mask,
+            clip_range=cfg.critic.value_clip or None,
+        )
         loss = aggregate(res.losses, out.mask, mode="token-mean", num_tokens=norms["num_tokens"])
         return cfg.critic.vf_coef * loss, {**res.metrics, "value/loss": loss.detach()}
 
@@ -381,8 +425,15 @@ def build_eval_suite(cfg: Config) -> Suite | None:
     return suite if len(suite) else None
 
 
-def run_eval(run: Run, policy: nn.Module, processor: Any, suite: Suite | None, reference: ReferencePolicy | None,
-             scorer: Any, baseline: EvalResult | None) -> tuple[dict[str, float], EvalResult | None]:
+def run_eval(
+    run: Run,
+    policy: nn.Module,
+    processor: Any,
+    suite: Suite | None,
+    reference: ReferencePolicy | None,
+    scorer: Any,
+    baseline: EvalResult | None,
+) -> tuple[dict[str, float], EvalResult | None]:
     """Held-out metrics (main process): CHAIR, tasks, KL from the start (frozen-copy reference) and the
     win rate over the starting model under ``scorer``; returns them and the starting model's result."""
     out: dict[str, float] = {}
@@ -402,8 +453,19 @@ def run_eval(run: Run, policy: nn.Module, processor: Any, suite: Suite | None, r
 # ----------------------------------------------------------------------------- the loop
 
 
-def collect(run: Run, policy: nn.Module, critic: nn.Module, processor: Any, reward: Any, reference: Any,
-            samples: list[PromptSample], step: int, cfg: Config, *, pad: int) -> tuple[Rollouts, dict[str, Any]]:
+def collect(
+    run: Run,
+    policy: nn.Module,
+    critic: nn.Module,
+    processor: Any,
+    reward: Any,
+    reference: Any,
+    samples: list[PromptSample],
+    step: int,
+    cfg: Config,
+    *,
+    pad: int,
+) -> tuple[Rollouts, dict[str, Any]]:
     """Rollout, score, old log-probs, values and reference log-probs of the step's prompts."""
     ro = rollout(policy, processor, samples, settings=cfg.rollout, seed=rollout_seed(cfg.train.seed, step))
     t0 = time.perf_counter()
@@ -411,14 +473,24 @@ def collect(run: Run, policy: nn.Module, critic: nn.Module, processor: Any, rewa
     ro.rewards = scores.total.to(torch.float32)
     if cfg.ppo.missing_eos_penalty:
         ro.rewards = ro.rewards - cfg.ppo.missing_eos_penalty * (~ro.flat_stopped()).float()
-    metrics: dict[str, Any] = {**rollout_metrics(ro, scores), "perf/rollout_s": ro.seconds,
-                               "perf/score_s": time.perf_counter() - t0}  # fmt: skip
-    ro.old_logps, ro.extras["values"] = rollout_values(policy, critic, ro, shared=cfg.critic.shared,
-                                                       temperature=cfg.rollout.temperature, pad_token_id=pad,
-                                                       micro_batch=cfg.train.batch_size)  # fmt: skip
+    metrics: dict[str, Any] = {
+        **rollout_metrics(ro, scores),
+        "perf/rollout_s": ro.seconds,
+        "perf/score_s": time.perf_counter() - t0,
+    }
+    ro.old_logps, ro.extras["values"] = rollout_values(
+        policy,
+        critic,
+        ro,
+        shared=cfg.critic.shared,
+        temperature=cfg.rollout.temperature,
+        pad_token_id=pad,
+        micro_batch=cfg.train.batch_size,
+    )
     if reference is not None and cfg.update.needs_reference:
-        ro.ref_logps = reference_logprobs(reference, ro, temperature=cfg.rollout.temperature,
-                                          micro_batch=cfg.train.batch_size)  # fmt: skip
+        ro.ref_logps = reference_logprobs(
+            reference, ro, temperature=cfg.rollout.temperature, micro_batch=cfg.train.batch_size
+        )
     return ro, metrics
 
 
@@ -450,8 +522,9 @@ def run(cfg: Config) -> dict[str, Any]:
     model, processor = load_policy(cfg.model)
     pad = pad_token_id_of(processor)
     train_set = load_prompts(cfg)
-    reward = build_rl_reward(cfg.rewards, cfg.reward_model, device=cfg.model.device, dtype=cfg.model.dtype,
-                             batch_size=cfg.reward_batch_size)  # fmt: skip
+    reward = build_rl_reward(
+        cfg.rewards, cfg.reward_model, device=cfg.model.device, dtype=cfg.model.dtype, batch_size=cfg.reward_batch_size
+    )
     critic = build_critic(cfg, model, processor)
     plan = BatchPlan(len(train_set), cfg.train.batch_size, cfg.train.grad_accum, run.num_processes, cfg.train.seed)
     steps = total_steps(cfg.train, plan)
@@ -467,10 +540,15 @@ def run(cfg: Config) -> dict[str, Any]:
     suite = build_eval_suite(cfg)
     scorer = reward.scorers.get("reward_model")
     baseline: EvalResult | None = None
-    run.print(f"ppo: {len(train_set)} prompts, {steps} steps of {plan.global_batch} prompts x {cfg.rollout.n}; "
-              f"critic {'shared' if cfg.critic.shared else 'separate'}")  # fmt: skip
-    log = CompletionLog(run.run_dir / "completions.jsonl", start_step=run.start_step,
-                        enabled=cfg.log_completions and run.accelerator.is_main_process)  # fmt: skip
+    run.print(
+        f"ppo: {len(train_set)} prompts, {steps} steps of {plan.global_batch} prompts x {cfg.rollout.n}; "
+        f"critic {'shared' if cfg.critic.shared else 'separate'}"
+    )
+    log = CompletionLog(
+        run.run_dir / "completions.jsonl",
+        start_step=run.start_step,
+        enabled=cfg.log_completions and run.accelerator.is_main_process,
+    )
     reduce_sum = lambda t: run.accelerator.reduce(t.to(run.device), "sum").cpu()  # noqa: E731
     params = lambda: itertools.chain(model.parameters(), critic.parameters())  # noqa: E731
 
@@ -478,20 +556,51 @@ def run(cfg: Config) -> dict[str, Any]:
         t_start = time.perf_counter()
         samples = [train_set[i] for mb in plan.micro_batches(step, run.process_index) for i in mb]
         with run.accelerator.autocast():  # the precision the update computes its log-probs and values in
-            ro, metrics = collect(run, policy, run.accelerator.unwrap_model(critic), processor, reward, reference,
-                                  samples, step, cfg, pad=pad)  # fmt: skip
+            ro, metrics = collect(
+                run,
+                policy,
+                run.accelerator.unwrap_model(critic),
+                processor,
+                reward,
+                reference,
+                samples,
+                step,
+                cfg,
+                pad=pad,
+            )
         t_update = time.perf_counter()
         beta = controller.value
         metrics.update(ppo_advantages(ro, kl_coef=beta, cfg=cfg, reduce_sum=reduce_sum))
         log.write(step + 1, ro)
         loss_cfg = replace(cfg.update, kl_coef=beta if cfg.update.kl_in == "loss" else 0.0)
-        ctx = UpdateContext(temperature=cfg.rollout.temperature, pad_token_id=pad, micro_batches=cfg.train.grad_accum,
-                            norm_length=cfg.update.norm_length or cfg.rollout.max_new_tokens, seed=cfg.train.seed,
-                            step=step)  # fmt: skip
-        metrics.update(update(run, model, optimizer, scheduler, ro, loss_cfg, ctx, return_hidden=cfg.critic.shared,
-                              extra_loss=value_term(critic, cfg, pad), parameters=params))  # fmt: skip
-        check_finite(torch.tensor(metrics["train/loss"]), step=step + 1, sample_ids=[s.id for s in ro.samples],
-                     run_dir=run.run_dir)  # fmt: skip
+        ctx = UpdateContext(
+            temperature=cfg.rollout.temperature,
+            pad_token_id=pad,
+            micro_batches=cfg.train.grad_accum,
+            norm_length=cfg.update.norm_length or cfg.rollout.max_new_tokens,
+            seed=cfg.train.seed,
+            step=step,
+        )
+        metrics.update(
+            update(
+                run,
+                model,
+                optimizer,
+                scheduler,
+                ro,
+                loss_cfg,
+                ctx,
+                return_hidden=cfg.critic.shared,
+                extra_loss=value_term(critic, cfg, pad),
+                parameters=params,
+            )
+        )
+        check_finite(
+            torch.tensor(metrics["train/loss"]),
+            step=step + 1,
+            sample_ids=[s.id for s in ro.samples],
+            run_dir=run.run_dir,
+        )
         metrics["perf/update_s"] = time.perf_counter() - t_update
         metrics["perf/step_s"] = time.perf_counter() - t_start
         metrics = mean_over_processes(run, metrics)
@@ -507,8 +616,11 @@ def run(cfg: Config) -> dict[str, Any]:
     final, _ = run_eval(run, policy, processor, suite, reference, scorer, baseline)
     if final:
         run.log(steps, final)
-        shown = {k: round(v, 4) for k, v in final.items() if k.startswith(("eval/chair", "eval/win_rate", "eval/kl",
-                                                                             "eval/start/chair"))}  # fmt: skip
+        shown = {
+            k: round(v, 4)
+            for k, v in final.items()
+            if k.startswith(("eval/chair", "eval/win_rate", "eval/kl", "eval/start/chair"))
+        }
         run.print(f"held-out: {shown}")
     save_outputs(run, policy, critic, processor, cfg)
     run.finish()

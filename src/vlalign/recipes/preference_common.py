@@ -32,7 +32,6 @@ import torch
 from torch import Tensor, nn
 
 from vlalign.data.schema import DataError, PreferenceSample, data_error
-from vlalign.embedded import resolve_data, resolve_model
 from vlalign.models.logprobs import Mode
 from vlalign.models.reference import (
     FrozenCopyReference,
@@ -41,7 +40,8 @@ from vlalign.models.reference import (
     make_reference,
 )
 from vlalign.recipes.common import DataConfig, ModelConfig
-from vlalign.train import Run
+from vlalign.shapes.embedded import resolve_data, resolve_model
+from vlalign.training import Run
 
 logger = logging.getLogger("vlalign")
 
@@ -72,8 +72,10 @@ def check_distributed(run: Run) -> None:
     from accelerate.utils import DistributedType
 
     if run.accelerator.distributed_type == DistributedType.DEEPSPEED and run.cfg.grad_accum > 1:
-        raise ValueError("under DeepSpeed use train.grad_accum=1 (raise train.batch_size or the number of "
-                         "processes instead), and set gradient_clipping in the DeepSpeed config")
+        raise ValueError(
+            "under DeepSpeed use train.grad_accum=1 (raise train.batch_size or the number of "
+            "processes instead), and set gradient_clipping in the DeepSpeed config"
+        )
 
 
 def policy_model_config(cfg: ModelConfig, run: Run) -> ModelConfig:
@@ -88,16 +90,25 @@ def resolved_strategy(strategy: str, *, lora: bool, ref_model: str) -> str:
     if strategy == "auto":
         return "copy" if ref_model or not lora else "adapter"
     if strategy == "adapter" and ref_model:
-        raise ValueError("reference.strategy=adapter uses the policy's own base weights; it cannot be combined "
-                         "with --ref-model (use copy or precomputed)")
+        raise ValueError(
+            "reference.strategy=adapter uses the policy's own base weights; it cannot be combined "
+            "with --ref-model (use copy or precomputed)"
+        )
     if strategy == "adapter" and not lora:
         raise ValueError("reference.strategy=adapter needs LoRA (--model.use_lora=true); use copy or precomputed")
     return strategy
 
 
 def build_reference(
-    cfg: ReferenceConfig, policy: nn.Module, processor: Any, *, model_cfg: ModelConfig, ref_model: str,
-    run: Run, mode: Mode, pad_token_id: int,
+    cfg: ReferenceConfig,
+    policy: nn.Module,
+    processor: Any,
+    *,
+    model_cfg: ModelConfig,
+    ref_model: str,
+    run: Run,
+    mode: Mode,
+    pad_token_id: int,
 ) -> ReferencePolicy:
     """The reference policy (build it BEFORE training starts and before a checkpoint is restored).
 
@@ -106,23 +117,30 @@ def build_reference(
     """
     strategy = resolved_strategy(cfg.strategy, lora=model_cfg.use_lora, ref_model=ref_model)
     if ref_model:
-        from vlalign.eval.cli import same_tokenizer
+        from vlalign.commands.eval import same_tokenizer
         from vlalign.models.load import load_model_and_processor
 
         device = str(run.device) if model_cfg.device == "auto" else model_cfg.device
-        other, other_processor = load_model_and_processor(resolve_model(ref_model, seed=model_cfg.tiny_seed),
-                                                          dtype=model_cfg.dtype, device=device,
-                                                          attn_implementation=model_cfg.attn_implementation or None)
+        other, other_processor = load_model_and_processor(
+            resolve_model(ref_model, seed=model_cfg.tiny_seed),
+            dtype=model_cfg.dtype,
+            device=device,
+            attn_implementation=model_cfg.attn_implementation or None,
+        )
         if not same_tokenizer(processor, other_processor):
-            raise ValueError(f"--ref-model {ref_model!r} has another tokenizer than the policy; the reference must "
-                             "score the same token ids (use a model of the same family)")
+            raise ValueError(
+                f"--ref-model {ref_model!r} has another tokenizer than the policy; the reference must "
+                "score the same token ids (use a model of the same family)"
+            )
         source: ReferencePolicy = FrozenCopyReference(other, mode=mode, pad_token_id=pad_token_id)
         del other
         if strategy == "copy":
             return source
         return PrecomputedReference(source, _cache_dir(cfg, run))
     if strategy == "precomputed":
-        return make_reference("precomputed", policy, cache_dir=_cache_dir(cfg, run), mode=mode, pad_token_id=pad_token_id)
+        return make_reference(
+            "precomputed", policy, cache_dir=_cache_dir(cfg, run), mode=mode, pad_token_id=pad_token_id
+        )
     return make_reference(strategy, policy, mode=mode, pad_token_id=pad_token_id)  # type: ignore[arg-type]
 
 
@@ -150,8 +168,13 @@ def finish_precompute(reference: ReferencePolicy, run: Run) -> None:
 # ----------------------------------------------------------------------------- data
 
 
-def load_pairs_split(path: str, cfg: DataConfig, *, image_conditioned_ok: bool, limit: int | None = None,
-                     ) -> tuple[list[PreferenceSample], dict[str, int]]:
+def load_pairs_split(
+    path: str,
+    cfg: DataConfig,
+    *,
+    image_conditioned_ok: bool,
+    limit: int | None = None,
+) -> tuple[list[PreferenceSample], dict[str, int]]:
     """Preference samples of ``path`` (the loader's checks, then :func:`check_pairs`); returns them and
     the rows skipped per reason (with ``data.skip_bad_rows``), the loader's and ours together."""
     from vlalign.data.io import load_samples_with_report
@@ -160,11 +183,17 @@ def load_pairs_split(path: str, cfg: DataConfig, *, image_conditioned_ok: bool, 
     if not resolved.exists():
         raise FileNotFoundError(f"data file {path!r} does not exist (resolved to {resolved})")
     cap = limit if limit is not None else (cfg.limit or None)
-    samples, report = load_samples_with_report(resolved, "preference", image_root=cfg.image_root or None,
-                                               skip_bad_rows=cfg.skip_bad_rows, limit=cap)
+    samples, report = load_samples_with_report(
+        resolved, "preference", image_root=cfg.image_root or None, skip_bad_rows=cfg.skip_bad_rows, limit=cap
+    )
     base = Path(cfg.image_root) if cfg.image_root else (resolved if resolved.is_dir() else resolved.parent)
-    kept, skipped = check_pairs(samples, image_root=base, image_conditioned_ok=image_conditioned_ok,  # type: ignore[arg-type]
-                                skip_bad_rows=cfg.skip_bad_rows, source=path)
+    kept, skipped = check_pairs(
+        samples,
+        image_root=base,
+        image_conditioned_ok=image_conditioned_ok,  # type: ignore[arg-type]
+        skip_bad_rows=cfg.skip_bad_rows,
+        source=path,
+    )
     for reason, n in report.skipped.items():
         skipped[reason] = skipped.get(reason, 0) + n
     if not kept:
@@ -172,8 +201,14 @@ def load_pairs_split(path: str, cfg: DataConfig, *, image_conditioned_ok: bool, 
     return kept, skipped
 
 
-def check_pairs(samples: Sequence[PreferenceSample], *, image_root: Path, image_conditioned_ok: bool,
-                skip_bad_rows: bool, source: str = "data") -> tuple[list[PreferenceSample], dict[str, int]]:
+def check_pairs(
+    samples: Sequence[PreferenceSample],
+    *,
+    image_root: Path,
+    image_conditioned_ok: bool,
+    skip_bad_rows: bool,
+    source: str = "data",
+) -> tuple[list[PreferenceSample], dict[str, int]]:
     """Refuse (or skip and count) pairs that cannot teach a preference; resolve ``rejected_images``.
 
     A pair whose rejected text equals its chosen text (or one of ``rejected_extra`` does) has a
@@ -195,24 +230,36 @@ def check_pairs(samples: Sequence[PreferenceSample], *, image_root: Path, image_
     return kept, skipped
 
 
-def _check_pair(sample: PreferenceSample, image_root: Path, image_conditioned_ok: bool, source: str) -> PreferenceSample:
+def _check_pair(
+    sample: PreferenceSample, image_root: Path, image_conditioned_ok: bool, source: str
+) -> PreferenceSample:
     where = f"{source}: sample {sample.id!r}"
     conditioned = sample.meta.get(REJECTED_IMAGES)
     if conditioned is not None:
         if not isinstance(conditioned, list) or len(conditioned) != len(sample.images):
-            raise data_error("bad rejected_images", f"{where}: '{REJECTED_IMAGES}' must list one image per image of "
-                                                    f"the row ({len(sample.images)})")
+            raise data_error(
+                "bad rejected_images",
+                f"{where}: '{REJECTED_IMAGES}' must list one image per image of the row ({len(sample.images)})",
+            )
         meta = dict(sample.meta)
-        meta[REJECTED_IMAGES] = [str(image_root / p) if isinstance(p, str) and not os.path.isabs(p) else p
-                                 for p in conditioned]
+        meta[REJECTED_IMAGES] = [
+            str(image_root / p) if isinstance(p, str) and not os.path.isabs(p) else p for p in conditioned
+        ]
         sample = dataclasses.replace(sample, meta=meta)
-    same = [k for k, text in enumerate([sample.rejected, *sample.rejected_extra]) if text.strip() == sample.chosen.strip()]
+    same = [
+        k for k, text in enumerate([sample.rejected, *sample.rejected_extra]) if text.strip() == sample.chosen.strip()
+    ]
     if same and not (conditioned is not None and image_conditioned_ok):
         which = "rejected" if same[0] == 0 else f"rejected_extra[{same[0] - 1}]"
-        hint = ("it is an image-conditioned pair (rejected_images): train it with the mdpo loss"
-                if conditioned is not None else "fix or drop the row, or set data.skip_bad_rows=true to skip such rows")
-        raise data_error("chosen equals rejected", f"{where}: '{which}' is the same text as 'chosen', so the pair "
-                                                   f"carries no preference; {hint}")
+        hint = (
+            "it is an image-conditioned pair (rejected_images): train it with the mdpo loss"
+            if conditioned is not None
+            else "fix or drop the row, or set data.skip_bad_rows=true to skip such rows"
+        )
+        raise data_error(
+            "chosen equals rejected",
+            f"{where}: '{which}' is the same text as 'chosen', so the pair carries no preference; {hint}",
+        )
     return sample
 
 
@@ -222,8 +269,10 @@ def numeric_column(samples: Sequence[Any], column: str, *, needed_by: str) -> Te
     for s in samples:
         value = s.meta.get(column)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise DataError(f"sample {s.id!r}: {needed_by} reads the numeric column {column!r}, but the row has "
-                            f"{value!r}; add the column (or point the option at another one)")
+            raise DataError(
+                f"sample {s.id!r}: {needed_by} reads the numeric column {column!r}, but the row has "
+                f"{value!r}; add the column (or point the option at another one)"
+            )
         values.append(float(value))
     return torch.tensor(values, dtype=torch.float64)
 
@@ -285,8 +334,16 @@ class MetricSums:
 # ----------------------------------------------------------------------------- the end of a run
 
 
-def run_suite(model: nn.Module, processor: Any, suite_cfg: Any, *, run: Run, reference: nn.Module | None,
-              progress: bool, filename: str = "suite_eval.json") -> dict[str, float]:
+def run_suite(
+    model: nn.Module,
+    processor: Any,
+    suite_cfg: Any,
+    *,
+    run: Run,
+    reference: nn.Module | None,
+    progress: bool,
+    filename: str = "suite_eval.json",
+) -> dict[str, float]:
     """The evaluation suite on the model in memory (main process; others wait): ``suite/...`` metrics.
 
     Writes every answer and metric to ``<run_dir>/<filename>`` (for reports and galleries).

@@ -44,8 +44,14 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from vlalign.data.collate import EncodedPrompts, check_lengths, encode_completions, encode_prompts
-from vlalign.data.collate import end_of_turn_ids, pad_token_id_of
+from vlalign.data.collate import (
+    EncodedPrompts,
+    check_lengths,
+    encode_completions,
+    encode_prompts,
+    end_of_turn_ids,
+    pad_token_id_of,
+)
 from vlalign.data.schema import PreferenceSample
 from vlalign.losses import bradley_terry_loss
 from vlalign.models.heads import RewardModel, RewardModelInfo, hidden_size_of, new_head, save_reward_model
@@ -53,12 +59,13 @@ from vlalign.models.reference import eval_mode
 from vlalign.recipes.common import DataConfig, ModelConfig, load_policy, load_split
 from vlalign.recipes.sft import global_count
 from vlalign.rewards.model import prepare_samples
-from vlalign.train import BatchPlan, Run, TrainConfig, build_optimizer, build_scheduler, check_finite, total_steps
+from vlalign.training import BatchPlan, Run, TrainConfig, build_optimizer, build_scheduler, check_finite, total_steps
 
 
 def _rm_train_defaults() -> TrainConfig:
-    return TrainConfig(output_dir="runs/rm", lr=3e-4, batch_size=16, epochs=2.0, warmup_ratio=0.05, log_every=10,
-                       save_every=100)  # fmt: skip
+    return TrainConfig(
+        output_dir="runs/rm", lr=3e-4, batch_size=16, epochs=2.0, warmup_ratio=0.05, log_every=10, save_every=100
+    )
 
 
 def _rm_data_defaults() -> DataConfig:
@@ -154,8 +161,14 @@ class PairBatch:
 class PairEncoder:
     """Preference samples -> :class:`PairBatch` (one processor call; over-long pairs dropped or refused)."""
 
-    def __init__(self, processor: Any, info: RewardModelInfo, *, max_length: int | None,
-                 on_overflow: Literal["drop", "raise"] = "drop") -> None:
+    def __init__(
+        self,
+        processor: Any,
+        info: RewardModelInfo,
+        *,
+        max_length: int | None,
+        on_overflow: Literal["drop", "raise"] = "drop",
+    ) -> None:
         self.processor = processor
         self.info = info
         self.max_length = max_length
@@ -182,8 +195,9 @@ def pair_rewards(model: torch.nn.Module, batch: PairBatch, *, pad_token_id: int)
     return rewards[:, 0], rewards[:, 1]
 
 
-def rm_step(run: Run, model: torch.nn.Module, batches: Sequence[PairBatch], cfg: Config, *,
-            pad_token_id: int) -> dict[str, Tensor]:
+def rm_step(
+    run: Run, model: torch.nn.Module, batches: Sequence[PairBatch], cfg: Config, *, pad_token_id: int
+) -> dict[str, Tensor]:
     """Forward and backward over the micro-batches of one optimiser step; returns its metrics."""
     total_pairs = global_count(run, sum(len(b) for b in batches)).clamp(min=1.0)
     loss_sum = torch.zeros((), device=run.device)
@@ -196,8 +210,9 @@ def rm_step(run: Run, model: torch.nn.Module, batches: Sequence[PairBatch], cfg:
             else:
                 chosen, rejected = pair_rewards(model, batch, pad_token_id=pad_token_id)
                 margin = pair_margins(batch.samples, cfg.loss.margin_column)
-                out = bradley_terry_loss(chosen, rejected, margin=margin, center_coef=cfg.loss.center_coef,
-                                         center_mode=cfg.loss.center_mode)  # fmt: skip
+                out = bradley_terry_loss(
+                    chosen, rejected, margin=margin, center_coef=cfg.loss.center_coef, center_mode=cfg.loss.center_mode
+                )
                 loss = out.losses.sum() / total_pairs * run.num_processes  # DDP averages gradients over processes
                 loss_sum = loss_sum + out.losses.sum().detach()
                 for key, value in out.metrics.items():
@@ -209,13 +224,14 @@ def rm_step(run: Run, model: torch.nn.Module, batches: Sequence[PairBatch], cfg:
 
 
 @torch.no_grad()
-def score_pairs(model: torch.nn.Module, encoder: PairEncoder, samples: Sequence[PreferenceSample], *,
-                batch_size: int) -> tuple[Tensor, Tensor, list[PreferenceSample]]:
+def score_pairs(
+    model: torch.nn.Module, encoder: PairEncoder, samples: Sequence[PreferenceSample], *, batch_size: int
+) -> tuple[Tensor, Tensor, list[PreferenceSample]]:
     """Chosen and rejected rewards ``(N,)`` of ``samples`` (over-long pairs skipped) and the pairs scored."""
     chosen, rejected, kept = [], [], []
     with eval_mode(model):
         for lo in range(0, len(samples), batch_size):
-            batch = encoder(samples[lo:lo + batch_size])
+            batch = encoder(samples[lo : lo + batch_size])
             if len(batch):
                 c, r = pair_rewards(model, batch, pad_token_id=encoder.pad_token_id)
                 chosen.append(c.float().cpu())
@@ -229,9 +245,12 @@ def score_pairs(model: torch.nn.Module, encoder: PairEncoder, samples: Sequence[
 def heldout_metrics(chosen: Tensor, rejected: Tensor, samples: Sequence[PreferenceSample]) -> dict[str, float]:
     """``eval/accuracy`` (overall, per pair ``source`` and per ``task``: ``eval/accuracy/task/<task>``),
     ``eval/loss`` and ``eval/margin`` of scored pairs."""
-    out = {"eval/accuracy": float(pairwise_accuracy(chosen, rejected)),
-           "eval/loss": float(bradley_terry_loss(chosen.double(), rejected.double()).losses.mean()),
-           "eval/margin": float((chosen - rejected).double().mean()), "eval/pairs": float(len(samples))}  # fmt: skip
+    out = {
+        "eval/accuracy": float(pairwise_accuracy(chosen, rejected)),
+        "eval/loss": float(bradley_terry_loss(chosen.double(), rejected.double()).losses.mean()),
+        "eval/margin": float((chosen - rejected).double().mean()),
+        "eval/pairs": float(len(samples)),
+    }
     for column, prefix in (("source", ""), ("task", "task/")):
         values = [str((s.meta or {}).get(column, "")) for s in samples]
         for value in sorted(set(values) - {""}):
@@ -282,8 +301,9 @@ def run(cfg: Config) -> dict[str, Any]:
     run = Run(cfg.train, config=cfg, desc="rm")
     backbone, processor = load_policy(cfg.model)
     model = RewardModel(backbone, new_head(backbone, dropout=cfg.head_dropout, seed=cfg.train.seed))
-    info = RewardModelInfo(hidden_size=hidden_size_of(backbone), facts_column=cfg.facts_column,
-                           facts_template=cfg.facts_template)  # fmt: skip
+    info = RewardModelInfo(
+        hidden_size=hidden_size_of(backbone), facts_column=cfg.facts_column, facts_template=cfg.facts_template
+    )
     train_set, eval_set = _load_data(cfg)
     encoder = PairEncoder(processor, info, max_length=cfg.data.max_length, on_overflow=cfg.data.on_overlong)
     plan = BatchPlan(len(train_set), cfg.train.batch_size, cfg.train.grad_accum, run.num_processes, cfg.train.seed)
@@ -298,8 +318,12 @@ def run(cfg: Config) -> dict[str, Any]:
     for step in range(run.start_step, steps):
         batches = [encoder([train_set[i] for i in mb]) for mb in plan.micro_batches(step, run.process_index)]
         metrics = rm_step(run, model, batches, cfg, pad_token_id=encoder.pad_token_id)
-        check_finite(metrics["train/loss"], step=step + 1, sample_ids=[s.id for b in batches for s in b.samples],
-                     run_dir=run.run_dir)  # fmt: skip
+        check_finite(
+            metrics["train/loss"],
+            step=step + 1,
+            sample_ids=[s.id for b in batches for s in b.samples],
+            run_dir=run.run_dir,
+        )
         metrics["train/grad_norm"] = run.clip_and_step(model.parameters(), optimizer, scheduler)
         metrics["data/dropped_overlong"] = encoder.num_dropped
         done = step + 1
@@ -316,14 +340,17 @@ def run(cfg: Config) -> dict[str, Any]:
         if cfg.normalise:
             info.offset, info.scale = _normalisation(chosen, rejected)
         run.log(steps, final)
-        per_source = ", ".join(f"{k[len('eval/accuracy/'):]} {v:.3f}" for k, v in final.items()
-                               if k.startswith("eval/accuracy/"))
-        run.print(f"held-out pairwise accuracy {final['eval/accuracy']:.4f} ({per_source}); "
-                  f"loss {final['eval/loss']:.4f}")
+        per_source = ", ".join(
+            f"{k[len('eval/accuracy/') :]} {v:.3f}" for k, v in final.items() if k.startswith("eval/accuracy/")
+        )
+        run.print(
+            f"held-out pairwise accuracy {final['eval/accuracy']:.4f} ({per_source}); loss {final['eval/loss']:.4f}"
+        )
     info.extra = {"train": cfg.data.train, "eval": cfg.data.eval, "steps": steps, "base": cfg.model.name_or_path}
     if run.accelerator.is_main_process:
-        out = save_reward_model(run.accelerator.unwrap_model(model), processor, run.run_dir / "model", info,
-                                mode=cfg.save)  # fmt: skip
+        out = save_reward_model(
+            run.accelerator.unwrap_model(model), processor, run.run_dir / "model", info, mode=cfg.save
+        )
         run.print(f"saved the reward model to {out}")
     run.finish()
     return final

@@ -58,12 +58,12 @@ from vlalign.losses import (
     masked_whiten,
     overlong_reward_penalty,
 )
+from vlalign.models.generate import GenerationSettings, generate
 from vlalign.models.logprobs import CompletionLogprobs, completion_logprobs
 from vlalign.models.packing import concat_prompts
 from vlalign.models.reference import ReferencePolicy
 from vlalign.rewards import CombinedReward, RewardError, RewardsConfig, RewardScores, build_reward_from_config
-from vlalign.rollout import GenerationSettings, generate
-from vlalign.train import Run
+from vlalign.training import Run
 
 Aggregation = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
 AdvantageName = Literal["grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"]
@@ -122,8 +122,9 @@ class PolicyUpdateConfig:
         if self.kl_coef < 0:
             raise ValueError(f"update.kl_coef must be >= 0, got {self.kl_coef}")
         if self.kl_coef > 0 and self.reference == "none":
-            raise ValueError("update.kl_coef > 0 needs a reference policy; set update.reference to auto, copy or "
-                             "adapter")
+            raise ValueError(
+                "update.kl_coef > 0 needs a reference policy; set update.reference to auto, copy or adapter"
+            )
 
     @property
     def on_policy(self) -> bool:
@@ -220,10 +221,15 @@ class Rollouts:
 
         changes: dict[str, Any] = {name: cut(t) for name, t in self.row_tensors().items() if "." not in name}
         return replace(
-            self, samples=[self.samples[g] for g in groups], prompts=self.prompts.select(groups),
-            token_ids=[self.token_ids[g] for g in groups], texts=[self.texts[g] for g in groups],
-            stopped=[self.stopped[g] for g in groups], extras={k: cut(v) for k, v in self.extras.items()}, **changes,
-        )  # fmt: skip
+            self,
+            samples=[self.samples[g] for g in groups],
+            prompts=self.prompts.select(groups),
+            token_ids=[self.token_ids[g] for g in groups],
+            texts=[self.texts[g] for g in groups],
+            stopped=[self.stopped[g] for g in groups],
+            extras={k: cut(v) for k, v in self.extras.items()},
+            **changes,
+        )
 
     @staticmethod
     def concat(parts: Sequence[Rollouts]) -> Rollouts:
@@ -245,13 +251,16 @@ class Rollouts:
                 raise ValueError(f"Rollouts.concat: {name} is set in some parts and not in others")
             tensors[name] = torch.cat([_pad_width(v, width) for v in values])  # type: ignore[arg-type]
         return Rollouts(
-            samples=[s for p in parts for s in p.samples], prompts=reduce(concat_prompts, [p.prompts for p in parts]),
-            token_ids=[g for p in parts for g in p.token_ids], texts=[g for p in parts for g in p.texts],
-            stopped=[g for p in parts for g in p.stopped], group_size=parts[0].group_size,
+            samples=[s for p in parts for s in p.samples],
+            prompts=reduce(concat_prompts, [p.prompts for p in parts]),
+            token_ids=[g for p in parts for g in p.token_ids],
+            texts=[g for p in parts for g in p.texts],
+            stopped=[g for p in parts for g in p.stopped],
+            group_size=parts[0].group_size,
             seconds=sum(p.seconds for p in parts),
             **{k: v for k, v in tensors.items() if "." not in k},
             extras={k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("extras.")},  # type: ignore[misc]
-        )  # fmt: skip
+        )
 
 
 def _pad_width(t: Tensor, width: int) -> Tensor:
@@ -282,11 +291,28 @@ def rollout(
         raise ValueError(f"rollout.n (completions per prompt) must be >= 1, got {settings.n}")
     if not samples:
         raise ValueError("rollout: no prompts given")
-    gens = generate(model, processor, list(samples), n=settings.n, temperature=settings.temperature,
-                    top_p=settings.top_p, top_k=settings.top_k, max_new_tokens=settings.max_new_tokens, seed=seed,
-                    batch_size=settings.batch_size, keep_prompts=True)  # fmt: skip
-    return Rollouts(samples=list(samples), prompts=reduce(concat_prompts, gens.encoded), token_ids=gens.token_ids,
-                    texts=gens.texts, stopped=gens.stopped, group_size=settings.n, seconds=gens.seconds)  # fmt: skip
+    gens = generate(
+        model,
+        processor,
+        list(samples),
+        n=settings.n,
+        temperature=settings.temperature,
+        top_p=settings.top_p,
+        top_k=settings.top_k,
+        max_new_tokens=settings.max_new_tokens,
+        seed=seed,
+        batch_size=settings.batch_size,
+        keep_prompts=True,
+    )
+    return Rollouts(
+        samples=list(samples),
+        prompts=reduce(concat_prompts, gens.encoded),
+        token_ids=gens.token_ids,
+        texts=gens.texts,
+        stopped=gens.stopped,
+        group_size=settings.n,
+        seconds=gens.seconds,
+    )
 
 
 # ----------------------------------------------------------------------------- phase 2: score
@@ -309,22 +335,34 @@ def score(rollouts: Rollouts, reward: RewardFn, *, step: int | None = None) -> R
 
 def overlong_shaping(rollouts: Rollouts, *, max_length: int, buffer: int, factor: float = 1.0) -> Tensor:
     """DAPO's soft overlong punishment of each completion, ``(R,)`` (0 while ``len <= max_length - buffer``)."""
-    return overlong_reward_penalty(rollouts.lengths.to(torch.float32), max_length=max_length,
-                                   cache_length=buffer, penalty_factor=factor)  # fmt: skip
+    return overlong_reward_penalty(
+        rollouts.lengths.to(torch.float32), max_length=max_length, cache_length=buffer, penalty_factor=factor
+    )
 
 
 # ----------------------------------------------------------------------------- phase 3: log-probs
 
 
 def policy_logprobs(
-    model: nn.Module, rollouts: Rollouts, *, temperature: float, pad_token_id: int, return_entropy: bool = False,
+    model: nn.Module,
+    rollouts: Rollouts,
+    *,
+    temperature: float,
+    pad_token_id: int,
+    return_entropy: bool = False,
     return_hidden: bool = False,
 ) -> CompletionLogprobs:
     """Per-token log-probs of the sampled completions under ``model`` at the sampling temperature
     (gradients flow; wrap in ``torch.no_grad()`` for old log-probs). Rows are in rollout order."""
-    return completion_logprobs(model, rollouts.prompts, rollouts.token_ids, temperature=temperature,
-                               pad_token_id=pad_token_id, return_entropy=return_entropy,
-                               return_hidden=return_hidden)  # fmt: skip
+    return completion_logprobs(
+        model,
+        rollouts.prompts,
+        rollouts.token_ids,
+        temperature=temperature,
+        pad_token_id=pad_token_id,
+        return_entropy=return_entropy,
+        return_hidden=return_hidden,
+    )
 
 
 def _by_micro_batch(rollouts: Rollouts, micro_batch: int, logps_of: Callable[[Rollouts], Tensor]) -> Tensor:
@@ -342,16 +380,22 @@ def old_logprobs(
 ) -> Tensor:
     """``(R, L)`` log-probs under the rollout policy (the policy before any update of this step), computed
     once per rollout batch in micro-batches of ``micro_batch`` prompts."""
-    return _by_micro_batch(rollouts, micro_batch, lambda part: policy_logprobs(
-        model, part, temperature=temperature, pad_token_id=pad_token_id).logps)
+    return _by_micro_batch(
+        rollouts,
+        micro_batch,
+        lambda part: policy_logprobs(model, part, temperature=temperature, pad_token_id=pad_token_id).logps,
+    )
 
 
 def reference_logprobs(
     reference: ReferencePolicy, rollouts: Rollouts, *, temperature: float, micro_batch: int
 ) -> Tensor:
     """``(R, L)`` log-probs under the reference policy (no gradient), in micro-batches of prompts."""
-    return _by_micro_batch(rollouts, micro_batch, lambda part: reference.logprobs(
-        part.prompts, part.token_ids, temperature=temperature).logps)
+    return _by_micro_batch(
+        rollouts,
+        micro_batch,
+        lambda part: reference.logprobs(part.prompts, part.token_ids, temperature=temperature).logps,
+    )
 
 
 def token_kl(logps: Tensor, ref_logps: Tensor, mask: Tensor, *, estimator: str) -> Tensor:
@@ -452,8 +496,9 @@ def mean_over_processes(run: Run, metrics: dict[str, Any]) -> dict[str, float]:
     from accelerate.utils import gather_object
 
     keys = sorted({k for ks in gather_object([keys]) for k in ks})
-    local = torch.tensor([[float(metrics[k]), 1.0] if k in metrics else [0.0, 0.0] for k in keys],
-                         dtype=torch.float64, device=run.device).reshape(-1, 2)  # fmt: skip
+    local = torch.tensor(
+        [[float(metrics[k]), 1.0] if k in metrics else [0.0, 0.0] for k in keys], dtype=torch.float64, device=run.device
+    ).reshape(-1, 2)
     total = run.accelerator.reduce(local, "sum")
     return {k: v / max(n, 1.0) for k, (v, n) in zip(keys, total.tolist())}
 
@@ -467,8 +512,9 @@ def require_reward_model(rewards: RewardsConfig, reward_model: str) -> None:
         raise ValueError("rewards.weights names reward_model but --reward_model (a `vlalign rm` folder) is not set")
 
 
-def build_rl_reward(rewards: RewardsConfig, reward_model: str, *, device: str, dtype: str,
-                    batch_size: int) -> CombinedReward:
+def build_rl_reward(
+    rewards: RewardsConfig, reward_model: str, *, device: str, dtype: str, batch_size: int
+) -> CombinedReward:
     """The reward of an RL recipe: the functions of ``rewards`` and, when ``reward_model`` names a folder
     saved by ``vlalign rm``, that model as the reward called ``reward_model`` (on the CPU when the policy
     is, else on the first accelerator)."""
@@ -477,13 +523,29 @@ def build_rl_reward(rewards: RewardsConfig, reward_model: str, *, device: str, d
     if reward_model:
         from vlalign.rewards.model import load_reward_scorer
 
-        scorers["reward_model"] = load_reward_scorer(reward_model, device="cpu" if device == "cpu" else "auto",
-                                                     dtype=dtype, batch_size=batch_size)  # fmt: skip
+        scorers["reward_model"] = load_reward_scorer(
+            reward_model, device="cpu" if device == "cpu" else "auto", dtype=dtype, batch_size=batch_size
+        )
     return build_reward_from_config(rewards, scorers=scorers)
 
 
 __all__ = [
-    "ADVANTAGES", "PolicyUpdateConfig", "Rollouts", "advantages", "build_rl_reward", "global_masked_moments",
-    "group_filter_mask", "mean_over_processes", "old_logprobs", "overlong_shaping", "policy_logprobs",
-    "reference_logprobs", "require_reward_model", "rollout", "rollout_metrics", "rollout_seed", "score", "token_kl",
+    "ADVANTAGES",
+    "PolicyUpdateConfig",
+    "Rollouts",
+    "advantages",
+    "build_rl_reward",
+    "global_masked_moments",
+    "group_filter_mask",
+    "mean_over_processes",
+    "old_logprobs",
+    "overlong_shaping",
+    "policy_logprobs",
+    "reference_logprobs",
+    "require_reward_model",
+    "rollout",
+    "rollout_metrics",
+    "rollout_seed",
+    "score",
+    "token_kl",
 ]

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from vlalign.losses import aggregate, masked_mean, ppo_clip_loss
 from vlalign.models.logprobs import CompletionLogprobs
 from vlalign.recipes.rl_common import PolicyUpdateConfig, Rollouts, policy_logprobs, token_kl
-from vlalign.train import Run
+from vlalign.training import Run
 
 
 def policy_loss_terms(
@@ -35,8 +35,15 @@ def policy_loss_terms(
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Per-token loss ``(R, L)`` of a micro-batch: clipped surrogate (+ beta * KL when the KL is in the
     loss) (- entropy_coef * entropy), and its detached token-mean metrics."""
-    out = ppo_clip_loss(logps, old_logps, advantages_, mask, clip_low=cfg.clip_low, clip_high=cfg.clip_high,
-                        dual_clip=cfg.dual_clip or None)  # fmt: skip
+    out = ppo_clip_loss(
+        logps,
+        old_logps,
+        advantages_,
+        mask,
+        clip_low=cfg.clip_low,
+        clip_high=cfg.clip_high,
+        dual_clip=cfg.dual_clip or None,
+    )
     per_token = out.losses
     metrics = dict(out.metrics)
     if ref_logps is not None:
@@ -89,20 +96,38 @@ class UpdateContext:
 
 
 def _micro_loss(
-    run: Run, model: nn.Module, part: Rollouts, cfg: PolicyUpdateConfig, ctx: UpdateContext,
-    norms: dict[str, Tensor], extra_loss: ExtraLoss | None, return_hidden: bool,
+    run: Run,
+    model: nn.Module,
+    part: Rollouts,
+    cfg: PolicyUpdateConfig,
+    ctx: UpdateContext,
+    norms: dict[str, Tensor],
+    extra_loss: ExtraLoss | None,
+    return_hidden: bool,
 ) -> tuple[Tensor, dict[str, Tensor], int]:
     """Loss of one micro-batch (scaled for DDP's gradient averaging), its metrics and token count."""
-    out = policy_logprobs(model, part, temperature=ctx.temperature, pad_token_id=ctx.pad_token_id,
-                          return_entropy=True, return_hidden=return_hidden)  # fmt: skip
+    out = policy_logprobs(
+        model,
+        part,
+        temperature=ctx.temperature,
+        pad_token_id=ctx.pad_token_id,
+        return_entropy=True,
+        return_hidden=return_hidden,
+    )
     device = out.logps.device
     mask = out.mask
     old = part.old_logps.to(device) if part.old_logps is not None else out.logps.detach()
     ref = part.ref_logps.to(device) if part.ref_logps is not None else None
     adv = part.advantages.to(device, out.logps.dtype)  # type: ignore[union-attr]
     per_token, metrics = policy_loss_terms(out.logps, old, adv, mask, cfg=cfg, ref_logps=ref, entropy=out.entropy)
-    loss = aggregate(per_token, mask, mode=cfg.aggregation, max_length=ctx.norm_length,
-                     num_tokens=norms["num_tokens"], num_sequences=norms["num_sequences"])  # fmt: skip
+    loss = aggregate(
+        per_token,
+        mask,
+        mode=cfg.aggregation,
+        max_length=ctx.norm_length,
+        num_tokens=norms["num_tokens"],
+        num_sequences=norms["num_sequences"],
+    )
     if extra_loss is not None:
         extra, extra_metrics = extra_loss(part, out, norms)
         loss = loss + extra
@@ -141,10 +166,11 @@ def update(
     weight = 0.0
     losses, norms_seen = [], []
     for epoch in range(cfg.epochs):
-        chunks = micro_batch_groups(len(rollouts), ctx.micro_batches, seed=ctx.seed, step=ctx.step, epoch=epoch,
-                                    shuffle=not cfg.on_policy)  # fmt: skip
+        chunks = micro_batch_groups(
+            len(rollouts), ctx.micro_batches, seed=ctx.seed, step=ctx.step, epoch=epoch, shuffle=not cfg.on_policy
+        )
         for m in range(cfg.minibatches):
-            parts = [rollouts.select_groups(c) for c in chunks[m * per_step:(m + 1) * per_step]]
+            parts = [rollouts.select_groups(c) for c in chunks[m * per_step : (m + 1) * per_step]]
             norms = _global_normalisers(run, parts)
             step_loss = torch.zeros((), device=run.device)
             for i, part in enumerate(parts):
@@ -186,8 +212,9 @@ def _token_weighted_means(run: Run, sums: dict[str, float], weight: float) -> di
 
 def _global_normalisers(run: Run, parts: Sequence[Rollouts]) -> dict[str, Tensor]:
     """Tokens and sequences of one optimiser step, summed over its micro-batches and every process."""
-    local = torch.tensor([float(sum(p.num_tokens for p in parts)), float(sum(p.num_rows for p in parts))],
-                         device=run.device)  # fmt: skip
+    local = torch.tensor(
+        [float(sum(p.num_tokens for p in parts)), float(sum(p.num_rows for p in parts))], device=run.device
+    )
     total = run.accelerator.reduce(local, "sum").clamp(min=1.0)
     return {"num_tokens": total[0], "num_sequences": total[1]}
 

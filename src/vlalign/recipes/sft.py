@@ -16,8 +16,9 @@ Examples::
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -25,11 +26,13 @@ import torch.nn.functional as F
 from vlalign.data.collate import IGNORE_INDEX, SequenceBatch, SupervisedCollator
 from vlalign.models.load import save_model_and_processor
 from vlalign.recipes.common import DataConfig, ModelConfig, load_policy, load_split
-from vlalign.train import BatchPlan, Run, TrainConfig, build_optimizer, build_scheduler, check_finite, total_steps
+from vlalign.training import BatchPlan, Run, TrainConfig, build_optimizer, build_scheduler, check_finite, total_steps
 
 
 def _sft_train_defaults() -> TrainConfig:
-    return TrainConfig(output_dir="runs/sft", lr=1e-3, batch_size=16, epochs=3.0, warmup_ratio=0.05, log_every=10, save_every=100)
+    return TrainConfig(
+        output_dir="runs/sft", lr=1e-3, batch_size=16, epochs=3.0, warmup_ratio=0.05, log_every=10, save_every=100
+    )
 
 
 def _sft_data_defaults() -> DataConfig:
@@ -58,7 +61,9 @@ def token_nll_sum(model: torch.nn.Module, batch: SequenceBatch) -> torch.Tensor:
     """Sum over completion tokens of -log p(token | prefix) for one batch."""
     logits = model(**batch.model_inputs()).logits  # (R, T, V)
     labels = batch.labels[:, 1:]  # (R, T-1): token t+1 is predicted at position t
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+    return F.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
 
 
 def global_count(run: Run, local: int) -> torch.Tensor:
@@ -87,7 +92,9 @@ def sft_step(run: Run, model: torch.nn.Module, batches: Sequence[SequenceBatch])
 
 
 @torch.no_grad()
-def heldout_loss(model: torch.nn.Module, samples: list, collator: SupervisedCollator, *, batch_size: int, device) -> float:
+def heldout_loss(
+    model: torch.nn.Module, samples: list, collator: SupervisedCollator, *, batch_size: int, device
+) -> float:
     """Mean completion-token NLL over held-out samples."""
     model.eval()
     nll, tokens = 0.0, 0
@@ -120,17 +127,30 @@ def run(cfg: Config) -> dict[str, Any]:
     run.print(f"sft: {len(train_set)} training samples, {steps} steps of {plan.global_batch} samples")
 
     for step in range(run.start_step, steps):
-        batches = [collator([train_set[i] for i in mb]).to(run.device) for mb in plan.micro_batches(step, run.process_index)]
+        batches = [
+            collator([train_set[i] for i in mb]).to(run.device) for mb in plan.micro_batches(step, run.process_index)
+        ]
         metrics = sft_step(run, model, batches)
-        check_finite(metrics["train/loss"], step=step + 1, sample_ids=[s for b in batches for s in b.sample_ids], run_dir=run.run_dir)
+        check_finite(
+            metrics["train/loss"],
+            step=step + 1,
+            sample_ids=[s for b in batches for s in b.sample_ids],
+            run_dir=run.run_dir,
+        )
         grad_norm = run.clip_and_step(model.parameters(), optimizer, scheduler)
         metrics["train/grad_norm"] = grad_norm
         metrics["data/dropped_overlong"] = collator.num_dropped
         done = step + 1
         if cfg.train.eval_every and done % cfg.train.eval_every == 0 and eval_set:
-            metrics["eval/loss"] = heldout_loss(model, eval_set, collator, batch_size=cfg.train.batch_size, device=run.device)
-        run.end_step(done, metrics, samples=sum(len(b) for b in batches),
-                     tokens=sum(int(b.attention_mask.sum()) for b in batches))
+            metrics["eval/loss"] = heldout_loss(
+                model, eval_set, collator, batch_size=cfg.train.batch_size, device=run.device
+            )
+        run.end_step(
+            done,
+            metrics,
+            samples=sum(len(b) for b in batches),
+            tokens=sum(int(b.attention_mask.sum()) for b in batches),
+        )
 
     final: dict[str, Any] = {}
     if eval_set:
@@ -138,7 +158,9 @@ def run(cfg: Config) -> dict[str, Any]:
         run.log(steps, final)
         run.print(f"held-out loss: {final['eval/loss']:.4f}")
     if run.accelerator.is_main_process:
-        out = save_model_and_processor(run.accelerator.unwrap_model(model), processor, run.run_dir / "model", mode=cfg.save)
+        out = save_model_and_processor(
+            run.accelerator.unwrap_model(model), processor, run.run_dir / "model", mode=cfg.save
+        )
         run.print(f"saved the model to {out}")
     run.finish()
     return final

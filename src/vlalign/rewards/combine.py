@@ -57,8 +57,8 @@ import torch
 from torch import Tensor
 
 from vlalign.data.schema import Message, PromptSample, data_error
-from vlalign.data.world import COLOUR_RGB, SHAPE_PLURALS, caption_from_counts
 from vlalign.rewards.verifiable import REWARD_FUNCTIONS, require_meta, sample_id
+from vlalign.shapes.world import COLOUR_RGB, SHAPE_PLURALS, caption_from_counts
 
 # ----------------------------------------------------------------------------- protocols and errors
 
@@ -242,9 +242,7 @@ def _load_file(path: Path, spec_text: str) -> Any:
         spec.loader.exec_module(module)
     except Exception as exc:
         del sys.modules[module_name]
-        raise RewardConfigError(
-            f"reward {spec_text!r}: importing {path} failed: {type(exc).__name__}: {exc}"
-        ) from exc
+        raise RewardConfigError(f"reward {spec_text!r}: importing {path} failed: {type(exc).__name__}: {exc}") from exc
     return module
 
 
@@ -379,8 +377,10 @@ class CombinedReward:
             keep = range(len(samples)) if mask is None else [i for i, m in enumerate(mask) if m]
             sub_s, sub_c = [samples[i] for i in keep], [completions[i] for i in keep]
             if name in self.functions:
-                found = [call_reward(self.functions[name], name, c, s, timeout_s=self.timeout_s, mode=self.mode)
-                         for s, c in zip(sub_s, sub_c)]  # fmt: skip
+                found = [
+                    call_reward(self.functions[name], name, c, s, timeout_s=self.timeout_s, mode=self.mode)
+                    for s, c in zip(sub_s, sub_c)
+                ]
             else:
                 found = self._score_batch(name, self.scorers[name], sub_s, sub_c) if keep else []
             v = torch.zeros(len(samples), dtype=torch.float64)  # (N,)
@@ -394,14 +394,21 @@ class CombinedReward:
                 from vlalign.eval.tasks import task_of
 
                 s = samples[unscored[0]]
-                raise RewardError(f"no reward scores sample {sample_id(s)!r} (task {task_of(s)!r}): "
-                                  f"rewards.tasks names only {sorted(set().union(*self.tasks.values()))}",
-                                  function="rewards.tasks", sample_id=sample_id(s))  # fmt: skip
+                raise RewardError(
+                    f"no reward scores sample {sample_id(s)!r} (task {task_of(s)!r}): "
+                    f"rewards.tasks names only {sorted(set().union(*self.tasks.values()))}",
+                    function="rewards.tasks",
+                    sample_id=sample_id(s),
+                )
         total = torch.zeros(len(completions), dtype=torch.float64)  # (N,)
         for name, v in values.items():
             total = total + self.weights[name] * v
-        return RewardScores(total=total.to(dtype), values={k: v.to(dtype) for k, v in values.items()},
-                            weights=dict(self.weights), scored=scored)  # fmt: skip
+        return RewardScores(
+            total=total.to(dtype),
+            values={k: v.to(dtype) for k, v in values.items()},
+            weights=dict(self.weights),
+            scored=scored,
+        )
 
     @staticmethod
     def _score_batch(
@@ -482,9 +489,7 @@ def build_reward(
             raise RewardConfigError(f"rewards.weights: {name!r} and another reward both log as {key!r}; rename one")
         if name in scorers:
             if name in options:
-                raise RewardConfigError(
-                    f"rewards.options.{name}: options of a reward model are set where it is built"
-                )
+                raise RewardConfigError(f"rewards.options.{name}: options of a reward model are set where it is built")
             batch[key] = scorers[name]
         elif name in REWARD_FUNCTIONS:
             functions[key] = bind_options(REWARD_FUNCTIONS[name], name, options.get(name))
@@ -505,8 +510,9 @@ def build_reward_from_config(
     cfg: RewardsConfig, *, scorers: Mapping[str, BatchScorer] | None = None, base_dir: str | Path | None = None
 ) -> CombinedReward:
     """:func:`build_reward` from a :class:`RewardsConfig` section."""
-    return build_reward(cfg.weights, options=cfg.options, scorers=scorers, timeout_s=cfg.timeout_s, base_dir=base_dir,
-                        tasks=cfg.tasks)
+    return build_reward(
+        cfg.weights, options=cfg.options, scorers=scorers, timeout_s=cfg.timeout_s, base_dir=base_dir, tasks=cfg.tasks
+    )
 
 
 # ----------------------------------------------------------------------------- fact-augmented inputs

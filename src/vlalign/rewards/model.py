@@ -45,8 +45,12 @@ def group_consecutive(samples: Sequence[Any]) -> list[tuple[int, int]]:
 
 
 def _same(a: Any, b: Any) -> bool:
-    return a is b or (a.id == b.id and a.prompt == b.prompt and len(a.images) == len(b.images)
-                      and all(x is y or x == y for x, y in zip(a.images, b.images)))
+    return a is b or (
+        a.id == b.id
+        and a.prompt == b.prompt
+        and len(a.images) == len(b.images)
+        and all(x is y or x == y for x, y in zip(a.images, b.images))
+    )
 
 
 def prepare_samples(samples: Sequence[Any], info: RewardModelInfo) -> list[Any]:
@@ -58,15 +62,28 @@ def prepare_samples(samples: Sequence[Any], info: RewardModelInfo) -> list[Any]:
 
 
 def _as_prompt(sample: Any) -> PromptSample:
-    return sample if isinstance(sample, PromptSample) else PromptSample(
-        id=sample.id, images=sample.images, prompt=sample.prompt, meta=getattr(sample, "meta", {}) or {})
+    return (
+        sample
+        if isinstance(sample, PromptSample)
+        else PromptSample(
+            id=sample.id, images=sample.images, prompt=sample.prompt, meta=getattr(sample, "meta", {}) or {}
+        )
+    )
 
 
 class RewardModelScorer:
     """``(samples, completions) -> list[float]``: a reward model's scores, batched, without gradients."""
 
-    def __init__(self, model: RewardModel, processor: Any, info: RewardModelInfo, *, batch_size: int = 16,
-                 normalise: bool = True, max_length: int | None = None) -> None:
+    def __init__(
+        self,
+        model: RewardModel,
+        processor: Any,
+        info: RewardModelInfo,
+        *,
+        batch_size: int = 16,
+        normalise: bool = True,
+        max_length: int | None = None,
+    ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.model = model
@@ -84,14 +101,15 @@ class RewardModelScorer:
     def raw_scores(self, samples: Sequence[Any], completions: Sequence[str]) -> torch.Tensor:
         """Raw head outputs ``(N,)`` float32 (on the CPU), before normalisation."""
         if len(samples) != len(completions):
-            raise ValueError(f"{len(samples)} samples but {len(completions)} completions; "
-                             "give one sample per completion")
+            raise ValueError(
+                f"{len(samples)} samples but {len(completions)} completions; give one sample per completion"
+            )
         seen = prepare_samples(samples, self.info)
         runs = group_consecutive(seen)
         out: list[torch.Tensor] = []
         with eval_mode(self.model):
             for lo in range(0, len(runs), self.batch_size):
-                chunk = runs[lo:lo + self.batch_size]
+                chunk = runs[lo : lo + self.batch_size]
                 prompts = encode_prompts(self.processor, [seen[a] for a, _ in chunk])
                 texts = [[completions[k] for k in range(a, b)] for a, b in chunk]
                 ids = encode_completions(self.processor, texts, eot_ids=self.eot_ids)
@@ -106,10 +124,16 @@ class RewardModelScorer:
         return scores.tolist()
 
 
-def load_reward_scorer(folder: str | Path, *, device: str | None = "auto", dtype: str | torch.dtype = "auto",
-                       batch_size: int = 16, normalise: bool = True) -> RewardModelScorer:
+def load_reward_scorer(
+    folder: str | Path,
+    *,
+    device: str | None = "auto",
+    dtype: str | torch.dtype = "auto",
+    batch_size: int = 16,
+    normalise: bool = True,
+) -> RewardModelScorer:
     """A :class:`RewardModelScorer` for the reward model saved in ``folder`` (``vlalign rm``'s ``<run>/model``)."""
-    from vlalign.embedded import resolve_model
+    from vlalign.shapes.embedded import resolve_model
 
     model, processor, info = load_reward_model(resolve_model(str(folder)), device=device, dtype=dtype)
     return RewardModelScorer(model, processor, info, batch_size=batch_size, normalise=normalise)

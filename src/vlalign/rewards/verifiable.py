@@ -51,8 +51,8 @@ from typing import Any
 import torch
 
 from vlalign.data.schema import PromptSample, data_error
-from vlalign.data.world import COLOUR_RGB, COLOUR_SYNONYMS, mentioned_objects
 from vlalign.losses.advantages import overlong_reward_penalty
+from vlalign.shapes.world import COLOUR_RGB, COLOUR_SYNONYMS, mentioned_objects
 
 RewardFn = Callable[..., float]
 
@@ -85,10 +85,11 @@ def _bad_meta(sample: Any, field: str, reward: str, value: Any, expected: str) -
 
 # ----------------------------------------------------------------------------- normalisation
 
-_UNITS = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
-          "fifteen sixteen seventeen eighteen nineteen").split()  # fmt: skip
-_TENS = {"twenty": 20, "thirty": 30, "forty": 40, "fifty": 50, "sixty": 60, "seventy": 70, "eighty": 80,
-         "ninety": 90}  # fmt: skip
+_UNITS = (
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
+    "fifteen sixteen seventeen eighteen nineteen"
+).split()
+_TENS = {"twenty": 20, "thirty": 30, "forty": 40, "fifty": 50, "sixty": 60, "seventy": 70, "eighty": 80, "ninety": 90}
 NUMBER_WORD_VALUES: dict[str, int] = {w: i for i, w in enumerate(_UNITS)} | _TENS | {"hundred": 100}
 """Number words and their values (hyphenated compounds such as ``twenty-one`` are read too)."""
 
@@ -295,7 +296,7 @@ def object_f1(completion: str, sample: PromptSample) -> float:
     """F1 between the objects the answer affirms and ``meta["objects"]``.
 
     Reads ``meta["objects"]`` (object names, e.g. ``["red circle", "blue square"]``). Mentions are
-    parsed by :func:`vlalign.data.world.mentioned_objects` (colour + shape, negations left out).
+    parsed by :func:`vlalign.shapes.world.mentioned_objects` (colour + shape, negations left out).
     precision = correct mentions / mentions (hallucinations lower it), recall = correct / present.
     """
     truth = require_meta(sample, "objects", "object_f1", "the names of the objects present")

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from vlalign import demo
 from vlalign.cli import main
+from vlalign.commands import demo
 from vlalign.config import load_config
 
 pytestmark = pytest.mark.slow
@@ -90,7 +90,7 @@ def test_every_stage_runs_and_the_summary_holds_the_table(quick_demo: Path) -> N
 def test_demo_check_prints_each_target_with_its_paired_interval(quick_demo: Path) -> None:
     """benchmarks/demo_check.py: one row per target, its verdict and the interval of aligned - base
     from the two stages' answers (exit 0 only if every target is met: the quick demo need not)."""
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "demo_check.py"
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "demo_check.py"
     done = subprocess.run([sys.executable, str(script), str(quick_demo)], capture_output=True, text=True, timeout=120)
     assert done.returncode in (0, 1), done.stderr
     rows = {line.split("(")[-1].split(")")[0]: line for line in done.stdout.splitlines() if "(" in line and "[" in line}

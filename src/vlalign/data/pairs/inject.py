@@ -13,7 +13,7 @@ rejected response makes exactly one false statement of one of three kinds:
   (``"purple square"`` -> ``"purple circle"``): the error of a model that sees colours but
   confuses shapes, which is what the shapes world's demo model does.
 
-Descriptions in the shapes world's canonical phrasing (:mod:`vlalign.data.world`) are rewritten
+Descriptions in the shapes world's canonical phrasing (:mod:`vlalign.shapes.world`) are rewritten
 canonically, so the rejected caption reads exactly like a model's caption
 (``"The image shows a red circle and a blue square."`` with an added co-occurring object
 becomes ``"The image shows a red circle, a blue square and a green triangle."``); any other text
@@ -40,11 +40,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vlalign.data.pairs import PairStats, pair_meta
-from vlalign.data.pairs_rank import claim_score
+from vlalign.data.pairs.rank import claim_score
 from vlalign.data.schema import PreferenceSample, SupervisedSample, user_prompt
-from vlalign.data.world import NUMBER_WORDS, caption_from_counts
 from vlalign.eval.parsing import Annotations, Mention, ObjectVocabulary, annotations_of
 from vlalign.eval.tasks import DESCRIBE, task_of
+from vlalign.shapes.world import NUMBER_WORDS, caption_from_counts
 
 INJECTION_KINDS: tuple[str, ...] = ("add", "attribute", "count", "noun")
 
@@ -115,8 +115,10 @@ class ObjectStats:
         rng.shuffle(pool)
         if not prefer:
             return pool
+
         def key(name: str) -> tuple[int, int]:
             return (-sum(self.cooccurrence.get(p, {}).get(name, 0) for p in present), -self.frequency.get(name, 0))
+
         return sorted(pool, key=key)
 
 
@@ -195,7 +197,7 @@ def _swap_phrase(phrase: str, old: str, new: str, kind: str) -> str | None:
     if kind == "attribute":
         old_attr, new_attr = _attribute(old), _attribute(new)
         if phrase.lower().startswith(old_attr + " "):
-            return new_attr + phrase[len(old_attr):]
+            return new_attr + phrase[len(old_attr) :]
         return new_attr + " " + phrase.split(" ", 1)[-1]
     old_noun = _noun(old)
     if phrase.lower().endswith(old_noun):
@@ -215,8 +217,14 @@ class Injection:
 class Injector:
     """Makes rejected responses for one dataset (vocabulary + co-occurrence statistics)."""
 
-    def __init__(self, vocab: ObjectVocabulary, stats: ObjectStats, *, prefer_cooccurring: bool = True,
-                 deny_present: bool = False) -> None:  # fmt: skip
+    def __init__(
+        self,
+        vocab: ObjectVocabulary,
+        stats: ObjectStats,
+        *,
+        prefer_cooccurring: bool = True,
+        deny_present: bool = False,
+    ) -> None:
         self.vocab = vocab
         self.stats = stats
         self.prefer = prefer_cooccurring
@@ -242,8 +250,12 @@ class Injector:
             return Injection(f"{text[:end]} and {article(new)} {new}{text[end:]}", kind, new)
         if kind in ("attribute", "noun"):
             variants_of = attribute_variants if kind == "attribute" else noun_variants
-            options = [(m, v) for m in mentions for v in variants_of(m.name, self.vocab)
-                       if v not in ann.objects and v not in {x.name for x in mentions}]  # fmt: skip
+            options = [
+                (m, v)
+                for m in mentions
+                for v in variants_of(m.name, self.vocab)
+                if v not in ann.objects and v not in {x.name for x in mentions}
+            ]
             if not options:
                 return f"no absent {kind} variant"
             targets = self.stats.rank_absent(sorted(ann.objects), sorted({v for _, v in options}), rng, self.prefer)
@@ -255,7 +267,7 @@ class Injector:
             replaced = _swap_phrase(m.phrase, m.name, new, kind)
             if replaced is None:
                 return f"no {kind} to swap in {m.phrase!r}"
-            return Injection(text[:m.start] + replaced + text[m.end:], kind, f"{m.name} -> {new}")
+            return Injection(text[: m.start] + replaced + text[m.end :], kind, f"{m.name} -> {new}")
         if kind == "count":
             counted = [m for m in mentions if m.count is not None and m.count > 0 and m.name in ann.objects]
             if not counted:
@@ -269,7 +281,7 @@ class Injector:
         raise ValueError(f"unknown injection kind {kind!r}; choose from {INJECTION_KINDS}")
 
     def _recount_text(self, text: str, m: Mention, new_count: int) -> Injection | str:
-        before = text[:m.start].rstrip()
+        before = text[: m.start].rstrip()
         word_start = max(before.rfind(" "), before.rfind("\n")) + 1
         old = before[word_start:]
         if old.lower() in ("a", "an", "single", "one"):
@@ -277,10 +289,16 @@ class Injector:
             if plural is None:
                 return "no plural form to miscount"
             number = _count_word("Two" if old[:1].isupper() else "two", new_count)
-            return Injection(text[:word_start] + number + " " + plural + text[m.end:], "count",
-                             f"{m.name}: {m.count} -> {new_count}")  # fmt: skip
-        return Injection(text[:word_start] + _count_word(old, new_count) + text[len(before):], "count",
-                         f"{m.name}: {m.count} -> {new_count}")  # fmt: skip
+            return Injection(
+                text[:word_start] + number + " " + plural + text[m.end :],
+                "count",
+                f"{m.name}: {m.count} -> {new_count}",
+            )
+        return Injection(
+            text[:word_start] + _count_word(old, new_count) + text[len(before) :],
+            "count",
+            f"{m.name}: {m.count} -> {new_count}",
+        )
 
     # short answers --------------------------------------------------------------------------
 
@@ -330,8 +348,14 @@ def _margin(sample: Any, chosen: str, rejected: str, ann: Annotations, vocab: Ob
     return claim_score(chosen, ann, vocab) - claim_score(rejected, ann, vocab)
 
 
-def _injections(injector: Injector, sample: SupervisedSample, ann: Annotations, cfg: InjectConfig,
-                rng: random.Random, stats: PairStats) -> list[Injection]:  # fmt: skip
+def _injections(
+    injector: Injector,
+    sample: SupervisedSample,
+    ann: Annotations,
+    cfg: InjectConfig,
+    rng: random.Random,
+    stats: PairStats,
+) -> list[Injection]:
     """Up to ``cfg.pairs_per_sample`` distinct injections for one sample (drop reasons counted)."""
     if task_of(sample) != DESCRIBE:
         made = injector.short_answer(sample, sample.completion, ann, rng)
@@ -369,8 +393,9 @@ def inject_pairs(
     if bad or not cfg.kinds:
         raise ValueError(f"inject kinds {bad or '()'}: choose from {INJECTION_KINDS}")
     object_stats = ObjectStats.from_samples(samples)
-    injector = Injector(vocab, object_stats, prefer_cooccurring=cfg.prefer_cooccurring,
-                        deny_present=cfg.balance_existence)
+    injector = Injector(
+        vocab, object_stats, prefer_cooccurring=cfg.prefer_cooccurring, deny_present=cfg.balance_existence
+    )
     stats = PairStats(method="hallucination injection")
     pairs: list[PreferenceSample] = []
     for sample in samples:
@@ -385,16 +410,20 @@ def inject_pairs(
             margin = _margin(sample, sample.completion, inj.text, ann, vocab)
             source = f"inject-{inj.kind}"
             meta = pair_meta(sample.meta, source=source, injected=inj.detail, margin=margin)
-            pairs.append(PreferenceSample(f"{sample.id}/{source}/{k}", list(sample.images), sample.prompt,
-                                          sample.completion, inj.text, meta))  # fmt: skip
+            pairs.append(
+                PreferenceSample(
+                    f"{sample.id}/{source}/{k}", list(sample.images), sample.prompt, sample.completion, inj.text, meta
+                )
+            )
             stats.add(source, margin)
     if cfg.probes_per_image > 0:
         pairs.extend(probe_pairs(samples, object_stats, vocab, cfg, stats))
     return pairs, stats
 
 
-def probe_pairs(samples: Sequence[Any], object_stats: ObjectStats, vocab: ObjectVocabulary, cfg: InjectConfig,
-                stats: PairStats) -> list[PreferenceSample]:  # fmt: skip
+def probe_pairs(
+    samples: Sequence[Any], object_stats: ObjectStats, vocab: ObjectVocabulary, cfg: InjectConfig, stats: PairStats
+) -> list[PreferenceSample]:
     """Existence questions about co-occurring absent objects, one image at a time (chosen: no);
     with ``cfg.balance_existence`` as many about present objects (chosen: yes)."""
     out: list[PreferenceSample] = []
@@ -411,8 +440,15 @@ def probe_pairs(samples: Sequence[Any], object_stats: ObjectStats, vocab: Object
         ranked = object_stats.rank_absent(sorted(ann.objects), absent, rng, cfg.prefer_cooccurring)
         for k, name in enumerate(ranked[: cfg.probes_per_image]):
             question = cfg.probe_question.format(article=article(name), object=name)
-            meta = pair_meta(sample.meta, source="inject-probe", task="existence", answer=cfg.no, question_object=name,
-                             injected=name, margin=1.0)  # fmt: skip
+            meta = pair_meta(
+                sample.meta,
+                source="inject-probe",
+                task="existence",
+                answer=cfg.no,
+                question_object=name,
+                injected=name,
+                margin=1.0,
+            )
             meta.pop("question_shape", None)
             prompt = user_prompt(question, len(sample.images))
             out.append(PreferenceSample(f"{key}/probe/{k}", list(sample.images), prompt, cfg.no, cfg.yes, meta))
@@ -423,8 +459,15 @@ def probe_pairs(samples: Sequence[Any], object_stats: ObjectStats, vocab: Object
         rng.shuffle(present)
         for k, name in enumerate(present[: min(cfg.probes_per_image, len(ranked))]):
             question = cfg.probe_question.format(article=article(name), object=name)
-            meta = pair_meta(sample.meta, source="inject-probe-present", task="existence", answer=cfg.yes,
-                             question_object=name, injected=f"{name} denied", margin=1.0)  # fmt: skip
+            meta = pair_meta(
+                sample.meta,
+                source="inject-probe-present",
+                task="existence",
+                answer=cfg.yes,
+                question_object=name,
+                injected=f"{name} denied",
+                margin=1.0,
+            )
             meta.pop("question_shape", None)
             prompt = user_prompt(question, len(sample.images))
             out.append(PreferenceSample(f"{key}/probe-present/{k}", list(sample.images), prompt, cfg.yes, cfg.no, meta))

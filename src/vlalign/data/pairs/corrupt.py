@@ -47,7 +47,7 @@ class CorruptConfig:
     """Image-corruption options."""
 
     method: str = "crop"
-    """crop, mask or noise (see vlalign.data.pairs_corrupt)."""
+    """crop, mask or noise (see vlalign.data.pairs.corrupt)."""
     level: float = 0.8
     """Strength in [0, 1]: share of the area cut away (crop), of the patches masked (mask), or the
     noise variance (noise)."""
@@ -175,10 +175,14 @@ def corrupt_pairs(
             changes.append(done[key][1])
         margin = sum(changes) / len(changes)
         corruption = {"method": cfg.method, "level": cfg.level, "seed": seed, "grid": cfg.grid}
-        meta = pair_meta(sample.meta, source=source, rejected_images=rejected_images, corruption=corruption,
-                         margin=margin)  # fmt: skip
-        pairs.append(PreferenceSample(f"{sample.id}/{source}", list(sample.images), sample.prompt,
-                                      sample.completion, sample.completion, meta))  # fmt: skip
+        meta = pair_meta(
+            sample.meta, source=source, rejected_images=rejected_images, corruption=corruption, margin=margin
+        )
+        pairs.append(
+            PreferenceSample(
+                f"{sample.id}/{source}", list(sample.images), sample.prompt, sample.completion, sample.completion, meta
+            )
+        )
         stats.add(source, margin)
     return pairs, stats
 

@@ -38,8 +38,8 @@ from pathlib import Path
 from typing import Any
 
 from vlalign.config import load_config, to_dict
-from vlalign.data.world import DEMO_WORLD
 from vlalign.eval.paired import Interval, paired_bootstrap
+from vlalign.shapes.world import DEMO_WORLD
 
 SUMMARY_FILE = "demo_summary.json"
 STAGE_FILE = "stage.json"
@@ -70,8 +70,15 @@ def _world_defaults() -> dict[str, Any]:
 
 
 def _sft_defaults() -> dict[str, Any]:
-    return {"train.max_steps": 900, "train.batch_size": 16, "train.lr": 5e-4, "train.warmup_ratio": 0.03,
-            "train.save_every": 200, "train.log_every": 20, "data.eval_limit": 128}  # fmt: skip
+    return {
+        "train.max_steps": 900,
+        "train.batch_size": 16,
+        "train.lr": 5e-4,
+        "train.warmup_ratio": 0.03,
+        "train.save_every": 200,
+        "train.log_every": 20,
+        "data.eval_limit": 128,
+    }
 
 
 def _inject_defaults() -> dict[str, Any]:
@@ -80,22 +87,48 @@ def _inject_defaults() -> dict[str, Any]:
 
 def _rank_defaults() -> dict[str, Any]:
     # on-policy pairs on descriptions: the base model's own hallucinations, as rejected responses
-    return {"tasks": ["describe"], "rank.n": 8, "rank.scorer": "ground_truth", "rank.max_new_tokens": 40,
-            "rank.pairing": "all", "rank.max_pairs_per_prompt": 3, "limit": 3000}  # fmt: skip
+    return {
+        "tasks": ["describe"],
+        "rank.n": 8,
+        "rank.scorer": "ground_truth",
+        "rank.max_new_tokens": 40,
+        "rank.pairing": "all",
+        "rank.max_pairs_per_prompt": 3,
+        "limit": 3000,
+    }
 
 
 def _dpo_defaults() -> dict[str, Any]:
     # mDPO's image-conditioned term at half weight: at 1.0 it cost colour and counting (see the README)
-    return {"loss.weights": {"mdpo": 1.0, "nll": 1.0}, "loss.options": {"mdpo": {"conditional_weight": 0.5}},
-            "loss.beta": 0.1, "train.max_steps": 250, "train.batch_size": 16,
-            "train.lr": 5e-5, "train.save_every": 100, "train.log_every": 10, "data.eval": ""}  # fmt: skip
+    return {
+        "loss.weights": {"mdpo": 1.0, "nll": 1.0},
+        "loss.options": {"mdpo": {"conditional_weight": 0.5}},
+        "loss.beta": 0.1,
+        "train.max_steps": 250,
+        "train.batch_size": 16,
+        "train.lr": 5e-5,
+        "train.save_every": 100,
+        "train.log_every": 10,
+        "data.eval": "",
+    }
 
 
 def _grpo_defaults() -> dict[str, Any]:
-    return {"grpo.tasks": ["describe", "colour", "existence"], "rewards.weights": {"shapes_answer": 1.0},
-            "rollout.n": 8, "rollout.max_new_tokens": 40, "update.kl_coef": 0.3, "train.batch_size": 16,
-            "train.max_steps": 120, "train.lr": 3e-5, "train.schedule": "constant", "train.warmup_ratio": 0.0,
-            "train.save_every": 20, "train.log_every": 5, "eval_tasks": []}  # fmt: skip
+    return {
+        "grpo.tasks": ["describe", "colour", "existence"],
+        "rewards.weights": {"shapes_answer": 1.0},
+        "rollout.n": 8,
+        "rollout.max_new_tokens": 40,
+        "update.kl_coef": 0.3,
+        "train.batch_size": 16,
+        "train.max_steps": 120,
+        "train.lr": 3e-5,
+        "train.schedule": "constant",
+        "train.warmup_ratio": 0.0,
+        "train.save_every": 20,
+        "train.log_every": 5,
+        "eval_tasks": [],
+    }
 
 
 def _suite_defaults() -> dict[str, Any]:
@@ -111,8 +144,14 @@ QUICK: dict[str, dict[str, Any]] = {
     "rank": {"limit": 16, "rank.n": 2},
     "dpo": {"train.max_steps": 10, "train.batch_size": 8, "train.save_every": 5},
     "grpo": {"train.max_steps": 3, "train.batch_size": 4, "rollout.n": 4, "train.save_every": 2},
-    "suite": {"pope_questions": 30, "describe": 12, "questions_per_task": 12, "compositional_describe": 6,
-              "compositional_questions_per_task": 6, "kl_prompts": 8},
+    "suite": {
+        "pope_questions": 30,
+        "describe": 12,
+        "questions_per_task": 12,
+        "compositional_describe": 6,
+        "compositional_questions_per_task": 6,
+        "kl_prompts": 8,
+    },
 }
 """What ``--quick`` changes (merged over the defaults; explicit settings still win)."""
 
@@ -175,8 +214,15 @@ def _args(settings: dict[str, Any]) -> list[str]:
 
 
 def _merged(cfg: Config, part: str) -> dict[str, Any]:
-    base = {"world": _world_defaults, "sft": _sft_defaults, "inject": _inject_defaults, "rank": _rank_defaults,
-            "dpo": _dpo_defaults, "grpo": _grpo_defaults, "suite": _suite_defaults}[part]()  # fmt: skip
+    base = {
+        "world": _world_defaults,
+        "sft": _sft_defaults,
+        "inject": _inject_defaults,
+        "rank": _rank_defaults,
+        "dpo": _dpo_defaults,
+        "grpo": _grpo_defaults,
+        "suite": _suite_defaults,
+    }[part]()
     user = getattr(cfg, part)
     changed = {k: v for k, v in user.items() if base.get(k, object()) != v}
     return {**base, **user, **(QUICK.get(part, {}) if cfg.quick else {}), **changed}
@@ -198,34 +244,55 @@ def _recipe(module: Any, settings: dict[str, Any], **fixed: Any) -> dict[str, An
 
 def build_stages(cfg: Config) -> list[Stage]:
     """The pipeline of ``cfg`` (each stage's settings fully resolved, for its fingerprint)."""
-    from vlalign.data import pairs_cli
+    from vlalign.commands import pairs as pairs_cli
     from vlalign.recipes import dpo, grpo, sft
 
     root = Path(cfg.output_dir)
-    world, base, dpo_model, grpo_model = root / "world", root / "sft" / "model", root / "dpo" / "model", root / "grpo" / "model"
+    world, base, dpo_model, grpo_model = (
+        root / "world",
+        root / "sft" / "model",
+        root / "dpo" / "model",
+        root / "grpo" / "model",
+    )
     suite = {"data": str(world), **_merged(cfg, "suite")}
     common = {"model.device": cfg.device, "train.seed": cfg.seed, "train.progress": True}
 
     def world_action(folder: Path, resume: bool) -> dict[str, Any]:
-        from vlalign.data.world import WorldConfig
-        from vlalign.data.world_tasks import write_world
+        from vlalign.shapes.tasks import write_world
+        from vlalign.shapes.world import WorldConfig
 
-        write_world(load_config(WorldConfig, None, _args({"seed": cfg.seed, **_merged(cfg, "world")})), folder, overwrite=True)
+        write_world(
+            load_config(WorldConfig, None, _args({"seed": cfg.seed, **_merged(cfg, "world")})), folder, overwrite=True
+        )
         return {}
 
     def train(module: Any, part: str, start: Path, data: dict[str, Any]) -> Callable[[Path, bool], dict[str, Any]]:
         def action(folder: Path, resume: bool) -> dict[str, Any]:
-            return _recipe(module, {**common, **data, **_merged(cfg, part)}, **{
-                "model.name_or_path": str(start), "train.output_dir": str(folder), "train.resume": resume})
+            return _recipe(
+                module,
+                {**common, **data, **_merged(cfg, part)},
+                **{"model.name_or_path": str(start), "train.output_dir": str(folder), "train.resume": resume},
+            )
+
         return action
 
     def pairs_action(folder: Path, resume: bool) -> dict[str, Any]:
         folder.mkdir(parents=True, exist_ok=True)
-        _recipe(pairs_cli, _merged(cfg, "inject"), method="inject", data=str(world / "train.jsonl"),
-                out=str(folder / "inject.jsonl"))
-        _recipe(pairs_cli, {"rank.device": cfg.device, "rank.seed": cfg.seed, **_merged(cfg, "rank")},
-                method="rank", data=str(world / "train_prompts.jsonl"), out=str(folder / "rank.jsonl"),
-                **{"rank.model": str(base)})
+        _recipe(
+            pairs_cli,
+            _merged(cfg, "inject"),
+            method="inject",
+            data=str(world / "train.jsonl"),
+            out=str(folder / "inject.jsonl"),
+        )
+        _recipe(
+            pairs_cli,
+            {"rank.device": cfg.device, "rank.seed": cfg.seed, **_merged(cfg, "rank")},
+            method="rank",
+            data=str(world / "train_prompts.jsonl"),
+            out=str(folder / "rank.jsonl"),
+            **{"rank.model": str(base)},
+        )
         with (folder / "train.jsonl").open("w") as out:
             for name in ("inject.jsonl", "rank.jsonl"):
                 out.write((folder / name).read_text())
@@ -233,26 +300,48 @@ def build_stages(cfg: Config) -> list[Stage]:
 
     def eval_action(model: Path) -> Callable[[Path, bool], dict[str, Any]]:
         def action(folder: Path, resume: bool) -> dict[str, Any]:
-            from vlalign.eval import cli as eval_cli
+            from vlalign.commands import eval as eval_cli
 
             reference = {"reference": str(base)} if model != base else {}
-            return _recipe(eval_cli, {"device": cfg.device, **{f"suite.{k}": v for k, v in suite.items()}},
-                           model=str(model), output_dir=str(folder), **reference)
+            return _recipe(
+                eval_cli,
+                {"device": cfg.device, **{f"suite.{k}": v for k, v in suite.items()}},
+                model=str(model),
+                output_dir=str(folder),
+                **reference,
+            )
+
         return action
 
     world_settings = {"seed": cfg.seed, **_merged(cfg, "world")}
     return [
         Stage("world", world_settings, [], world_action),
-        Stage("sft", {"model": cfg.model, "tiny_builder": _builder_version(cfg.model), **common, **_merged(cfg, "sft")}, ["world"],
-              train(sft, "sft", cfg.model, {"data.train": str(world / "train_sft.jsonl"),
-                                            "data.eval": str(world / "validation.jsonl")})),
+        Stage(
+            "sft",
+            {"model": cfg.model, "tiny_builder": _builder_version(cfg.model), **common, **_merged(cfg, "sft")},
+            ["world"],
+            train(
+                sft,
+                "sft",
+                cfg.model,
+                {"data.train": str(world / "train_sft.jsonl"), "data.eval": str(world / "validation.jsonl")},
+            ),
+        ),
         Stage("eval-base", suite, ["sft"], eval_action(base), label="base"),
         Stage("pairs", {"inject": _merged(cfg, "inject"), "rank": _merged(cfg, "rank")}, ["sft"], pairs_action),
-        Stage("dpo", {**common, **_merged(cfg, "dpo")}, ["sft", "pairs"],
-              train(dpo, "dpo", base, {"data.train": str(root / "pairs" / "train.jsonl")})),
+        Stage(
+            "dpo",
+            {**common, **_merged(cfg, "dpo")},
+            ["sft", "pairs"],
+            train(dpo, "dpo", base, {"data.train": str(root / "pairs" / "train.jsonl")}),
+        ),
         Stage("eval-dpo", suite, ["dpo"], eval_action(dpo_model), label="dpo"),
-        Stage("grpo", {**common, **_merged(cfg, "grpo")}, ["dpo"],
-              train(grpo, "grpo", dpo_model, {"data.train": str(world / "train_prompts.jsonl")})),
+        Stage(
+            "grpo",
+            {**common, **_merged(cfg, "grpo")},
+            ["dpo"],
+            train(grpo, "grpo", dpo_model, {"data.train": str(world / "train_prompts.jsonl")}),
+        ),
         Stage("eval-grpo", suite, ["grpo"], eval_action(grpo_model), label="grpo"),
     ]
 
@@ -286,8 +375,14 @@ def run_stage(stage: Stage, folder: Path, fingerprint: str, *, force: bool) -> t
     start = time.perf_counter()
     result = stage.action(folder, resume)
     seconds = time.perf_counter() - start
-    record = {"stage": stage.name, "fingerprint": fingerprint, "finished": True, "seconds": seconds,
-              "settings": stage.settings, "result": _jsonable(_brief(result))}  # fmt: skip
+    record = {
+        "stage": stage.name,
+        "fingerprint": fingerprint,
+        "finished": True,
+        "seconds": seconds,
+        "settings": stage.settings,
+        "result": _jsonable(_brief(result)),
+    }
     (folder / STAGE_FILE).write_text(json.dumps(record, indent=1, default=str) + "\n")
     return record, True
 
@@ -328,7 +423,7 @@ def run(cfg: Config) -> dict[str, Any]:
     print()
     print(format_summary(summary))
     if cfg.report:
-        from vlalign.report import write_report
+        from vlalign.report.html import write_report
 
         path = write_report(root)
         print(f"\nreport: {path}")
@@ -371,7 +466,10 @@ def format_summary(summary: dict[str, Any]) -> str:
     difference from the first with its 95% interval when ``summary["intervals"]`` has it."""
     stages = summary["stages"]
     intervals = summary.get("intervals") or {}
-    rows = [["metric", *(s["stage"] for s in stages)] + ([f"{stages[-1]['stage']} - {stages[0]['stage']} [95%]"] if intervals else [])]
+    rows = [
+        ["metric", *(s["stage"] for s in stages)]
+        + ([f"{stages[-1]['stage']} - {stages[0]['stage']} [95%]"] if intervals else [])
+    ]
     for key, label in (*TABLE_METRICS, ("seconds/train", "train seconds"), ("seconds/eval", "eval seconds")):
         values = [s["metrics"].get(key) for s in stages]
         if all(v is None for v in values):

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from vlalign.data.world import WorldConfig
-from vlalign.data.world_tasks import write_world
+from vlalign.shapes.tasks import write_world
+from vlalign.shapes.world import WorldConfig
 
 
 @dataclass

@@ -1,39 +1,24 @@
-"""What every training loop shares: the accelerator, optimiser and schedule, the batch plan,
-checkpoints with exact resume, the progress bar, and (from :mod:`vlalign.run_metrics`) the
-metrics file and trackers.
+"""One training run's surroundings: the shared loop options (:class:`TrainConfig`), the
+accelerator, optimiser and schedule, the run folder, the progress bar and :class:`Run`, which
+ties them to the checkpoints (:mod:`vlalign.training.checkpoints`) and the metrics file
+(:mod:`vlalign.training.metrics`).
 
 The loops themselves live in ``vlalign.recipes``; they are written out in named phases and call
 the pieces here. Nothing in this module knows about a particular loss or model family.
-
-Exact resume rests on three facts:
-
-* the data order is a pure function of (seed, step) — :class:`BatchPlan` — so a checkpoint only
-  needs the step number to know where the data stream stands;
-* a checkpoint holds the trainable parameters (the LoRA adapter, or the whole model when every
-  weight trains, or a value head...), the optimiser and scheduler states and every RNG state
-  of every process;
-* checkpoints are written to a temporary folder and renamed into place, so a run killed while
-  saving leaves the previous checkpoint intact and never a half-written one.
 """
 
 from __future__ import annotations
 
-import json
-import math
 import os
-import random
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
-from vlalign.run_metrics import METRICS_FILE, MetricsLog, Throughput, to_float
-
-CHECKPOINT_DIR = "checkpoints"
+from vlalign.training.checkpoints import Checkpointer, seed_everything
+from vlalign.training.metrics import METRICS_FILE, MetricsLog, Throughput, to_float
 
 
 @dataclass
@@ -84,99 +69,6 @@ class TrainConfig:
     """Experiment trackers through accelerate: tensorboard (default), wandb, mlflow, trackio; [] for none."""
     progress: bool = True
     """Show a progress bar."""
-
-
-# ----------------------------------------------------------------------------- randomness
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch (all devices)."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def rng_state() -> dict[str, Any]:
-    state = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-# ----------------------------------------------------------------------------- data order
-
-
-@dataclass(frozen=True)
-class BatchPlan:
-    """Which samples each process uses at each optimiser step: a pure function of the step.
-
-    Each epoch is a permutation of the dataset drawn from ``seed + epoch``; an optimiser step
-    takes the next ``global_batch = batch_size * grad_accum * num_processes`` indices (a
-    trailing partial global batch is dropped). Micro-batch ``a`` of process ``p`` is the slice
-    ``[(a * P + p) * batch_size, ... + batch_size)`` of the step's indices, so the union over
-    processes and micro-batches is always the same global batch whatever P and grad_accum are:
-    a 2-process run sees exactly the samples of a 1-process run with twice the accumulation.
-    """
-
-    num_samples: int
-    batch_size: int
-    grad_accum: int = 1
-    num_processes: int = 1
-    seed: int = 0
-
-    @property
-    def global_batch(self) -> int:
-        return self.batch_size * self.grad_accum * self.num_processes
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return self.num_samples // self.global_batch
-
-    def __post_init__(self) -> None:
-        if self.steps_per_epoch < 1:
-            raise ValueError(
-                f"the dataset has {self.num_samples} samples, fewer than one global batch of "
-                f"{self.global_batch} (batch_size {self.batch_size} x grad_accum {self.grad_accum} "
-                f"x processes {self.num_processes}); lower train.batch_size or train.grad_accum"
-            )
-
-    def _epoch_order(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng(self.seed + epoch).permutation(self.num_samples)
-
-    def global_indices(self, step: int) -> list[int]:
-        """All indices of optimiser step ``step`` (every process, every micro-batch)."""
-        epoch, within = divmod(step, self.steps_per_epoch)
-        order = self._epoch_order(epoch)
-        start = within * self.global_batch
-        return order[start : start + self.global_batch].tolist()
-
-    def micro_batches(self, step: int, process_index: int = 0) -> list[list[int]]:
-        """The ``grad_accum`` micro-batches (lists of sample indices) of one process at ``step``."""
-        idx = self.global_indices(step)
-        out = []
-        for a in range(self.grad_accum):
-            start = (a * self.num_processes + process_index) * self.batch_size
-            out.append(idx[start : start + self.batch_size])
-        return out
-
-
-def total_steps(cfg: TrainConfig, plan: BatchPlan) -> int:
-    """``cfg.max_steps``, or the steps that ``cfg.epochs`` passes over the data take."""
-    if cfg.max_steps > 0:
-        return cfg.max_steps
-    return max(1, math.ceil(cfg.epochs * plan.steps_per_epoch))
 
 
 # ----------------------------------------------------------------------------- optimisation
@@ -251,9 +143,6 @@ def progress_bar(total: int, initial: int, *, enabled: bool, desc: str):
     return tqdm(total=total, initial=initial, disable=not enabled, desc=desc, dynamic_ncols=True)
 
 
-# ----------------------------------------------------------------------------- checkpoints
-
-
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; the message names the step, the samples and the last checkpoint."""
 
@@ -265,103 +154,9 @@ def check_finite(loss: torch.Tensor, *, step: int, sample_ids: list[str], run_di
     last = Checkpointer(run_dir).latest()
     where = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
     shown = ", ".join(sample_ids[:20]) + (" ..." if len(sample_ids) > 20 else "")
-    raise NonFiniteLossError(f"non-finite loss ({float(loss.detach().float().reshape(-1)[0])}) at step {step}; batch sample ids: {shown}; {where}")
-
-
-class Checkpointer:
-    """Writes and reads ``<run_dir>/checkpoints/step-NNNNNNN`` folders atomically."""
-
-    def __init__(self, run_dir: str | Path, keep: int = 2) -> None:
-        self.root = Path(run_dir) / CHECKPOINT_DIR
-        self.keep = keep
-
-    def all(self) -> list[Path]:
-        """Complete checkpoints, oldest first (a folder is complete once its state.json exists)."""
-        if not self.root.is_dir():
-            return []
-        done = [p for p in self.root.glob("step-*") if p.is_dir() and (p / "state.json").exists() and "." not in p.name]
-        return sorted(done, key=lambda p: int(p.name.split("-")[1]))
-
-    def latest(self) -> Path | None:
-        found = self.all()
-        return found[-1] if found else None
-
-    def save(self, step: int, *, modules: dict[str, torch.nn.Module], optimizer=None, scheduler=None,
-             extra: dict[str, Any] | None = None, accelerator=None) -> Path:
-        """Save the trainable parameters of each module, optimiser, scheduler, every process's
-        RNG state and ``extra`` (JSON) as checkpoint ``step``; returns its folder."""
-        final = self.root / f"step-{step:07d}"
-        tmp = self.root / f"step-{step:07d}.tmp"
-        is_main = accelerator is None or accelerator.is_main_process
-        rank = 0 if accelerator is None else accelerator.process_index
-        if is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        _barrier(accelerator)
-        torch.save(rng_state(), tmp / f"rng-{rank}.pt")
-        if is_main:
-            for name, module in modules.items():
-                save_file(trainable_state_dict(module, accelerator), str(tmp / f"{name}.safetensors"))
-            if optimizer is not None:
-                torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-            if scheduler is not None:
-                torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        _barrier(accelerator)
-        if is_main:
-            (tmp / "state.json").write_text(json.dumps({"step": step, **(extra or {})}, indent=1))
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
-            for old in self.all()[: -self.keep] if self.keep > 0 else []:
-                shutil.rmtree(old, ignore_errors=True)
-        _barrier(accelerator)
-        return final
-
-    def load(self, path: Path, *, modules: dict[str, torch.nn.Module], optimizer=None, scheduler=None,
-             accelerator=None) -> dict[str, Any]:
-        """Restore a checkpoint written by :meth:`save`; returns its ``state.json`` contents."""
-        rank = 0 if accelerator is None else accelerator.process_index
-        for name, module in modules.items():
-            load_trainable_state_dict(module, load_file(str(path / f"{name}.safetensors")), accelerator)
-        if optimizer is not None:
-            optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
-        if scheduler is not None:
-            scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
-        rng_file = path / f"rng-{rank}.pt"
-        if not rng_file.exists():
-            raise FileNotFoundError(f"{rng_file} is missing: was this checkpoint written with a different number of processes?")
-        set_rng_state(torch.load(rng_file, weights_only=False))
-        return json.loads((path / "state.json").read_text())
-
-
-def _barrier(accelerator) -> None:
-    if accelerator is not None:
-        accelerator.wait_for_everyone()
-
-
-def _unwrap(module: torch.nn.Module, accelerator) -> torch.nn.Module:
-    return accelerator.unwrap_model(module) if accelerator is not None else module
-
-
-def trainable_state_dict(module: torch.nn.Module, accelerator=None) -> dict[str, torch.Tensor]:
-    """The parameters that require gradients (a LoRA adapter, a head, or all weights), on CPU."""
-    model = _unwrap(module, accelerator)
-    return {n: p.detach().to("cpu").contiguous().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def load_trainable_state_dict(module: torch.nn.Module, state: dict[str, torch.Tensor], accelerator=None) -> None:
-    """Copy ``state`` into the module's trainable parameters; every one must be present."""
-    model = _unwrap(module, accelerator)
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    missing = sorted(set(params) - set(state))
-    unexpected = sorted(set(state) - set(params))
-    if missing or unexpected:
-        raise ValueError(
-            f"checkpoint does not match the model's trainable parameters: missing {missing[:5]}, "
-            f"unexpected {unexpected[:5]} (was it written with other LoRA / freezing options?)"
-        )
-    with torch.no_grad():
-        for name, param in params.items():
-            param.copy_(state[name].to(param.device, param.dtype))
+    raise NonFiniteLossError(
+        f"non-finite loss ({float(loss.detach().float().reshape(-1)[0])}) at step {step}; batch sample ids: {shown}; {where}"
+    )
 
 
 def prepare_run_dir(cfg: TrainConfig, *, is_main: bool = True) -> tuple[Path, Path | None]:
@@ -386,7 +181,6 @@ def prepare_run_dir(cfg: TrainConfig, *, is_main: bool = True) -> tuple[Path, Pa
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir, (latest if cfg.resume else None)
-
 
 
 # ----------------------------------------------------------------------------- one run
@@ -453,12 +247,19 @@ class Run:
         self._modules, self._optimizer, self._scheduler = wrapped, optimizer, scheduler
         self.total = total
         if self.resume_from is not None:
-            state = self.checkpointer.load(self.resume_from, modules=wrapped, optimizer=optimizer,
-                                           scheduler=scheduler, accelerator=self.accelerator)
+            state = self.checkpointer.load(
+                self.resume_from,
+                modules=wrapped,
+                optimizer=optimizer,
+                scheduler=scheduler,
+                accelerator=self.accelerator,
+            )
             self.start_step = int(state["step"])
             self.metrics.truncate_after(self.start_step)
             self.print(f"resumed from {self.resume_from} at step {self.start_step}")
-        self.bar = progress_bar(total, self.start_step, enabled=self.cfg.progress and self.accelerator.is_main_process, desc=self.desc)
+        self.bar = progress_bar(
+            total, self.start_step, enabled=self.cfg.progress and self.accelerator.is_main_process, desc=self.desc
+        )
         self.throughput.reset()
         return wrapped, optimizer
 
@@ -472,8 +273,15 @@ class Run:
         optimizer.zero_grad(set_to_none=True)
         return norm
 
-    def end_step(self, step: int, metrics: dict[str, Any], *, samples: int = 0, tokens: int = 0,
-                 extra_state: dict[str, Any] | None = None) -> None:
+    def end_step(
+        self,
+        step: int,
+        metrics: dict[str, Any],
+        *,
+        samples: int = 0,
+        tokens: int = 0,
+        extra_state: dict[str, Any] | None = None,
+    ) -> None:
         """Record a finished optimiser step (``step`` counts steps done): accumulate metrics, write
         them every ``log_every`` steps, checkpoint every ``save_every`` steps and at the end."""
         self.throughput.add(samples, tokens)
@@ -500,8 +308,14 @@ class Run:
         self._pending = {}
 
     def save(self, step: int, extra_state: dict[str, Any] | None = None) -> Path:
-        return self.checkpointer.save(step, modules=self._modules, optimizer=self._optimizer, scheduler=self._scheduler,
-                                      extra=extra_state, accelerator=self.accelerator)
+        return self.checkpointer.save(
+            step,
+            modules=self._modules,
+            optimizer=self._optimizer,
+            scheduler=self._scheduler,
+            extra=extra_state,
+            accelerator=self.accelerator,
+        )
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         """Write ``metrics`` now (evaluations, one-off numbers)."""

@@ -177,12 +177,16 @@ def gallery_html(columns: Sequence[GalleryColumn], *, size: int = GALLERY_SIZE) 
             uri = png_data_uri(path) if path else None
             if uri:
                 break
-        picture = (f'<img src="{uri}" alt="{html.escape(str(row.get("id")))}">' if uri
-                   else '<span class="missing">image not found</span>')  # fmt: skip
+        picture = (
+            f'<img src="{uri}" alt="{html.escape(str(row.get("id")))}">'
+            if uri
+            else '<span class="missing">image not found</span>'
+        )
         objects = ", ".join(str(o) for o in row.get("objects") or []) or "?"
-        info = (f'<div class="id">{html.escape(str(row.get("id")))}</div>'
-                f'<div class="objects">in the image: {html.escape(objects)}</div>')  # fmt: skip
+        info = (
+            f'<div class="id">{html.escape(str(row.get("id")))}</div>'
+            f'<div class="objects">in the image: {html.escape(objects)}</div>'
+        )
         cells = "".join(_cell(r, c) for r, c in zip(records, columns))
         body.append(f'<tr><td class="pic">{picture}{info}</td>{cells}</tr>')
-    return (f'<table class="gallery"><thead><tr><th>image</th>{head}</tr></thead>'
-            f'<tbody>{"".join(body)}</tbody></table>')  # fmt: skip
+    return f'<table class="gallery"><thead><tr><th>image</th>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'

@@ -41,7 +41,8 @@ from pathlib import Path
 from typing import Any
 
 from vlalign.data.io import write_jsonl
-from vlalign.data.world import (
+from vlalign.shapes.render import render_scene
+from vlalign.shapes.world import (
     DESCRIBE_PROMPT,
     NO,
     SPLITS,
@@ -55,7 +56,6 @@ from vlalign.data.world import (
     generate_split,
     object_vocabulary,
 )
-from vlalign.data.world_render import render_scene
 
 POPE_MODES: tuple[str, ...] = ("random", "popular", "adversarial")
 Row = dict[str, Any]
@@ -96,6 +96,7 @@ def pope_negatives(
     if mode == "popular":
         ranked = sorted(absent, key=lambda n: (-freq.get(n, 0), order[n]))
     elif mode == "adversarial":
+
         def score(n: str) -> int:
             return sum(cooc.get(p, {}).get(n, 0) for p in present)
 
@@ -145,16 +146,26 @@ def task_rows(scene: Scene, cfg: WorldConfig) -> list[Row]:
         for k in range(cfg.existence_per_scene):
             yes = k % 2 == 0 or not absent
             name = rng.choice(present if yes else absent)
-            rows.append(_row(scene, cfg, "existence", k, existence_question(name), YES if yes else NO,
-                             question_object=name))  # fmt: skip
+            rows.append(
+                _row(scene, cfg, "existence", k, existence_question(name), YES if yes else NO, question_object=name)
+            )
     shape_counts = scene.shape_counts()
     if "counting" in cfg.tasks:
         absent_shapes = [s for s in cfg.shapes if s not in shape_counts]
         for k in range(cfg.counting_per_scene):
             pool = absent_shapes if absent_shapes and rng.random() < cfg.count_absent_prob else list(shape_counts)
             shape = rng.choice(pool)
-            rows.append(_row(scene, cfg, "counting", k, counting_question(shape), str(shape_counts.get(shape, 0)),
-                             question_shape=shape))  # fmt: skip
+            rows.append(
+                _row(
+                    scene,
+                    cfg,
+                    "counting",
+                    k,
+                    counting_question(shape),
+                    str(shape_counts.get(shape, 0)),
+                    question_shape=shape,
+                )
+            )
     if "colour" in cfg.tasks:
         single = [s for s in cfg.shapes if shape_counts.get(s) == 1]
         for k, shape in enumerate(rng.sample(single, min(cfg.colour_per_scene, len(single)))):
@@ -252,8 +263,12 @@ def _sha256(path: Path) -> str:
 
 
 def _split_size(cfg: WorldConfig, split: str) -> int:
-    return {"train": cfg.n_train, "validation": cfg.n_validation, "test": cfg.n_test,
-            "compositional": cfg.n_compositional}[split]  # fmt: skip
+    return {
+        "train": cfg.n_train,
+        "validation": cfg.n_validation,
+        "test": cfg.n_test,
+        "compositional": cfg.n_compositional,
+    }[split]
 
 
 def write_world(cfg: WorldConfig, out_dir: str | Path, *, overwrite: bool = False) -> dict[str, Any]:

@@ -130,7 +130,7 @@ def _kl_panel(key: str) -> str | None:
 def _perf_panel(key: str) -> str | None:
     if not key.startswith("perf/"):
         return None
-    body = key[len("perf/"):]
+    body = key[len("perf/") :]
     if body.endswith("tokens_per_s"):
         return "tokens / s"
     if body.endswith("samples_per_s"):
@@ -346,8 +346,15 @@ def plot_bars(group: BarGroup, columns: Mapping[str, Mapping[str, Any]], *, titl
         bars = ax.bar(xs, heights, width * 0.95, label=name)
         for bar, value in zip(bars, values):
             text = "n/a" if value is None else f"{value:.3g}"
-            ax.annotate(text, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center",
-                        va="bottom", fontsize=7, xytext=(0, 2), textcoords="offset points")  # fmt: skip
+            ax.annotate(
+                text,
+                (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                ha="center",
+                va="bottom",
+                fontsize=7,
+                xytext=(0, 2),
+                textcoords="offset points",
+            )
         top = max([top, *(v for v in values if v is not None)])
     ax.set_xticks(range(len(group.labels)), group.labels, fontsize=9)
     ax.set_ylim(min(0.0, ax.get_ylim()[0]), top * 1.18 if top > 0 else 1.0)

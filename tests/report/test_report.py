@@ -17,9 +17,9 @@ from PIL import Image
 
 from vlalign.cli import main as cli_main
 from vlalign.eval.parsing import ObjectVocabulary
-from vlalign.report import ReportError, fmt, write_report
-from vlalign.report_gallery import highlight
-from vlalign.report_plots import bar_groups, curve_charts, metric_series
+from vlalign.report.gallery import highlight
+from vlalign.report.html import ReportError, fmt, write_report
+from vlalign.report.plots import bar_groups, curve_charts, metric_series
 
 VOCAB = {
     "red circle": ["red circles", "red disc", "red discs"],
@@ -30,17 +30,57 @@ IMAGE_COLOURS = {"s0": (255, 0, 0), "s1": (0, 0, 255), "s2": (0, 128, 0), "s3": 
 IMAGE_SIZE = (24, 20)  # (W, H): not square, so a swapped size would show
 
 SUMMARY = [
-    ("base", "sft", "eval-base", {"chair/chair_i": 0.42, "chair/chair_s": 0.75, "pope/adversarial/f1": 0.61,
-                                   "pope/adversarial/yes_ratio": 0.7, "pope/random/f1": 0.8, "task/counting": 0.3,
-                                   "task/colour": 0.92, "task/existence": 0.81}, 61.5),
-    ("dpo", "dpo", "eval-dpo", {"chair/chair_i": 0.2, "chair/chair_s": 0.375, "pope/adversarial/f1": 0.7,
-                                 "pope/adversarial/yes_ratio": 0.55, "pope/random/f1": 0.85, "task/counting": 0.35,
-                                 "task/colour": 0.92, "task/existence": 0.86, "kl/seq": 1.25}, 93.0),
-    ("grpo", "grpo", "eval-grpo", {"chair/chair_i": 0.125, "chair/chair_s": 0.25, "pope/adversarial/f1": 0.72,
-                                    "pope/adversarial/yes_ratio": 0.5, "pope/random/f1": float("nan"),
-                                    "task/counting": 0.6, "task/colour": 0.91, "task/existence": 0.88,
-                                    "kl/seq": 2.5}, 120.25),
-]  # fmt: skip
+    (
+        "base",
+        "sft",
+        "eval-base",
+        {
+            "chair/chair_i": 0.42,
+            "chair/chair_s": 0.75,
+            "pope/adversarial/f1": 0.61,
+            "pope/adversarial/yes_ratio": 0.7,
+            "pope/random/f1": 0.8,
+            "task/counting": 0.3,
+            "task/colour": 0.92,
+            "task/existence": 0.81,
+        },
+        61.5,
+    ),
+    (
+        "dpo",
+        "dpo",
+        "eval-dpo",
+        {
+            "chair/chair_i": 0.2,
+            "chair/chair_s": 0.375,
+            "pope/adversarial/f1": 0.7,
+            "pope/adversarial/yes_ratio": 0.55,
+            "pope/random/f1": 0.85,
+            "task/counting": 0.35,
+            "task/colour": 0.92,
+            "task/existence": 0.86,
+            "kl/seq": 1.25,
+        },
+        93.0,
+    ),
+    (
+        "grpo",
+        "grpo",
+        "eval-grpo",
+        {
+            "chair/chair_i": 0.125,
+            "chair/chair_s": 0.25,
+            "pope/adversarial/f1": 0.72,
+            "pope/adversarial/yes_ratio": 0.5,
+            "pope/random/f1": float("nan"),
+            "task/counting": 0.6,
+            "task/colour": 0.91,
+            "task/existence": 0.88,
+            "kl/seq": 2.5,
+        },
+        120.25,
+    ),
+]
 
 
 # ----------------------------------------------------------------------------- parsing the HTML
@@ -106,7 +146,7 @@ def parse(path: Path) -> Page:
 def decode_png(src: str) -> bytes:
     prefix = "data:image/png;base64,"
     assert src.startswith(prefix), src[:40]
-    data = base64.b64decode(src[len(prefix):], validate=True)
+    data = base64.b64decode(src[len(prefix) :], validate=True)
     with Image.open(io.BytesIO(data)) as im:
         assert im.format == "PNG"
     return data
@@ -129,9 +169,17 @@ def write_world(folder: Path) -> None:
 
 def describe(i: int, output: str, objects: list[str], hallucinated: list[str]) -> dict[str, Any]:
     recalled = sorted(set(objects) & {n for n in VOCAB if n.split()[1] in output.lower()})
-    return {"part": "heldout", "id": f"s{i}-describe", "task": "describe", "question": "Describe the image.",
-            "image": f"images/s{i}.png", "output": output, "objects": objects, "hallucinated": hallucinated,
-            "recalled": recalled}  # fmt: skip
+    return {
+        "part": "heldout",
+        "id": f"s{i}-describe",
+        "task": "describe",
+        "question": "Describe the image.",
+        "image": f"images/s{i}.png",
+        "output": output,
+        "objects": objects,
+        "hallucinated": hallucinated,
+        "recalled": recalled,
+    }
 
 
 BASE_RECORDS = [
@@ -139,9 +187,16 @@ BASE_RECORDS = [
     describe(1, "Two blue squares. <script>alert(1)</script>", ["blue square"], []),
     describe(2, "A red disc beside a Blue Box.", ["green triangle"], ["red circle", "blue square"]),
     describe(3, "Nothing & nobody.", ["red circle"], []),
-    {"part": "pope/random", "id": "s0-pope", "task": "existence", "question": "Is there a red circle?",
-     "image": "images/s0.png", "output": "Yes", "said_yes": True},
-]  # fmt: skip
+    {
+        "part": "pope/random",
+        "id": "s0-pope",
+        "task": "existence",
+        "question": "Is there a red circle?",
+        "image": "images/s0.png",
+        "output": "Yes",
+        "said_yes": True,
+    },
+]
 LAST_RECORDS = [
     describe(0, "A red circle.", ["red circle"], []),
     describe(1, "Two blue squares.", ["blue square"], []),
@@ -150,13 +205,18 @@ LAST_RECORDS = [
 ]
 
 
-def eval_json(metrics: dict[str, float], records: list[dict], baseline: tuple[dict, list] | None = None,
-              data: str = "../world") -> str:
-    return json.dumps({
-        "model": "m", "metrics": metrics, "baseline_metrics": baseline[0] if baseline else None,
-        "config": {"suite": {"data": data, "vocabulary": ""}},
-        "records": {"model": records, "baseline": baseline[1] if baseline else None},
-    })  # fmt: skip
+def eval_json(
+    metrics: dict[str, float], records: list[dict], baseline: tuple[dict, list] | None = None, data: str = "../world"
+) -> str:
+    return json.dumps(
+        {
+            "model": "m",
+            "metrics": metrics,
+            "baseline_metrics": baseline[0] if baseline else None,
+            "config": {"suite": {"data": data, "vocabulary": ""}},
+            "records": {"model": records, "baseline": baseline[1] if baseline else None},
+        }
+    )
 
 
 def write_jsonl(path: Path, rows: list[dict[str, Any]], tail: str = "") -> None:
@@ -168,19 +228,46 @@ def write_jsonl(path: Path, rows: list[dict[str, Any]], tail: str = "") -> None:
 def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("report") / "demo"
     write_world(root / "world")
-    write_jsonl(root / "sft" / "metrics.jsonl",
-                [{"step": s, "time": 1.0, "train/loss": 2.0 / s, "perf/samples_per_s": 10.0 + s} for s in range(1, 6)]
-                + [{"step": 5, "eval/loss": 0.5}])  # fmt: skip
-    write_jsonl(root / "dpo" / "metrics.jsonl",
-                [{"step": s, "train/loss": 0.69 - 0.05 * s, "rewards/chosen": 0.1 * s, "rewards/rejected": -0.1 * s,
-                  "rewards/margin": 0.2 * s, "rewards/accuracy": 0.5 + 0.1 * s, "kl/seq": 0.01 * s,
-                  "perf/tokens_per_s": float("nan") if s == 2 else 100.0} for s in range(1, 5)],
-                tail='{"step": 5, "train/lo')  # a run killed mid-write  # fmt: skip
-    write_jsonl(root / "grpo" / "metrics.jsonl",
-                [{"step": s, "train/loss": 0.1, "rewards/count_match/mean": 0.2 * s, "rewards/count_match/std": 0.1,
-                  "rewards/total/mean": 0.2 * s, "rewards/total/std": 0.1, "kl/ref": 0.001 * s,
-                  "policy/clip_frac": 0.05, "completions/mean_length": 12.0} for s in range(1, 4)])  # fmt: skip
-    for (stage, _, folder, metrics, _), records in zip(SUMMARY, (BASE_RECORDS, LAST_RECORDS, LAST_RECORDS)):
+    write_jsonl(
+        root / "sft" / "metrics.jsonl",
+        [{"step": s, "time": 1.0, "train/loss": 2.0 / s, "perf/samples_per_s": 10.0 + s} for s in range(1, 6)]
+        + [{"step": 5, "eval/loss": 0.5}],
+    )
+    write_jsonl(
+        root / "dpo" / "metrics.jsonl",
+        [
+            {
+                "step": s,
+                "train/loss": 0.69 - 0.05 * s,
+                "rewards/chosen": 0.1 * s,
+                "rewards/rejected": -0.1 * s,
+                "rewards/margin": 0.2 * s,
+                "rewards/accuracy": 0.5 + 0.1 * s,
+                "kl/seq": 0.01 * s,
+                "perf/tokens_per_s": float("nan") if s == 2 else 100.0,
+            }
+            for s in range(1, 5)
+        ],
+        tail='{"step": 5, "train/lo',
+    )  # a run killed mid-write
+    write_jsonl(
+        root / "grpo" / "metrics.jsonl",
+        [
+            {
+                "step": s,
+                "train/loss": 0.1,
+                "rewards/count_match/mean": 0.2 * s,
+                "rewards/count_match/std": 0.1,
+                "rewards/total/mean": 0.2 * s,
+                "rewards/total/std": 0.1,
+                "kl/ref": 0.001 * s,
+                "policy/clip_frac": 0.05,
+                "completions/mean_length": 12.0,
+            }
+            for s in range(1, 4)
+        ],
+    )
+    for (_stage, _, folder, metrics, _), records in zip(SUMMARY, (BASE_RECORDS, LAST_RECORDS, LAST_RECORDS)):
         (root / folder).mkdir()
         # as a demo run elsewhere wrote them: the data folder relative to another working directory,
         # the images as absolute paths that no longer exist
@@ -209,10 +296,25 @@ def test_demo_report_images_are_the_png_files(demo: tuple[Path, Path]) -> None:
         assert png_size(data) == png_size(files[next(n for n, b in files.items() if b == data)])
     gallery = [d for d in embedded if d not in files.values()]
     assert len(gallery) == 4 and all(png_size(d) == IMAGE_SIZE for d in gallery)
-    expected = {"summary-chair", "summary-pope-f1", "summary-pope-yes", "summary-tasks", "summary-kl",
-                "summary-seconds", "base-loss", "base-throughput", "dpo-loss", "dpo-rewards", "dpo-kl",
-                "dpo-throughput", "grpo-loss", "grpo-kl", "grpo-reward-functions", "grpo-policy",
-                "grpo-other"}  # fmt: skip
+    expected = {
+        "summary-chair",
+        "summary-pope-f1",
+        "summary-pope-yes",
+        "summary-tasks",
+        "summary-kl",
+        "summary-seconds",
+        "base-loss",
+        "base-throughput",
+        "dpo-loss",
+        "dpo-rewards",
+        "dpo-kl",
+        "dpo-throughput",
+        "grpo-loss",
+        "grpo-kl",
+        "grpo-reward-functions",
+        "grpo-policy",
+        "grpo-other",
+    }
     assert {n.removesuffix(".png") for n in files} == expected
 
 
@@ -278,7 +380,11 @@ def test_eval_folder_before_and_after(tmp_path: Path) -> None:
     (folder / "eval.json").write_text(eval_json(model, LAST_RECORDS, (base, BASE_RECORDS)))
     page = parse(write_report(folder))
     assert {p.name for p in (folder / "report").glob("*.png")} == {
-        "eval-chair.png", "eval-pope-f1.png", "eval-tasks.png", "eval-kl.png"}
+        "eval-chair.png",
+        "eval-pope-f1.png",
+        "eval-tasks.png",
+        "eval-kl.png",
+    }
     cells = {(c["data-column"], c["row"]): c["text"] for c in page.cells}
     assert cells["baseline", "chair/chair_i"] == "0.5" and cells["model", "chair/chair_i"] == "0.25"
     assert cells["baseline", "kl/seq"] == "–" and cells["model", "kl/n"] == "48"
@@ -336,39 +442,75 @@ def test_highlight_hand_worked() -> None:
     vocab = ObjectVocabulary(VOCAB)
     text = "No red circle here, but two Blue Squares & a red disc <b>."
     assert highlight(text, ["blue square", "red circle"], vocab) == (
-        "No red circle here, but two <mark>Blue Squares</mark> &amp; a <mark>red disc</mark> &lt;b&gt;.")
+        "No red circle here, but two <mark>Blue Squares</mark> &amp; a <mark>red disc</mark> &lt;b&gt;."
+    )
     assert highlight(text, ["blue square", "red circle"], None) == (
-        "No <mark>red circle</mark> here, but two <mark>Blue Squares</mark> &amp; a red disc &lt;b&gt;.")
+        "No <mark>red circle</mark> here, but two <mark>Blue Squares</mark> &amp; a red disc &lt;b&gt;."
+    )
     assert highlight("A green triangle.", [], vocab) == "A green triangle."
 
 
 def test_metric_series_and_charts() -> None:
     """NaN, None, strings and records without a step are dropped; keys go to their charts."""
-    records = [{"step": 1, "train/loss": 1.0, "kl/seq": float("nan"), "note": "x", "time": 5.0},
-               {"train/loss": 3.0}, {"step": 2, "train/loss": None, "kl/seq": 0.5, "ok": True}]  # fmt: skip
+    records = [
+        {"step": 1, "train/loss": 1.0, "kl/seq": float("nan"), "note": "x", "time": 5.0},
+        {"train/loss": 3.0},
+        {"step": 2, "train/loss": None, "kl/seq": 0.5, "ok": True},
+    ]
     assert metric_series(records) == {"train/loss": ([1.0], [1.0]), "kl/seq": ([2.0], [0.5])}
-    keys = ["train/loss", "eval/loss", "rewards/margin", "rewards/accuracy", "eval/rewards/accuracy", "kl/ref",
-            "rewards/fmt/mean", "rewards/fmt/std", "rewards/group_std", "perf/tokens_per_s", "perf/step_s",
-            "eval/pope/random/f1", "eval/task/counting", "eval/kl/n", "policy/entropy", "train/lr"]  # fmt: skip
+    keys = [
+        "train/loss",
+        "eval/loss",
+        "rewards/margin",
+        "rewards/accuracy",
+        "eval/rewards/accuracy",
+        "kl/ref",
+        "rewards/fmt/mean",
+        "rewards/fmt/std",
+        "rewards/group_std",
+        "perf/tokens_per_s",
+        "perf/step_s",
+        "eval/pope/random/f1",
+        "eval/task/counting",
+        "eval/kl/n",
+        "policy/entropy",
+        "train/lr",
+    ]
     charts = {c.name: {p.title: p.keys for p in c.panels} for c in curve_charts(keys)}
     assert charts == {
         "loss": {"loss": ("eval/loss", "train/loss")},
-        "rewards": {"preference accuracy": ("eval/rewards/accuracy", "rewards/accuracy"),
-                    "implicit rewards and margin": ("rewards/margin",)},
+        "rewards": {
+            "preference accuracy": ("eval/rewards/accuracy", "rewards/accuracy"),
+            "implicit rewards and margin": ("rewards/margin",),
+        },
         "kl": {"KL": ("kl/ref",)},
-        "reward-functions": {"reward: fmt": ("rewards/fmt/mean",),
-                             "std of rewards within a group": ("rewards/group_std",)},
+        "reward-functions": {
+            "reward: fmt": ("rewards/fmt/mean",),
+            "std of rewards within a group": ("rewards/group_std",),
+        },
         "throughput": {"seconds": ("perf/step_s",), "tokens / s": ("perf/tokens_per_s",)},
         "eval": {"POPE f1": ("eval/pope/random/f1",), "task": ("eval/task/counting",)},
         "policy": {"policy/entropy": ("policy/entropy",)},
         "other": {"train/lr": ("train/lr",)},
-    }  # fmt: skip
+    }
 
 
 def test_bar_groups() -> None:
-    keys = ["task/existence", "pope/adversarial/f1", "chair/chair_s", "eval/chair/chair_i", "pope/random/f1",
-            "pope/random/yes_ratio", "task/counting", "compositional/chair/chair_i", "kl/seq", "kl/n",
-            "perf/seconds", "seconds", "pope/random/precision"]  # fmt: skip
+    keys = [
+        "task/existence",
+        "pope/adversarial/f1",
+        "chair/chair_s",
+        "eval/chair/chair_i",
+        "pope/random/f1",
+        "pope/random/yes_ratio",
+        "task/counting",
+        "compositional/chair/chair_i",
+        "kl/seq",
+        "kl/n",
+        "perf/seconds",
+        "seconds",
+        "pope/random/precision",
+    ]
     groups = [(g.name, g.labels, g.keys) for g in bar_groups(keys)]
     assert groups == [
         ("chair", ("CHAIR_i", "CHAIR_s"), ("eval/chair/chair_i", "chair/chair_s")),
@@ -378,4 +520,4 @@ def test_bar_groups() -> None:
         ("tasks", ("counting", "existence"), ("task/counting", "task/existence")),
         ("kl", ("kl/seq",), ("kl/seq",)),
         ("seconds", ("wall time",), ("seconds",)),
-    ]  # fmt: skip
+    ]

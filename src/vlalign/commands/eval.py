@@ -55,8 +55,8 @@ class Config:
 
 
 def _load(name: str, cfg: Config) -> tuple[Any, Any]:
-    from vlalign.embedded import resolve_model
     from vlalign.models.load import load_model_and_processor
+    from vlalign.shapes.embedded import resolve_model
 
     return load_model_and_processor(resolve_model(name), dtype=cfg.dtype, device=cfg.device)
 
@@ -77,7 +77,10 @@ def _fmt(value: float | None) -> str:
 
 
 def format_table(
-    columns: dict[str, dict[str, float]], *, difference: bool = True, intervals: dict[str, Interval] | None = None,
+    columns: dict[str, dict[str, float]],
+    *,
+    difference: bool = True,
+    intervals: dict[str, Interval] | None = None,
     level: float = 0.95,
 ) -> str:
     """A text table: one row per metric, one column per model (and ``A - B`` for two models).
@@ -91,7 +94,9 @@ def format_table(
         keys += [k for k in metrics if k not in keys]
     keys = sorted(keys, key=lambda k: (k.startswith("perf/"), k.startswith("compositional/"), k))
     two = difference and len(names) == 2
-    header = ["metric", *names] + (["difference"] if two else []) + ([f"{level:.0%} interval"] if two and intervals else [])
+    header = (
+        ["metric", *names] + (["difference"] if two else []) + ([f"{level:.0%} interval"] if two and intervals else [])
+    )
     rows = [header]
     for key in keys:
         values = [columns[n].get(key) for n in names]
@@ -104,8 +109,10 @@ def format_table(
             row.append(f"{iv.text(with_difference=False)}{'*' if iv.excludes_zero else ' '}" if iv is not None else "-")
         rows.append(row)
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(r, widths)))
-             for r in rows]  # fmt: skip
+    lines = [
+        "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(r, widths)))
+        for r in rows
+    ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
@@ -115,7 +122,9 @@ def run(cfg: Config) -> dict[str, Any]:
     if not cfg.model:
         raise SystemExit("vlalign eval: --model is required (a model folder, hub name or tiny:<arch>:<size>)")
     if cfg.reference and cfg.baseline:
-        raise SystemExit("vlalign eval: give --baseline (evaluated, and the KL reference) or --reference (KL only), not both")
+        raise SystemExit(
+            "vlalign eval: give --baseline (evaluated, and the KL reference) or --reference (KL only), not both"
+        )
     suite = build_suite(cfg.suite)
     print(f"suite {suite.name}: {len(suite)} questions")
     model, processor = _load(cfg.model, cfg)
@@ -123,7 +132,7 @@ def run(cfg: Config) -> dict[str, Any]:
     base_model = None
     scorer = None
     if cfg.baseline:
-        from vlalign.data.pairs_rank import build_scorer
+        from vlalign.data.pairs.rank import build_scorer
 
         scorer = build_scorer(cfg.scorer, suite.vocabulary)
         base_model, base_processor = _load(cfg.baseline, cfg)

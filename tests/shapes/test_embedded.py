@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from vlalign.data.world import DEMO_WORLD, WorldConfig, write_world
-from vlalign.embedded import resolve_data, resolve_model
+from vlalign.shapes.embedded import resolve_data, resolve_model
+from vlalign.shapes.world import DEMO_WORLD, WorldConfig, write_world
 
 
 def test_shapes_files_resolve_and_a_stale_cache_is_rewritten(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

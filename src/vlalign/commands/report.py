@@ -1,7 +1,7 @@
 """``vlalign report``: write the HTML report (plots and gallery embedded, PNG files beside it) of a folder.
 
 The folder is one that vlalign wrote: the demo folder (``demo_summary.json``), an evaluation
-folder (``eval.json``) or a training run folder (``metrics.jsonl``); see :mod:`vlalign.report`.
+folder (``eval.json``) or a training run folder (``metrics.jsonl``); see :mod:`vlalign.report.html`.
 
 Examples::
 
@@ -15,7 +15,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from vlalign.report import ReportError, write_report
+from vlalign.report.html import ReportError, write_report
 
 POSITIONAL = ("run_dir",)
 """Fields that may also be given as bare arguments, in this order (``vlalign report runs/demo``)."""

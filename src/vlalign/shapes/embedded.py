@@ -7,7 +7,7 @@ the box on a laptop:
   by :func:`vlalign.models.tiny.build_tiny_model` into the cache and loaded from there;
 * ``shapes:<file>`` as a dataset (e.g. ``shapes:train.jsonl``, ``shapes:test_prompts.jsonl``,
   ``shapes:pope_test_adversarial.jsonl``): the demo's shapes world
-  (:data:`~vlalign.data.world.DEMO_WORLD`), written once into the cache.
+  (:data:`~vlalign.shapes.world.DEMO_WORLD`), written once into the cache.
 
 The cache is ``$VLALIGN_CACHE`` if set, else ``~/.cache/vlalign``. Building is deterministic, so a
 cached build is reused as long as the builder's version stamp matches.
@@ -35,7 +35,7 @@ def resolve_model(name_or_path: str, *, seed: int = 0) -> str:
         return name_or_path
     from vlalign.models.tiny import ARCHITECTURES, SIZES, build_tiny_model
 
-    parts = name_or_path[len(TINY_PREFIX):].split(":")
+    parts = name_or_path[len(TINY_PREFIX) :].split(":")
     if len(parts) != 2 or parts[0] not in ARCHITECTURES or parts[1] not in SIZES:
         raise ValueError(
             f"model {name_or_path!r}: expected tiny:<arch>:<size> with arch in {', '.join(ARCHITECTURES)} "
@@ -50,17 +50,19 @@ def resolve_data(path: str) -> str:
     if not path.startswith(SHAPES_PREFIX):
         return path
     from vlalign.config import to_dict
-    from vlalign.data.world import DEMO_WORLD, WorldConfig, write_world
+    from vlalign.shapes.world import DEMO_WORLD, WorldConfig, write_world
 
     folder = cache_dir() / "shapes-default"
-    target = folder / path[len(SHAPES_PREFIX):]
+    target = folder / path[len(SHAPES_PREFIX) :]
     cfg = WorldConfig(**DEMO_WORLD)
     if not target.exists() or _cached_config(folder) != json.loads(json.dumps(to_dict(cfg))):
         # first use, or a world cached by an older vlalign (another world, or without this file)
         write_world(cfg, str(folder), overwrite=True)
     if not target.exists():
         available = sorted(p.name for p in folder.glob("*.jsonl"))
-        raise FileNotFoundError(f"{path!r}: the shapes world has no file {target.name!r}; available: {', '.join(available)}")
+        raise FileNotFoundError(
+            f"{path!r}: the shapes world has no file {target.name!r}; available: {', '.join(available)}"
+        )
     return str(target)
 
 

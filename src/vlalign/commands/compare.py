@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from vlalign.eval.cli import format_table
+from vlalign.commands.eval import format_table
 from vlalign.eval.paired import paired_bootstrap
 
 POSITIONAL = ("a", "b")
@@ -67,8 +67,9 @@ def _records(path: str, which: str) -> list[dict[str, Any]]:
     return list(records)
 
 
-def _per_run(a: list[list[dict[str, Any]]], b: list[list[dict[str, Any]]], shown: dict[str, Any],
-             cfg: Config) -> list[dict[str, Any]]:
+def _per_run(
+    a: list[list[dict[str, Any]]], b: list[list[dict[str, Any]]], shown: dict[str, Any], cfg: Config
+) -> list[dict[str, Any]]:
     """Each pair of runs (a's k-th, b's k-th) compared alone: the spread the pooled interval omits."""
     return [paired_bootstrap([x], [y], samples=cfg.samples, level=cfg.level, seed=cfg.seed) for x, y in zip(a, b)]
 
@@ -76,7 +77,9 @@ def _per_run(a: list[list[dict[str, Any]]], b: list[list[dict[str, Any]]], shown
 def run(cfg: Config) -> int:
     """Print the comparison table (and write ``out``); 2 with the reason on stderr for bad inputs."""
     if not cfg.a or not cfg.b:
-        print("vlalign compare: give both sides: vlalign compare A B (eval.json files or their folders)", file=sys.stderr)
+        print(
+            "vlalign compare: give both sides: vlalign compare A B (eval.json files or their folders)", file=sys.stderr
+        )
         return 2
     try:
         a = [_records(p, cfg.which) for p in cfg.a]
@@ -91,21 +94,32 @@ def run(cfg: Config) -> int:
         print(f"vlalign compare: no metric starts with {', '.join(cfg.metrics)} (have: {have})", file=sys.stderr)
         return 2
     columns = {"a": {k: v.a for k, v in shown.items()}, "b": {k: v.b for k, v in shown.items()}}
-    print(f"a: {', '.join(cfg.a)}\nb: {', '.join(cfg.b)}\n"
-          f"{len(a[0])} answers per evaluation; {cfg.samples} paired draws of whole scenes")  # fmt: skip
+    print(
+        f"a: {', '.join(cfg.a)}\nb: {', '.join(cfg.b)}\n"
+        f"{len(a[0])} answers per evaluation; {cfg.samples} paired draws of whole scenes"
+    )
     print(format_table(columns, intervals=shown, level=cfg.level))
     per_run = _per_run(a, b, shown, cfg) if len(a) == len(b) > 1 else []
     if per_run:
-        print(f"\neach run against its counterpart (a's k-th against b's k-th; * the {cfg.level:.0%} interval excludes 0):")
+        print(
+            f"\neach run against its counterpart (a's k-th against b's k-th; * the {cfg.level:.0%} interval excludes 0):"
+        )
         width = max(len(k) for k in shown)
         for key in shown:
-            print(f"{key.ljust(width)}  " + " / ".join(f"{r[key].difference:+.3f}{'*' if r[key].excludes_zero else ''}"
-                                                        for r in per_run))  # fmt: skip
+            print(
+                f"{key.ljust(width)}  "
+                + " / ".join(f"{r[key].difference:+.3f}{'*' if r[key].excludes_zero else ''}" for r in per_run)
+            )
     if cfg.out:
         Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
-        saved = {"a": list(cfg.a), "b": list(cfg.b), "level": cfg.level, "samples": cfg.samples,
-                 "intervals": {k: asdict(v) for k, v in shown.items()},
-                 "per_run": [{k: asdict(r[k]) for k in shown} for r in per_run]}  # fmt: skip
+        saved = {
+            "a": list(cfg.a),
+            "b": list(cfg.b),
+            "level": cfg.level,
+            "samples": cfg.samples,
+            "intervals": {k: asdict(v) for k, v in shown.items()},
+            "per_run": [{k: asdict(r[k]) for k in shown} for r in per_run],
+        }
         Path(cfg.out).write_text(json.dumps(saved, indent=1) + "\n")
         print(f"wrote {cfg.out}")
     return 0

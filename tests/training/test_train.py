@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from vlalign.run_metrics import MetricsLog, read_metrics
-from vlalign.train import (
+from vlalign.training import (
     BatchPlan,
     Checkpointer,
     NonFiniteLossError,
@@ -20,6 +19,7 @@ from vlalign.train import (
     prepare_run_dir,
     total_steps,
 )
+from vlalign.training.metrics import MetricsLog, read_metrics
 
 
 def test_batch_plan_is_a_function_of_the_step():
@@ -66,7 +66,9 @@ def test_checkpoint_round_trip_restores_weights_optimizer_schedule_and_rng(tmp_p
     sched = build_scheduler(opt, cfg, 10)
     for _ in range(3):
         net(torch.randn(5, 3)).pow(2).mean().backward()
-        opt.step(); sched.step(); opt.zero_grad()
+        opt.step()
+        sched.step()
+        opt.zero_grad()
     ck = Checkpointer(tmp_path, keep=2)
     path = ck.save(3, modules={"model": net}, optimizer=opt, scheduler=sched, extra={"note": "x"})
     after = (torch.rand(1), np.random.rand(), random.random())  # RNG draws right after saving
@@ -125,14 +127,16 @@ def test_metrics_log_appends_and_truncates(tmp_path):
 def test_non_finite_loss_names_step_samples_and_checkpoint(tmp_path):
     Checkpointer(tmp_path).save(4, modules={"model": _tiny_net()})
     check_finite(torch.tensor(1.0), step=5, sample_ids=["a"], run_dir=tmp_path)
-    with pytest.raises(NonFiniteLossError, match=r"at step 5; batch sample ids: a, b; the last good checkpoint is .*step-0000004"):
+    with pytest.raises(
+        NonFiniteLossError, match=r"at step 5; batch sample ids: a, b; the last good checkpoint is .*step-0000004"
+    ):
         check_finite(torch.tensor(float("nan")), step=5, sample_ids=["a", "b"], run_dir=tmp_path)
 
 
 def test_mixed_precision_auto(monkeypatch):
     """auto: what ``accelerate launch --mixed_precision`` set (None lets accelerate read it), else
     bf16 on a GPU that has it and 'no' elsewhere; explicit values pass through."""
-    from vlalign.train import resolve_mixed_precision
+    from vlalign.training import resolve_mixed_precision
 
     monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
     gpu_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()

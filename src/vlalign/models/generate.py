@@ -224,12 +224,14 @@ def _prefill(model: nn.Module, batch: GenerationBatch, n: int, device: torch.dev
     deltas = None
     if rope is not None and "mm_token_type_ids" in vision:
         grid = {k: vision[k] for k in ("image_grid_thw", "video_grid_thw") if k in vision}
-        positions, deltas = rope.get_rope_index(input_ids, mm_token_type_ids=vision["mm_token_type_ids"],
-                                                attention_mask=mask, **grid)  # fmt: skip
+        positions, deltas = rope.get_rope_index(
+            input_ids, mm_token_type_ids=vision["mm_token_type_ids"], attention_mask=mask, **grid
+        )
     else:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, P)
-    out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                logits_to_keep=1, **vision)  # fmt: skip
+    out = model(
+        input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1, **vision
+    )
     logits = out.logits[:, -1]  # (B, V)
     cache = _cache_of(out)
     if n > 1:
@@ -252,8 +254,14 @@ def _decode_step(model: nn.Module, tokens: Tensor, state: _Decoding) -> Tensor:
     pos = state.next_pos.unsqueeze(-1)  # (R, 1)
     if state.deltas is not None:
         pos = (pos + state.deltas).unsqueeze(0).expand(3, -1, -1)  # (3, R, 1)
-    out = model(input_ids=tokens.unsqueeze(-1), attention_mask=state.mask, position_ids=pos,
-                cache=state.cache, use_cache=True, logits_to_keep=1)  # fmt: skip
+    out = model(
+        input_ids=tokens.unsqueeze(-1),
+        attention_mask=state.mask,
+        position_ids=pos,
+        cache=state.cache,
+        use_cache=True,
+        logits_to_keep=1,
+    )
     state.cache = _cache_of(out)
     state.next_pos = state.next_pos + 1
     return out.logits[:, -1]
@@ -360,7 +368,7 @@ def generate(
     bar = tqdm(total=len(samples), desc=desc, disable=not progress, dynamic_ncols=True)
     try:
         for lo in range(0, len(samples), batch_size):
-            chunk = samples[lo:lo + batch_size]
+            chunk = samples[lo : lo + batch_size]
             encoded = encode_prompts(processor, chunk)  # the batch's one processor call
             batch = build_prompt_rows(encoded, pad_token_id=pad)
             if keep_prompts:
@@ -369,9 +377,17 @@ def generate(
             if temperature > 0:
                 uniforms = completion_uniforms(seed, [s.id for s in chunk], n, max_new_tokens)
             ids, stopped = generate_batch(
-                model, batch, n=rows_per_prompt, max_new_tokens=max_new_tokens, stop_ids=stop_ids,
-                temperature=temperature, top_k=top_k, top_p=top_p, uniforms=uniforms, suppress_ids=suppress,
-            )  # fmt: skip
+                model,
+                batch,
+                n=rows_per_prompt,
+                max_new_tokens=max_new_tokens,
+                stop_ids=stop_ids,
+                temperature=temperature,
+                top_k=top_k,
+                top_p=top_p,
+                uniforms=uniforms,
+                suppress_ids=suppress,
+            )
             result.prompt_tokens += int(batch.attention_mask.sum())
             for i in range(len(chunk)):
                 group = range(i * rows_per_prompt, (i + 1) * rows_per_prompt)
@@ -398,8 +414,14 @@ def generate_texts(model: nn.Module, processor: Any, samples: Sequence[PromptLik
 
 def settings_kwargs(settings: GenerationSettings) -> dict[str, Any]:
     """The keyword arguments of :func:`generate` that a :class:`GenerationSettings` holds."""
-    return {"n": settings.n, "temperature": settings.temperature, "top_p": settings.top_p, "top_k": settings.top_k,
-            "max_new_tokens": settings.max_new_tokens, "batch_size": settings.batch_size}  # fmt: skip
+    return {
+        "n": settings.n,
+        "temperature": settings.temperature,
+        "top_p": settings.top_p,
+        "top_k": settings.top_k,
+        "max_new_tokens": settings.max_new_tokens,
+        "batch_size": settings.batch_size,
+    }
 
 
 __all__ = [

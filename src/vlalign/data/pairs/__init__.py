@@ -7,21 +7,21 @@ Three methods build preference datasets in the standard layout (``images``, ``pr
 ============================  ===================================================  =====================
 method                        module                                               ``source``
 ============================  ===================================================  =====================
-hallucination injection       :mod:`vlalign.data.pairs_inject` (POVID, HA-DPO)     ``inject-add``,
+hallucination injection       :mod:`vlalign.data.pairs.inject` (POVID, HA-DPO)     ``inject-add``,
                                                                                    ``inject-attribute``,
                                                                                    ``inject-count``,
                                                                                    ``inject-probe``
-image corruption              :mod:`vlalign.data.pairs_corrupt` (mDPO, POVID, BPO) ``corrupt-crop``,
+image corruption              :mod:`vlalign.data.pairs.corrupt` (mDPO, POVID, BPO) ``corrupt-crop``,
                                                                                    ``corrupt-mask``,
                                                                                    ``corrupt-noise``
-sample and rank               :mod:`vlalign.data.pairs_rank` (RLAIF-V, self-       ``rank``
+sample and rank               :mod:`vlalign.data.pairs.rank` (RLAIF-V, self-       ``rank``
                               rewarding loops)
 ============================  ===================================================  =====================
 
 Each returns its pairs and a :class:`PairStats`: pairs made, pairs dropped and why, and the
 distribution of the pairs' margins (what a margin is depends on the method: the claim-score gap
 between chosen and rejected for injection and ranking, the mean absolute pixel change for image
-corruption). ``vlalign pairs`` (:mod:`vlalign.data.pairs_cli`) writes ``<out>.jsonl`` and
+corruption). ``vlalign pairs`` (:mod:`vlalign.commands.pairs`) writes ``<out>.jsonl`` and
 ``<out>.stats.json``.
 """
 
@@ -82,8 +82,9 @@ class PairStats:
             lines.append("  dropped: " + ", ".join(f"{v} {k}" for k, v in s["dropped"].items()))
         m = s["margin"]
         if m["n"]:
-            lines.append(f"  margin: mean {m['mean']:.3f}, min {m['min']:.3f}, median {m['p50']:.3f}, "
-                         f"max {m['max']:.3f}")
+            lines.append(
+                f"  margin: mean {m['mean']:.3f}, min {m['min']:.3f}, median {m['p50']:.3f}, max {m['max']:.3f}"
+            )
         return "\n".join(lines)
 
 
@@ -105,10 +106,15 @@ def margin_summary(margins: list[float], bins: int = 10) -> dict[str, Any]:
     for x in v:
         counts[min(int((x - lo) / width), bins - 1)] += 1
     return {
-        "n": len(v), "mean": sum(v) / len(v), "min": lo, "p10": _quantile(v, 0.1), "p50": _quantile(v, 0.5),
-        "p90": _quantile(v, 0.9), "max": hi,
+        "n": len(v),
+        "mean": sum(v) / len(v),
+        "min": lo,
+        "p10": _quantile(v, 0.1),
+        "p50": _quantile(v, 0.5),
+        "p90": _quantile(v, 0.9),
+        "max": hi,
         "histogram": {"edges": [lo + k * width for k in range(bins + 1)], "counts": counts},
-    }  # fmt: skip
+    }
 
 
 def pair_meta(meta: Mapping[str, Any], **extra: Any) -> dict[str, Any]:

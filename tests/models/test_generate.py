@@ -1,4 +1,4 @@
-"""Tests of batched generation (vlalign.rollout): sampling math by hand, then the decode loop
+"""Tests of batched generation (vlalign.models.generate): sampling math by hand, then the decode loop
 against ``model.generate`` and against itself under other batchings."""
 
 from __future__ import annotations
@@ -12,8 +12,7 @@ import torch
 
 from vlalign.data.collate import PromptCollator, image_token_ids
 from vlalign.data.schema import PromptSample, user_prompt
-from vlalign.models.load import find_parts
-from vlalign.rollout import (
+from vlalign.models.generate import (
     completion_uniforms,
     filter_logits,
     generate,
@@ -22,10 +21,16 @@ from vlalign.rollout import (
     stop_token_ids,
     stream_seed,
 )
+from vlalign.models.load import find_parts
 
 ARCHS = ("qwen2_vl", "qwen2_5_vl", "llava", "idefics3", "gemma3")
-QUESTIONS = ("Describe the image.", "How many squares are there?", "What colour is the circle?",
-             "Is there a red star in the image?", "Describe the image.")  # fmt: skip
+QUESTIONS = (
+    "Describe the image.",
+    "How many squares are there?",
+    "What colour is the circle?",
+    "Is there a red star in the image?",
+    "Describe the image.",
+)
 
 
 @pytest.fixture
@@ -91,9 +96,10 @@ def test_greedy_equals_model_generate(arch: str, tiny_model: Callable[..., Any],
     gens = generate(model, processor, prompts, max_new_tokens=8, batch_size=3)
     batch = PromptCollator(processor)(prompts)
     with torch.no_grad():
-        ref = model.generate(**batch.model_inputs(), do_sample=False, max_new_tokens=8,
-                             suppress_tokens=image_token_ids(processor))
-    ref = ref[:, batch.input_ids.shape[1]:].tolist()
+        ref = model.generate(
+            **batch.model_inputs(), do_sample=False, max_new_tokens=8, suppress_tokens=image_token_ids(processor)
+        )
+    ref = ref[:, batch.input_ids.shape[1] :].tolist()
     stops = set(stop_token_ids(model, processor))
     distinct = set()
     for i, ids in enumerate(gens.token_ids):
@@ -179,8 +185,9 @@ def test_kept_prompts_score_the_sampled_tokens(tiny_model: Callable[..., Any], p
     from vlalign.models.logprobs import completion_logprobs
 
     model, processor = tiny_model("qwen2_vl")
-    gens = generate(model, processor, prompts[:3], n=2, temperature=1.0, max_new_tokens=5, batch_size=3,
-                    keep_prompts=True)  # fmt: skip
+    gens = generate(
+        model, processor, prompts[:3], n=2, temperature=1.0, max_new_tokens=5, batch_size=3, keep_prompts=True
+    )
     assert len(gens.encoded) == 1 and gens.encoded[0].sample_ids == ["p0", "p1", "p2"]
     with torch.no_grad():
         shared = completion_logprobs(model.eval(), gens.encoded[0], gens.token_ids)

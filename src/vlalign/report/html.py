@@ -35,11 +35,11 @@ from typing import Any
 
 from vlalign.eval.paired import Interval, paired_bootstrap
 from vlalign.eval.parsing import ObjectVocabulary, load_vocabulary
-from vlalign.report_gallery import GalleryColumn, description_records, gallery_html
-from vlalign.report_plots import as_float, bar_groups, curve_charts, metric_series, plot_bars, plot_curves
+from vlalign.report.gallery import GalleryColumn, description_records, gallery_html
+from vlalign.report.plots import as_float, bar_groups, curve_charts, metric_series, plot_bars, plot_curves
 
 SUMMARY_FILE = "demo_summary.json"
-METRICS_FILE = "metrics.jsonl"  # the name vlalign.run_metrics.MetricsLog writes (not imported: it pulls in torch)
+METRICS_FILE = "metrics.jsonl"  # the name vlalign.training.metrics.MetricsLog writes (not imported: it pulls in torch)
 EVAL_FILE = "eval.json"
 SUITE_FILE = "suite_eval.json"
 CONFIG_FILE = "config.yaml"
@@ -121,7 +121,7 @@ def _data_folder(data: Any, bases: list[Path]) -> Path | None:
     if not isinstance(data, str) or not data:
         return None
     if data.startswith("shapes:"):
-        from vlalign.embedded import cache_dir
+        from vlalign.shapes.embedded import cache_dir
 
         return cache_dir() / "shapes-default"
     path = Path(data)
@@ -168,10 +168,14 @@ def read_evaluation(path: Path, bases: list[Path], notes: list[str]) -> Evaluati
     metrics = data.get("metrics") if isinstance(data.get("metrics"), dict) else {}
     base_metrics = data.get("baseline_metrics") if isinstance(data.get("baseline_metrics"), dict) else None
     return Evaluation(
-        path=path, metrics=metrics, records=_records(model), baseline_metrics=base_metrics,
+        path=path,
+        metrics=metrics,
+        records=_records(model),
+        baseline_metrics=base_metrics,
         baseline_records=_records(baseline) if baseline is not None else None,
-        image_roots=([folder] if folder else []) + bases, vocabulary=_vocabulary(suite, folder, bases),
-    )  # fmt: skip
+        image_roots=([folder] if folder else []) + bases,
+        vocabulary=_vocabulary(suite, folder, bases),
+    )
 
 
 def _sub(root: Path, name: Any) -> Path | None:
@@ -197,8 +201,11 @@ def read_demo(root: Path, summary: dict[str, Any], notes: list[str]) -> list[Sta
             evaluation = read_evaluation(eval_dir / EVAL_FILE, [root], notes)
             if evaluation is None:
                 notes.append(f"stage {name}: no {EVAL_FILE} in {eval_dir}")
-        metrics = dict(raw["metrics"]) if isinstance(raw.get("metrics"), dict) else (
-            dict(evaluation.metrics) if evaluation else {})  # fmt: skip
+        metrics = (
+            dict(raw["metrics"])
+            if isinstance(raw.get("metrics"), dict)
+            else (dict(evaluation.metrics) if evaluation else {})
+        )
         if "seconds" in raw and "seconds" not in metrics:
             metrics["seconds"] = raw["seconds"]
         records = read_jsonl(run_dir / METRICS_FILE, notes) if run_dir else []
@@ -236,7 +243,10 @@ def _metric_order(keys: list[str]) -> list[str]:
 
 
 def metrics_table(
-    columns: dict[str, dict[str, Any]], *, delta: tuple[str, str] | None = None, intervals: dict[str, Interval] | None = None
+    columns: dict[str, dict[str, Any]],
+    *,
+    delta: tuple[str, str] | None = None,
+    intervals: dict[str, Interval] | None = None,
 ) -> str:
     """Rows = metric names, columns = models or stages; each cell's exact value is in ``data-value``.
     ``delta=(a, b)`` adds a column ``a - b``; ``intervals`` (of that difference, from
@@ -265,8 +275,7 @@ def metrics_table(
             span = f"[{fmt(iv.low)}, {fmt(iv.high)}]" if iv is not None else "–"
             cells.append(f'<td class="num interval">{span}</td>')
         rows.append(f'<tr><th class="metric">{html.escape(key)}</th>{"".join(cells)}</tr>')
-    return (f'<table class="metrics"><thead><tr><th>metric</th>{head}</tr></thead>'
-            f'<tbody>{"".join(rows)}</tbody></table>')  # fmt: skip
+    return f'<table class="metrics"><thead><tr><th>metric</th>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
 
 
 def paired_intervals(a: list[dict[str, Any]], b: list[dict[str, Any]] | None, notes: list[str]) -> dict[str, Interval]:
@@ -309,8 +318,10 @@ class _Page:
         uri = "data:image/png;base64," + base64.b64encode(png).decode("ascii")
         rel = path.relative_to(self.html_dir).as_posix() if path.is_relative_to(self.html_dir) else str(path)
         link = html.escape(rel)
-        return (f'<figure><img src="{uri}" alt="{html.escape(caption)}"><figcaption>{html.escape(caption)} '
-                f'(<a href="{link}">PNG</a>)</figcaption></figure>')  # fmt: skip
+        return (
+            f'<figure><img src="{uri}" alt="{html.escape(caption)}"><figcaption>{html.escape(caption)} '
+            f'(<a href="{link}">PNG</a>)</figcaption></figure>'
+        )
 
     def section(self, anchor: str, title: str, body: str) -> None:
         if body:
@@ -352,8 +363,11 @@ def _demo_sections(page: _Page, root: Path, summary: dict[str, Any], notes: list
     shown = [s for s in stages if s.summary]
     first, last = (shown[0].evaluation, shown[-1].evaluation) if delta else (None, None)
     intervals = paired_intervals(last.records, first.records, notes) if first and last else {}
-    page.section("summary", "Summary: the stages side by side",
-                 metrics_table(columns, delta=delta, intervals=intervals) if columns else "")  # fmt: skip
+    page.section(
+        "summary",
+        "Summary: the stages side by side",
+        metrics_table(columns, delta=delta, intervals=intervals) if columns else "",
+    )
     page.section("evaluation", "Evaluation across stages", page.bars("summary-", columns) if columns else "")
     for stage in stages:
         body = page.curves(f"{_slug(stage.name)}-", stage.records, f"stage {stage.name}")
@@ -362,8 +376,11 @@ def _demo_sections(page: _Page, root: Path, summary: dict[str, Any], notes: list
         page.section(f"stage-{_slug(stage.name)}", f"Training curves: stage {stage.name}", body)
     evaluated = [s for s in stages if s.evaluation is not None and description_records(s.evaluation.records)]
     picked = [evaluated[0], evaluated[-1]] if len(evaluated) >= 2 else evaluated
-    columns_g = [GalleryColumn(s.name, s.evaluation.records, s.evaluation.vocabulary, s.evaluation.image_roots)
-                 for s in picked if s.evaluation is not None]  # fmt: skip
+    columns_g = [
+        GalleryColumn(s.name, s.evaluation.records, s.evaluation.vocabulary, s.evaluation.image_roots)
+        for s in picked
+        if s.evaluation is not None
+    ]
     page.section("gallery", "Gallery: held-out descriptions, first and last stage", gallery_html(columns_g))
 
 
@@ -374,13 +391,17 @@ def _eval_sections(page: _Page, evaluation: Evaluation, label: str, notes: list[
     columns[label] = evaluation.metrics
     delta = (label, "baseline") if "baseline" in columns else None
     intervals = paired_intervals(evaluation.records, evaluation.baseline_records, notes) if delta else {}
-    page.section("summary", f"Evaluation metrics ({evaluation.path.name})",
-                 metrics_table(columns, delta=delta, intervals=intervals))  # fmt: skip
+    page.section(
+        "summary",
+        f"Evaluation metrics ({evaluation.path.name})",
+        metrics_table(columns, delta=delta, intervals=intervals),
+    )
     page.section("evaluation", "Evaluation: before and after" if delta else "Evaluation", page.bars("eval-", columns))
     gallery = []
     if evaluation.baseline_records:
-        gallery.append(GalleryColumn("baseline", evaluation.baseline_records, evaluation.vocabulary,
-                                     evaluation.image_roots))  # fmt: skip
+        gallery.append(
+            GalleryColumn("baseline", evaluation.baseline_records, evaluation.vocabulary, evaluation.image_roots)
+        )
     gallery.append(GalleryColumn(label, evaluation.records, evaluation.vocabulary, evaluation.image_roots))
     page.section("gallery", "Gallery: held-out descriptions", gallery_html(gallery))
 
@@ -402,8 +423,12 @@ def _run_sections(page: _Page, root: Path, notes: list[str]) -> None:
         page.section("curves", "Training curves", page.curves("", records, root.name))
     config = root / CONFIG_FILE
     if config.is_file():
-        page.section("config", "Config", f"<details><summary>{CONFIG_FILE}</summary><pre>"
-                     f"{html.escape(config.read_text(errors='replace'))}</pre></details>")  # fmt: skip
+        page.section(
+            "config",
+            "Config",
+            f"<details><summary>{CONFIG_FILE}</summary><pre>"
+            f"{html.escape(config.read_text(errors='replace'))}</pre></details>",
+        )
 
 
 _CSS = """

@@ -1,6 +1,6 @@
 """Sample and rank (as in RLAIF-V and self-rewarding loops): score n responses, pair the far-apart.
 
-The responses come from a policy (:func:`vlalign.rollout.generate` with ``n > 1`` and a
+The responses come from a policy (:func:`vlalign.models.generate.generate` with ``n > 1`` and a
 temperature); a *scorer* rates them and :func:`rank_pairs` pairs a better one (chosen) with a
 worse one (rejected) when their scores differ by at least ``threshold``.
 
@@ -156,7 +156,7 @@ def score_groups(scorer: Scorer, samples: Sequence[Any], completions: Sequence[S
         raise ValueError(f"the scorer returned {len(scores)} scores for {len(flat)} completions")
     out, pos = [], 0
     for group in completions:
-        out.append(scores[pos:pos + len(group)])
+        out.append(scores[pos : pos + len(group)])
         pos += len(group)
     return out
 
@@ -218,10 +218,12 @@ def rank_pairs(
             continue
         for k, (i, j) in enumerate(chosen_pairs):
             (good, s_good), (bad, s_bad) = scored[i], scored[j]
-            meta = pair_meta(sample.meta, source=source, chosen_score=s_good, rejected_score=s_bad,
-                             margin=s_good - s_bad)  # fmt: skip
-            pairs.append(PreferenceSample(f"{sample.id}/{source}/{k}", list(sample.images), sample.prompt,
-                                          good, bad, meta))  # fmt: skip
+            meta = pair_meta(
+                sample.meta, source=source, chosen_score=s_good, rejected_score=s_bad, margin=s_good - s_bad
+            )
+            pairs.append(
+                PreferenceSample(f"{sample.id}/{source}/{k}", list(sample.images), sample.prompt, good, bad, meta)
+            )
             stats.add(source, s_good - s_bad)
     return pairs, stats
 
@@ -257,8 +259,10 @@ def build_scorer(spec: str, vocabulary: ObjectVocabulary | None = None) -> Score
 
         return load_reward_scorer(spec)
     if ":" not in spec:
-        raise ValueError(f"unknown scorer {spec!r}: use one of {SCORER_NAMES}, a reward model folder "
-                         f"(with {INFO_FILE}), or 'file.py:name' / 'module:name'")
+        raise ValueError(
+            f"unknown scorer {spec!r}: use one of {SCORER_NAMES}, a reward model folder "
+            f"(with {INFO_FILE}), or 'file.py:name' / 'module:name'"
+        )
     import inspect
 
     from vlalign.rewards.combine import load_user_function
@@ -278,5 +282,6 @@ def _arity(fn: Any) -> int:
         params = inspect.signature(fn).parameters.values()
     except (TypeError, ValueError):
         return -1
-    return sum(p.default is inspect.Parameter.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
-               for p in params)  # fmt: skip
+    return sum(
+        p.default is inspect.Parameter.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params
+    )

@@ -8,21 +8,23 @@ filter, which keeps edges smooth and shapes legible at 48-112 pixels.
 from __future__ import annotations
 
 import math
-from functools import lru_cache
+from functools import cache
 
 from PIL import Image, ImageDraw
 
-from vlalign.data.world import COLOUR_RGB, Scene, WorldConfig, WorldObject
+from vlalign.shapes.world import COLOUR_RGB, Scene, WorldConfig, WorldObject
 
 Point = tuple[float, float]
 
 
 def _regular(n: int, radius: float = 1.0, phase_deg: float = -90.0) -> list[Point]:
     return [
-        (radius * math.cos(math.radians(phase_deg + 360.0 * k / n)),
-         radius * math.sin(math.radians(phase_deg + 360.0 * k / n)))
+        (
+            radius * math.cos(math.radians(phase_deg + 360.0 * k / n)),
+            radius * math.sin(math.radians(phase_deg + 360.0 * k / n)),
+        )
         for k in range(n)
-    ]  # fmt: skip
+    ]
 
 
 def _star(points: int = 5, inner: float = 0.45) -> list[Point]:
@@ -33,8 +35,7 @@ def _star(points: int = 5, inner: float = 0.45) -> list[Point]:
 
 def _cross(arm: float = 0.34) -> list[Point]:
     a = arm
-    return [(-a, -1), (a, -1), (a, -a), (1, -a), (1, a), (a, a), (a, 1), (-a, 1), (-a, a), (-1, a),
-            (-1, -a), (-a, -a)]  # fmt: skip
+    return [(-a, -1), (a, -1), (a, -a), (1, -a), (1, a), (a, a), (a, 1), (-a, 1), (-a, a), (-1, a), (-1, -a), (-a, -a)]
 
 
 def _heart(n: int = 40) -> list[Point]:
@@ -47,7 +48,7 @@ def _heart(n: int = 40) -> list[Point]:
     return pts
 
 
-@lru_cache(maxsize=None)
+@cache
 def shape_outline(shape: str) -> tuple[Point, ...]:
     """The polygon of ``shape`` in the unit box (empty for the circle, drawn as an ellipse)."""
     outlines: dict[str, list[Point]] = {

@@ -79,7 +79,11 @@ class Throughput:
 
     def read(self) -> dict[str, float]:
         dt = max(time.perf_counter() - self.t0, 1e-9)
-        out = {"perf/samples_per_s": self.samples / dt, "perf/tokens_per_s": self.tokens / dt, "perf/peak_mem_mb": peak_memory_mb(self.device)}
+        out = {
+            "perf/samples_per_s": self.samples / dt,
+            "perf/tokens_per_s": self.tokens / dt,
+            "perf/peak_mem_mb": peak_memory_mb(self.device),
+        }
         self.reset()
         return out
 

@@ -25,9 +25,9 @@ from typing import Any, Literal
 
 from vlalign.data.io import load_samples, write_samples
 from vlalign.data.pairs import PairStats
-from vlalign.data.pairs_corrupt import CorruptConfig, corrupt_pairs, image_saver
-from vlalign.data.pairs_inject import InjectConfig, inject_pairs
-from vlalign.data.pairs_rank import build_scorer, sample_and_rank
+from vlalign.data.pairs.corrupt import CorruptConfig, corrupt_pairs, image_saver
+from vlalign.data.pairs.inject import InjectConfig, inject_pairs
+from vlalign.data.pairs.rank import build_scorer, sample_and_rank
 from vlalign.eval.parsing import ObjectVocabulary, load_vocabulary
 from vlalign.eval.tasks import has_task, require_rows
 
@@ -92,7 +92,7 @@ class Config:
 
 
 def _resolve(path: str) -> str:
-    from vlalign.embedded import resolve_data
+    from vlalign.shapes.embedded import resolve_data
 
     return resolve_data(path)
 
@@ -131,21 +131,38 @@ def build_pairs(cfg: Config, data_path: str, out_dir: Path) -> tuple[list[Any], 
         return corrupt_pairs(samples, cfg.corrupt, save_image=image_saver(out_dir, Path(cfg.out).stem + "_images"))
     if not cfg.rank.model:
         raise SystemExit("vlalign pairs: method=rank needs --rank.model (the policy whose responses are ranked)")
-    from vlalign.embedded import resolve_model
+    from vlalign.models.generate import generate
     from vlalign.models.load import load_model_and_processor
-    from vlalign.rollout import generate
+    from vlalign.shapes.embedded import resolve_model
 
     samples = _load(cfg, data_path, "prompt")
     scorer = build_scorer(cfg.rank.scorer, vocab)
-    model, processor = load_model_and_processor(resolve_model(cfg.rank.model), dtype=cfg.rank.dtype,
-                                                device=cfg.rank.device)  # fmt: skip
+    model, processor = load_model_and_processor(
+        resolve_model(cfg.rank.model), dtype=cfg.rank.dtype, device=cfg.rank.device
+    )
     r = cfg.rank
-    gens = generate(model, processor, samples, n=r.n, temperature=r.temperature, top_p=r.top_p,
-                    max_new_tokens=r.max_new_tokens, seed=r.seed, batch_size=r.batch_size, progress=cfg.progress,
-                    desc="sampling")  # fmt: skip
+    gens = generate(
+        model,
+        processor,
+        samples,
+        n=r.n,
+        temperature=r.temperature,
+        top_p=r.top_p,
+        max_new_tokens=r.max_new_tokens,
+        seed=r.seed,
+        batch_size=r.batch_size,
+        progress=cfg.progress,
+        desc="sampling",
+    )
     print(f"sampled {gens.new_tokens} tokens in {gens.seconds:.1f} s ({gens.tokens_per_s:.0f} tokens/s)")
-    return sample_and_rank(samples, gens.texts, scorer, threshold=r.threshold, pairing=r.pairing,
-                           max_pairs_per_prompt=r.max_pairs_per_prompt)  # fmt: skip
+    return sample_and_rank(
+        samples,
+        gens.texts,
+        scorer,
+        threshold=r.threshold,
+        pairing=r.pairing,
+        max_pairs_per_prompt=r.max_pairs_per_prompt,
+    )
 
 
 def run(cfg: Config) -> int:

@@ -1,8 +1,8 @@
 """The shapes world: vlalign's embedded default data, with exact ground truth.
 
 A *scene* is 1..K coloured shapes ("objects") placed on a grid, generated deterministically from a
-seed, rendered with PIL (:mod:`vlalign.data.world_render`) and turned into question/answer rows
-(:mod:`vlalign.data.world_tasks`). This module holds the world's configuration, its vocabulary,
+seed, rendered with PIL (:mod:`vlalign.shapes.render`) and turned into question/answer rows
+(:mod:`vlalign.shapes.tasks`). This module holds the world's configuration, its vocabulary,
 the canonical phrasing of every prompt and answer, the caption parser that evaluation uses, and
 scene generation.
 
@@ -90,9 +90,24 @@ COLOUR_SYNONYMS: dict[str, tuple[str, ...]] = {
 """Other adjectives that name a colour, used by the caption parser."""
 
 NUMBER_WORDS: tuple[str, ...] = (
-    "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten",
-    "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen",
-)  # fmt: skip
+    "zero",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
+    "ten",
+    "eleven",
+    "twelve",
+    "thirteen",
+    "fourteen",
+    "fifteen",
+    "sixteen",
+)
 """Number words by value (captions use them; counting answers use digits)."""
 
 DESCRIBE_PROMPT = "Describe the image."
@@ -356,7 +371,7 @@ def parse_objects(text: str) -> list[ObjectMention]:
     """
     tokens = [(m.group(), m.start(), m.end()) for m in _WORD.finditer(text.lower())]
     mentions: list[ObjectMention] = []
-    for i, (tok, start, end) in enumerate(tokens):
+    for i, (tok, _start, end) in enumerate(tokens):
         shape = _NOUNS.get(tok)
         if shape is None:
             continue
@@ -512,8 +527,12 @@ def _place(cfg: WorldConfig, rng: random.Random, name: str, cell: int) -> WorldO
 def generate_split(cfg: WorldConfig, split: str, n: int | None = None) -> list[Scene]:
     """All scenes of ``split`` (``n`` defaults to the config's count for that split)."""
     if n is None:
-        n = {"train": cfg.n_train, "validation": cfg.n_validation, "test": cfg.n_test,
-             "compositional": cfg.n_compositional}[split]  # fmt: skip
+        n = {
+            "train": cfg.n_train,
+            "validation": cfg.n_validation,
+            "test": cfg.n_test,
+            "compositional": cfg.n_compositional,
+        }[split]
     return [generate_scene(cfg, split, i) for i in range(n)]
 
 
@@ -522,7 +541,7 @@ def scene_from_objects(scene_id: str, split: str, objects: list[dict[str, Any]])
     try:
         objs = tuple(WorldObject(o["shape"], o["colour"], o["size"], o["x"], o["y"]) for o in objects)
     except (KeyError, TypeError) as exc:
-        raise DataError(f"scene {scene_id}: bad object annotation ({exc}); expected shape, colour, size, x, y")
+        raise DataError(f"scene {scene_id}: bad object annotation ({exc}); expected shape, colour, size, x, y") from exc
     return Scene(scene_id, split, objs)
 
 
@@ -562,7 +581,7 @@ def tokenizer_corpus(cfg: WorldConfig | None = None) -> list[str]:
 
 
 def write_world(cfg: WorldConfig, out_dir: str, *, overwrite: bool = False) -> dict[str, Any]:
-    """Render and write every split of the world; see :func:`vlalign.data.world_tasks.write_world`."""
-    from vlalign.data.world_tasks import write_world as _write  # world_tasks builds on this module
+    """Render and write every split of the world; see :func:`vlalign.shapes.tasks.write_world`."""
+    from vlalign.shapes.tasks import write_world as _write  # world_tasks builds on this module
 
     return _write(cfg, out_dir, overwrite=overwrite)

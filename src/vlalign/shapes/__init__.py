@@ -1,0 +1,1 @@
+"""The shapes world: vlalign's embedded default (world, rendering, tasks, vocabulary, its rewards and scorers)."""

@@ -1,0 +1,61 @@
+"""What every training loop shares: run folder, checkpoints with exact resume, the batch plan,
+metrics and trackers, optimiser and schedule.
+
+Exact resume rests on three facts:
+
+* the data order is a pure function of (seed, step) (:class:`~vlalign.training.plan.BatchPlan`),
+  so a checkpoint only needs the step number to know where the data stream stands;
+* a checkpoint holds the trainable parameters (the LoRA adapter, or the whole model when every
+  weight trains, or a value head...), the optimiser and scheduler states and every RNG state
+  of every process (:mod:`vlalign.training.checkpoints`);
+* checkpoints are written to a temporary folder and renamed into place, so a run killed while
+  saving leaves the previous checkpoint intact and never a half-written one.
+"""
+
+from vlalign.training.checkpoints import (
+    CHECKPOINT_DIR,
+    Checkpointer,
+    load_trainable_state_dict,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+    trainable_state_dict,
+)
+from vlalign.training.metrics import METRICS_FILE, MetricsLog, Throughput, read_metrics
+from vlalign.training.plan import BatchPlan, total_steps
+from vlalign.training.run import (
+    NonFiniteLossError,
+    Run,
+    TrainConfig,
+    build_optimizer,
+    build_scheduler,
+    check_finite,
+    make_accelerator,
+    prepare_run_dir,
+    resolve_mixed_precision,
+)
+
+__all__ = [
+    "CHECKPOINT_DIR",
+    "METRICS_FILE",
+    "BatchPlan",
+    "Checkpointer",
+    "MetricsLog",
+    "NonFiniteLossError",
+    "Run",
+    "Throughput",
+    "TrainConfig",
+    "build_optimizer",
+    "build_scheduler",
+    "check_finite",
+    "load_trainable_state_dict",
+    "make_accelerator",
+    "prepare_run_dir",
+    "read_metrics",
+    "resolve_mixed_precision",
+    "rng_state",
+    "seed_everything",
+    "set_rng_state",
+    "total_steps",
+    "trainable_state_dict",
+]
