@@ -10,11 +10,13 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 STAMP  := $(VENV)/.vlalign-installed
 export PYTHONUNBUFFERED := 1
 
-.PHONY: demo test test-fast bench help clean-venv
+.PHONY: demo test test-fast lint docs install bench help clean-venv
 
 help:
 	@echo "make demo   - set up .venv on first use, then run the whole alignment demo on the shapes world"
-	@echo "make test   - set up .venv on first use, then run the test suite"
+	@echo "make test   - set up .venv on first use, then lint, import contracts, docs build and the test suite"
+	@echo "make install - set up .venv only (torch, torchvision and vlalign with its dev tools)"
+	@echo "make docs   - build the docs site into build/site (mkdocs, strict)"
 	@echo "make bench  - the shared-prefix log-prob benchmark (benchmarks/logprobs.py)"
 
 $(STAMP): pyproject.toml requirements/pins.txt
@@ -27,7 +29,19 @@ $(STAMP): pyproject.toml requirements/pins.txt
 demo: $(STAMP)
 	$(VENV)/bin/vlalign demo
 
-test: $(STAMP)
+install: $(STAMP)
+
+# The checks a change must pass before the tests: lint and format (ruff), the import
+# contracts of the layers (import-linter, [tool.importlinter] in pyproject.toml), the docs site.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
+	$(VENV)/bin/lint-imports
+
+docs: $(STAMP)
+	$(VENV)/bin/mkdocs build --strict --site-dir build/site
+
+test: lint docs
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
 test-fast: $(STAMP)
