@@ -7,7 +7,7 @@ keyword-only, and the result is the per-example loss ``(B,)`` plus a dict of det
 metrics (``rewards/chosen``, ``rewards/rejected``, ``rewards/margin``, ``rewards/accuracy``,
 ``logps/chosen``, ``logps/rejected``). The caller reduces the per-example losses (usually a mean).
 
-Notation (``docs``: ALGORITHMS.md): r(y) = log π_θ(y|x) − log π_ref(y|x), h = r(y_w) − r(y_l).
+Notation (``docs/algorithms.md``): r(y) = log π_θ(y|x) − log π_ref(y|x), h = r(y_w) − r(y_l).
 
 Weighted sums of losses (MPO, RPO, HA-DPO) are configuration, not code:
 ``combine_losses(logps, weights={"sigmoid": 0.8, "bco_pair": 0.2, "nll": 1.0})``.
@@ -142,7 +142,9 @@ def dpo_loss(logps: PreferenceLogps, *, beta: float = 0.1, label_smoothing: floa
     Paper: Rafailov et al., "Direct Preference Optimization", arXiv 2305.18290, eq. 7;
     cDPO: Mitchell, "A note on DPO with noisy preferences" (2023).
     Equation: L = −(1−ε)·log σ(β·h) − ε·log σ(−β·h), h = r(y_w) − r(y_l). ε = 0 is plain DPO.
-    Departures: none (matches TRL's ``sigmoid`` loss type).
+    Departures: none from the papers. TRL: with ε = 0 this is the ``sigmoid`` loss type of TRL's
+    DPO trainer, which takes no label smoothing (TRL 1.16); the smoothed form is cDPO's, which is
+    what TRL's CPO trainer computes for its ``sigmoid`` loss with ``label_smoothing``.
     """
     if not 0.0 <= label_smoothing < 0.5:
         raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
@@ -203,8 +205,8 @@ def bco_pair_loss(logps: PreferenceLogps, *, beta: float = 0.1, delta: float | T
     Paper: Jung et al., "Binary Classifier Optimization", arXiv 2404.04656; MPO's quality loss
     (InternVL, arXiv 2411.10442).
     Equation: L = −log σ(β·r_w − δ) − log σ(−(β·r_l − δ)).
-    Departures: TRL keeps δ as a running mean of the batch rewards (a stateful buffer); here δ is
-    an argument (default 0) and the loop may keep that running mean.
+    Departures: the shift δ is an argument (default 0; a loop may pass, e.g., a running mean of the
+    rewards). TRL's ``bco_pair`` loss type (TRL 1.16) has no δ: it is this loss with δ = 0.
     """
     chosen_ratio, rejected_ratio = require_reference(logps, "bco_pair")
     losses = -F.logsigmoid(beta * chosen_ratio - delta) - F.logsigmoid(-(beta * rejected_ratio - delta))
@@ -248,8 +250,9 @@ def orpo_loss(logps: PreferenceLogps, *, beta: float = 0.1) -> LossOutput:
     Paper: Hong et al., "ORPO", arXiv 2403.07691 (β is the paper's λ).
     Equation: with P(y) = exp(mean token log-prob) and odds(y) = P/(1 − P),
     L = −mean_t log π(y_w,t) − β·log σ(log odds(y_w) − log odds(y_l)).
-    Departures: the NLL term is per example (the chosen mean token NLL); TRL takes the token mean
-    over the whole batch. log(1 − P) is computed stably with :func:`log1mexp`.
+    Departures: the NLL term is per example (the chosen completion's mean token NLL). TRL's ORPO
+    takes its NLL as a token mean over the whole batch, and that NLL also covers the prompt
+    tokens, not only the chosen completion's. log(1 − P) is computed stably with :func:`log1mexp`.
     """
     chosen_len, rejected_len = require_lengths(logps, "orpo")
     chosen_avg = logps.chosen_logps / chosen_len  # (B,) mean token log-prob, < 0
