@@ -9,6 +9,11 @@ Use them from any test:
   train or wrap with LoRA), loaded from the session's folder in a few milliseconds.
 - ``shape_images``: four distinct 48 px RGB images (a red disc, a blue square, a green
   triangle, a yellow bar on white), deterministic.
+- ``world_cfg``, ``world_dir``: a small shapes world (:func:`small_world_config`) written once per
+  session; ``make_world_config(**overrides)`` makes more of them.
+
+The tiny models' tokenizers learn the shapes world's vocabulary, a corpus that
+:mod:`vlalign.shapes` registers when it is imported (here, for every test).
 
 ``ARCHITECTURES`` (from :mod:`vlalign.models.tiny`) lists the architectures to parametrize over.
 """
@@ -27,6 +32,9 @@ from typing import Any
 import pytest
 import torch
 from PIL import Image, ImageDraw
+
+from vlalign.shapes.tasks import write_world
+from vlalign.shapes.world import WorldConfig
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the tests may reach the network
 # One compute thread everywhere, subprocesses included: the tiny models gain nothing from more on
@@ -131,3 +139,39 @@ def _kill_after(proc: subprocess.Popen, marker: Path, timeout: float = 240.0) ->
 def kill_after() -> Callable[..., None]:
     """``kill_after(proc, marker)``: SIGKILL the process once it has written ``marker``."""
     return _kill_after
+
+
+# ----------------------------------------------------------------------------- a small shapes world
+
+
+def small_world_config(**overrides) -> WorldConfig:
+    """A world small enough to write in well under a second, with every split and POPE file."""
+    base = dict(
+        n_train=150,
+        n_validation=20,
+        n_test=40,
+        n_compositional=30,
+        image_size=48,
+        pope_splits=("test", "compositional"),
+        seed=7,
+    )
+    base.update(overrides)
+    return WorldConfig(**base)
+
+
+@pytest.fixture(scope="session")
+def world_cfg() -> WorldConfig:
+    return small_world_config()
+
+
+@pytest.fixture(scope="session")
+def world_dir(tmp_path_factory: pytest.TempPathFactory, world_cfg: WorldConfig) -> Path:
+    out = tmp_path_factory.mktemp("world")
+    write_world(world_cfg, out)
+    return out
+
+
+@pytest.fixture
+def make_world_config():
+    """``make_world_config(**overrides)``: :func:`small_world_config`."""
+    return small_world_config

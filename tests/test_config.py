@@ -109,6 +109,20 @@ def test_partial_override_keeps_the_parents_defaults_for_a_section():
     assert (cfg.train.lr, cfg.train.schedule, cfg.train.layers) == (0.5, "linear", [9])
 
 
+def test_cli_help_lists_every_command_with_its_description(capsys):
+    """``vlalign --help``: one line per command, its name then its one-line description; every
+    command's module exists (the list leaves out a command whose module is missing)."""
+    import importlib.util
+
+    from vlalign.cli import COMMANDS, main
+
+    assert main(["--help"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    for name, (module, doc) in COMMANDS.items():
+        assert importlib.util.find_spec(module) is not None, module
+        assert any(line.split()[:1] == [name] and line.rstrip().endswith(doc) for line in lines), name
+
+
 def test_cli_output_into_a_closed_pipe_ends_quietly(tmp_path, monkeypatch):
     """``vlalign demo --help | head -1``: the reader stops early; the command exits 1, no traceback."""
     from vlalign.cli import main

@@ -1,4 +1,4 @@
-"""The ``vlalign`` command: one subcommand per recipe, plus eval, pairs, demo and report.
+"""The ``vlalign`` command: one subcommand per recipe, plus world, pairs, eval, compare, demo and report.
 
 Every subcommand is configured the same way::
 
@@ -6,11 +6,13 @@ Every subcommand is configured the same way::
     vlalign <command> --help        # every field, its type, default and documentation
 
 A subcommand is a module exposing a ``Config`` dataclass and a ``run(cfg)`` function; the table
-below maps names to modules, imported only when used so that ``vlalign --help`` is instant.
+below maps names to modules (with the one-line description ``vlalign --help`` prints), imported
+only when used so that ``vlalign --help`` is instant.
 """
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import importlib.util
 import os
@@ -21,7 +23,6 @@ from vlalign.config import ConfigError, format_help, load_config
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "world": ("vlalign.commands.world", "build the shapes world (images + JSONL datasets) on disk"),
-    "build-model": ("vlalign.models.tiny_cli", "build a tiny model of a real architecture offline"),
     "sft": ("vlalign.recipes.sft", "supervised fine-tuning on (prompt, images, completion) data"),
     "dpo": ("vlalign.recipes.dpo", "direct preference optimisation and its variants (IPO, SimPO, mDPO, ...)"),
     "kto": ("vlalign.recipes.kto", "KTO on unpaired desirable / undesirable completions"),
@@ -86,8 +87,6 @@ def _dispatch(args: list[str]) -> int:
         return 0
     name, rest = args[0], args[1:]
     if name not in COMMANDS or not _exists(COMMANDS[name][0]):
-        import difflib
-
         close = difflib.get_close_matches(name, list(COMMANDS), n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         print(f"vlalign: unknown command '{name}'{hint}\n\n{_usage()}", file=sys.stderr)

@@ -1,4 +1,4 @@
-"""Shared fixtures of the data tests: a small shapes world written once, and tiny image files."""
+"""Shared fixtures of the data tests: tiny image files (the small shapes world is in tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -7,36 +7,6 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-
-from vlalign.shapes.tasks import write_world
-from vlalign.shapes.world import WorldConfig
-
-
-def small_world_config(**overrides) -> WorldConfig:
-    """A world small enough to write in well under a second, with every split and POPE file."""
-    base = dict(
-        n_train=150,
-        n_validation=20,
-        n_test=40,
-        n_compositional=30,
-        image_size=48,
-        pope_splits=("test", "compositional"),
-        seed=7,
-    )
-    base.update(overrides)
-    return WorldConfig(**base)
-
-
-@pytest.fixture(scope="session")
-def world_cfg() -> WorldConfig:
-    return small_world_config()
-
-
-@pytest.fixture(scope="session")
-def world_dir(tmp_path_factory: pytest.TempPathFactory, world_cfg: WorldConfig) -> Path:
-    out = tmp_path_factory.mktemp("world")
-    write_world(world_cfg, out)
-    return out
 
 
 def png_bytes(colour: tuple[int, int, int] = (200, 10, 10), size: int = 8) -> bytes:
@@ -49,12 +19,6 @@ def png_bytes(colour: tuple[int, int, int] = (200, 10, 10), size: int = 8) -> by
 def png_bytes_fixture():
     """``png_bytes(colour, size)``: the bytes of a one-colour PNG."""
     return png_bytes
-
-
-@pytest.fixture
-def make_world_config():
-    """``make_world_config(**overrides)``: :func:`small_world_config`."""
-    return small_world_config
 
 
 @pytest.fixture

@@ -14,13 +14,14 @@ import pytest
 from PIL import Image
 
 from vlalign.cli import main
+from vlalign.data.annotations import Annotations, ObjectVocabulary
 from vlalign.data.io import load_samples
 from vlalign.data.pairs import margin_summary
 from vlalign.data.pairs.corrupt import CorruptConfig, corrupt_image, corrupt_pairs, patch_boxes
 from vlalign.data.pairs.inject import InjectConfig, Injector, ObjectStats, inject_pairs
-from vlalign.data.pairs.rank import ClaimVerifier, GroundTruthScorer, rank_pairs, sample_and_rank
+from vlalign.data.pairs.rank import rank_pairs, sample_and_rank
 from vlalign.data.schema import DataError, PromptSample, SupervisedSample, user_prompt
-from vlalign.eval.parsing import Annotations, ObjectVocabulary
+from vlalign.eval.scorers import ClaimVerifier, GroundTruthScorer
 from vlalign.shapes.world import WorldConfig, object_vocabulary
 
 VOCAB = ObjectVocabulary(object_vocabulary(WorldConfig()))

@@ -8,13 +8,15 @@ import math
 import pytest
 import torch
 
+from vlalign.data.annotations import ObjectVocabulary, annotations_of, load_vocabulary
 from vlalign.data.schema import DataError, PromptSample, user_prompt
 from vlalign.eval.chair import chair
-from vlalign.eval.parsing import ObjectVocabulary, annotations_of, load_vocabulary, pope_is_clear, pope_says_yes
+from vlalign.eval.parsing import pope_is_clear, pope_says_yes
 from vlalign.eval.policy import kl_from_logprobs, scored_win_rate, win_rate
 from vlalign.eval.pope import Confusion, confusion, confusion_metrics, pope_metrics
 from vlalign.eval.tasks import answer_correct, task_accuracy
-from vlalign.shapes.world import WorldConfig, generate_split, mentioned_objects, object_vocabulary
+from vlalign.shapes.vocabulary import mentioned_objects
+from vlalign.shapes.world import WorldConfig, generate_split, object_vocabulary
 
 VOCAB = ObjectVocabulary(object_vocabulary(WorldConfig()))
 

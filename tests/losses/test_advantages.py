@@ -251,6 +251,30 @@ def test_reinforce_pp_hand_value_and_loop() -> None:
         assert (adv[~mask] == 0).all()
 
 
+def test_reinforce_pp_moments_give_the_statistics_of_the_returns() -> None:
+    """``moments`` receives the returns and the mask and its (mean, var) whiten them: the hand example
+    above (G = (1, 1, 1, 0, 0), mean 3/5, var 6/25) with moments computing exactly those equals the
+    default local whitening; a moments function returning (0, 1) leaves the returns unwhitened
+    (up to the eps); giving moments and mean together is an error."""
+    mask = torch.tensor([[True, True, True], [True, True, False]])
+    rewards = torch.tensor([[0.0, 0.0, 1.0], [0.0, 0.0, 7.0]], dtype=F64)
+    seen = []
+
+    def local(returns, m):
+        seen.append(returns.clone())
+        return torch.tensor(0.6, dtype=F64), torch.tensor(0.24, dtype=F64)
+
+    adv, ret = reinforce_pp_advantages(rewards, mask, gamma=1.0, eps=0.0, moments=local)
+    torch.testing.assert_close(seen[0], ret, rtol=0, atol=0)
+    expected, _ = reinforce_pp_advantages(rewards, mask, gamma=1.0, eps=0.0)
+    torch.testing.assert_close(adv, expected, rtol=1e-14, atol=1e-15)
+    unit = lambda r, m: (torch.tensor(0.0, dtype=F64), torch.tensor(1.0, dtype=F64))
+    same, ret = reinforce_pp_advantages(rewards, mask, gamma=1.0, eps=0.0, moments=unit)
+    torch.testing.assert_close(same, ret, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="not both"):
+        reinforce_pp_advantages(rewards, mask, moments=unit, mean=torch.tensor(0.0))
+
+
 def test_whitening_hand_value_and_data_parallel_statistics() -> None:
     """[1, 2, 3, ·]: mean 2, population var 2/3 ⇒ (−1, 0, 1)·√(3/2). Two shards whitened with the
     global mean/var (from all-reduced sums) equal whole-batch whitening; shift_mean=False keeps μ."""

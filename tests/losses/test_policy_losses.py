@@ -12,6 +12,7 @@ from vlalign.losses import (
     KL_ESTIMATORS,
     AdaptiveKLController,
     FixedKLController,
+    entropy_bonus,
     entropy_from_logits,
     entropy_loss,
     kl_k1,
@@ -98,6 +99,9 @@ def test_entropy_hand_values_and_reference() -> None:
     out = entropy_loss(logits, mask, coef=0.5)
     torch.testing.assert_close(out.losses, -0.5 * reference * mask)
     torch.testing.assert_close(out.metrics["policy/entropy"], reference[mask].mean())
+    bonus = entropy_bonus(torch.where(mask, entropy_from_logits(logits), float("nan")), mask, coef=0.5)
+    torch.testing.assert_close(bonus.losses, out.losses, rtol=0, atol=0)
+    torch.testing.assert_close(bonus.metrics["policy/entropy"], out.metrics["policy/entropy"], rtol=0, atol=0)
 
 
 def test_kl_estimators_hand_values() -> None:

@@ -21,16 +21,13 @@ from vlalign.data.schema import DataError, PromptSample, user_prompt
 from vlalign.losses import dpo_loss, ppo_clip_loss
 from vlalign.losses.advantages import grpo_advantages
 from vlalign.losses.preference import PreferenceLogps
+from vlalign.models import arch as support
 from vlalign.models import logprobs as engine
+from vlalign.models.arch import sharing_unsupported
 from vlalign.models.load import LoraSpec
-from vlalign.models.logprobs import (
-    completion_logprobs,
-    concat_prompts,
-    preference_batch,
-    preference_logprobs,
-    sharing_unsupported,
-)
-from vlalign.models.packing import block_attention_mask, mrope_positions, naive_layout, packed_layout
+from vlalign.models.logprobs import completion_logprobs
+from vlalign.models.packing import block_attention_mask, concat_prompts, mrope_positions, naive_layout, packed_layout
+from vlalign.models.preference_batch import preference_batch, preference_logprobs
 from vlalign.models.tiny import ARCHITECTURES
 
 TOL = 1e-5
@@ -201,7 +198,7 @@ def test_mrope_and_bidirectional_rules_matter(tiny_model, shape_images, monkeypa
         completions = encode_completions(processor, PAIRS)
         with torch.no_grad():
             naive = completion_logprobs(model, prompts, completions, mode="naive", pad_token_id=pad)
-            monkeypatch.setitem(engine.ARCHITECTURES, arch, engine.ArchSupport(dict_masks=True))
+            monkeypatch.setitem(support.ARCHITECTURES, arch, support.ArchSupport(dict_masks=True))
             wrong = completion_logprobs(model, prompts, completions, pad_token_id=pad)
         monkeypatch.undo()
         assert (wrong.logps - naive.logps).abs().max() > 1e-3, arch
@@ -231,7 +228,7 @@ def test_sliding_window_layers_get_their_own_mask(tiny_model_dir, shape_images):
 
 def test_fallback_to_naive_is_logged_once(tiny_model, shape_images, monkeypatch, caplog):
     model, processor = tiny_model("llava")
-    monkeypatch.delitem(engine.ARCHITECTURES, "llava")
+    monkeypatch.delitem(support.ARCHITECTURES, "llava")
     monkeypatch.setattr(engine, "_logged", set())
     reason = sharing_unsupported(model)
     assert reason is not None and "'llava'" in reason and "naive" in reason
@@ -252,7 +249,7 @@ def test_flex_attention_block_mask_forward(tiny_model, shape_images):
     Slow (about 25 s): on CPU, transformers compiles flex attention with inductor."""
     pytest.importorskip("torch.nn.attention.flex_attention")
     model, processor = tiny_model("llava", attn_implementation="flex_attention")
-    assert engine.attention_implementation(model) == "flex_attention"
+    assert support.attention_implementation(model) == "flex_attention"
     model.eval()
     pad = pad_token_id_of(processor)
     prompts = _prompts(processor, shape_images)

@@ -137,6 +137,28 @@ def test_precomputed_second_run_runs_no_reference_forward(tiny_model, shape_imag
         assert a.mode == "cache"
 
 
+def test_reload_reads_shards_another_process_wrote(tiny_model, shape_images, tmp_path, forward_calls):
+    """Two references on one cache folder (the main process writing, another reading): the reader
+    keeps the entries it has read until reload(), after which it finds the writer's new shards and
+    runs no forward."""
+    model, processor = tiny_model("qwen2_vl")
+    pad = pad_token_id_of(processor)
+    first, second = _batch(processor, shape_images[:2]), _batch(processor, shape_images[2:4])
+    writer = make_reference("precomputed", model, cache_dir=tmp_path, pad_token_id=pad)
+    reader = make_reference("precomputed", model, cache_dir=tmp_path, pad_token_id=pad)
+    assert isinstance(reader, PrecomputedReference)
+    reader.release_source()
+    writer.precompute([first])
+    reader.logprobs(*first)  # reads the folder once
+    writer.precompute([second])
+    with pytest.raises(ReferenceCacheMiss):
+        reader.logprobs(*second)
+    forward_calls.clear()
+    reader.reload()
+    got = reader.logprobs(*second)
+    assert forward_calls == [] and torch.equal(got.logps, writer.logprobs(*second).logps)
+
+
 def test_changed_image_or_model_invalidates_entries(tiny_model, shape_images, tmp_path, forward_calls):
     model, processor = tiny_model("qwen2_vl")
     pad = pad_token_id_of(processor)

@@ -20,9 +20,9 @@ import torch
 from safetensors.torch import load_file
 
 from vlalign.config import load_config
+from vlalign.data.annotations import load_vocabulary
 from vlalign.data.io import load_samples, write_samples
 from vlalign.data.pairs.inject import InjectConfig, inject_pairs
-from vlalign.eval.parsing import load_vocabulary
 from vlalign.recipes import dpo, kto
 from vlalign.training.metrics import read_metrics
 

@@ -12,10 +12,10 @@ import torch
 from safetensors.torch import load_file
 
 from vlalign.config import load_config
+from vlalign.data.annotations import load_vocabulary
 from vlalign.data.io import load_samples, write_jsonl, write_samples
 from vlalign.data.pairs.inject import InjectConfig, inject_pairs
 from vlalign.data.schema import DataError, PreferenceSample
-from vlalign.eval.parsing import load_vocabulary
 from vlalign.recipes import dpo
 from vlalign.training import NonFiniteLossError
 from vlalign.training.metrics import read_metrics

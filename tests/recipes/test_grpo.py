@@ -18,10 +18,12 @@ import torch
 from vlalign.config import load_config
 from vlalign.data.collate import pad_token_id_of
 from vlalign.data.io import load_samples
+from vlalign.losses import dapo_group_filter
 from vlalign.models.load import load_model_and_processor
 from vlalign.models.reference import make_reference
 from vlalign.recipes import grpo
-from vlalign.recipes.rl_common import ADVANTAGES, policy_logprobs, rollout, rollout_seed
+from vlalign.recipes.rl_common import ADVANTAGES, policy_logprobs
+from vlalign.recipes.rollouts import rollout, rollout_seed
 from vlalign.rewards import RewardError, build_reward
 from vlalign.training import BatchPlan
 from vlalign.training.metrics import read_metrics
@@ -355,7 +357,7 @@ def test_dynamic_sampling_keeps_only_informative_groups_deterministically(
     first, metrics = grpo.collect(run, model, processor, reward, train_set, plan, 5, cfg)
     again, _ = grpo.collect(run, model, processor, reward, train_set, plan, 5, cfg)
     assert 0 < len(first) <= 4
-    assert bool(grpo.group_filter_mask(first.rewards, group_size=2).all())
+    assert bool(dapo_group_filter(first.rewards, group_size=2).all())
     assert first.texts == again.texts and [s.id for s in first.samples] == [s.id for s in again.samples]
     assert metrics["groups/trained_frac"] == len(first) / 4 and "rewards/parity/mean" in metrics
     assert first.prompts.sample_ids == [s.id for s in first.samples]

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from vlalign.config import load_config
+from vlalign.data.annotations import load_vocabulary
 from vlalign.data.io import load_samples, write_jsonl, write_samples
 from vlalign.data.pairs.inject import InjectConfig, inject_pairs
 from vlalign.data.schema import DataError
-from vlalign.eval.parsing import load_vocabulary
 from vlalign.models.load import load_model_and_processor
 from vlalign.models.logprobs import completion_logprobs
 from vlalign.recipes import kto

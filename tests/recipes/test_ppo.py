@@ -15,8 +15,8 @@ from vlalign.data.schema import PromptSample, user_prompt
 from vlalign.models.heads import load_head, new_head
 from vlalign.models.logprobs import completion_logprobs
 from vlalign.recipes import ppo
-from vlalign.recipes.rl_common import Rollouts
-from vlalign.recipes.rl_update import UpdateContext, update
+from vlalign.recipes.rl_update import UpdateContext
+from vlalign.recipes.rollouts import Rollouts
 from vlalign.training import Run, TrainConfig
 from vlalign.training.metrics import read_metrics
 
@@ -114,17 +114,7 @@ def test_one_step_raises_the_logprob_of_the_better_completion(tiny_model, shape_
     optimizer = ppo.build_optimizer_for(model, head, replace(cfg, train=TrainConfig(lr=1e-3)))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
     ctx = UpdateContext(temperature=1.0, pad_token_id=pad, micro_batches=1, norm_length=16, seed=0, step=0)
-    metrics = update(
-        run,
-        model,
-        optimizer,
-        scheduler,
-        ro,
-        cfg.update,
-        ctx,
-        return_hidden=True,
-        extra_loss=ppo.value_term(head, cfg, pad),
-    )
+    metrics = ppo.ppo_update(run, model, head, optimizer, scheduler, ro, cfg, ctx, beta=cfg.update.kl_coef)
     assert metrics["value/loss"] > 0
     with torch.no_grad():
         after = completion_logprobs(model, prompts, ids).sums

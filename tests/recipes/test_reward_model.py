@@ -13,8 +13,8 @@ from vlalign.commands import pairs as pairs_cli
 from vlalign.config import load_config
 from vlalign.data.collate import encode_completions, encode_prompts
 from vlalign.data.io import load_samples
-from vlalign.data.pairs.rank import build_scorer
 from vlalign.data.schema import DataError, PreferenceSample, PromptSample, user_prompt
+from vlalign.eval.scorers import build_scorer
 from vlalign.models.heads import RewardModel, RewardModelInfo, new_head
 from vlalign.recipes import reward_model as rm
 from vlalign.rewards import fact_augmented_sample

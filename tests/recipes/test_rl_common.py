@@ -13,19 +13,17 @@ import torch
 
 from vlalign.data.collate import EncodedPrompts, encode_prompts, image_token_ids, pad_token_id_of
 from vlalign.data.schema import PromptSample
-from vlalign.losses import grpo_advantages, rloo_advantages
+from vlalign.losses import dapo_group_filter, grpo_advantages, rloo_advantages
 from vlalign.models.tiny import ARCHITECTURES
 from vlalign.recipes.rl_common import (
     PolicyUpdateConfig,
-    Rollouts,
     advantages,
     global_masked_moments,
-    group_filter_mask,
     policy_logprobs,
-    rollout_seed,
     score,
 )
 from vlalign.recipes.rl_update import UpdateContext, micro_batch_groups, policy_loss_terms, update
+from vlalign.recipes.rollouts import Rollouts, rollout_seed
 from vlalign.rewards import RewardError, build_reward
 from vlalign.training import Run, TrainConfig
 
@@ -101,7 +99,7 @@ def test_micro_batches_and_seeds_are_pure_functions():
 
 def test_group_filter_keeps_groups_with_a_reward_spread():
     rewards = torch.tensor([1.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.5, 0.5000001])
-    assert group_filter_mask(rewards, group_size=2).tolist() == [False, True, False, True]
+    assert dapo_group_filter(rewards, group_size=2).tolist() == [False, True, False, True]
 
 
 # ----------------------------------------------------------------------------- advantages
@@ -378,7 +376,8 @@ def test_each_prompt_is_processed_once_per_step(tiny_model, shape_images):
     """Rollout, old log-probs and the update's forward of a step share the rollout's one processor
     call: the images of the B prompts are processed once, not once per completion or per phase."""
     from vlalign.models.generate import GenerationSettings
-    from vlalign.recipes.rl_common import old_logprobs, rollout
+    from vlalign.recipes.rl_common import old_logprobs
+    from vlalign.recipes.rollouts import rollout
 
     model, processor = tiny_model("qwen2_vl")
     counting = _CountingProcessor(processor)

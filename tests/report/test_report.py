@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from vlalign.cli import main as cli_main
-from vlalign.eval.parsing import ObjectVocabulary
+from vlalign.data.annotations import ObjectVocabulary
 from vlalign.report.gallery import highlight
 from vlalign.report.html import ReportError, fmt, write_report
 from vlalign.report.plots import bar_groups, curve_charts, metric_series
@@ -391,6 +391,19 @@ def test_eval_folder_before_and_after(tmp_path: Path) -> None:
     text = "".join(page.text)
     assert "model − baseline" in text and "chair/chair_i0.50.25-0.25" in text and "task/counting0.250.50.25" in text
     assert sorted(page.marks) == ["Blue Box", "green triangle", "red disc"]  # the baseline column
+
+
+def test_named_data_source_is_found_through_data_folders(tmp_path: Path) -> None:
+    """An evaluation of ``shapes:`` (a named source, not a path): the caller's ``data_folders``
+    says where it lives, and the gallery finds its images and vocabulary there (the synonyms
+    "red disc" and "Blue Box" are marked only with the world's vocabulary)."""
+    write_world(tmp_path / "cache" / "world")
+    folder = tmp_path / "eval"
+    folder.mkdir()
+    (folder / "eval.json").write_text(eval_json({"chair/chair_i": 0.5}, BASE_RECORDS, data="shapes:"))
+    page = parse(write_report(folder, data_folders={"shapes:": tmp_path / "cache" / "world"}))
+    assert sorted(page.marks) == ["Blue Box", "green triangle", "red disc"]
+    assert "image not found" not in "".join(page.text)
 
 
 def test_eval_folder_intervals_of_the_differences(tmp_path: Path) -> None:

@@ -25,14 +25,12 @@ from vlalign.rewards.verifiable import (
     format_reward,
     iou,
     normalize_answer,
-    object_f1,
     overlong_penalty,
     parse_boxes,
-    scene_object_box,
-    shapes_answer,
     threshold_score,
     yes_no_match,
 )
+from vlalign.shapes.rewards import object_f1, scene_object_box, shapes_answer
 from vlalign.shapes.tasks import task_rows
 from vlalign.shapes.world import WorldConfig, generate_scene
 

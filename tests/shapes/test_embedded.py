@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from vlalign.shapes.embedded import resolve_data, resolve_model
-from vlalign.shapes.world import DEMO_WORLD, WorldConfig, write_world
+from vlalign.models.tiny import resolve_model
+from vlalign.shapes.embedded import resolve_data
+from vlalign.shapes.tasks import write_world
+from vlalign.shapes.world import DEMO_WORLD, WorldConfig
 
 
 def test_shapes_files_resolve_and_a_stale_cache_is_rewritten(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

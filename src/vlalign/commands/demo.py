@@ -28,21 +28,26 @@ steered without code: ``vlalign demo --sft='{train.max_steps: 500}'`` (see ``--h
 
 from __future__ import annotations
 
-import hashlib
 import json
-import shutil
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vlalign.commands import eval as eval_cli
+from vlalign.commands import pairs as pairs_cli
+from vlalign.commands.pipeline import STAGE_FILE as STAGE_FILE  # re-exported: the demo's tests read it
+from vlalign.commands.pipeline import Action, Stage, run_stage, stage_fingerprint
 from vlalign.config import load_config, to_dict
 from vlalign.eval.paired import Interval, paired_bootstrap
-from vlalign.shapes.world import DEMO_WORLD
+from vlalign.models.tiny import BUILDER_VERSION
+from vlalign.recipes import dpo, grpo, sft
+from vlalign.report.html import write_report
+from vlalign.shapes.embedded import SHAPES_PREFIX, world_folder
+from vlalign.shapes.tasks import write_world
+from vlalign.shapes.world import DEMO_WORLD, WorldConfig
 
 SUMMARY_FILE = "demo_summary.json"
-STAGE_FILE = "stage.json"
 
 TABLE_METRICS: tuple[tuple[str, str], ...] = (
     ("chair/chair_i", "CHAIR_i"),
@@ -195,19 +200,6 @@ class Config:
 # ------------------------------------------------------------------------------------ stages
 
 
-@dataclass
-class Stage:
-    """One step of the pipeline: what it reads, its settings, and the action that runs it."""
-
-    name: str
-    settings: dict[str, Any]
-    after: list[str]
-    action: Callable[[Path, bool], dict[str, Any]]
-    """``action(folder, resume) -> result``; ``resume`` when an interrupted run of it is there."""
-    label: str = ""
-    """The stage's column in the summary table ('' for stages without one)."""
-
-
 def _args(settings: dict[str, Any]) -> list[str]:
     """``{"train.lr": 0.001}`` -> ``["--train.lr=0.001"]`` (values as JSON, read back as YAML)."""
     return [f"--{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in settings.items()]
@@ -232,8 +224,6 @@ def _builder_version(model: str) -> int | None:
     """The tiny-model builder's version for a ``tiny:`` model (a new version means new weights)."""
     if not model.startswith("tiny:"):
         return None
-    from vlalign.models.tiny import BUILDER_VERSION
-
     return BUILDER_VERSION
 
 
@@ -242,41 +232,37 @@ def _recipe(module: Any, settings: dict[str, Any], **fixed: Any) -> dict[str, An
     return module.run(recipe_cfg) or {}
 
 
-def build_stages(cfg: Config) -> list[Stage]:
-    """The pipeline of ``cfg`` (each stage's settings fully resolved, for its fingerprint)."""
-    from vlalign.commands import pairs as pairs_cli
-    from vlalign.recipes import dpo, grpo, sft
+def _world_action(cfg: Config) -> Action:
+    """Write the shapes world of ``cfg`` into the stage's folder."""
 
-    root = Path(cfg.output_dir)
-    world, base, dpo_model, grpo_model = (
-        root / "world",
-        root / "sft" / "model",
-        root / "dpo" / "model",
-        root / "grpo" / "model",
-    )
-    suite = {"data": str(world), **_merged(cfg, "suite")}
-    common = {"model.device": cfg.device, "train.seed": cfg.seed, "train.progress": True}
-
-    def world_action(folder: Path, resume: bool) -> dict[str, Any]:
-        from vlalign.shapes.tasks import write_world
-        from vlalign.shapes.world import WorldConfig
-
+    def action(folder: Path, resume: bool) -> dict[str, Any]:
         write_world(
             load_config(WorldConfig, None, _args({"seed": cfg.seed, **_merged(cfg, "world")})), folder, overwrite=True
         )
         return {}
 
-    def train(module: Any, part: str, start: Path, data: dict[str, Any]) -> Callable[[Path, bool], dict[str, Any]]:
-        def action(folder: Path, resume: bool) -> dict[str, Any]:
-            return _recipe(
-                module,
-                {**common, **data, **_merged(cfg, part)},
-                **{"model.name_or_path": str(start), "train.output_dir": str(folder), "train.resume": resume},
-            )
+    return action
 
-        return action
 
-    def pairs_action(folder: Path, resume: bool) -> dict[str, Any]:
+def _train_action(cfg: Config, module: Any, part: str, start: Path | str, data: dict[str, Any]) -> Action:
+    """Run the recipe ``module`` from the model ``start`` with the demo's ``part`` settings."""
+    common = _common(cfg)
+
+    def action(folder: Path, resume: bool) -> dict[str, Any]:
+        return _recipe(
+            module,
+            {**common, **data, **_merged(cfg, part)},
+            **{"model.name_or_path": str(start), "train.output_dir": str(folder), "train.resume": resume},
+        )
+
+    return action
+
+
+def _pairs_action(cfg: Config, world: Path, base: Path) -> Action:
+    """Injection pairs from the training descriptions, then sample-and-rank pairs of the base model,
+    and both concatenated into ``train.jsonl``."""
+
+    def action(folder: Path, resume: bool) -> dict[str, Any]:
         folder.mkdir(parents=True, exist_ok=True)
         _recipe(
             pairs_cli,
@@ -298,102 +284,72 @@ def build_stages(cfg: Config) -> list[Stage]:
                 out.write((folder / name).read_text())
         return {}
 
-    def eval_action(model: Path) -> Callable[[Path, bool], dict[str, Any]]:
-        def action(folder: Path, resume: bool) -> dict[str, Any]:
-            from vlalign.commands import eval as eval_cli
+    return action
 
-            reference = {"reference": str(base)} if model != base else {}
-            return _recipe(
-                eval_cli,
-                {"device": cfg.device, **{f"suite.{k}": v for k, v in suite.items()}},
-                model=str(model),
-                output_dir=str(folder),
-                **reference,
-            )
 
-        return action
+def _eval_action(cfg: Config, suite: dict[str, Any], base: Path, model: Path) -> Action:
+    """``vlalign eval`` of ``model`` on ``suite``, with the KL from ``base`` (unless it is the base)."""
 
-    world_settings = {"seed": cfg.seed, **_merged(cfg, "world")}
+    def action(folder: Path, resume: bool) -> dict[str, Any]:
+        reference = {"reference": str(base)} if model != base else {}
+        return _recipe(
+            eval_cli,
+            {"device": cfg.device, **{f"suite.{k}": v for k, v in suite.items()}},
+            model=str(model),
+            output_dir=str(folder),
+            **reference,
+        )
+
+    return action
+
+
+def _common(cfg: Config) -> dict[str, Any]:
+    """The settings every training stage shares."""
+    return {"model.device": cfg.device, "train.seed": cfg.seed, "train.progress": True}
+
+
+def build_stages(cfg: Config) -> list[Stage]:
+    """The pipeline of ``cfg`` (each stage's settings fully resolved, for its fingerprint)."""
+    root = Path(cfg.output_dir)
+    world, base, dpo_model, grpo_model = (
+        root / "world",
+        root / "sft" / "model",
+        root / "dpo" / "model",
+        root / "grpo" / "model",
+    )
+    suite = {"data": str(world), **_merged(cfg, "suite")}
+    common = _common(cfg)
+    sft_data = {"data.train": str(world / "train_sft.jsonl"), "data.eval": str(world / "validation.jsonl")}
     return [
-        Stage("world", world_settings, [], world_action),
+        Stage("world", {"seed": cfg.seed, **_merged(cfg, "world")}, [], _world_action(cfg)),
         Stage(
             "sft",
             {"model": cfg.model, "tiny_builder": _builder_version(cfg.model), **common, **_merged(cfg, "sft")},
             ["world"],
-            train(
-                sft,
-                "sft",
-                cfg.model,
-                {"data.train": str(world / "train_sft.jsonl"), "data.eval": str(world / "validation.jsonl")},
-            ),
+            _train_action(cfg, sft, "sft", cfg.model, sft_data),
         ),
-        Stage("eval-base", suite, ["sft"], eval_action(base), label="base"),
-        Stage("pairs", {"inject": _merged(cfg, "inject"), "rank": _merged(cfg, "rank")}, ["sft"], pairs_action),
+        Stage("eval-base", suite, ["sft"], _eval_action(cfg, suite, base, base), label="base"),
+        Stage(
+            "pairs",
+            {"inject": _merged(cfg, "inject"), "rank": _merged(cfg, "rank")},
+            ["sft"],
+            _pairs_action(cfg, world, base),
+        ),
         Stage(
             "dpo",
             {**common, **_merged(cfg, "dpo")},
             ["sft", "pairs"],
-            train(dpo, "dpo", base, {"data.train": str(root / "pairs" / "train.jsonl")}),
+            _train_action(cfg, dpo, "dpo", base, {"data.train": str(root / "pairs" / "train.jsonl")}),
         ),
-        Stage("eval-dpo", suite, ["dpo"], eval_action(dpo_model), label="dpo"),
+        Stage("eval-dpo", suite, ["dpo"], _eval_action(cfg, suite, base, dpo_model), label="dpo"),
         Stage(
             "grpo",
             {**common, **_merged(cfg, "grpo")},
             ["dpo"],
-            train(grpo, "grpo", dpo_model, {"data.train": str(world / "train_prompts.jsonl")}),
+            _train_action(cfg, grpo, "grpo", dpo_model, {"data.train": str(world / "train_prompts.jsonl")}),
         ),
-        Stage("eval-grpo", suite, ["grpo"], eval_action(grpo_model), label="grpo"),
+        Stage("eval-grpo", suite, ["grpo"], _eval_action(cfg, suite, base, grpo_model), label="grpo"),
     ]
-
-
-# ------------------------------------------------------------------------------------ running
-
-
-def _fingerprint(stage: Stage, upstream: list[str]) -> str:
-    text = json.dumps({"stage": stage.name, "settings": stage.settings, "after": upstream}, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def _read_stage(folder: Path) -> dict[str, Any] | None:
-    path = folder / STAGE_FILE
-    return json.loads(path.read_text()) if path.exists() else None
-
-
-def run_stage(stage: Stage, folder: Path, fingerprint: str, *, force: bool) -> tuple[dict[str, Any], bool]:
-    """Run one stage unless its outputs are current; returns (its stage.json, whether it ran)."""
-    done = _read_stage(folder)
-    if done is not None and done.get("fingerprint") == fingerprint and done.get("finished") and not force:
-        print(f"[demo] {stage.name}: up to date ({folder}), reused")
-        return done, False
-    started = folder / ".fingerprint"
-    resume = not force and started.exists() and started.read_text().strip() == fingerprint
-    if folder.exists() and not resume:
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    started.write_text(fingerprint + "\n")
-    print(f"[demo] {stage.name}: {'resuming' if resume else 'running'} in {folder}")
-    start = time.perf_counter()
-    result = stage.action(folder, resume)
-    seconds = time.perf_counter() - start
-    record = {
-        "stage": stage.name,
-        "fingerprint": fingerprint,
-        "finished": True,
-        "seconds": seconds,
-        "settings": stage.settings,
-        "result": _jsonable(_brief(result)),
-    }
-    (folder / STAGE_FILE).write_text(json.dumps(record, indent=1, default=str) + "\n")
-    return record, True
-
-
-def _brief(result: dict[str, Any]) -> dict[str, Any]:
-    """What stage.json keeps of a stage's result: an evaluation's metrics (not its answers)."""
-    return {"metrics": result["metrics"]} if "metrics" in result else result
-
-
-def _jsonable(value: Any) -> Any:
-    return json.loads(json.dumps(value, default=lambda v: float(v) if hasattr(v, "__float__") else str(v)))
 
 
 def run(cfg: Config) -> dict[str, Any]:
@@ -411,7 +367,7 @@ def run(cfg: Config) -> dict[str, Any]:
     total = time.perf_counter()
     ran: set[str] = set()
     for stage in stages:
-        prints[stage.name] = _fingerprint(stage, [prints[a] for a in stage.after])
+        prints[stage.name] = stage_fingerprint(stage, [prints[a] for a in stage.after])
         force = stage.name in cfg.rerun or any(a in ran for a in stage.after)  # a rerun's successors follow
         records[stage.name], did_run = run_stage(stage, root / stage.name, prints[stage.name], force=force)
         if did_run:
@@ -423,9 +379,7 @@ def run(cfg: Config) -> dict[str, Any]:
     print()
     print(format_summary(summary))
     if cfg.report:
-        from vlalign.report.html import write_report
-
-        path = write_report(root)
+        path = write_report(root, data_folders={SHAPES_PREFIX: world_folder()})
         print(f"\nreport: {path}")
     print(f"summary: {root / SUMMARY_FILE}")
     return summary

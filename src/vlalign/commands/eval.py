@@ -24,9 +24,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import vlalign.shapes  # noqa: F401  (plugs the embedded default in: the shapes: data and the tiny models' corpus)
 from vlalign.config import to_dict
 from vlalign.eval.paired import Interval, paired_bootstrap
+from vlalign.eval.scorers import build_scorer
 from vlalign.eval.suite import EvalResult, SuiteConfig, build_suite, compare, evaluate
+from vlalign.models.load import load_model_and_processor, same_tokenizer
+from vlalign.models.tiny import resolve_model
 
 
 @dataclass
@@ -55,17 +59,7 @@ class Config:
 
 
 def _load(name: str, cfg: Config) -> tuple[Any, Any]:
-    from vlalign.models.load import load_model_and_processor
-    from vlalign.shapes.embedded import resolve_model
-
     return load_model_and_processor(resolve_model(name), dtype=cfg.dtype, device=cfg.device)
-
-
-def same_tokenizer(a: Any, b: Any) -> bool:
-    """Whether two processors tokenize alike (a KL between their models is then defined token by token)."""
-    from vlalign.data.collate import tokenizer_of
-
-    return tokenizer_of(a).get_vocab() == tokenizer_of(b).get_vocab()
 
 
 def _fmt(value: float | None) -> str:
@@ -132,8 +126,6 @@ def run(cfg: Config) -> dict[str, Any]:
     base_model = None
     scorer = None
     if cfg.baseline:
-        from vlalign.data.pairs.rank import build_scorer
-
         scorer = build_scorer(cfg.scorer, suite.vocabulary)
         base_model, base_processor = _load(cfg.baseline, cfg)
         base = evaluate(base_model, base_processor, suite, progress=cfg.progress)

@@ -23,13 +23,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from vlalign.data.annotations import ObjectVocabulary
 from vlalign.data.io import load_samples, write_samples
 from vlalign.data.pairs import PairStats
 from vlalign.data.pairs.corrupt import CorruptConfig, corrupt_pairs, image_saver
 from vlalign.data.pairs.inject import InjectConfig, inject_pairs
-from vlalign.data.pairs.rank import build_scorer, sample_and_rank
-from vlalign.eval.parsing import ObjectVocabulary, load_vocabulary
+from vlalign.data.pairs.rank import sample_and_rank
+from vlalign.eval.scorers import build_scorer
 from vlalign.eval.tasks import has_task, require_rows
+from vlalign.models.generate import generate
+from vlalign.models.load import load_model_and_processor
+from vlalign.models.tiny import resolve_model
+from vlalign.shapes.embedded import resolve_data
+from vlalign.shapes.vocabulary import find_vocabulary
 
 
 @dataclass
@@ -91,20 +97,6 @@ class Config:
     """Show the progress bar of sampling (method=rank)."""
 
 
-def _resolve(path: str) -> str:
-    from vlalign.shapes.embedded import resolve_data
-
-    return resolve_data(path)
-
-
-def find_vocabulary(spec: str, data_path: str) -> ObjectVocabulary | None:
-    """The vocabulary named by ``spec``, or the manifest beside ``data_path``, or None."""
-    if spec:
-        return load_vocabulary(spec)
-    manifest = Path(data_path).parent / "manifest.json"
-    return load_vocabulary(manifest) if manifest.is_file() else None
-
-
 def _require_vocabulary(vocab: ObjectVocabulary | None, method: str) -> ObjectVocabulary:
     if vocab is None:
         raise SystemExit(
@@ -131,10 +123,6 @@ def build_pairs(cfg: Config, data_path: str, out_dir: Path) -> tuple[list[Any], 
         return corrupt_pairs(samples, cfg.corrupt, save_image=image_saver(out_dir, Path(cfg.out).stem + "_images"))
     if not cfg.rank.model:
         raise SystemExit("vlalign pairs: method=rank needs --rank.model (the policy whose responses are ranked)")
-    from vlalign.models.generate import generate
-    from vlalign.models.load import load_model_and_processor
-    from vlalign.shapes.embedded import resolve_model
-
     samples = _load(cfg, data_path, "prompt")
     scorer = build_scorer(cfg.rank.scorer, vocab)
     model, processor = load_model_and_processor(
@@ -168,7 +156,7 @@ def build_pairs(cfg: Config, data_path: str, out_dir: Path) -> tuple[list[Any], 
 def run(cfg: Config) -> int:
     """Build the pairs, write them and their statistics, print the summary."""
     start = time.perf_counter()
-    data_path = _resolve(cfg.data)
+    data_path = resolve_data(cfg.data)
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     pairs, stats = build_pairs(cfg, data_path, out.parent)

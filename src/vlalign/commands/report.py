@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vlalign.report.html import ReportError, write_report
+from vlalign.shapes.embedded import SHAPES_PREFIX, world_folder
 
 POSITIONAL = ("run_dir",)
 """Fields that may also be given as bare arguments, in this order (``vlalign report runs/demo``)."""
@@ -38,7 +39,9 @@ def run(cfg: Config) -> int:
         print("vlalign report: give the folder to report on: vlalign report --run_dir=RUN_DIR", file=sys.stderr)
         return 2
     try:
-        path = write_report(Path(cfg.run_dir), Path(cfg.out) if cfg.out else None)
+        path = write_report(
+            Path(cfg.run_dir), Path(cfg.out) if cfg.out else None, data_folders={SHAPES_PREFIX: world_folder()}
+        )
     except ReportError as exc:
         print(str(exc), file=sys.stderr)
         return 2

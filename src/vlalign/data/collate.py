@@ -20,6 +20,9 @@ function that the shared-prefix log-prob engine (:mod:`vlalign.models.logprobs`)
 Over-long samples are never truncated (truncation could cut through image tokens): they are
 dropped and counted, or rejected, by option (:func:`check_lengths`).
 
+The batch records, the row layout and the length check live in :mod:`vlalign.data.batch` (no
+processor there) and are re-exported here; this module holds the processor calls and collators.
+
 Worked example (the ``tiny`` Qwen2-VL of :mod:`vlalign.models.tiny`: 32 px images, 8 px patches,
 2x2 merge; so an image is a 1 x 4 x 4 grid = 16 patch rows of ``pixel_values`` and 4 image
 tokens). Two prompts, each with one image; prompt 0 gets two completions, prompt 1 one::
@@ -48,12 +51,20 @@ patches in one ``pixel_values`` (rows per image = ``prod(image_grid_thw)``) and 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields, replace
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
-import torch
 from torch import Tensor
 
+from vlalign.data.batch import IGNORE_INDEX as IGNORE_INDEX  # re-exported: batching is imported from here
+from vlalign.data.batch import (
+    EncodedPrompts,
+    GenerationBatch,
+    OnOverflow,
+    SequenceBatch,
+    build_prompt_rows,
+    build_rows,
+    check_lengths,
+)
 from vlalign.data.chat import (  # the template helpers; several are imported from here by other modules
     _add_special_tokens,
     conversation_pieces,
@@ -66,13 +77,8 @@ from vlalign.data.chat import (  # the template helpers; several are imported fr
 )
 from vlalign.data.schema import DataError, ImageLike, Message, SupervisedSample, count_image_placeholders, load_image
 
-IGNORE_INDEX = -100
-"""Label of positions that carry no loss (prompt and padding)."""
-
 PER_TOKEN_KEYS = ("mm_token_type_ids", "token_type_ids")
 """Processor outputs laid out along the sequence (one value per token), 0 outside images."""
-
-OnOverflow = Literal["drop", "raise"]
 
 
 class PromptLike(Protocol):
@@ -81,137 +87,6 @@ class PromptLike(Protocol):
     id: str
     images: list[ImageLike]
     prompt: list[Message]
-
-
-# ------------------------------------------------------------------------------ batch records
-
-
-@dataclass
-class EncodedPrompts:
-    """Prompts of a batch after one processor call; ragged (no padding).
-
-    ``vision_rows[key][i]`` is the slice of ``vision[key]``'s first dimension that belongs to
-    prompt ``i`` (empty for a prompt without images).
-    """
-
-    sample_ids: list[str]
-    input_ids: list[list[int]]
-    """Token ids of each prompt, image tokens expanded, generation prompt included."""
-    token_fields: dict[str, list[list[int]]]
-    """Per-token processor outputs (``mm_token_type_ids`` ...), ragged like ``input_ids``."""
-    vision: dict[str, Tensor]
-    """Vision tensors as the processor returned them for the whole batch."""
-    vision_rows: dict[str, list[slice]]
-    num_images: list[int]
-    image_token_count: list[int]
-    """Number of image-placeholder tokens in each prompt."""
-
-    def __len__(self) -> int:
-        return len(self.input_ids)
-
-    @property
-    def lengths(self) -> list[int]:
-        return [len(ids) for ids in self.input_ids]
-
-    def vision_for(self, order: Sequence[int]) -> dict[str, Tensor]:
-        """Vision tensors for a batch whose rows come from prompts ``order`` (repeats allowed).
-
-        When none of those prompts has an image the result is empty, as the processor's output
-        for a batch without images (Idefics3's all-padding image slots are not passed on).
-        """
-        if sum(self.num_images[i] for i in order) == 0:
-            return {}
-        return {key: torch.cat([t[self.vision_rows[key][i]] for i in order], dim=0) for key, t in self.vision.items()}
-
-    def select(self, keep: Sequence[int]) -> EncodedPrompts:
-        """The prompts ``keep`` (in that order), vision tensors cut down to their rows."""
-        vision = self.vision_for(keep)
-        rows: dict[str, list[slice]] = {}
-        for key in vision:
-            start, spans = 0, []
-            for i in keep:
-                s = self.vision_rows[key][i]
-                spans.append(slice(start, start + (s.stop - s.start)))
-                start += s.stop - s.start
-            rows[key] = spans
-        return EncodedPrompts(
-            sample_ids=[self.sample_ids[i] for i in keep],
-            input_ids=[self.input_ids[i] for i in keep],
-            token_fields={k: [v[i] for i in keep] for k, v in self.token_fields.items()},
-            vision=vision,
-            vision_rows=rows,
-            num_images=[self.num_images[i] for i in keep],
-            image_token_count=[self.image_token_count[i] for i in keep],
-        )
-
-
-@dataclass
-class SequenceBatch:
-    """Padded rows of (prompt, completion), ready for ``model(**batch.model_inputs())``.
-
-    Rows are right-padded: row ``r`` holds its prompt at ``[0, prompt_lengths[r])`` and its
-    completion at ``[prompt_lengths[r], prompt_lengths[r] + completion_lengths[r])``.
-    """
-
-    input_ids: Tensor  # (R, T) long
-    attention_mask: Tensor  # (R, T) long, 1 on prompt and completion
-    labels: Tensor  # (R, T) long, token id on completion tokens, -100 elsewhere
-    vision: dict[str, Tensor]
-    """Everything else the model's forward needs (opaque to callers)."""
-    prompt_lengths: Tensor  # (R,) long
-    completion_lengths: Tensor  # (R,) long
-    row_prompt: Tensor  # (R,) long: index of the row's prompt in the batch's prompts
-    row_completion: Tensor  # (R,) long: index of the row's completion among its prompt's
-    sample_ids: list[str]
-    """Sample id of each row (repeated when a prompt has several completions)."""
-    dropped_ids: list[str] = field(default_factory=list)
-    """Ids of samples of this batch dropped for exceeding ``max_length``."""
-
-    def __len__(self) -> int:
-        return int(self.input_ids.shape[0])
-
-    @property
-    def completion_mask(self) -> Tensor:  # (R, T) bool
-        return self.labels != IGNORE_INDEX
-
-    def model_inputs(self) -> dict[str, Tensor]:
-        """Keyword arguments of the model's forward (no labels: losses are computed by us)."""
-        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, **self.vision}
-
-    def to(self, device: torch.device | str) -> SequenceBatch:
-        return _to_device(self, device)
-
-
-@dataclass
-class GenerationBatch:
-    """Prompts alone, left-padded, for ``model.generate(**batch.model_inputs())``."""
-
-    input_ids: Tensor  # (B, P) long, left-padded
-    attention_mask: Tensor  # (B, P) long
-    vision: dict[str, Tensor]
-    prompt_lengths: Tensor  # (B,) long
-    sample_ids: list[str]
-    dropped_ids: list[str] = field(default_factory=list)
-
-    def __len__(self) -> int:
-        return int(self.input_ids.shape[0])
-
-    def model_inputs(self) -> dict[str, Tensor]:
-        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, **self.vision}
-
-    def to(self, device: torch.device | str) -> GenerationBatch:
-        return _to_device(self, device)
-
-
-def _to_device(batch: Any, device: torch.device | str) -> Any:
-    changes: dict[str, Any] = {}
-    for f in fields(batch):
-        value = getattr(batch, f.name)
-        if isinstance(value, Tensor):
-            changes[f.name] = value.to(device)
-        elif isinstance(value, dict):
-            changes[f.name] = {k: v.to(device) for k, v in value.items()}
-    return replace(batch, **changes)
 
 
 # ------------------------------------------------------------------------------------ prompts
@@ -342,118 +217,6 @@ def encode_completions(
         out.append([list(ids) + eot for ids in encoded[pos : pos + len(group)]])
         pos += len(group)
     return out
-
-
-# ------------------------------------------------------------------------------------ lengths
-
-
-def check_lengths(
-    prompts: EncodedPrompts,
-    completions: Sequence[Sequence[Sequence[int]]] | None,
-    *,
-    max_length: int | None,
-    on_overflow: OnOverflow = "drop",
-) -> tuple[list[int], list[str]]:
-    """Indices of the prompts whose longest sequence fits ``max_length``, and the dropped ids.
-
-    A prompt's longest sequence is its length plus its longest completion (or the prompt alone
-    when ``completions`` is None). With ``on_overflow="raise"`` the first over-long sample
-    raises :class:`DataError` instead.
-    """
-    keep: list[int] = []
-    dropped: list[str] = []
-    for i, ids in enumerate(prompts.input_ids):
-        longest = max((len(c) for c in completions[i]), default=0) if completions is not None else 0
-        total = len(ids) + longest
-        if max_length is None or total <= max_length:
-            keep.append(i)
-            continue
-        if on_overflow == "raise":
-            raise DataError(
-                f"sample {prompts.sample_ids[i]!r}: {total} tokens (prompt {len(ids)}, of which "
-                f"{prompts.image_token_count[i]} image tokens, + completion {longest}) exceed max_length "
-                f"{max_length}; raise max_length or shorten the sample (vlalign never truncates, since "
-                "truncation could cut through image tokens)"
-            )
-        dropped.append(prompts.sample_ids[i])
-    return keep, dropped
-
-
-# --------------------------------------------------------------------------------- row layout
-
-
-def build_rows(
-    prompts: EncodedPrompts,
-    completions: Sequence[Sequence[Sequence[int]]],
-    *,
-    pad_token_id: int,
-    dropped_ids: Sequence[str] = (),
-    label_masks: Sequence[Sequence[Sequence[bool]]] | None = None,
-) -> SequenceBatch:
-    """The naive layout: one right-padded row per (prompt, completion), vision repeated per row.
-
-    ``label_masks[i][j][t]`` (optional, shaped like ``completions``) says whether token ``t`` of
-    completion ``j`` of prompt ``i`` carries a label; by default every completion token does. A
-    multi-turn conversation uses it to leave the user turns between assistant turns unlabelled.
-    """
-    order: list[tuple[int, int]] = [(i, j) for i, group in enumerate(completions) for j in range(len(group))]
-    if len(completions) != len(prompts):
-        raise ValueError(f"{len(completions)} completion groups for {len(prompts)} prompts")
-    width = max((len(prompts.input_ids[i]) + len(completions[i][j]) for i, j in order), default=0)
-    n = len(order)
-    input_ids = torch.full((n, width), pad_token_id, dtype=torch.long)
-    attention = torch.zeros((n, width), dtype=torch.long)
-    labels = torch.full((n, width), IGNORE_INDEX, dtype=torch.long)
-    per_token = {k: torch.zeros((n, width), dtype=torch.long) for k in prompts.token_fields}
-    for r, (i, j) in enumerate(order):
-        p, c = prompts.input_ids[i], completions[i][j]
-        input_ids[r, : len(p)] = torch.tensor(p, dtype=torch.long)
-        input_ids[r, len(p) : len(p) + len(c)] = torch.tensor(c, dtype=torch.long)
-        attention[r, : len(p) + len(c)] = 1
-        target = torch.tensor(c, dtype=torch.long)
-        if label_masks is not None:
-            target[~torch.tensor(label_masks[i][j], dtype=torch.bool)] = IGNORE_INDEX
-        labels[r, len(p) : len(p) + len(c)] = target
-        for k, rows in prompts.token_fields.items():
-            per_token[k][r, : len(p)] = torch.tensor(rows[i], dtype=torch.long)
-    row_prompt = [i for i, _ in order]
-    return SequenceBatch(
-        input_ids=input_ids,
-        attention_mask=attention,
-        labels=labels,
-        vision={**prompts.vision_for(row_prompt), **per_token},
-        prompt_lengths=torch.tensor([len(prompts.input_ids[i]) for i, _ in order], dtype=torch.long),
-        completion_lengths=torch.tensor([len(completions[i][j]) for i, j in order], dtype=torch.long),
-        row_prompt=torch.tensor(row_prompt, dtype=torch.long),
-        row_completion=torch.tensor([j for _, j in order], dtype=torch.long),
-        sample_ids=[prompts.sample_ids[i] for i in row_prompt],
-        dropped_ids=list(dropped_ids),
-    )
-
-
-def build_prompt_rows(
-    prompts: EncodedPrompts, *, pad_token_id: int, dropped_ids: Sequence[str] = ()
-) -> GenerationBatch:
-    """Prompts alone, left-padded (generation appends on the right)."""
-    n = len(prompts)
-    width = max(prompts.lengths, default=0)
-    input_ids = torch.full((n, width), pad_token_id, dtype=torch.long)
-    attention = torch.zeros((n, width), dtype=torch.long)
-    per_token = {k: torch.zeros((n, width), dtype=torch.long) for k in prompts.token_fields}
-    for r, p in enumerate(prompts.input_ids):
-        start = width - len(p)
-        input_ids[r, start:] = torch.tensor(p, dtype=torch.long)
-        attention[r, start:] = 1
-        for k, rows in prompts.token_fields.items():
-            per_token[k][r, start:] = torch.tensor(rows[r], dtype=torch.long)
-    return GenerationBatch(
-        input_ids=input_ids,
-        attention_mask=attention,
-        vision={**prompts.vision_for(range(n)), **per_token},
-        prompt_lengths=torch.tensor(prompts.lengths, dtype=torch.long),
-        sample_ids=list(prompts.sample_ids),
-        dropped_ids=list(dropped_ids),
-    )
 
 
 # -------------------------------------------------------------------------------- collators

@@ -1,14 +1,17 @@
 """vlalign.eval: hallucination and task metrics, and the evaluation suite.
 
-* :mod:`.parsing`: POPE answer reading, object mentions with synonyms, object annotations (pure text);
+* :mod:`.parsing`: POPE answer reading (pure text; object mentions and annotations are
+  :mod:`vlalign.data.annotations`);
 * :mod:`.pope`: accuracy, precision, recall, F1 and yes-ratio of yes/no answers;
 * :mod:`.chair`: CHAIR_i, CHAIR_s and object recall of descriptions;
 * :mod:`.tasks`: accuracy of short answers (counting, colour, existence, exact answers);
 * :mod:`.policy`: KL from a reference policy, win rate under a scorer;
+* :mod:`.scorers`: scorers of responses by ground truth and by claims, and a scorer by config name
+  (a reward model folder, a user's ``file.py:name``), for sample-and-rank and the win rate;
 * :mod:`.suite`: :class:`~.suite.Suite`, :func:`~.suite.build_suite` and :func:`~.suite.evaluate`
-  (a model in memory -> metrics), used by recipes and by ``vlalign eval`` (:mod:`.cli`);
+  (a model in memory -> metrics), used by recipes and by ``vlalign eval`` (:mod:`vlalign.commands.eval`);
 * :mod:`.paired`: the difference of two evaluations on the same questions with its paired-bootstrap
-  interval over scenes (``vlalign compare``, :mod:`.compare_cli`).
+  interval over scenes (``vlalign compare``, :mod:`vlalign.commands.compare`).
 
 Names are imported lazily (``from vlalign.eval import evaluate`` loads the suite on first use),
 so that the pure-text modules stay cheap to import.
@@ -32,8 +35,11 @@ _LAZY = {
     "task_accuracy": "vlalign.eval.tasks",
     "kl_divergence": "vlalign.eval.policy",
     "win_rate": "vlalign.eval.policy",
-    "ObjectVocabulary": "vlalign.eval.parsing",
-    "load_vocabulary": "vlalign.eval.parsing",
+    "ObjectVocabulary": "vlalign.data.annotations",
+    "load_vocabulary": "vlalign.data.annotations",
+    "GroundTruthScorer": "vlalign.eval.scorers",
+    "ClaimVerifier": "vlalign.eval.scorers",
+    "build_scorer": "vlalign.eval.scorers",
 }
 
 

@@ -7,7 +7,7 @@ Over generated descriptions, each against the objects annotated in its image::
     recall  = sum over descriptions of |distinct objects mentioned AND present|
               / sum over descriptions of |objects present|
 
-Mentions are found with an :class:`~vlalign.eval.parsing.ObjectVocabulary` (synonyms and plurals,
+Mentions are found with an :class:`~vlalign.data.annotations.ObjectVocabulary` (synonyms and plurals,
 longest phrase first), counted once per occurrence as in the reference implementation
 (a description naming the same absent object twice has two hallucinated mentions). Departure
 from the reference: negated mentions (``"no red circle"``) are not mentions (the reference has
@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from vlalign.eval.parsing import ObjectVocabulary
+from vlalign.data.annotations import ObjectVocabulary
 
 
 @dataclass

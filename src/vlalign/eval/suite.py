@@ -7,7 +7,8 @@ beside the ordinary split), and an object vocabulary. :func:`build_suite` makes 
 :class:`SuiteConfig`:
 
 - the shapes world (default; ``data`` is a folder written by ``vlalign world``, or ``shapes:`` for
-  the embedded default world): ``pope_<split>_<mode>.jsonl``, ``<split>_prompts.jsonl``,
+  the embedded default world: a named source of :mod:`vlalign.data.sources`, which
+  :mod:`vlalign.shapes` registers): ``pope_<split>_<mode>.jsonl``, ``<split>_prompts.jsonl``,
   ``<compositional_split>_prompts.jsonl`` and the vocabulary of ``manifest.json``;
 - a user's annotated dataset: ``data`` is a prompts file (JSONL, Parquet, a saved HF dataset)
   whose rows carry ``task`` and ``answer`` (short answers) or ``objects`` (descriptions, with
@@ -49,10 +50,12 @@ from typing import Any
 
 from torch import nn
 
+from vlalign.data.annotations import ObjectVocabulary, annotations_of, load_vocabulary
 from vlalign.data.io import load_samples
 from vlalign.data.schema import DataError, PromptSample
+from vlalign.data.sources import registered_sources, resolve
 from vlalign.eval.chair import caption_report, chair
-from vlalign.eval.parsing import ObjectVocabulary, annotations_of, load_vocabulary, pope_says_yes
+from vlalign.eval.parsing import pope_says_yes
 from vlalign.eval.policy import kl_divergence, scored_win_rate
 from vlalign.eval.pope import pope_metrics
 from vlalign.eval.tasks import DESCRIBE, answer_correct, task_accuracy, task_of
@@ -173,10 +176,10 @@ def _pope_subsample(by_mode: dict[str, list[PromptSample]], cap: int, seed: int)
 
 
 def _resolve_folder(data: str) -> Path:
-    if data.startswith("shapes:"):
-        from vlalign.shapes.embedded import resolve_data
-
-        return Path(resolve_data("shapes:manifest.json")).parent
+    """``data`` as a path; a named source (``shapes:``) is the folder of its manifest."""
+    for prefix in registered_sources():
+        if data.startswith(prefix):
+            return Path(resolve(prefix + "manifest.json")).parent
     return Path(data)
 
 

@@ -15,7 +15,8 @@ anything else   the normalised answer equals the normalised reference (case, pun
                 articles and number spelling ignored)
 ==============  ====================================================================================
 
-Descriptions (task ``describe``) are not scored here; CHAIR (:mod:`vlalign.eval.chair`) does.
+Descriptions (task ``describe``) are not scored here; CHAIR (:mod:`vlalign.eval.chair`) does. A
+sample's task is :func:`vlalign.data.annotations.task_of`.
 """
 
 from __future__ import annotations
@@ -23,21 +24,23 @@ from __future__ import annotations
 from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
+from vlalign.data.annotations import DESCRIBE, task_of
 from vlalign.rewards.verifiable import colour_match, count_match, exact_match, yes_no_match
 
 TASK_CHECKS = {"counting": count_match, "colour": colour_match, "existence": yes_no_match}
 """Task name -> the check of its answers; other tasks use exact match after normalisation."""
 
-DESCRIBE = "describe"
-
-
-def task_of(sample: Any) -> str:
-    """The task of an evaluation sample (``meta["task"]``; ``"answer"`` when only an answer is given)."""
-    meta = getattr(sample, "meta", {}) or {}
-    task = meta.get("task")
-    if task is None:
-        return DESCRIBE if "answer" not in meta and "objects" in meta else "answer"
-    return str(task)
+# DESCRIBE and task_of live in vlalign.data.annotations (data reads a sample's task too)
+__all__ = [
+    "DESCRIBE",
+    "TASK_CHECKS",
+    "answer_correct",
+    "filter_tasks",
+    "has_task",
+    "require_rows",
+    "task_accuracy",
+    "task_of",
+]
 
 
 def has_task(tasks: Collection[str]) -> Callable[[Any], bool] | None:

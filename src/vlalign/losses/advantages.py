@@ -228,6 +228,7 @@ def reinforce_pp_advantages(
     eps: float = 1e-8,
     mean: Tensor | None = None,
     var: Tensor | None = None,
+    moments: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """REINFORCE++: discounted token returns (KL folded into the rewards), whitened over the batch.
 
@@ -236,12 +237,18 @@ def reinforce_pp_advantages(
     :func:`kl_penalized_token_rewards`); A = (G − μ)/σ over all valid tokens of the global batch.
     The "baseline" variant subtracts the group mean from the outcome rewards first
     (:func:`dr_grpo_advantages`) and is otherwise the same.
-    ``mean``/``var`` give the global-batch statistics under data parallelism.
+    ``mean``/``var`` give the global-batch statistics under data parallelism; or ``moments``, a
+    function ``(returns, mask) -> (mean, var)`` that computes them from the returns (e.g. summed
+    over processes), when they are not known before the returns are.
     Returns ``(advantages, returns)``, both ``(B, T)``.
     """
     returns = discounted_returns(token_rewards, mask, gamma=gamma)
     if not whiten:
         return returns, returns
+    if moments is not None:
+        if mean is not None or var is not None:
+            raise ValueError("reinforce_pp_advantages: give moments or mean / var, not both")
+        mean, var = moments(returns, mask)
     return masked_whiten(returns, mask, eps=eps, mean=mean, var=var), returns
 
 

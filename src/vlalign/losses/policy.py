@@ -227,13 +227,23 @@ def entropy_loss(logits: Tensor, mask: Tensor, *, coef: float = 0.01) -> LossOut
     """Per-token entropy bonus as a loss term: −c·H(π(·|s_t)), 0 on padding.
 
     Paper: Mnih et al., A3C, arXiv 1602.01783 (entropy regularisation); PPO eq. 9.
-    Metric: ``policy/entropy`` (mean token entropy).
+    Metric: ``policy/entropy`` (mean token entropy). From per-token entropies already computed
+    (e.g. by the log-prob forward), use :func:`entropy_bonus`.
     """
     valid = mask.bool()
     if logits.shape[:-1] != valid.shape:
         raise ValueError(f"logits {tuple(logits.shape)} must be (B, T, V) with (B, T) = mask {tuple(valid.shape)}")
     safe_logits = masked_fill_zero(logits, valid.unsqueeze(-1).expand_as(logits))
-    entropy = masked_fill_zero(entropy_from_logits(safe_logits), valid)
+    return entropy_bonus(entropy_from_logits(safe_logits), valid, coef=coef)
+
+
+def entropy_bonus(entropy: Tensor, mask: Tensor, *, coef: float = 0.01) -> LossOutput:
+    """:func:`entropy_loss` from per-token entropies H_t ``(B, T)``: −c·H_t, 0 on padding.
+
+    Metric: ``policy/entropy`` (mean token entropy over the mask).
+    """
+    valid = _check_mask(entropy, mask, "entropy")
+    entropy = masked_fill_zero(entropy, valid)
     return LossOutput(-coef * entropy, {"policy/entropy": masked_mean(entropy.detach(), valid)})
 
 

@@ -17,13 +17,10 @@ How a batch is generated (the decode loop is written out here, not delegated to
 4. one-token decode steps over the B*n rows; rows that produced a stop token leave the batch
    (their cache rows are dropped), so short answers do not pay for long ones.
 
-Why not ``model.generate(num_return_sequences=n)``: in transformers 5.24 it also encodes each
-image once, but it runs the language model's prefill over n copies of every prompt, and on the
-``small`` shapes-world model (prompts of ~55 tokens, 36 of them image tokens) that prefill is most
-of a rollout. Measured on this project's CPU machine (one thread, ``small`` Qwen2-VL, 16 prompts,
-24 new tokens each, best of 3): n = 1 greedy, 0.41 s here and 0.40 s with ``model.generate``;
-n = 8 sampled, 1.01 s (about 3000 tokens/s) here and 1.83 s with ``model.generate``. Greedy
-outputs are token for token those of ``model.generate`` (tested on all five tiny architectures).
+Why not ``model.generate(num_return_sequences=n)``: it runs the language model's prefill over n
+copies of every prompt, where this loop prefills each prompt once for its n completions. Greedy
+outputs are token for token those of ``model.generate`` (``tests/models/test_generate.py``, all
+five tiny architectures). See docs/notes/generation.md for the timings.
 
 Positions: left padding means a row's positions must start at its first real token. Every
 architecture gets explicit ``position_ids``: ``cumsum(attention_mask) - 1`` for ordinary RoPE, and
@@ -47,6 +44,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from vlalign.data.collate import (
     EncodedPrompts,
@@ -363,8 +361,6 @@ def generate(
     result = Generations(sample_ids=[s.id for s in samples], texts=[], token_ids=[], stopped=[])
     was_training = model.training
     model.eval()
-    from tqdm.auto import tqdm
-
     bar = tqdm(total=len(samples), desc=desc, disable=not progress, dynamic_ncols=True)
     try:
         for lo in range(0, len(samples), batch_size):

@@ -44,7 +44,10 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from vlalign.data.collate import EncodedPrompts
-from vlalign.models.logprobs import CompletionLogprobs, Completions, Mode, completion_logprobs, unwrap
+from vlalign.models.arch import unwrap
+from vlalign.models.load import load_model_and_processor, save_model_and_processor
+from vlalign.models.logprobs import CompletionLogprobs, Mode, completion_logprobs
+from vlalign.models.packing import Completions
 
 HEAD_FILE = "reward_head.safetensors"
 INFO_FILE = "reward_model.json"
@@ -260,8 +263,6 @@ def save_reward_model(
     mode: Literal["auto", "adapter", "merged", "full"] = "auto",
 ) -> Path:
     """Write a reward model folder: backbone (full or adapter, by ``mode``), head and info."""
-    from vlalign.models.load import save_model_and_processor
-
     out = save_model_and_processor(model.backbone, processor, out_dir, mode=mode)
     save_head(model.head, out / HEAD_FILE)
     (out / INFO_FILE).write_text(json.dumps(asdict(info), indent=1) + "\n")
@@ -275,8 +276,6 @@ def load_reward_model(
 
     ``trainable=False`` (scoring) freezes every weight and puts the model in eval mode.
     """
-    from vlalign.models.load import load_model_and_processor
-
     folder = Path(folder)
     info = read_info(folder)
     backbone, processor = load_model_and_processor(folder, device=device, dtype=dtype, adapter_trainable=trainable)

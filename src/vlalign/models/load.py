@@ -31,8 +31,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from huggingface_hub import HfApi, try_to_load_from_cache
+from huggingface_hub.errors import GatedRepoError
+from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 from transformers import AutoModelForImageTextToText, AutoProcessor, PreTrainedModel
+
+from vlalign.data.chat import tokenizer_of
 
 LANGUAGE_NAMES = ("language_model", "text_model")
 VISION_NAMES = ("visual", "vision_tower", "vision_model")
@@ -132,8 +137,6 @@ def auto_target_modules(model: nn.Module, *, include_vision: bool) -> str:
 
 def apply_lora(model: PreTrainedModel, spec: LoraSpec) -> nn.Module:
     """Wrap ``model`` in a PEFT ``PeftModel`` with LoRA adapters as ``spec`` says."""
-    from peft import LoraConfig, get_peft_model
-
     targets = spec.target_modules
     if targets == "auto":
         targets = auto_target_modules(model, include_vision=not spec.freeze_vision)
@@ -182,9 +185,6 @@ def hub_check(repo_id: str, endpoint: str | None = None, *, timeout: float = 3.0
     download that follows reports the access problem itself. The whole query, name lookup
     included, runs in a thread joined with ``timeout``, so it cannot hang.
     """
-    from huggingface_hub import HfApi
-    from huggingface_hub.errors import GatedRepoError
-
     outcome: list[str | None] = []
 
     def query() -> None:
@@ -204,8 +204,6 @@ def hub_check(repo_id: str, endpoint: str | None = None, *, timeout: float = 3.0
 
 def _cached(repo_id: str) -> bool:
     try:
-        from huggingface_hub import try_to_load_from_cache
-
         return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
     except Exception:  # an invalid repo id, an unreadable cache: treat as not cached
         return False
@@ -358,8 +356,6 @@ def checkpointing_enabled(model: nn.Module) -> bool:
 
 
 def _load_adapter(folder: str, *, trainable: bool, lora: LoraSpec | None, **kwargs: Any) -> tuple[nn.Module, Any]:
-    from peft import PeftModel
-
     if lora is not None:
         raise ModelLoadError(f"{folder!r} already holds a LoRA adapter; load it with lora=None")
     config = json.loads((Path(folder) / "adapter_config.json").read_text())
@@ -375,6 +371,11 @@ def _load_adapter(folder: str, *, trainable: bool, lora: LoraSpec | None, **kwar
         processor = AutoProcessor.from_pretrained(base, local_files_only=True)
     peft_model = PeftModel.from_pretrained(model, folder, is_trainable=trainable)
     return peft_model, processor
+
+
+def same_tokenizer(a: Any, b: Any) -> bool:
+    """Whether two processors tokenize alike (a KL between their models is then defined token by token)."""
+    return tokenizer_of(a).get_vocab() == tokenizer_of(b).get_vocab()
 
 
 # ------------------------------------------------------------------------------------ saving

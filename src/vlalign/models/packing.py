@@ -15,8 +15,8 @@ would see in a row of its own, at the same positions, and every prompt token (an
 processed once. The last prompt token predicts the first token of every completion (k labels on
 one position); the other completion tokens are predicted by the token before them.
 
-Three extra rules keep it exact (each was silently wrong when missing; see
-``shared/NOTES-prefix-sharing.md``):
+Three extra rules keep it exact (each was silently wrong when missing; the traps are listed in
+``docs/notes/prefix-sharing.md`` and each rule is tested in ``tests/models/test_logprobs.py``):
 
 - Padding positions attend to themselves: a query with no visible key gives NaN under an
   additive ``-inf`` mask, and NaN reaches every weight gradient.
@@ -52,6 +52,9 @@ from vlalign.data.collate import IGNORE_INDEX, EncodedPrompts, SequenceBatch
 PROMPT_SEGMENT = 0
 PAD_SEGMENT = -1
 
+Completions = Sequence[Sequence[Sequence[int]]]
+"""Token ids of k completions per prompt: ``completions[i][j]`` is completion j of prompt i."""
+
 
 @dataclass
 class Layout:
@@ -78,14 +81,12 @@ class Layout:
         return self.mask.sum(-1)
 
 
-def flat_order(completions: Sequence[Sequence[Sequence[int]]]) -> list[tuple[int, int]]:
+def flat_order(completions: Completions) -> list[tuple[int, int]]:
     """``(prompt i, completion j)`` of every completion, prompt 0's first (the flat order ``R``)."""
     return [(i, j) for i, group in enumerate(completions) for j in range(len(group))]
 
 
-def _completion_tensors(
-    completions: Sequence[Sequence[Sequence[int]]], order: list[tuple[int, int]]
-) -> tuple[Tensor, Tensor, int]:
+def _completion_tensors(completions: Completions, order: list[tuple[int, int]]) -> tuple[Tensor, Tensor, int]:
     lengths = [len(completions[i][j]) for i, j in order]
     width = max(lengths, default=0)
     mask = torch.zeros((len(order), width), dtype=torch.bool)
@@ -108,9 +109,7 @@ class PackedRows:
     prompt_lengths: Tensor  # (B,) long
 
 
-def packed_layout(
-    prompts: EncodedPrompts, completions: Sequence[Sequence[Sequence[int]]], *, pad_token_id: int
-) -> PackedRows:
+def packed_layout(prompts: EncodedPrompts, completions: Completions, *, pad_token_id: int) -> PackedRows:
     """Lay out each prompt followed by all of its completions in one row (see the module doc)."""
     order = flat_order(completions)
     mask, lengths, width = _completion_tensors(completions, order)
@@ -325,6 +324,7 @@ def flex_block_mask(
     Memory grows with the number of (128 x 128) tiles, not with ``T * T``; tiles that no query
     of a tile may see are skipped by the kernel (the siblings of a completion, for instance).
     """
+    # local: FlexAttention is absent from torch 2.4 (pyproject allows it); only flex users need it
     from torch.nn.attention.flex_attention import create_block_mask
 
     n_rows, n = segments.shape

@@ -42,14 +42,9 @@ from torch import Tensor, nn
 
 from vlalign.data.collate import IGNORE_INDEX, EncodedPrompts
 from vlalign.data.schema import ImageLike, load_image
-from vlalign.models.logprobs import (
-    CompletionLogprobs,
-    Completions,
-    Mode,
-    completion_logprobs,
-    unwrap,
-    unwrap_parallel,
-)
+from vlalign.models.arch import unwrap, unwrap_parallel
+from vlalign.models.logprobs import CompletionLogprobs, Mode, completion_logprobs
+from vlalign.models.packing import Completions
 
 ReferenceName = Literal["copy", "adapter", "precomputed"]
 CACHE_FORMAT = 1
@@ -279,6 +274,11 @@ class PrecomputedReference(ReferencePolicy):
     def release_source(self) -> None:
         """Drop the source model (free a frozen copy); later misses raise :class:`ReferenceCacheMiss`."""
         self.source = None
+
+    def reload(self) -> None:
+        """Forget the entries read so far: the next lookup reads the cache folder again (call it on
+        every process after another process, e.g. the main one, has written new shards)."""
+        self._entries = None
 
     # ---- storage
 

@@ -3,9 +3,10 @@
 ``build_tiny_model(arch, size, out_dir, seed=...)`` writes a folder that the ordinary loader
 (:func:`vlalign.models.load.load_model_and_processor`) reopens with ``HF_HUB_OFFLINE=1``: the real
 ``transformers`` config and model classes (random init), the real processor class with its
-real image processor, a byte-level BPE tokenizer trained on the shapes world's vocabulary
-(:mod:`vlalign.models.tiny_tokenizer`), a chat template and a generation config whose stop
-tokens include the end-of-turn token.
+real image processor, a byte-level BPE tokenizer trained on a registered corpus (by default the
+shapes world's vocabulary; :mod:`vlalign.models.tiny_tokenizer`), a chat template and a
+generation config whose stop tokens include the end-of-turn token. ``tiny:<arch>:<size>`` names
+such a model wherever a model path goes (:func:`resolve_model` builds it once into the cache).
 
 Architectures: ``qwen2_vl``, ``qwen2_5_vl``, ``llava`` (CLIP vision tower + Llama),
 ``idefics3`` (SmolVLM's architecture: SigLIP-style tower, pixel shuffle, Llama) and ``gemma3``
@@ -13,35 +14,27 @@ Architectures: ``qwen2_vl``, ``qwen2_5_vl``, ``llava`` (CLIP vision tower + Llam
 
 =========  =================================================================================
 ``tiny``   0.5-0.7M parameters, 32 px images, 4 image tokens: unit tests (builds in ~0.1 s).
-``small``  the demo model, 3.2-3.8M parameters: 96 px images (the shapes world's resolution),
-           32 px patches (one grid cell each), 9 image tokens; chosen by measurement (see
-           :data:`SIZES`) so that supervised fine-tuning learns the world in minutes on two
-           CPU cores and generation is fast enough for evaluation and RL rollouts.
-``bench``  17-19M parameters, 448 px images, 256 image tokens per image, so that compute, not
-           overhead, dominates a step.
+``small``  the demo model, 3.2-3.8M parameters: 96 px images, 32 px patches, 9 image tokens;
+           it learns the shapes world in minutes of fine-tuning on two CPU cores.
+``bench``  17-19M parameters, 448 px images, 256 image tokens: compute dominates a step.
 =========  =================================================================================
 
-What a random init leaves degenerate is repaired (:func:`_repair_degenerate_init`): Gemma3
-initialises its multimodal projection to zeros, which would make every output independent of
-the image. The tests check that each built model's output depends on its image. Learned
-absolute position embeddings of the vision towers (SigLIP in Gemma3 and Idefics3, CLIP in
-LLaVA) start as 2-D sine-cosine patterns (:func:`sincos_2d`) instead of small noise: at the
-default scale the noise is about ten times weaker than a patch's content, so the tower starts
-as a bag of patches and must discover the image's geometry before it can tell shapes apart
-(measured on the shapes world with the earlier 8 px-patch ``small`` Gemma3, batch 16, lr 5e-4,
-teacher-forced first answer token: colour accuracy 0.69 after 300 steps against 0.57 with the
-default init; after the demo's 900 steps the greedy held-out accuracies were the same either
-way: colour 0.62, existence 0.82). Qwen's vision towers use 2-D rotary positions and need no repair.
+Random inits that would leave a model degenerate are repaired: Gemma3's zero multimodal
+projection (:func:`_repair_degenerate_init`; the tests check that each model's output depends on
+its image), and the learned position embeddings of SigLIP and CLIP towers, which start as 2-D
+sine-cosine patterns (:func:`sincos_2d`) so that the tower sees the image's geometry from the
+first step. Measurements behind these choices: ``docs/notes/tiny-models.md``.
 
-Building is deterministic (same arch, size and seed give byte-identical weights) and cached:
-``out_dir`` holds a ``vlalign_tiny.json`` stamp, and a second build of the same
-(arch, size, seed, builder version) into the same folder returns at once.
+Building is deterministic (same arch, size and seed give byte-identical weights) and cached: a
+second build of the same (arch, size, seed, builder version) into a folder whose
+``vlalign_tiny.json`` stamp says so returns at once.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -55,7 +48,6 @@ from transformers import (
     Gemma3ImageProcessor,
     Gemma3Processor,
     Gemma3TextConfig,
-    GenerationConfig,
     Idefics3Config,
     Idefics3ImageProcessor,
     Idefics3Processor,
@@ -76,7 +68,14 @@ from transformers import (
     SiglipVisionConfig,
 )
 
-from vlalign.models.tiny_tokenizer import FAMILY_OF_ARCH, SPECS, train_tokenizer
+from vlalign.models.tiny_tokenizer import (
+    DEFAULT_CORPUS,
+    FAMILY_OF_ARCH,
+    SPECS,
+    corpus_sentences,
+    generation_config,
+    train_tokenizer,
+)
 
 ARCHITECTURES: tuple[str, ...] = ("qwen2_vl", "qwen2_5_vl", "llava", "idefics3", "gemma3")
 """Architectures :func:`build_tiny_model` knows."""
@@ -153,24 +152,7 @@ SIZES: dict[str, SizeSpec] = {
     ),
 }
 """Size classes. Every architecture turns an image into ``(image_px / patch / merge)^2`` tokens:
-tiny 4, small 9, bench 256.
-
-How ``small`` was chosen. Its patch is 32 px, one cell of the shapes world's 3 x 3 grid at 96 px
-(``WorldConfig.grid``, ``image_size``), with no token merge: every object lies inside one patch,
-so the patch embedding sees whole shapes. The demo (``small`` Gemma3, 900 SFT steps of batch 16,
-lr 5e-4, 2 CPU cores, 300 held-out questions per task) measured 8 min of SFT and colour 0.93,
-existence 0.91, counting 0.81, CHAIR_i 0.04. The earlier ``small`` (8 px patches, 2 x 2 merge,
-36 tokens) took 10 min for the same steps and reached colour 0.82, existence 0.86, counting 0.68,
-CHAIR_i 0.41: its hallucinations were shape swaps, an object's colour with another shape,
-because shapes straddled 16 patches that two vision layers had to assemble. On a GPU, with the
-same arithmetic, patches of 4, 8 or 16 px, a wider or deeper vision tower and no token pooling
-all stayed at colour 0.46-0.65 after the same CPU-time budget.
-
-Step cost of the earlier 36-token ``small`` (2 CPU cores, float32, torch 2.14, batches of 16
-SFT samples of 60-70 tokens): one forward + backward + AdamW step 163-283 ms across the five
-architectures, one processor call per batch 10-45 ms, greedy generation of 16 tokens for 16
-prompts 0.14-0.19 s. With 9 tokens the demo's SFT stage (Gemma3, 900 steps with its periodic
-evaluations and checkpoints) took 481 s against 593 s."""
+tiny 4, small 9, bench 256 (why ``small`` is what it is: ``docs/notes/tiny-models.md``)."""
 
 
 def image_tokens(arch: str, size: str) -> int:
@@ -447,25 +429,18 @@ def _geometric_position_init(model: PreTrainedModel) -> list[str]:
     return done
 
 
-def _generation_config(tok: PreTrainedTokenizerFast, arch: str) -> GenerationConfig:
-    spec = SPECS[FAMILY_OF_ARCH[arch]]
-    stops = sorted({tok.convert_tokens_to_ids(spec.eos), tok.convert_tokens_to_ids(spec.end_of_turn)})
-    return GenerationConfig(
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=stops,
-        pad_token_id=tok.pad_token_id,
-        do_sample=False,
-    )
+def _stamp(arch: str, size: str, seed: int, corpus_name: str) -> dict[str, Any]:
+    stamp = {"arch": arch, "size": size, "seed": seed, "builder_version": BUILDER_VERSION, "spec": asdict(SIZES[size])}
+    return stamp if corpus_name == DEFAULT_CORPUS else {**stamp, "corpus": corpus_name}
 
 
-def _stamp(arch: str, size: str, seed: int) -> dict[str, Any]:
-    return {"arch": arch, "size": size, "seed": seed, "builder_version": BUILDER_VERSION, "spec": asdict(SIZES[size])}
-
-
-def build_tiny_model(arch: str, size: str, out_dir: str | Path, *, seed: int = 0) -> Path:
+def build_tiny_model(
+    arch: str, size: str, out_dir: str | Path, *, seed: int = 0, corpus_name: str = DEFAULT_CORPUS
+) -> Path:
     """Build a random-init ``arch`` model of ``size`` with processor and tokenizer into ``out_dir``.
 
-    Returns ``out_dir`` as a :class:`~pathlib.Path`. Reuses the folder when its stamp says it
+    The tokenizer is trained on the registered corpus ``corpus_name``
+    (:func:`vlalign.models.tiny_tokenizer.corpus_sentences`). Returns ``out_dir`` as a :class:`~pathlib.Path`. Reuses the folder when its stamp says it
     already holds the same (arch, size, seed) from this builder version; otherwise (re)writes
     it. Deterministic: the global torch RNG is left untouched and the weights depend only on
     the arguments.
@@ -475,7 +450,7 @@ def build_tiny_model(arch: str, size: str, out_dir: str | Path, *, seed: int = 0
     if size not in SIZES:
         raise ValueError(f"unknown size {size!r}; expected one of {tuple(SIZES)}")
     out = Path(out_dir)
-    stamp = _stamp(arch, size, seed)
+    stamp = _stamp(arch, size, seed, corpus_name)
     stamp_path = out / STAMP_FILE
     if stamp_path.is_file():
         try:
@@ -483,10 +458,9 @@ def build_tiny_model(arch: str, size: str, out_dir: str | Path, *, seed: int = 0
                 return out
         except json.JSONDecodeError:
             pass
+    sentences = corpus_sentences(corpus_name)
     out.mkdir(parents=True, exist_ok=True)
-    from vlalign.shapes.world import tokenizer_corpus
-
-    tok = train_tokenizer(FAMILY_OF_ARCH[arch], tokenizer_corpus())
+    tok = train_tokenizer(FAMILY_OF_ARCH[arch], sentences)
     processor = make_processor(arch, size, tok)
     config = make_config(arch, size, tok)
     with torch.random.fork_rng(devices=[]):
@@ -494,8 +468,32 @@ def build_tiny_model(arch: str, size: str, out_dir: str | Path, *, seed: int = 0
         model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
         _repair_degenerate_init(model, std=1.0 / math.sqrt(SIZES[size].vision_hidden))
         _geometric_position_init(model)
-    model.generation_config = _generation_config(tok, arch)
+    model.generation_config = generation_config(tok, arch)
     model.save_pretrained(out)
     processor.save_pretrained(out)
     stamp_path.write_text(json.dumps(stamp, indent=2, sort_keys=True) + "\n")
     return out
+
+
+# ----------------------------------------------------------------------------- the cache and tiny:<arch>:<size>
+
+TINY_PREFIX = "tiny:"
+
+
+def cache_dir() -> Path:
+    """Where built models and the embedded datasets live: ``$VLALIGN_CACHE``, else ``~/.cache/vlalign``."""
+    return Path(os.environ.get("VLALIGN_CACHE") or Path.home() / ".cache" / "vlalign")
+
+
+def resolve_model(name_or_path: str, *, seed: int = 0) -> str:
+    """A loadable model source: ``tiny:<arch>:<size>`` is built (once) and its folder returned."""
+    if not name_or_path.startswith(TINY_PREFIX):
+        return name_or_path
+    parts = name_or_path[len(TINY_PREFIX) :].split(":")
+    if len(parts) != 2 or parts[0] not in ARCHITECTURES or parts[1] not in SIZES:
+        raise ValueError(
+            f"model {name_or_path!r}: expected tiny:<arch>:<size> with arch in {', '.join(ARCHITECTURES)} "
+            f"and size in {', '.join(SIZES)}"
+        )
+    arch, size = parts
+    return str(build_tiny_model(arch, size, cache_dir() / "models" / f"{arch}-{size}-seed{seed}", seed=seed))

@@ -1,8 +1,11 @@
 """Offline tokenizers and chat templates for the tiny models of :mod:`vlalign.models.tiny`.
 
-Each architecture family gets a byte-level BPE tokenizer trained in milliseconds on the shapes
-world's vocabulary (:func:`vlalign.shapes.world.tokenizer_corpus`) plus the role words of its chat
-template, and the special tokens its real processor looks for:
+Each architecture family gets a byte-level BPE tokenizer trained in milliseconds on a *corpus*
+(sentences covering the vocabulary the model will see) plus the role words of its chat template,
+and the special tokens its real processor looks for. Corpora are registered by name
+(:func:`register_corpus`); the default, ``shapes``, is the shapes world's vocabulary
+(:func:`vlalign.shapes.world.tokenizer_corpus`), registered when :mod:`vlalign.shapes` is
+imported.
 
 ===========  ==============================================================  =================
 family       special tokens (besides bos / eos / pad)                         end of turn
@@ -19,15 +22,16 @@ gemma3       ``<start_of_turn> <start_of_image> <end_of_image>``              ``
 The chat templates are written here in the style of each family's public template (role
 markers, where the image placeholder goes) but kept minimal: no default system prompt, so that
 the tiny models' prompts stay short. Byte-level BPE encodes any text, so user data outside the
-world's vocabulary still tokenizes (into more pieces).
+corpus still tokenizes (into more pieces).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import PreTrainedTokenizerFast
+from transformers import GenerationConfig, PreTrainedTokenizerFast
 
 # ---------------------------------------------------------------------------------------------
 # Chat templates (Jinja). Every template accepts `content` as a string or as a list of parts
@@ -180,6 +184,25 @@ def _all_special_tokens(spec: TokenizerSpec) -> list[str]:
     return seen
 
 
+DEFAULT_CORPUS = "shapes"
+"""The corpus the tiny models' tokenizers are trained on unless told otherwise."""
+
+_CORPORA: dict[str, Callable[[], list[str]]] = {}
+
+
+def register_corpus(name: str, sentences: Callable[[], list[str]]) -> None:
+    """Make ``sentences()`` the tokenizer corpus called ``name`` (registering a name again replaces it)."""
+    _CORPORA[name] = sentences
+
+
+def corpus_sentences(name: str = DEFAULT_CORPUS) -> list[str]:
+    """The sentences of the registered corpus ``name``."""
+    if name not in _CORPORA:
+        hint = " (import vlalign.shapes, which registers it)" if name == DEFAULT_CORPUS else ""
+        raise ValueError(f"no tokenizer corpus {name!r} is registered{hint}; registered: {sorted(_CORPORA)}")
+    return _CORPORA[name]()
+
+
 def train_tokenizer(family: str, corpus: list[str], *, vocab_size: int = 1024) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE tokenizer for ``family`` on ``corpus`` (deterministic, offline).
 
@@ -218,3 +241,15 @@ def train_tokenizer(family: str, corpus: list[str], *, vocab_size: int = 1024) -
     )
     tokenizer.chat_template = spec.chat_template
     return tokenizer
+
+
+def generation_config(tok: PreTrainedTokenizerFast, arch: str) -> GenerationConfig:
+    """Greedy decoding that stops at the end of text or the end of the turn (the family's stop tokens)."""
+    spec = SPECS[FAMILY_OF_ARCH[arch]]
+    stops = sorted({tok.convert_tokens_to_ids(spec.eos), tok.convert_tokens_to_ids(spec.end_of_turn)})
+    return GenerationConfig(
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=stops,
+        pad_token_id=tok.pad_token_id,
+        do_sample=False,
+    )

@@ -1,4 +1,5 @@
-"""Config sections and edge builders that every recipe shares: which model, which data.
+"""Config sections, edge builders and steps that every recipe shares: which model, which data, the
+distributed guards, the held-out suite of a task list and saving the final model.
 
 The builders here turn config sections into plain arguments for :mod:`vlalign.models.load` and
 :mod:`vlalign.data.io`, so that nothing below the recipes ever sees a config object.
@@ -6,7 +7,9 @@ The builders here turn config sections into plain arguments for :mod:`vlalign.mo
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -14,8 +17,12 @@ from typing import Any, Literal
 import torch
 
 from vlalign.data.io import load_samples_with_report
-from vlalign.models.load import LoraSpec, load_model_and_processor
-from vlalign.shapes.embedded import resolve_data, resolve_model
+from vlalign.eval.suite import Suite, SuiteConfig, build_suite
+from vlalign.eval.tasks import DESCRIBE, task_of
+from vlalign.models.load import LoraSpec, load_model_and_processor, save_model_and_processor
+from vlalign.models.tiny import resolve_model
+from vlalign.shapes.embedded import resolve_data
+from vlalign.training import Run, check_supported
 
 logger = logging.getLogger("vlalign")
 
@@ -118,3 +125,50 @@ def load_split(path: str, kind: str, cfg: DataConfig, *, limit: int | None = Non
     if not samples:
         raise ValueError(f"{path}: no usable {kind} rows ({report.summary()})")
     return samples
+
+
+# ----------------------------------------------------------------------------- distributed runs
+
+
+def guard_distributed(
+    run: Run, cfg: ModelConfig, *, micro_batches_per_step: int, hint: str = "train.grad_accum=1"
+) -> ModelConfig:
+    """The guards every recipe applies before loading its model: refuse set-ups the loop does not
+    support (:func:`vlalign.training.check_supported`: several backward passes per optimiser step
+    under DeepSpeed), and return the model config of this process (:func:`process_model_config`)."""
+    check_supported(run, micro_batches_per_step=micro_batches_per_step, hint=hint)
+    return process_model_config(cfg, run)
+
+
+def process_model_config(cfg: ModelConfig, run: Run) -> ModelConfig:
+    """``cfg`` with ``device: auto`` replaced by this process's device (each rank loads onto its own GPU)."""
+    if cfg.device == "auto":
+        return dataclasses.replace(cfg, device=str(run.device))
+    return cfg
+
+
+# ----------------------------------------------------------------------------- evaluation and saving
+
+
+def task_suite(cfg: SuiteConfig, tasks: Sequence[str]) -> Suite | None:
+    """The evaluation suite of ``cfg`` restricted to held-out and compositional prompts of ``tasks``,
+    with POPE only when ``describe`` is one of them (None when nothing is left to evaluate)."""
+    if not cfg.parts or not tasks:
+        return None
+    suite = build_suite(cfg)
+    keep = set(tasks)
+    suite.heldout = [s for s in suite.heldout if task_of(s) in keep]
+    suite.compositional = [s for s in suite.compositional if task_of(s) in keep]
+    if DESCRIBE not in keep:
+        suite.pope = {}
+    return suite if len(suite) else None
+
+
+def save_final_model(run: Run, model: torch.nn.Module, processor: Any, mode: str) -> Path | None:
+    """The trained model in Hugging Face format at ``<run_dir>/model`` (main process; others wait)."""
+    out = None
+    if run.accelerator.is_main_process:
+        out = save_model_and_processor(run.accelerator.unwrap_model(model), processor, run.run_dir / "model", mode=mode)
+        run.print(f"saved the model to {out}")
+    run.accelerator.wait_for_everyone()
+    return out

@@ -40,17 +40,11 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
-from vlalign.data.collate import (
-    EncodedPrompts,
-    check_lengths,
-    encode_completions,
-    encode_prompts,
-    end_of_turn_ids,
-    pad_token_id_of,
-)
-from vlalign.data.pairs.corrupt import CorruptConfig, corrupt_image, corruption_seed
-from vlalign.data.schema import DataError, PreferenceSample, PromptSample, load_image
+from vlalign.data.collate import pad_token_id_of
+from vlalign.data.pairs.corrupt import CorruptConfig
+from vlalign.data.schema import PreferenceSample
 from vlalign.eval.suite import SuiteConfig
 from vlalign.losses import (
     ALL_PREFERENCE_LOSSES,
@@ -58,34 +52,36 @@ from vlalign.losses import (
     LossOutput,
     PreferenceLogps,
     combine_losses,
-    ddpo_sequence_logps,
-    differing_segments,
     implicit_reward_metrics,
 )
-from vlalign.models.logprobs import PreferenceBatch, PreferenceLogprobs, preference_batch, preference_logprobs
-from vlalign.models.reference import PrecomputedReference, ReferencePolicy, sample_content_hash
-from vlalign.recipes.common import DataConfig, ModelConfig, load_policy
-from vlalign.recipes.iterative_dpo import OnlineConfig
+from vlalign.models.preference_batch import PreferenceLogprobs, preference_logprobs
+from vlalign.models.reference import PrecomputedReference, ReferencePolicy
+from vlalign.recipes.common import DataConfig, ModelConfig, guard_distributed, load_policy, save_final_model
+from vlalign.recipes.dpo_pairs import PairBatch, PairEncoder, ddpo_sums
+from vlalign.recipes.iterative_dpo import OnlineConfig, run_rounds
 from vlalign.recipes.preference_common import (
-    REJECTED_IMAGES,
     MetricSums,
     ReferenceConfig,
     build_reference,
-    check_distributed,
     chunks,
+    evaluation,
     finish_precompute,
     load_pairs_split,
-    micro_step_context,
-    numeric_column,
-    policy_model_config,
     process_shard,
     reference_module,
-    run_suite,
-    save_final_model,
+)
+from vlalign.training import (
+    BatchPlan,
+    Run,
+    TrainConfig,
+    build_optimizer,
+    build_scheduler,
+    check_finite,
+    global_count,
+    micro_step_context,
+    total_steps,
     zero_loss,
 )
-from vlalign.recipes.sft import global_count
-from vlalign.training import BatchPlan, Run, TrainConfig, build_optimizer, build_scheduler, check_finite, total_steps
 
 PRESETS: dict[str, dict[str, float]] = {**LOSS_PRESETS, "ha_dpo": {"sigmoid": 1.0, "nll": 1.0}}
 """Named weightings: MPO (0.8 DPO + 0.2 BCO + 1.0 SFT), RPO (DPO + NLL), HA-DPO (DPO + LM loss)."""
@@ -186,146 +182,6 @@ def loss_weights(cfg: LossConfig) -> dict[str, float]:
 # ----------------------------------------------------------------------------- phase: batch
 
 
-@dataclass
-class PairBatch:
-    """A micro-batch of preference pairs laid out for one log-prob forward (policy and reference alike)."""
-
-    batch: PreferenceBatch
-    samples: list[PreferenceSample]
-    dropped_ids: list[str]
-    keys: list[str] | None = None
-    """Content hashes of the batch's prompts (corrupted ones after), keys of the reference cache."""
-    severity: Tensor | None = None  # (B,) float64
-    chosen_diff: list[list[bool]] | None = None
-    """DDPO: per pair, which chosen tokens lie in segments that differ from the rejected one."""
-    rejected_diff: list[list[bool]] | None = None
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    @property
-    def sample_ids(self) -> list[str]:
-        return [s.id for s in self.samples]
-
-
-class PairEncoder:
-    """``PreferenceSample`` list -> :class:`PairBatch`, with ONE processor call per micro-batch.
-
-    With ``corruption`` (mDPO), each sample's images are corrupted (or its ``rejected_images`` read)
-    and the corrupted prompts go through the same processor call as the originals. Pairs longer
-    than ``max_length`` (prompt + longest completion, under either image) are dropped and counted
-    in ``num_dropped``, or refused with ``on_overflow="raise"``.
-    """
-
-    def __init__(
-        self,
-        processor: Any,
-        *,
-        max_length: int | None,
-        on_overflow: Literal["drop", "raise"] = "drop",
-        corruption: CorruptConfig | None = None,
-        extra_rejected: bool = False,
-        severity_column: str | None = None,
-        ddpo_min_match: int | None = None,
-        content_keys: bool = False,
-    ) -> None:
-        self.processor = processor
-        self.max_length = max_length
-        self.on_overflow: Literal["drop", "raise"] = on_overflow
-        self.corruption = corruption
-        self.extra_rejected = extra_rejected
-        self.severity_column = severity_column
-        self.ddpo_min_match = ddpo_min_match
-        self.content_keys = content_keys
-        self.eot_ids = end_of_turn_ids(processor)
-        self.pad_token_id = pad_token_id_of(processor)
-        self.num_dropped = 0
-
-    def _corrupted(self, sample: PreferenceSample, images: list[Any]) -> list[Any]:
-        given = sample.meta.get(REJECTED_IMAGES)
-        if given is not None:
-            return [load_image(x) for x in given]
-        c = self.corruption
-        assert c is not None
-        seed = corruption_seed(c.seed, sample.id)
-        return [corrupt_image(im, c.method, c.level, seed + k, grid=c.grid) for k, im in enumerate(images)]
-
-    def _texts(self, samples: Sequence[PreferenceSample]) -> list[list[str]]:
-        if not self.extra_rejected:
-            return [[s.chosen, s.rejected] for s in samples]
-        k = 1 + len(samples[0].rejected_extra)
-        for s in samples:
-            if 1 + len(s.rejected_extra) != k:
-                raise DataError(
-                    f"sample {s.id!r} has {1 + len(s.rejected_extra)} rejected responses and sample "
-                    f"{samples[0].id!r} has {k}; povid needs the same number in every row"
-                )
-        return [[s.chosen, s.rejected, *s.rejected_extra] for s in samples]
-
-    def __call__(self, samples: Sequence[PreferenceSample], *, count: bool = True) -> PairBatch:
-        if not samples:
-            return PairBatch(preference_batch(_empty_prompts(), [], []), [], [])
-        images = [[load_image(x) for x in s.images] for s in samples]
-        views = [PromptSample(s.id, ims, s.prompt) for s, ims in zip(samples, images)]
-        if self.corruption is not None:
-            bad = [self._corrupted(s, ims) for s, ims in zip(samples, images)]
-            views += [PromptSample(f"{s.id}#corrupted", ims, s.prompt) for s, ims in zip(samples, bad)]
-        encoded = encode_prompts(self.processor, views)  # the micro-batch's one processor call
-        n = len(samples)
-        prompts = encoded.select(range(n))
-        completions = encode_completions(self.processor, self._texts(samples), eot_ids=self.eot_ids)
-        keep, _ = check_lengths(prompts, completions, max_length=self.max_length, on_overflow=self.on_overflow)
-        corrupted = encoded.select(range(n, 2 * n)) if self.corruption is not None else None
-        if corrupted is not None:
-            ok, _ = check_lengths(
-                corrupted, [[c[0]] for c in completions], max_length=self.max_length, on_overflow=self.on_overflow
-            )
-            keep = [i for i in keep if i in set(ok)]
-        dropped = [samples[i].id for i in range(n) if i not in set(keep)]
-        if count:
-            self.num_dropped += len(dropped)
-        return self._layout(samples, images, views, prompts, corrupted, completions, keep, dropped)
-
-    def _layout(
-        self,
-        samples: Sequence[PreferenceSample],
-        images: list[list[Any]],
-        views: list[PromptSample],
-        prompts: EncodedPrompts,
-        corrupted: EncodedPrompts | None,
-        completions: list[list[list[int]]],
-        keep: list[int],
-        dropped: list[str],
-    ) -> PairBatch:
-        kept = [samples[i] for i in keep]
-        comps = [completions[i] for i in keep]
-        rejected = [c[1:] for c in comps] if self.extra_rejected else [c[1] for c in comps]
-        batch = preference_batch(
-            prompts.select(keep),
-            [c[0] for c in comps],
-            rejected,
-            corrupted_prompts=corrupted.select(keep) if corrupted is not None else None,
-        )
-        out = PairBatch(batch, kept, dropped)
-        if self.content_keys:
-            n = len(samples)
-            keys = [sample_content_hash(samples[i].prompt, images[i]) for i in keep]
-            if corrupted is not None:
-                keys += [sample_content_hash(samples[i].prompt, views[n + i].images) for i in keep]
-            out.keys = keys
-        if self.severity_column and kept:
-            out.severity = numeric_column(kept, self.severity_column, needed_by="the hsa_dpo loss")
-        if self.ddpo_min_match is not None:
-            diffs = [differing_segments(c[0], c[1], min_match_size=self.ddpo_min_match) for c in comps]
-            out.chosen_diff = [d[0].tolist() for d in diffs]
-            out.rejected_diff = [d[1].tolist() for d in diffs]
-        return out
-
-
-def _empty_prompts() -> EncodedPrompts:
-    return EncodedPrompts([], [], {}, {}, {}, [], [])
-
-
 def make_encoder(processor: Any, cfg: Config, weights: dict[str, float], *, content_keys: bool) -> PairEncoder:
     """The pair encoder that the configured objective needs."""
     return PairEncoder(
@@ -352,35 +208,6 @@ def reference_logprobs(reference: ReferencePolicy, pb: PairBatch) -> PreferenceL
     """The same under the reference (no gradient; possibly read from the cache)."""
     result = reference.logprobs(pb.batch.prompts, pb.batch.completions, sample_keys=pb.keys)
     return pb.batch.split(result)
-
-
-def _diff_mask(diffs: list[list[bool]], width: int, device: torch.device) -> Tensor:
-    mask = torch.zeros((len(diffs), width), dtype=torch.bool)
-    for i, row in enumerate(diffs):
-        mask[i, : len(row)] = torch.tensor(row, dtype=torch.bool)
-    return mask.to(device)
-
-
-def ddpo_sums(
-    lp: PreferenceLogprobs,
-    pb: PairBatch,
-    *,
-    gamma: float,
-    normalize: bool,
-) -> tuple[Tensor, Tensor, Tensor | None]:
-    """RLHF-V dense-weighted sequence log-probs of chosen, rejected (and corrupted chosen), ``(B,)`` each."""
-    if lp.rejected_rows.ndim != 1:
-        raise ValueError("ddpo_gamma > 0 needs one rejected response per pair (not povid's several)")
-    assert pb.chosen_diff is not None and pb.rejected_diff is not None
-    tok = lp.tokens
-    width, device = tok.logps.shape[1], tok.logps.device
-    seg_c, seg_r = _diff_mask(pb.chosen_diff, width, device), _diff_mask(pb.rejected_diff, width, device)
-
-    def weighted(rows: Tensor, seg: Tensor) -> Tensor:
-        return ddpo_sequence_logps(tok.logps[rows], tok.mask[rows], seg, gamma=gamma, normalize=normalize)
-
-    corrupted = weighted(lp.corrupted_rows, seg_c) if lp.corrupted_rows is not None else None
-    return weighted(lp.chosen_rows, seg_c), weighted(lp.rejected_rows, seg_r), corrupted
 
 
 def preference_record(
@@ -520,8 +347,6 @@ def precompute_reference(
     if not isinstance(reference, PrecomputedReference):
         return
     if run.accelerator.is_main_process:
-        from tqdm.auto import tqdm
-
         with run.accelerator.autocast():  # the precision the training steps compute in
             for chunk in tqdm(list(chunks(samples, batch_size)), desc="reference", disable=not run.cfg.progress):
                 pb = encoder(chunk, count=False)
@@ -534,15 +359,51 @@ def precompute_reference(
     finish_precompute(reference, run)
 
 
+# ----------------------------------------------------------------------------- set-up
+
+
+def load_pair_splits(
+    cfg: Config, weights: dict[str, float]
+) -> tuple[list[PreferenceSample], dict[str, int], list[PreferenceSample]]:
+    """The training pairs, the rows skipped per reason, and the held-out pairs ([] without data.eval)."""
+    conditioned_ok = "mdpo" in weights
+    train_set, skipped = load_pairs_split(cfg.data.train, cfg.data, image_conditioned_ok=conditioned_ok)
+    eval_set = (
+        load_pairs_split(
+            cfg.data.eval, cfg.data, image_conditioned_ok=conditioned_ok, limit=cfg.data.eval_limit or None
+        )[0]
+        if cfg.data.eval
+        else []
+    )
+    return train_set, skipped, eval_set
+
+
+def dpo_reference(
+    run: Run, cfg: Config, weights: dict[str, float], model: nn.Module, processor: Any, pad_token_id: int
+) -> ReferencePolicy | None:
+    """The reference policy of the objective (None when every term is reference-free), built from the
+    starting weights before any checkpoint is restored."""
+    if all(name in REFERENCE_FREE for name in weights):
+        return None
+    return build_reference(
+        cfg.reference,
+        model,
+        processor,
+        model_cfg=cfg.model,
+        ref_model=cfg.ref_model,
+        run=run,
+        mode=cfg.logprob_mode,
+        pad_token_id=pad_token_id,
+    )
+
+
 # ----------------------------------------------------------------------------- the loop
 
 
 def run(cfg: Config) -> dict[str, Any]:
     """Train (offline, or ``online.rounds`` rounds of iterative DPO); returns the final metrics."""
     if cfg.online.rounds > 0:
-        from vlalign.recipes.iterative_dpo import run_rounds
-
-        return run_rounds(cfg)
+        return run_rounds(cfg, train)
     return train(cfg)
 
 
@@ -555,32 +416,10 @@ def train(cfg: Config) -> dict[str, Any]:
         )
     weights = loss_weights(cfg.loss)
     run = Run(cfg.train, config=cfg, desc="dpo")
-    check_distributed(run)
-    model, processor = load_policy(policy_model_config(cfg.model, run))
-    train_set, skipped = load_pairs_split(cfg.data.train, cfg.data, image_conditioned_ok="mdpo" in weights)
-    eval_set = (
-        load_pairs_split(
-            cfg.data.eval, cfg.data, image_conditioned_ok="mdpo" in weights, limit=cfg.data.eval_limit or None
-        )[0]
-        if cfg.data.eval
-        else []
-    )
-    needs_reference = any(name not in REFERENCE_FREE for name in weights)
+    model, processor = load_policy(guard_distributed(run, cfg.model, micro_batches_per_step=cfg.train.grad_accum))
+    train_set, skipped, eval_set = load_pair_splits(cfg, weights)
     settings = StepSettings(cfg.loss, weights, cfg.logprob_mode, pad_token_id_of(processor))
-    reference = (
-        build_reference(
-            cfg.reference,
-            model,
-            processor,
-            model_cfg=cfg.model,
-            ref_model=cfg.ref_model,
-            run=run,
-            mode=cfg.logprob_mode,
-            pad_token_id=settings.pad_token_id,
-        )
-        if needs_reference
-        else None
-    )
+    reference = dpo_reference(run, cfg, weights, model, processor, settings.pad_token_id)
     encoder = make_encoder(processor, cfg, weights, content_keys=isinstance(reference, PrecomputedReference))
     if reference is not None:
         precompute_reference(run, reference, encoder, [*train_set, *eval_set], batch_size=cfg.train.batch_size)
@@ -595,7 +434,22 @@ def train(cfg: Config) -> dict[str, Any]:
         f"dpo: {len(train_set)} pairs ({sum(skipped.values())} skipped), {steps} steps of {plan.global_batch}, "
         f"loss {weights}, reference {type(reference).__name__ if reference else 'none'}"
     )
-    suite_reference = reference_module(reference) if reference is not None else None
+
+    def evaluate_now(step: int | None) -> dict[str, float]:
+        heldout = lambda: heldout_metrics(
+            run, model, reference, encoder, eval_set, settings, batch_size=cfg.train.batch_size
+        )
+        return evaluation(
+            run,
+            model,
+            processor,
+            heldout=heldout if eval_set else None,
+            suite=cfg.suite,
+            eval_suite=cfg.eval_suite,
+            reference=reference_module(reference) if reference is not None else None,
+            progress=cfg.train.progress,
+            step=step,
+        )
 
     for step in range(run.start_step, steps):
         batches = [encoder([train_set[i] for i in mb]) for mb in plan.micro_batches(step, run.process_index)]
@@ -612,36 +466,14 @@ def train(cfg: Config) -> dict[str, Any]:
             metrics["reference/forwards"] = reference.num_forwards
         done = step + 1
         if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done < steps:
-            if eval_set:
-                metrics.update(
-                    heldout_metrics(run, model, reference, encoder, eval_set, settings, batch_size=cfg.train.batch_size)
-                )
-            if cfg.eval_suite == "every":
-                metrics.update(
-                    run_suite(
-                        model,
-                        processor,
-                        cfg.suite,
-                        run=run,
-                        reference=suite_reference,
-                        progress=False,
-                        filename=f"suite_eval_step{done}.json",
-                    )
-                )
+            metrics.update(evaluate_now(done))
         run.end_step(done, metrics, samples=sum(len(b) for b in batches), tokens=tokens)
 
     final: dict[str, Any] = {
         "data/skipped_pairs": float(sum(skipped.values())),
         "data/train_pairs": float(len(train_set)),
     }
-    if eval_set:
-        final.update(
-            heldout_metrics(run, model, reference, encoder, eval_set, settings, batch_size=cfg.train.batch_size)
-        )
-    if cfg.eval_suite != "none":
-        final.update(
-            run_suite(model, processor, cfg.suite, run=run, reference=suite_reference, progress=cfg.train.progress)
-        )
+    final.update(evaluate_now(None))
     run.log(steps, final)
     save_final_model(run, model, processor, cfg.save)
     run.finish()

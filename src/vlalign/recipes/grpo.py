@@ -1,5 +1,18 @@
 """``vlalign grpo``: group-relative policy optimisation and its relatives on verifiable (or learned) rewards.
 
+Where the defaults depart from DeepSeekMath's GRPO (Shao et al., arXiv 2402.03300) and from TRL's
+``GRPOTrainer`` (``GRPOConfig`` defaults as read in TRL 1.10's source)::
+
+    setting        vlalign default                    DeepSeekMath GRPO             TRL GRPOConfig
+    aggregation    token-mean over the optimiser      seq-mean-token-mean           loss_type="dapo" (the same
+                   step's tokens, all processes       (1/G sum_i 1/|o_i| sum_t)     global token mean)
+    KL             none: update.kl_coef=0 (k3 to      in the loss, k3, beta=0.04    beta=0.0 (none)
+                   the reference still logged)
+    advantage eps  std + 1e-6 (Bessel std)            std, no eps written           std + 1e-4 (Bessel std)
+    clipping       ratio in [1-0.2, 1+0.2]; one       one update per exploration    epsilon=0.2, epsilon_high
+                   update per batch (ratio = 1)       stage (ratio = 1)             = epsilon, num_iterations=1
+    group size     rollout.n=8                        G=64                          num_generations=8
+
 One recipe, one ``advantage`` setting:
 
 =========================  ===========================================================================
@@ -38,10 +51,8 @@ Examples::
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -50,35 +61,51 @@ from torch import nn
 
 from vlalign.data.collate import pad_token_id_of
 from vlalign.data.schema import PromptSample
-from vlalign.eval.suite import Suite, SuiteConfig, build_suite, evaluate
-from vlalign.eval.tasks import DESCRIBE, filter_tasks, task_of
+from vlalign.eval.suite import SuiteConfig
+from vlalign.eval.tasks import filter_tasks
+from vlalign.losses import dapo_group_filter
 from vlalign.models.generate import GenerationSettings
-from vlalign.models.load import save_model_and_processor
-from vlalign.models.reference import FrozenCopyReference, ReferencePolicy, make_reference
-from vlalign.recipes.common import DataConfig, ModelConfig, load_policy, load_split
-from vlalign.recipes.preference_common import policy_model_config
+from vlalign.models.reference import ReferencePolicy
+from vlalign.recipes.common import (
+    DataConfig,
+    ModelConfig,
+    guard_distributed,
+    load_policy,
+    load_split,
+    save_final_model,
+    task_suite,
+)
 from vlalign.recipes.rl_common import (
     AdvantageName,
     PolicyUpdateConfig,
-    Rollouts,
     advantages,
     build_rl_reward,
+    completion_records,
     global_masked_moments,
-    group_filter_mask,
-    mean_over_processes,
     old_logprobs,
     overlong_shaping,
     reference_logprobs,
     require_reward_model,
-    rollout,
+    rl_reference,
     rollout_metrics,
-    rollout_seed,
+    run_eval,
     score,
     token_kl,
 )
-from vlalign.recipes.rl_update import UpdateContext, update
+from vlalign.recipes.rl_update import update, update_context
+from vlalign.recipes.rollouts import Rollouts, rollout, rollout_seed
 from vlalign.rewards import RewardsConfig, RewardScores
-from vlalign.training import BatchPlan, Run, TrainConfig, build_optimizer, build_scheduler, check_finite, total_steps
+from vlalign.training import (
+    BatchPlan,
+    Run,
+    StepRecords,
+    TrainConfig,
+    build_optimizer,
+    build_scheduler,
+    check_finite,
+    mean_over_processes,
+    total_steps,
+)
 
 
 def _train_defaults() -> TrainConfig:
@@ -184,46 +211,10 @@ def check_config(cfg: Config) -> None:
     require_reward_model(cfg.rewards, cfg.reward_model)
 
 
-def check_distributed(run: Run, cfg: Config) -> None:
-    """Under DeepSpeed accelerate steps the engine at every backward call, so an optimiser step may hold
-    only one micro-batch (train.grad_accum / update.minibatches = 1)."""
-    from accelerate.utils import DistributedType
-
-    if run.accelerator.distributed_type == DistributedType.DEEPSPEED and cfg.train.grad_accum > cfg.update.minibatches:
-        raise ValueError(
-            "under DeepSpeed set train.grad_accum equal to update.minibatches (one micro-batch per "
-            "optimiser step; raise train.batch_size or the number of processes instead), and set "
-            "gradient_clipping in the DeepSpeed config"
-        )
-
-
 def load_prompts(cfg: Config) -> list[PromptSample]:
     """The training prompts, filtered to ``grpo.tasks``."""
     samples = load_split(cfg.data.train, "prompt", cfg.data)
     return filter_tasks(samples, cfg.grpo.tasks, source=cfg.data.train, option="grpo.tasks")
-
-
-def build_eval_suite(cfg: Config) -> Suite | None:
-    """The held-out suite restricted to ``eval_tasks`` (None when nothing is left to evaluate)."""
-    if not cfg.eval.parts or not cfg.eval_tasks:
-        return None
-    suite = build_suite(cfg.eval)
-    keep = set(cfg.eval_tasks)
-    suite.heldout = [s for s in suite.heldout if task_of(s) in keep]
-    suite.compositional = [s for s in suite.compositional if task_of(s) in keep]
-    if DESCRIBE not in keep:
-        suite.pope = {}
-    return suite if len(suite) else None
-
-
-def build_reference(cfg: Config, model: nn.Module, pad_token_id: int) -> ReferencePolicy | None:
-    """The reference policy (built from the starting weights, before any checkpoint is loaded)."""
-    if cfg.update.reference == "none":
-        return None
-    name = cfg.update.reference
-    if name == "auto":
-        name = "adapter" if hasattr(model, "disable_adapter") else "copy"
-    return make_reference(name, model, pad_token_id=pad_token_id)  # type: ignore[arg-type]
 
 
 # ----------------------------------------------------------------------------- phases of a step
@@ -273,7 +264,7 @@ def collect(
         if round_ == 0:
             metrics.update(_first_round_metrics(ro, scores, time.perf_counter() - t0))
         if cfg.grpo.filter_groups:
-            keep = group_filter_mask(ro.rewards, group_size=ro.group_size).nonzero().squeeze(-1).tolist()
+            keep = dapo_group_filter(ro.rewards, group_size=ro.group_size).nonzero().squeeze(-1).tolist()
             ro = ro.select_groups(keep)
             metrics[f"groups/kept_round{round_}"] = len(keep) / len(samples)
         kept.append(ro)
@@ -342,50 +333,6 @@ def prepare_update(
     return metrics
 
 
-def run_eval(
-    run: Run, policy: nn.Module, processor: Any, suite: Suite | None, reference: ReferencePolicy | None
-) -> dict[str, float]:
-    """Held-out metrics (main process); KL from the start when the reference is a frozen copy."""
-    if suite is None:
-        return {}
-    out: dict[str, float] = {}
-    if run.accelerator.is_main_process:
-        ref_model = reference.model if isinstance(reference, FrozenCopyReference) else None
-        result = evaluate(policy, processor, suite, reference=ref_model)
-        out = {f"eval/{k}": v for k, v in result.metrics.items() if not k.endswith("_n")}
-    run.accelerator.wait_for_everyone()
-    return out
-
-
-class CompletionLog:
-    """``completions.jsonl``: one record per prompt and step (main process only)."""
-
-    def __init__(self, path: Path, *, enabled: bool, start_step: int) -> None:
-        self.path = path
-        self.enabled = enabled
-        if enabled and path.exists():  # a resumed (or restarted) run keeps only what its checkpoint covers
-            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= start_step]
-            path.write_text("".join(line + "\n" for line in kept))
-
-    def write(self, step: int, ro: Rollouts) -> None:
-        if not self.enabled or len(ro) == 0:
-            return
-        g = ro.group_size
-        rewards = ro.rewards.tolist() if ro.rewards is not None else [None] * ro.num_rows
-        adv = ro.advantages if ro.advantages is not None and ro.advantages.ndim == 1 else None
-        with open(self.path, "a") as fh:
-            for i, sample in enumerate(ro.samples):
-                record = {
-                    "step": step,
-                    "id": sample.id,
-                    "completions": ro.texts[i],
-                    "rewards": rewards[i * g : (i + 1) * g],
-                }
-                if adv is not None:
-                    record["advantages"] = [round(a, 6) for a in adv[i * g : (i + 1) * g].tolist()]
-                fh.write(json.dumps(record) + "\n")
-
-
 # ----------------------------------------------------------------------------- the loop
 
 
@@ -393,11 +340,13 @@ def run(cfg: Config) -> dict[str, Any]:
     """Train with the configured estimator, evaluate, save the model; returns the final metrics."""
     check_config(cfg)
     run = Run(cfg.train, config=cfg, desc=f"grpo[{cfg.advantage}]")
-    check_distributed(run, cfg)
-    model, processor = load_policy(policy_model_config(cfg.model, run))  # each process on its own device
+    per_step = cfg.train.grad_accum // cfg.update.minibatches  # micro-batches per optimiser step
+    model, processor = load_policy(
+        guard_distributed(run, cfg.model, micro_batches_per_step=per_step, hint="train.grad_accum = update.minibatches")
+    )
     pad = pad_token_id_of(processor)
     train_set = load_prompts(cfg)
-    suite = build_eval_suite(cfg)
+    suite = task_suite(cfg.eval, cfg.eval_tasks)
     reward = build_rl_reward(
         cfg.rewards, cfg.reward_model, device=cfg.model.device, dtype=cfg.model.dtype, batch_size=cfg.reward_batch_size
     )
@@ -405,7 +354,7 @@ def run(cfg: Config) -> dict[str, Any]:
     steps = total_steps(cfg.train, plan)
     optimizer = build_optimizer(model, cfg.train)
     scheduler = build_scheduler(optimizer, cfg.train, steps * cfg.update.epochs * cfg.update.minibatches)
-    reference = build_reference(cfg, model, pad)  # from the starting weights, before a checkpoint loads
+    reference = rl_reference(cfg.update.reference, model, pad)  # from the starting weights, before a checkpoint
     modules, optimizer = run.prepare({"model": model}, optimizer, scheduler, total=steps)
     model = modules["model"]
     policy = run.accelerator.unwrap_model(model)
@@ -415,13 +364,13 @@ def run(cfg: Config) -> dict[str, Any]:
         f"{cfg.rollout.n} completions"
     )
     if cfg.eval_before and run.start_step == 0:  # no KL: the policy is the reference here
-        run.log(0, run_eval(run, policy, processor, suite, None))
-    reduce_sum = lambda t: run.accelerator.reduce(t.to(run.device), "sum").cpu()  # noqa: E731
-    log = CompletionLog(
+        run.log(0, run_eval(run, policy, processor, suite, None)[0])
+    log = StepRecords(
         run.run_dir / "completions.jsonl",
         start_step=run.start_step,
         enabled=cfg.log_completions and run.accelerator.is_main_process,
     )
+    reduce_sum = lambda t: run.accelerator.reduce(t.to(run.device), "sum").cpu()
 
     for step in range(run.start_step, steps):
         t_start = time.perf_counter()
@@ -429,16 +378,9 @@ def run(cfg: Config) -> dict[str, Any]:
             ro, metrics = collect(run, policy, processor, reward, train_set, plan, step, cfg)
             t_update = time.perf_counter()
             metrics.update(prepare_update(policy, reference, ro, cfg, pad_token_id=pad, reduce_sum=reduce_sum))
-        ctx = UpdateContext(
-            temperature=cfg.rollout.temperature,
-            pad_token_id=pad,
-            micro_batches=cfg.train.grad_accum,
-            norm_length=cfg.update.norm_length or cfg.rollout.max_new_tokens,
-            seed=cfg.train.seed,
-            step=step,
-        )
+        ctx = update_context(cfg.rollout, cfg.train, cfg.update, step=step, pad_token_id=pad)
         metrics.update(update(run, model, optimizer, scheduler, ro, cfg.update, ctx))
-        log.write(step + 1, ro)
+        log.write(completion_records(step + 1, ro))
         check_finite(
             torch.tensor(metrics["train/loss"]),
             step=step + 1,
@@ -450,17 +392,15 @@ def run(cfg: Config) -> dict[str, Any]:
         metrics = mean_over_processes(run, metrics)
         done = step + 1
         if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done != steps:
-            metrics.update(run_eval(run, policy, processor, suite, reference))
+            metrics.update(run_eval(run, policy, processor, suite, reference)[0])
         prompt_tokens = sum(len(p) for p in ro.prompts.input_ids)
         run.end_step(done, metrics, samples=ro.num_rows, tokens=prompt_tokens + ro.num_tokens)
 
-    final = run_eval(run, policy, processor, suite, reference)
+    final, _ = run_eval(run, policy, processor, suite, reference)
     if final:
         run.log(steps, final)
         shown = {k: round(v, 4) for k, v in final.items() if k.startswith(("eval/task", "eval/kl"))}
         run.print(f"held-out: {shown}")
-    if run.accelerator.is_main_process:
-        out = save_model_and_processor(policy, processor, run.run_dir / "model", mode=cfg.save)
-        run.print(f"saved the model to {out}")
+    save_final_model(run, model, processor, cfg.save)
     run.finish()
     return final

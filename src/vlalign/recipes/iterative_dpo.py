@@ -20,6 +20,9 @@ are saved merged (the next round puts a fresh adapter on them). The last round's
 to ``<output_dir>/model``; ``<output_dir>/rounds.json`` lists each round's pairs and metrics.
 With several processes, the main process samples and ranks while the others wait; every process
 then trains on the same pairs file.
+
+This module knows nothing of DPO's losses: :func:`run_rounds` is given the offline trainer
+(``vlalign.recipes.dpo.train``) and reads only the config sections of :class:`RoundsConfig`.
 """
 
 from __future__ import annotations
@@ -29,14 +32,23 @@ import json
 import random
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal, Protocol, TypeVar
 
-from vlalign.models.generate import GenerationSettings
+from accelerate import PartialState
 
-if TYPE_CHECKING:
-    from vlalign.recipes.dpo import Config
+from vlalign.data.io import load_samples, write_samples
+from vlalign.data.pairs.rank import sample_and_rank
+from vlalign.eval.scorers import build_scorer
+from vlalign.models.generate import GenerationSettings, generate, settings_kwargs
+from vlalign.models.load import load_model_and_processor
+from vlalign.models.tiny import resolve_model
+from vlalign.recipes.common import DataConfig, ModelConfig
+from vlalign.shapes.embedded import resolve_data
+from vlalign.shapes.vocabulary import find_vocabulary
+from vlalign.training import TrainConfig
 
 
 def _online_generation_defaults() -> GenerationSettings:
@@ -70,6 +82,20 @@ class OnlineConfig:
     model. A --ref-model, when given, is the reference of every round."""
 
 
+class RoundsConfig(Protocol):
+    """The sections of a recipe config (``vlalign.recipes.dpo.Config``) that the rounds read and replace."""
+
+    model: ModelConfig
+    ref_model: str
+    data: DataConfig
+    train: TrainConfig
+    online: OnlineConfig
+    save: str
+
+
+C = TypeVar("C", bound=RoundsConfig)
+
+
 @dataclass
 class RoundResult:
     """What one round made and measured."""
@@ -89,15 +115,8 @@ def round_prompts(samples: list[Any], cfg: OnlineConfig, *, seed: int, round_: i
     return random.Random(f"vlalign-online/{seed}/{round_}").sample(list(samples), cfg.prompts_per_round)
 
 
-def sample_and_rank_round(policy_path: str, cfg: Config, out_dir: Path, round_: int) -> dict[str, Any]:
+def sample_and_rank_round(policy_path: str, cfg: RoundsConfig, out_dir: Path, round_: int) -> dict[str, Any]:
     """Sample answers of the round's policy and write the ranked pairs; returns the pair statistics."""
-    from vlalign.commands.pairs import find_vocabulary
-    from vlalign.data.io import load_samples, write_samples
-    from vlalign.data.pairs.rank import build_scorer, sample_and_rank
-    from vlalign.models.generate import generate, settings_kwargs
-    from vlalign.models.load import load_model_and_processor
-    from vlalign.shapes.embedded import resolve_data, resolve_model
-
     o = cfg.online
     data_path = resolve_data(o.prompts)
     prompts = round_prompts(load_samples(data_path, "prompt"), o, seed=cfg.train.seed, round_=round_)
@@ -136,7 +155,7 @@ def sample_and_rank_round(policy_path: str, cfg: Config, out_dir: Path, round_: 
     return summary
 
 
-def round_config(cfg: Config, *, policy: str, reference: str, out_dir: Path, last: bool, resume: bool) -> Config:
+def round_config(cfg: C, *, policy: str, reference: str, out_dir: Path, last: bool, resume: bool) -> C:
     """The offline DPO config of one round."""
     save = cfg.save if last else ("merged" if cfg.model.use_lora else "full")
     return dataclasses.replace(
@@ -150,12 +169,9 @@ def round_config(cfg: Config, *, policy: str, reference: str, out_dir: Path, las
     )
 
 
-def run_rounds(cfg: Config) -> dict[str, Any]:
-    """All rounds (resuming finished ones); returns the last round's metrics plus ``online/*`` counts."""
-    from accelerate import PartialState
-
-    from vlalign.recipes.dpo import train
-
+def run_rounds(cfg: C, train: Callable[[C], dict[str, Any]]) -> dict[str, Any]:
+    """All rounds (resuming finished ones), each trained by ``train`` (offline DPO) on the round's
+    config; returns the last round's metrics plus ``online/*`` counts."""
     state = PartialState()
     root = Path(cfg.train.output_dir)
     if cfg.online.rounds < 1:

@@ -48,23 +48,28 @@ from vlalign.eval.suite import SuiteConfig
 from vlalign.losses import UnpairedLogps, kto_loss
 from vlalign.models.logprobs import completion_logprobs
 from vlalign.models.reference import PrecomputedReference, ReferencePolicy, sample_content_hash
-from vlalign.recipes.common import DataConfig, ModelConfig, load_policy, load_split
+from vlalign.recipes.common import DataConfig, ModelConfig, guard_distributed, load_policy, load_split, save_final_model
 from vlalign.recipes.preference_common import (
     ReferenceConfig,
     build_reference,
-    check_distributed,
     chunks,
+    evaluation,
     load_pairs_split,
-    micro_step_context,
-    policy_model_config,
     process_shard,
     reference_module,
-    run_suite,
-    save_final_model,
+)
+from vlalign.training import (
+    BatchPlan,
+    Run,
+    TrainConfig,
+    build_optimizer,
+    build_scheduler,
+    check_finite,
+    global_count,
+    micro_step_context,
+    total_steps,
     zero_loss,
 )
-from vlalign.recipes.sft import global_count
-from vlalign.training import BatchPlan, Run, TrainConfig, build_optimizer, build_scheduler, check_finite, total_steps
 
 
 def _kto_train_defaults() -> TrainConfig:
@@ -367,14 +372,14 @@ def precompute_reference(
                 if len(ub):
                     reference.logprobs(ub.prompts, [[g[0]] for g in ub.completions], sample_keys=ub.keys)
     run.accelerator.wait_for_everyone()
-    reference._entries = None  # re-read what the main process wrote
+    reference.reload()  # re-read what the main process wrote
 
 
 # ----------------------------------------------------------------------------- the loop
 
 
-def run(cfg: Config) -> dict[str, Any]:
-    """Train with KTO, evaluate, save ``<output_dir>/model``; returns the final metrics."""
+def check_config(cfg: Config) -> None:
+    """Errors a run would otherwise meet late, named by their config keys."""
     if not cfg.data.train:
         raise ValueError(
             "data.train is required: unpaired rows (prompt, images, completion, label), or preference "
@@ -385,9 +390,13 @@ def run(cfg: Config) -> dict[str, Any]:
             "KTO's reference point pairs each prompt with another sample's completion of the same "
             "micro-batch: use train.batch_size >= 2 (or loss.kl_estimate=false)"
         )
+
+
+def run(cfg: Config) -> dict[str, Any]:
+    """Train with KTO, evaluate, save ``<output_dir>/model``; returns the final metrics."""
+    check_config(cfg)
     run = Run(cfg.train, config=cfg, desc="kto")
-    check_distributed(run)
-    model, processor = load_policy(policy_model_config(cfg.model, run))
+    model, processor = load_policy(guard_distributed(run, cfg.model, micro_batches_per_step=cfg.train.grad_accum))
     train_set = load_unpaired(cfg.data.train, cfg)
     eval_set = load_unpaired(cfg.data.eval, cfg, limit=cfg.data.eval_limit or None)
     pad = pad_token_id_of(processor)
@@ -417,7 +426,20 @@ def run(cfg: Config) -> dict[str, Any]:
     model.train()
     n_good = sum(s.label for s in train_set)
     run.print(f"kto: {len(train_set)} completions ({n_good} desirable), {steps} steps of {plan.global_batch}")
-    suite_reference = reference_module(reference)
+
+    def evaluate_now(step: int | None) -> dict[str, float]:
+        heldout = lambda: heldout_metrics(run, model, reference, encoder, eval_set, cfg, pad)
+        return evaluation(
+            run,
+            model,
+            processor,
+            heldout=heldout if eval_set else None,
+            suite=cfg.suite,
+            eval_suite=cfg.eval_suite,
+            reference=reference_module(reference),
+            progress=cfg.train.progress,
+            step=step,
+        )
 
     for step in range(run.start_step, steps):
         batches = [encoder([train_set[i] for i in mb]) for mb in plan.micro_batches(step, run.process_index)]
@@ -432,29 +454,11 @@ def run(cfg: Config) -> dict[str, Any]:
         metrics["data/dropped_overlong"] = encoder.num_dropped
         done = step + 1
         if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done < steps:
-            if eval_set:
-                metrics.update(heldout_metrics(run, model, reference, encoder, eval_set, cfg, pad))
-            if cfg.eval_suite == "every":
-                metrics.update(
-                    run_suite(
-                        model,
-                        processor,
-                        cfg.suite,
-                        run=run,
-                        reference=suite_reference,
-                        progress=False,
-                        filename=f"suite_eval_step{done}.json",
-                    )
-                )
+            metrics.update(evaluate_now(done))
         run.end_step(done, metrics, samples=sum(len(b) for b in batches), tokens=tokens)
 
     final: dict[str, Any] = {"data/train_completions": float(len(train_set))}
-    if eval_set:
-        final.update(heldout_metrics(run, model, reference, encoder, eval_set, cfg, pad))
-    if cfg.eval_suite != "none":
-        final.update(
-            run_suite(model, processor, cfg.suite, run=run, reference=suite_reference, progress=cfg.train.progress)
-        )
+    final.update(evaluate_now(None))
     run.log(steps, final)
     save_final_model(run, model, processor, cfg.save)
     run.finish()

@@ -10,20 +10,19 @@ module holds the pieces around them:
   rejected text teaches nothing, so it is an error naming the row, or a counted skip with
   ``data.skip_bad_rows``; image-conditioned pairs (``rejected_images``, from
   ``vlalign pairs --method=corrupt``) are the exception, trained by the ``mdpo`` term;
-* global reductions for data parallelism and gradient accumulation (:class:`MetricSums`,
-  :func:`micro_step_context`): every per-example mean divides by the number of examples of the
-  whole optimiser step over all processes, summed before any backward pass;
-* the evaluation suite on the model in memory (:func:`run_suite`) and saving the final model.
+* global means for data parallelism and gradient accumulation (:class:`MetricSums`): every
+  per-example mean divides by the number of examples of the whole optimiser step over all
+  processes, summed before any backward pass;
+* the evaluation suite on the model in memory (:func:`run_suite`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -31,7 +30,11 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from vlalign.config import to_dict
+from vlalign.data.io import load_samples_with_report
 from vlalign.data.schema import DataError, PreferenceSample, data_error
+from vlalign.eval.suite import build_suite, evaluate
+from vlalign.models.load import load_model_and_processor, same_tokenizer
 from vlalign.models.logprobs import Mode
 from vlalign.models.reference import (
     FrozenCopyReference,
@@ -39,9 +42,10 @@ from vlalign.models.reference import (
     ReferencePolicy,
     make_reference,
 )
-from vlalign.recipes.common import DataConfig, ModelConfig
-from vlalign.shapes.embedded import resolve_data, resolve_model
-from vlalign.training import Run
+from vlalign.models.tiny import resolve_model
+from vlalign.recipes.common import DataConfig, ModelConfig, process_model_config
+from vlalign.shapes.embedded import resolve_data
+from vlalign.training import Run, union_of_keys
 
 logger = logging.getLogger("vlalign")
 
@@ -63,26 +67,6 @@ class ReferenceConfig:
 
 
 # ----------------------------------------------------------------------------- model and reference
-
-
-def check_distributed(run: Run) -> None:
-    """Refuse set-ups the loop does not support. Under DeepSpeed, accelerate steps the engine at every
-    ``backward`` call, so the loop's own gradient accumulation (several backwards per step) would
-    step it too often: accumulate with more processes or a larger batch_size instead."""
-    from accelerate.utils import DistributedType
-
-    if run.accelerator.distributed_type == DistributedType.DEEPSPEED and run.cfg.grad_accum > 1:
-        raise ValueError(
-            "under DeepSpeed use train.grad_accum=1 (raise train.batch_size or the number of "
-            "processes instead), and set gradient_clipping in the DeepSpeed config"
-        )
-
-
-def policy_model_config(cfg: ModelConfig, run: Run) -> ModelConfig:
-    """``cfg`` with ``device: auto`` replaced by this process's device (each rank loads onto its own GPU)."""
-    if cfg.device == "auto":
-        return dataclasses.replace(cfg, device=str(run.device))
-    return cfg
 
 
 def resolved_strategy(strategy: str, *, lora: bool, ref_model: str) -> str:
@@ -117,14 +101,10 @@ def build_reference(
     """
     strategy = resolved_strategy(cfg.strategy, lora=model_cfg.use_lora, ref_model=ref_model)
     if ref_model:
-        from vlalign.commands.eval import same_tokenizer
-        from vlalign.models.load import load_model_and_processor
-
-        device = str(run.device) if model_cfg.device == "auto" else model_cfg.device
         other, other_processor = load_model_and_processor(
             resolve_model(ref_model, seed=model_cfg.tiny_seed),
             dtype=model_cfg.dtype,
-            device=device,
+            device=process_model_config(model_cfg, run).device,
             attn_implementation=model_cfg.attn_implementation or None,
         )
         if not same_tokenizer(processor, other_processor):
@@ -161,7 +141,7 @@ def finish_precompute(reference: ReferencePolicy, run: Run) -> None:
     """After the main process filled the cache: every process drops the source model (frees memory)."""
     run.accelerator.wait_for_everyone()
     if isinstance(reference, PrecomputedReference):
-        reference._entries = None  # re-read the shards the main process wrote
+        reference.reload()  # re-read the shards the main process wrote
         reference.release_source()
 
 
@@ -177,8 +157,6 @@ def load_pairs_split(
 ) -> tuple[list[PreferenceSample], dict[str, int]]:
     """Preference samples of ``path`` (the loader's checks, then :func:`check_pairs`); returns them and
     the rows skipped per reason (with ``data.skip_bad_rows``), the loader's and ours together."""
-    from vlalign.data.io import load_samples_with_report
-
     resolved = Path(resolve_data(path))
     if not resolved.exists():
         raise FileNotFoundError(f"data file {path!r} does not exist (resolved to {resolved})")
@@ -287,18 +265,7 @@ def chunks(items: Sequence[Any], size: int) -> Iterator[list[Any]]:
         yield list(items[start : start + size])
 
 
-# ----------------------------------------------------------------------------- global reductions
-
-
-def micro_step_context(run: Run, model: nn.Module, last: bool) -> contextlib.AbstractContextManager:
-    """No gradient all-reduce before the last micro-batch of an optimiser step."""
-    return contextlib.nullcontext() if last else run.accelerator.no_sync(model)
-
-
-def zero_loss(model: nn.Module) -> Tensor:
-    """A loss of exactly 0 touching every trainable parameter (a process with nothing to train on
-    still joins DDP's gradient all-reduce)."""
-    return sum(p.sum() * 0.0 for p in model.parameters() if p.requires_grad)  # type: ignore[return-value]
+# ----------------------------------------------------------------------------- global means
 
 
 class MetricSums:
@@ -319,11 +286,7 @@ class MetricSums:
 
     def means(self, run: Run, total: Tensor) -> dict[str, Tensor]:
         """Global means (a metric some process lacks, having had no examples, counts 0 there)."""
-        names = sorted(self.sums)
-        if run.num_processes > 1:  # every process must join the same all-reduces
-            from accelerate.utils import gather_object
-
-            names = sorted({name for part in gather_object([names]) for name in part})
+        names = union_of_keys(run, list(self.sums))  # every process must join the same all-reduces
         out = {}
         for key in names:
             local = self.sums.get(key, torch.zeros((), dtype=torch.float64, device=self.device))
@@ -350,9 +313,6 @@ def run_suite(
     """
     metrics: dict[str, float] = {}
     if run.accelerator.is_main_process:
-        from vlalign.config import to_dict
-        from vlalign.eval.suite import build_suite, evaluate
-
         suite = build_suite(suite_cfg)
         result = evaluate(run.accelerator.unwrap_model(model), processor, suite, reference=reference, progress=progress)
         metrics = {f"suite/{k}": float(v) for k, v in result.metrics.items()}
@@ -362,13 +322,35 @@ def run_suite(
     return metrics
 
 
-def save_final_model(run: Run, model: nn.Module, processor: Any, mode: str) -> Path | None:
-    """The trained model in Hugging Face format at ``<run_dir>/model`` (main process)."""
-    from vlalign.models.load import save_model_and_processor
-
-    out = None
-    if run.accelerator.is_main_process:
-        out = save_model_and_processor(run.accelerator.unwrap_model(model), processor, run.run_dir / "model", mode=mode)
-        run.print(f"saved the model to {out}")
-    run.accelerator.wait_for_everyone()
-    return out
+def evaluation(
+    run: Run,
+    model: nn.Module,
+    processor: Any,
+    *,
+    heldout: Callable[[], dict[str, float]] | None,
+    suite: Any,
+    eval_suite: str,
+    reference: nn.Module | None,
+    progress: bool,
+    step: int | None = None,
+) -> dict[str, float]:
+    """The evaluations of a preference run: the held-out metrics (``heldout()``; None without a held-out
+    split), then the suite on the model in memory. During training (at step ``step``) the suite runs
+    when ``eval_suite`` is "every" (answers in ``suite_eval_step<step>.json``); at the end (``step``
+    None) unless it is "none"."""
+    metrics = heldout() if heldout is not None else {}
+    if step is not None and eval_suite == "every":
+        metrics.update(
+            run_suite(
+                model,
+                processor,
+                suite,
+                run=run,
+                reference=reference,
+                progress=False,
+                filename=f"suite_eval_step{step}.json",
+            )
+        )
+    elif step is None and eval_suite != "none":
+        metrics.update(run_suite(model, processor, suite, run=run, reference=reference, progress=progress))
+    return metrics

@@ -34,7 +34,6 @@ The saved model (``<output_dir>/model``) is reopened with
 
 from __future__ import annotations
 
-import contextlib
 import math
 import random
 from collections.abc import Sequence
@@ -56,10 +55,20 @@ from vlalign.data.schema import PreferenceSample
 from vlalign.losses import bradley_terry_loss
 from vlalign.models.heads import RewardModel, RewardModelInfo, hidden_size_of, new_head, save_reward_model
 from vlalign.models.reference import eval_mode
-from vlalign.recipes.common import DataConfig, ModelConfig, load_policy, load_split
-from vlalign.recipes.sft import global_count
+from vlalign.recipes.common import DataConfig, ModelConfig, guard_distributed, load_policy, load_split
 from vlalign.rewards.model import prepare_samples
-from vlalign.training import BatchPlan, Run, TrainConfig, build_optimizer, build_scheduler, check_finite, total_steps
+from vlalign.training import (
+    BatchPlan,
+    Run,
+    TrainConfig,
+    build_optimizer,
+    build_scheduler,
+    check_finite,
+    global_count,
+    micro_step_context,
+    total_steps,
+    zero_loss,
+)
 
 
 def _rm_train_defaults() -> TrainConfig:
@@ -203,10 +212,9 @@ def rm_step(
     loss_sum = torch.zeros((), device=run.device)
     sums: dict[str, Tensor] = {}
     for i, batch in enumerate(batches):
-        sync = contextlib.nullcontext() if i == len(batches) - 1 else run.accelerator.no_sync(model)
-        with sync, run.accelerator.autocast():
+        with micro_step_context(run, model, i == len(batches) - 1), run.accelerator.autocast():
             if len(batch) == 0:  # every pair dropped as over-long: keep processes in step
-                loss = sum(p.sum() * 0.0 for p in model.parameters() if p.requires_grad)
+                loss = zero_loss(model)
             else:
                 chosen, rejected = pair_rewards(model, batch, pad_token_id=pad_token_id)
                 margin = pair_margins(batch.samples, cfg.loss.margin_column)
@@ -299,7 +307,7 @@ def _normalisation(chosen: Tensor, rejected: Tensor) -> tuple[float, float]:
 def run(cfg: Config) -> dict[str, Any]:
     """Train the reward model, measure held-out accuracy, save it; returns the final metrics."""
     run = Run(cfg.train, config=cfg, desc="rm")
-    backbone, processor = load_policy(cfg.model)
+    backbone, processor = load_policy(guard_distributed(run, cfg.model, micro_batches_per_step=cfg.train.grad_accum))
     model = RewardModel(backbone, new_head(backbone, dropout=cfg.head_dropout, seed=cfg.train.seed))
     info = RewardModelInfo(
         hidden_size=hidden_size_of(backbone), facts_column=cfg.facts_column, facts_template=cfg.facts_template

@@ -6,7 +6,7 @@ over these phases; each phase is a function of tens of lines, and the math stays
 
 A step, in order::
 
-    ro = rollout(policy, processor, samples, settings=gen, seed=rollout_seed(seed, step))
+    ro = rollout(policy, processor, samples, settings=gen, seed=rollout_seed(seed, step))  # rollouts.py
     scores = score(ro, reward, step=step)             # RewardScores: total + per function
     ro.rewards = scores.total                         # (+ overlong_shaping(...), - KL if in the reward)
     ro.old_logps = old_logprobs(policy, ro, ...)      # None when the update is fully on-policy
@@ -14,16 +14,13 @@ A step, in order::
     ro.advantages = advantages(...)                   # (R,) outcome or (R, L) token advantages
     metrics = update(run, model, optimizer, scheduler, ro, cfg.update, ...)   # vlalign.recipes.rl_update
 
-Layout of :class:`Rollouts`: B prompts ("groups") of G completions each; per-completion
-("row") tensors are flat and prompt-major, row ``r`` is completion ``r % G`` of prompt
-``r // G``; per-token tensors are ``(R, L)``, right-padded to the longest completion ``L``, with
-:attr:`Rollouts.mask` marking real tokens. Each prompt (and its image) is processed once, by
-the processor call of the rollout, and that encoding is reused for every log-prob forward
-(shared prefix: :func:`vlalign.models.logprobs.completion_logprobs`).
+The batch, :class:`~vlalign.recipes.rollouts.Rollouts`, and the rollout phase live in
+:mod:`vlalign.recipes.rollouts`; the clipped-surrogate update in :mod:`vlalign.recipes.rl_update`.
 
-Exact resume. Sampling is seeded by :func:`rollout_seed` ``(seed, step, round)`` and the
-minibatch shuffles by ``(seed, step, epoch)``, so a resumed run samples the same completions and
-visits them in the same order as an uninterrupted one; nothing random is drawn from global RNGs.
+Exact resume. Sampling is seeded by :func:`~vlalign.recipes.rollouts.rollout_seed` ``(seed, step,
+round)`` and the minibatch shuffles by ``(seed, step, epoch)``, so a resumed run samples the same
+completions and visits them in the same order as an uninterrupted one; nothing random is drawn
+from global RNGs.
 
 Data parallelism. Each process rolls out and scores its own prompts. Normalisers (token and
 sequence counts of each optimiser step) and whitening statistics are summed over processes
@@ -31,38 +28,40 @@ before any backward pass, so gradients equal those of one process holding the gl
 A process with nothing left to train on (every group filtered out) still runs a zero-loss
 backward for each micro-batch, keeping DDP's collective calls in step.
 
-``vlalign ppo`` reuses :class:`Rollouts` (``extras`` carries old values and returns), the phases
-and :func:`vlalign.recipes.rl_update.update`'s ``extra_loss`` hook (a value loss from the same
-forward, ``return_hidden=True``).
+``vlalign ppo`` reuses :class:`~vlalign.recipes.rollouts.Rollouts` (``extras`` carries old values
+and returns), these phases and the shared pieces of the update (its own loop adds the value loss).
 """
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, fields, replace
-from functools import reduce
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
-from vlalign.data.collate import EncodedPrompts
 from vlalign.data.schema import PromptSample
+from vlalign.eval.suite import EvalResult, Suite, evaluate
 from vlalign.losses import (
     ADVANTAGE_ESTIMATORS,
     KL_ESTIMATORS,
-    discounted_returns,
     dr_grpo_advantages,
     kl_penalized_token_rewards,
-    masked_whiten,
     overlong_reward_penalty,
+    reinforce_pp_advantages,
 )
-from vlalign.models.generate import GenerationSettings, generate
 from vlalign.models.logprobs import CompletionLogprobs, completion_logprobs
-from vlalign.models.packing import concat_prompts
-from vlalign.models.reference import ReferencePolicy
+from vlalign.models.reference import (
+    AdapterDisabledReference,
+    FrozenCopyReference,
+    ReferencePolicy,
+    make_reference,
+)
+from vlalign.recipes.rollouts import Rollouts, pad_width
 from vlalign.rewards import CombinedReward, RewardError, RewardsConfig, RewardScores, build_reward_from_config
+from vlalign.rewards.model import load_reward_scorer
 from vlalign.training import Run
 
 Aggregation = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
@@ -136,185 +135,6 @@ class PolicyUpdateConfig:
         return self.reference != "none" and (self.kl_coef > 0 or self.log_kl)
 
 
-# ----------------------------------------------------------------------------- the batch
-
-
-@dataclass
-class Rollouts:
-    """B prompts with G sampled completions each, and what the later phases attach to them.
-
-    Per-row tensors have R = B * G rows (prompt-major); per-token tensors are ``(R, L, ...)``.
-    """
-
-    samples: list[PromptSample]
-    """The B prompts (ground truth in ``meta`` for the rewards)."""
-    prompts: EncodedPrompts
-    """The prompts after their one processor call (shared by generation and every log-prob forward)."""
-    token_ids: list[list[list[int]]]
-    """Sampled token ids, ``token_ids[i][k]`` = completion k of prompt i (stop token included when it stopped)."""
-    texts: list[list[str]]
-    """Decoded completions, like ``token_ids``."""
-    stopped: list[list[bool]]
-    """True when a completion ended with a stop token, False when max_new_tokens cut it."""
-    group_size: int
-    """G, completions per prompt."""
-    seconds: float = 0.0
-    """Wall time of the generation."""
-    rewards: Tensor | None = None  # (R,) float32: the rewards the advantages are computed from
-    old_logps: Tensor | None = None  # (R, L): log-probs under the rollout policy (None: on-policy update)
-    ref_logps: Tensor | None = None  # (R, L): log-probs under the reference policy
-    advantages: Tensor | None = None  # (R,) outcome or (R, L) per-token advantages
-    extras: dict[str, Tensor] = field(default_factory=dict)
-    """Other per-row tensors a recipe attaches (PPO: old values, returns). Tensors of one dimension are
-    ``(R,)``; those of two or more are per-token ``(R, L, ...)`` (cut and padded along L with the rest)."""
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    @property
-    def num_rows(self) -> int:
-        return len(self.samples) * self.group_size
-
-    @property
-    def lengths(self) -> Tensor:  # (R,) long
-        return torch.tensor([len(c) for group in self.token_ids for c in group], dtype=torch.long)
-
-    @property
-    def width(self) -> int:
-        """L, the longest completion."""
-        return max((len(c) for group in self.token_ids for c in group), default=0)
-
-    @property
-    def mask(self) -> Tensor:  # (R, L) bool
-        return torch.arange(self.width)[None, :] < self.lengths[:, None]
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(len(c) for group in self.token_ids for c in group)
-
-    def flat_samples(self) -> list[PromptSample]:
-        """Each prompt repeated G times (one per row)."""
-        return [s for s in self.samples for _ in range(self.group_size)]
-
-    def flat_texts(self) -> list[str]:
-        return [t for group in self.texts for t in group]
-
-    def flat_stopped(self) -> Tensor:  # (R,) bool
-        return torch.tensor([s for group in self.stopped for s in group], dtype=torch.bool)
-
-    def row_tensors(self) -> dict[str, Tensor]:
-        """Every per-row tensor attached so far, by field name (extras as ``extras.<key>``)."""
-        out = {f.name: getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), Tensor)}
-        out.update({f"extras.{k}": v for k, v in self.extras.items()})
-        return out
-
-    def select_groups(self, groups: Sequence[int]) -> Rollouts:
-        """The prompts ``groups`` (in that order) with their G completions; per-token tensors are cut to
-        the new longest completion, so they line up with a forward over the selection."""
-        groups = list(groups)
-        rows = torch.tensor([g * self.group_size + k for g in groups for k in range(self.group_size)], dtype=torch.long)
-        width = max((len(c) for g in groups for c in self.token_ids[g]), default=0)
-
-        def cut(t: Tensor) -> Tensor:
-            picked = t[rows.to(t.device)]
-            return picked[:, :width] if picked.ndim >= 2 else picked
-
-        changes: dict[str, Any] = {name: cut(t) for name, t in self.row_tensors().items() if "." not in name}
-        return replace(
-            self,
-            samples=[self.samples[g] for g in groups],
-            prompts=self.prompts.select(groups),
-            token_ids=[self.token_ids[g] for g in groups],
-            texts=[self.texts[g] for g in groups],
-            stopped=[self.stopped[g] for g in groups],
-            extras={k: cut(v) for k, v in self.extras.items()},
-            **changes,
-        )
-
-    @staticmethod
-    def concat(parts: Sequence[Rollouts]) -> Rollouts:
-        """The groups of ``parts`` one after the other (per-token tensors padded with zeros to the longest)."""
-        if not parts:
-            raise ValueError("Rollouts.concat needs at least one part")
-        sizes = {p.group_size for p in parts}
-        if len(sizes) != 1:
-            raise ValueError(f"Rollouts.concat: parts have different group sizes {sorted(sizes)}")
-        nonempty = [p for p in parts if len(p)]
-        if len(nonempty) <= 1:
-            return nonempty[0] if nonempty else parts[0]
-        parts = nonempty
-        width = max(p.width for p in parts)
-        tensors: dict[str, Tensor | None] = {}
-        for name in parts[0].row_tensors():
-            values = [p.row_tensors().get(name) for p in parts]
-            if any(v is None for v in values):
-                raise ValueError(f"Rollouts.concat: {name} is set in some parts and not in others")
-            tensors[name] = torch.cat([_pad_width(v, width) for v in values])  # type: ignore[arg-type]
-        return Rollouts(
-            samples=[s for p in parts for s in p.samples],
-            prompts=reduce(concat_prompts, [p.prompts for p in parts]),
-            token_ids=[g for p in parts for g in p.token_ids],
-            texts=[g for p in parts for g in p.texts],
-            stopped=[g for p in parts for g in p.stopped],
-            group_size=parts[0].group_size,
-            seconds=sum(p.seconds for p in parts),
-            **{k: v for k, v in tensors.items() if "." not in k},
-            extras={k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("extras.")},  # type: ignore[misc]
-        )
-
-
-def _pad_width(t: Tensor, width: int) -> Tensor:
-    if t.ndim < 2 or t.shape[1] == width:
-        return t
-    pad = t.new_zeros((t.shape[0], width - t.shape[1], *t.shape[2:]))
-    return torch.cat([t, pad], dim=1)
-
-
-# ----------------------------------------------------------------------------- phase 1: rollout
-
-
-def rollout_seed(seed: int, step: int, round_: int = 0) -> int:
-    """The sampling seed of round ``round_`` of step ``step`` (a pure function: exact resume)."""
-    digest = hashlib.sha256(f"vlalign-rl/{seed}/{step}/{round_}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 62) - 1)
-
-
-@torch.no_grad()
-def rollout(
-    model: nn.Module, processor: Any, samples: Sequence[PromptSample], *, settings: GenerationSettings, seed: int
-) -> Rollouts:
-    """Sample ``settings.n`` completions per prompt (G); each prompt is processed and prefilled once.
-
-    ``model`` should be the unwrapped policy (no DDP wrapper: generation needs no gradient sync).
-    """
-    if settings.n < 1:
-        raise ValueError(f"rollout.n (completions per prompt) must be >= 1, got {settings.n}")
-    if not samples:
-        raise ValueError("rollout: no prompts given")
-    gens = generate(
-        model,
-        processor,
-        list(samples),
-        n=settings.n,
-        temperature=settings.temperature,
-        top_p=settings.top_p,
-        top_k=settings.top_k,
-        max_new_tokens=settings.max_new_tokens,
-        seed=seed,
-        batch_size=settings.batch_size,
-        keep_prompts=True,
-    )
-    return Rollouts(
-        samples=list(samples),
-        prompts=reduce(concat_prompts, gens.encoded),
-        token_ids=gens.token_ids,
-        texts=gens.texts,
-        stopped=gens.stopped,
-        group_size=settings.n,
-        seconds=gens.seconds,
-    )
-
-
 # ----------------------------------------------------------------------------- phase 2: score
 
 
@@ -370,7 +190,7 @@ def _by_micro_batch(rollouts: Rollouts, micro_batch: int, logps_of: Callable[[Ro
     parts = []
     for lo in range(0, len(rollouts), max(micro_batch, 1)):
         part = rollouts.select_groups(range(lo, min(lo + micro_batch, len(rollouts))))
-        parts.append(_pad_width(logps_of(part).detach().float().cpu(), rollouts.width))
+        parts.append(pad_width(logps_of(part).detach().float().cpu(), rollouts.width))
     return torch.cat(parts) if parts else torch.zeros(0, rollouts.width)
 
 
@@ -454,15 +274,13 @@ def advantages(
     outcome = dr_grpo_advantages(rewards, group_size=group_size) if name == "reinforce_pp_baseline" else rewards
     per_token_kl = kl.to(rewards.dtype) if kl is not None else torch.zeros(mask.shape, dtype=rewards.dtype)
     token_rewards = kl_penalized_token_rewards(outcome, per_token_kl, mask, kl_coef=kl_coef if kl is not None else 0.0)
-    returns = discounted_returns(token_rewards, mask, gamma=gamma)  # REINFORCE++: whiten the returns globally
-    mean, var = global_masked_moments(returns, mask, reduce_sum=reduce_sum)
-    return masked_whiten(returns, mask, mean=mean, var=var)
-
-
-def group_filter_mask(rewards: Tensor, *, group_size: int) -> Tensor:
-    """``(B,)`` True for groups whose rewards are not all equal (DAPO's dynamic sampling keeps those)."""
-    grouped = rewards.view(-1, group_size)
-    return grouped.amax(-1) > grouped.amin(-1)
+    adv, _ = reinforce_pp_advantages(  # the returns are whitened with the statistics of the global batch
+        token_rewards,
+        mask,
+        gamma=gamma,
+        moments=lambda returns, valid: global_masked_moments(returns, valid, reduce_sum=reduce_sum),
+    )
+    return adv
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -487,20 +305,22 @@ def rollout_metrics(rollouts: Rollouts, scores: RewardScores | None = None) -> d
     return out
 
 
-def mean_over_processes(run: Run, metrics: dict[str, Any]) -> dict[str, float]:
-    """Every metric averaged over the processes that have it (one all-reduce; processes may hold
-    different keys, e.g. one whose groups were all filtered out)."""
-    keys = sorted(metrics)
-    if run.num_processes == 1:
-        return {k: float(metrics[k]) for k in keys}
-    from accelerate.utils import gather_object
-
-    keys = sorted({k for ks in gather_object([keys]) for k in ks})
-    local = torch.tensor(
-        [[float(metrics[k]), 1.0] if k in metrics else [0.0, 0.0] for k in keys], dtype=torch.float64, device=run.device
-    ).reshape(-1, 2)
-    total = run.accelerator.reduce(local, "sum")
-    return {k: v / max(n, 1.0) for k, (v, n) in zip(keys, total.tolist())}
+def completion_records(step: int, rollouts: Rollouts) -> Iterator[dict[str, Any]]:
+    """One record per prompt of a step for ``completions.jsonl`` (:class:`vlalign.training.StepRecords`):
+    the sampled completions, their rewards and (outcome estimators) their advantages."""
+    g = rollouts.group_size
+    rewards = rollouts.rewards.tolist() if rollouts.rewards is not None else [None] * rollouts.num_rows
+    adv = rollouts.advantages if rollouts.advantages is not None and rollouts.advantages.ndim == 1 else None
+    for i, sample in enumerate(rollouts.samples):
+        record = {
+            "step": step,
+            "id": sample.id,
+            "completions": rollouts.texts[i],
+            "rewards": rewards[i * g : (i + 1) * g],
+        }
+        if adv is not None:
+            record["advantages"] = [round(a, 6) for a in adv[i * g : (i + 1) * g].tolist()]
+        yield record
 
 
 # ----------------------------------------------------------------------------- rewards
@@ -521,31 +341,82 @@ def build_rl_reward(
     require_reward_model(rewards, reward_model)
     scorers = {}
     if reward_model:
-        from vlalign.rewards.model import load_reward_scorer
-
         scorers["reward_model"] = load_reward_scorer(
             reward_model, device="cpu" if device == "cpu" else "auto", dtype=dtype, batch_size=batch_size
         )
     return build_reward_from_config(rewards, scorers=scorers)
 
 
+def rl_reference(name: str, model: nn.Module, pad_token_id: int) -> ReferencePolicy | None:
+    """The reference policy of ``update.reference`` (None for "none"; "auto": the adapter-disabled model
+    with LoRA, else a frozen copy), built from the starting weights before any checkpoint is loaded."""
+    if name == "none":
+        return None
+    if name == "auto":
+        name = "adapter" if hasattr(model, "disable_adapter") else "copy"
+    return make_reference(name, model, pad_token_id=pad_token_id)  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+@contextlib.contextmanager
+def starting_policy(reference: ReferencePolicy | None, policy: nn.Module) -> Iterator[nn.Module | None]:
+    """The starting model: the frozen copy, or the policy with its adapter disabled (None without a reference)."""
+    if isinstance(reference, FrozenCopyReference):
+        yield reference.model
+    elif isinstance(reference, AdapterDisabledReference):
+        with policy.disable_adapter():
+            yield policy
+    else:
+        yield None
+
+
+def run_eval(
+    run: Run,
+    policy: nn.Module,
+    processor: Any,
+    suite: Suite | None,
+    reference: ReferencePolicy | None,
+    *,
+    scorer: Any = None,
+    baseline: EvalResult | None = None,
+) -> tuple[dict[str, float], EvalResult | None]:
+    """Held-out metrics (main process; the others wait): the suite's, the KL from the start when the
+    reference is a frozen copy and, with ``scorer``, the win rate over the starting model (whose
+    result ``baseline`` is computed on first use, ``eval/start/...``). Returns them and the baseline."""
+    if suite is None:
+        return {}, baseline
+    out: dict[str, float] = {}
+    if run.accelerator.is_main_process:
+        if baseline is None and scorer is not None:
+            with starting_policy(reference, policy) as start:
+                baseline = evaluate(start, processor, suite) if start is not None else None
+        ref_model = reference.model if isinstance(reference, FrozenCopyReference) else None
+        result = evaluate(policy, processor, suite, reference=ref_model, baseline=baseline, scorer=scorer)
+        out = {f"eval/{k}": v for k, v in result.metrics.items() if not k.endswith("_n")}
+        if baseline is not None:
+            out.update({f"eval/start/{k}": v for k, v in baseline.metrics.items() if k.startswith(("chair/", "task/"))})
+    run.accelerator.wait_for_everyone()
+    return out, baseline
+
+
 __all__ = [
     "ADVANTAGES",
     "PolicyUpdateConfig",
-    "Rollouts",
     "advantages",
     "build_rl_reward",
+    "completion_records",
     "global_masked_moments",
-    "group_filter_mask",
-    "mean_over_processes",
     "old_logprobs",
     "overlong_shaping",
     "policy_logprobs",
     "reference_logprobs",
     "require_reward_model",
-    "rollout",
+    "rl_reference",
     "rollout_metrics",
-    "rollout_seed",
+    "run_eval",
     "score",
+    "starting_policy",
     "token_kl",
 ]

@@ -1,15 +1,22 @@
 """Phase 5 of the on-policy RL step (:mod:`vlalign.recipes.rl_common`): the clipped-surrogate update.
 
-:func:`update` runs the configured epochs and minibatches over a step's :class:`Rollouts`,
-one forward per micro-batch (shared prefix), with the aggregation normalisers of each optimiser
-step summed over processes first, so that gradients equal those of one process holding the
-global batch; ``extra_loss`` lets PPO add its value loss from the same forward.
+:func:`update` is the GRPO family's update: ``update.epochs`` passes of ``update.minibatches``
+optimiser steps over a step's :class:`~vlalign.recipes.rollouts.Rollouts`, one forward per
+micro-batch (shared prefix). Its pieces are shared with PPO's update (``vlalign.recipes.ppo``,
+which adds the value loss in its own loop):
+
+* :func:`optimiser_steps` deals the batch's groups into micro-batches (reshuffled each epoch when
+  samples are reused) and yields those of each optimiser step;
+* :func:`global_normalisers` sums an optimiser step's token and sequence counts over processes
+  before its first backward pass, so gradients equal those of one process with the global batch;
+* :func:`surrogate_loss` turns a forward's log-probs into the aggregated clipped surrogate
+  (+ KL to the reference when it is in the loss, - entropy bonus);
+* :class:`UpdateStats` keeps the token-weighted metrics, losses and gradient norms.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,10 +24,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from vlalign.losses import aggregate, masked_mean, ppo_clip_loss
+from vlalign.losses import aggregate, entropy_bonus, masked_mean, ppo_clip_loss
+from vlalign.models.generate import GenerationSettings
 from vlalign.models.logprobs import CompletionLogprobs
-from vlalign.recipes.rl_common import PolicyUpdateConfig, Rollouts, policy_logprobs, token_kl
-from vlalign.training import Run
+from vlalign.recipes.rl_common import PolicyUpdateConfig, policy_logprobs, token_kl
+from vlalign.recipes.rollouts import Rollouts
+from vlalign.training import Run, TrainConfig, micro_step_context, union_of_keys, zero_loss
 
 
 def policy_loss_terms(
@@ -52,15 +61,11 @@ def policy_loss_terms(
         if cfg.kl_coef > 0 and cfg.kl_in == "loss":
             per_token = per_token + cfg.kl_coef * kl
     if entropy is not None:
-        metrics["policy/entropy"] = masked_mean(entropy.detach(), mask)
+        bonus = entropy_bonus(entropy, mask, coef=cfg.entropy_coef)
+        metrics.update(bonus.metrics)
         if cfg.entropy_coef > 0:
-            per_token = per_token - cfg.entropy_coef * entropy
+            per_token = per_token + bonus.losses
     return per_token, metrics
-
-
-def _zero_loss(model: nn.Module) -> Tensor:
-    """A loss of exactly 0 that touches every trainable parameter (keeps DDP's collectives in step)."""
-    return sum(p.sum() * 0.0 for p in model.parameters() if p.requires_grad)  # type: ignore[return-value]
 
 
 def micro_batch_groups(
@@ -74,15 +79,9 @@ def micro_batch_groups(
     return [chunk.tolist() for chunk in np.array_split(order, num_micro)]
 
 
-ExtraLoss = Callable[[Rollouts, CompletionLogprobs, dict[str, Tensor]], tuple[Tensor, dict[str, Tensor]]]
-"""``(micro_rollouts, policy_out, normalisers) -> (loss, metrics)``: an extra loss term of a micro-batch
-(PPO's value loss), already divided by the global normaliser it needs; ``normalisers`` holds
-``num_tokens`` and ``num_sequences`` of the optimiser step over every process."""
-
-
 @dataclass
 class UpdateContext:
-    """What :func:`update` needs besides the config (plain values, built by the recipe)."""
+    """What an update needs besides the config (plain values, built by the recipe)."""
 
     temperature: float
     """Sampling temperature (log-probs are of the same tempered distribution)."""
@@ -95,25 +94,57 @@ class UpdateContext:
     step: int
 
 
-def _micro_loss(
-    run: Run,
-    model: nn.Module,
+def update_context(
+    rollout: GenerationSettings, train: TrainConfig, cfg: PolicyUpdateConfig, *, step: int, pad_token_id: int
+) -> UpdateContext:
+    """The :class:`UpdateContext` of optimiser-step ``step`` from a recipe's config sections."""
+    return UpdateContext(
+        temperature=rollout.temperature,
+        pad_token_id=pad_token_id,
+        micro_batches=train.grad_accum,
+        norm_length=cfg.norm_length or rollout.max_new_tokens,
+        seed=train.seed,
+        step=step,
+    )
+
+
+def optimiser_steps(rollouts: Rollouts, cfg: PolicyUpdateConfig, ctx: UpdateContext) -> Iterator[list[Rollouts]]:
+    """The micro-batches of each optimiser step of the update, in order: ``cfg.epochs`` passes, each
+    dealing the batch's groups into ``ctx.micro_batches`` micro-batches (reshuffled by ``(seed, step,
+    epoch)`` unless the update is on-policy), consecutive runs of ``micro_batches / minibatches`` of
+    them making one optimiser step."""
+    if ctx.micro_batches % cfg.minibatches:
+        raise ValueError(f"update.minibatches ({cfg.minibatches}) must divide train.grad_accum ({ctx.micro_batches})")
+    if rollouts.advantages is None:
+        raise ValueError("update: compute rollouts.advantages first")
+    per_step = ctx.micro_batches // cfg.minibatches
+    for epoch in range(cfg.epochs):
+        chunks = micro_batch_groups(
+            len(rollouts), ctx.micro_batches, seed=ctx.seed, step=ctx.step, epoch=epoch, shuffle=not cfg.on_policy
+        )
+        for m in range(cfg.minibatches):
+            yield [rollouts.select_groups(c) for c in chunks[m * per_step : (m + 1) * per_step]]
+
+
+def global_normalisers(run: Run, parts: Sequence[Rollouts]) -> dict[str, Tensor]:
+    """Tokens and sequences of one optimiser step, summed over its micro-batches and every process."""
+    local = torch.tensor(
+        [float(sum(p.num_tokens for p in parts)), float(sum(p.num_rows for p in parts))], device=run.device
+    )
+    total = run.accelerator.reduce(local, "sum").clamp(min=1.0)
+    return {"num_tokens": total[0], "num_sequences": total[1]}
+
+
+def surrogate_loss(
+    out: CompletionLogprobs,
     part: Rollouts,
     cfg: PolicyUpdateConfig,
     ctx: UpdateContext,
     norms: dict[str, Tensor],
-    extra_loss: ExtraLoss | None,
-    return_hidden: bool,
-) -> tuple[Tensor, dict[str, Tensor], int]:
-    """Loss of one micro-batch (scaled for DDP's gradient averaging), its metrics and token count."""
-    out = policy_logprobs(
-        model,
-        part,
-        temperature=ctx.temperature,
-        pad_token_id=ctx.pad_token_id,
-        return_entropy=True,
-        return_hidden=return_hidden,
-    )
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The clipped-surrogate loss of a micro-batch from its policy forward ``out`` (entropy included),
+    aggregated by ``cfg.aggregation`` with the optimiser step's global normalisers, and its metrics.
+    The old log-probs are the forward's own (detached) when the rollouts carry none (on-policy)."""
     device = out.logps.device
     mask = out.mask
     old = part.old_logps.to(device) if part.old_logps is not None else out.logps.detach()
@@ -128,12 +159,62 @@ def _micro_loss(
         num_tokens=norms["num_tokens"],
         num_sequences=norms["num_sequences"],
     )
-    if extra_loss is not None:
-        extra, extra_metrics = extra_loss(part, out, norms)
-        loss = loss + extra
-        metrics.update(extra_metrics)
-    # DDP averages gradients over processes; the normalisers are global, hence the factor.
-    return loss * run.num_processes, metrics, int(mask.sum())
+    return loss, metrics
+
+
+class UpdateStats:
+    """What an update reports: token-weighted means of the micro-batch metrics, the mean loss of its
+    optimiser steps and the mean gradient norm (over every process)."""
+
+    def __init__(self, run: Run) -> None:
+        self.run = run
+        self.sums: dict[str, float] = {}
+        self.weight = 0.0
+        self.losses: list[Tensor] = []
+        self.norms: list[float] = []
+        self.step_loss = torch.zeros((), device=run.device)
+
+    def add(self, loss: Tensor, metrics: dict[str, Tensor], tokens: int) -> None:
+        """A micro-batch's loss (as passed to backward) and metrics, weighted by its ``tokens``."""
+        self.step_loss = self.step_loss + loss.detach() / self.run.num_processes
+        for key, value in metrics.items():
+            self.sums[key] = self.sums.get(key, 0.0) + float(value) * tokens
+        self.weight += tokens
+
+    def end_step(self) -> None:
+        """The optimiser step's loss, summed over processes (call before stepping)."""
+        self.losses.append(self.run.accelerator.reduce(self.step_loss, "sum"))
+        self.step_loss = torch.zeros((), device=self.run.device)
+
+    def add_grad_norm(self, norm: Tensor | None) -> None:
+        if norm is not None:
+            self.norms.append(float(norm))
+
+    def means(self) -> dict[str, float]:
+        """Token-weighted means over every process (those of one process with the global batch; a
+        process that trained on nothing contributes zeros under every other process's keys), the mean
+        loss (``train/loss``) and gradient norm (``train/grad_norm``, when clipping measured one)."""
+        run = self.run
+        keys = union_of_keys(run, list(self.sums))
+        local = torch.tensor(
+            [self.sums.get(k, 0.0) for k in keys] + [self.weight], dtype=torch.float64, device=run.device
+        )
+        total = run.accelerator.reduce(local, "sum").tolist() if run.num_processes > 1 else local.tolist()
+        out = {k: v / max(total[-1], 1.0) for k, v in zip(keys, total[:-1])}
+        out["train/loss"] = float(torch.stack(self.losses).mean())
+        if self.norms:
+            out["train/grad_norm"] = sum(self.norms) / len(self.norms)
+        return out
+
+
+def policy_loss(
+    run: Run, model: nn.Module, part: Rollouts, cfg: PolicyUpdateConfig, ctx: UpdateContext, norms: dict[str, Tensor]
+) -> tuple[Tensor, dict[str, Tensor], int]:
+    """One micro-batch of the GRPO family: forward, clipped surrogate; returns the loss scaled for DDP's
+    gradient averaging (the normalisers are global, hence the factor), its metrics and token count."""
+    out = policy_logprobs(model, part, temperature=ctx.temperature, pad_token_id=ctx.pad_token_id, return_entropy=True)
+    loss, metrics = surrogate_loss(out, part, cfg, ctx, norms)
+    return loss * run.num_processes, metrics, int(out.mask.sum())
 
 
 def update(
@@ -144,79 +225,35 @@ def update(
     rollouts: Rollouts,
     cfg: PolicyUpdateConfig,
     ctx: UpdateContext,
-    *,
-    extra_loss: ExtraLoss | None = None,
-    return_hidden: bool = False,
-    parameters: Callable[[], Any] | None = None,
 ) -> dict[str, float]:
-    """``cfg.epochs`` passes of ``cfg.minibatches`` optimiser steps over the rollout batch.
-
-    The batch's groups are dealt into ``ctx.micro_batches`` micro-batches (reshuffled each epoch when
-    samples are reused); consecutive runs of ``micro_batches / minibatches`` of them make one optimiser
-    step, whose token and sequence counts are summed over processes before its first backward pass.
-    ``parameters()`` gives what to clip (default: the model's). Returns token-weighted means of the
-    metrics and the mean loss and gradient norm.
-    """
-    if ctx.micro_batches % cfg.minibatches:
-        raise ValueError(f"update.minibatches ({cfg.minibatches}) must divide train.grad_accum ({ctx.micro_batches})")
-    if rollouts.advantages is None:
-        raise ValueError("update: compute rollouts.advantages first")
-    per_step = ctx.micro_batches // cfg.minibatches
-    sums: dict[str, float] = {}
-    weight = 0.0
-    losses, norms_seen = [], []
-    for epoch in range(cfg.epochs):
-        chunks = micro_batch_groups(
-            len(rollouts), ctx.micro_batches, seed=ctx.seed, step=ctx.step, epoch=epoch, shuffle=not cfg.on_policy
-        )
-        for m in range(cfg.minibatches):
-            parts = [rollouts.select_groups(c) for c in chunks[m * per_step : (m + 1) * per_step]]
-            norms = _global_normalisers(run, parts)
-            step_loss = torch.zeros((), device=run.device)
-            for i, part in enumerate(parts):
-                last = i == len(parts) - 1
-                sync = contextlib.nullcontext() if last else run.accelerator.no_sync(model)
-                with sync, run.accelerator.autocast():
-                    if len(part) == 0:
-                        loss, metrics, n_tok = _zero_loss(model), {}, 0
-                    else:
-                        loss, metrics, n_tok = _micro_loss(run, model, part, cfg, ctx, norms, extra_loss, return_hidden)
-                    run.accelerator.backward(loss)
-                step_loss = step_loss + loss.detach() / run.num_processes
-                for key, value in metrics.items():
-                    sums[key] = sums.get(key, 0.0) + float(value) * n_tok
-                weight += n_tok
-            losses.append(run.accelerator.reduce(step_loss, "sum"))
-            norm = run.clip_and_step(parameters() if parameters else model.parameters(), optimizer, scheduler)
-            if norm is not None:
-                norms_seen.append(float(norm))
-    out = _token_weighted_means(run, sums, weight)
-    out["train/loss"] = float(torch.stack(losses).mean())
-    if norms_seen:
-        out["train/grad_norm"] = sum(norms_seen) / len(norms_seen)
-    return out
+    """``cfg.epochs`` passes of ``cfg.minibatches`` optimiser steps of the clipped surrogate over the
+    rollout batch (:func:`optimiser_steps`). Returns token-weighted means of the metrics and the mean
+    loss and gradient norm (:class:`UpdateStats`)."""
+    stats = UpdateStats(run)
+    for parts in optimiser_steps(rollouts, cfg, ctx):
+        norms = global_normalisers(run, parts)
+        for i, part in enumerate(parts):
+            with micro_step_context(run, model, i == len(parts) - 1), run.accelerator.autocast():
+                if len(part) == 0:  # nothing to train on here: keep processes in step
+                    loss, metrics, tokens = zero_loss(model), {}, 0
+                else:
+                    loss, metrics, tokens = policy_loss(run, model, part, cfg, ctx, norms)
+                run.accelerator.backward(loss)
+            stats.add(loss, metrics, tokens)
+        stats.end_step()
+        stats.add_grad_norm(run.clip_and_step(model.parameters(), optimizer, scheduler))
+    return stats.means()
 
 
-def _token_weighted_means(run: Run, sums: dict[str, float], weight: float) -> dict[str, float]:
-    """Token-weighted means over every process (so they equal those of one process with the global batch);
-    a process that trained on nothing this step contributes zeros under every other process's keys."""
-    keys = sorted(sums)
-    if run.num_processes > 1:
-        from accelerate.utils import gather_object
-
-        keys = sorted({k for ks in gather_object([keys]) for k in ks})
-    local = torch.tensor([sums.get(k, 0.0) for k in keys] + [weight], dtype=torch.float64, device=run.device)
-    total = run.accelerator.reduce(local, "sum").tolist() if run.num_processes > 1 else local.tolist()
-    return {k: v / max(total[-1], 1.0) for k, v in zip(keys, total[:-1])}
-
-
-def _global_normalisers(run: Run, parts: Sequence[Rollouts]) -> dict[str, Tensor]:
-    """Tokens and sequences of one optimiser step, summed over its micro-batches and every process."""
-    local = torch.tensor(
-        [float(sum(p.num_tokens for p in parts)), float(sum(p.num_rows for p in parts))], device=run.device
-    )
-    total = run.accelerator.reduce(local, "sum").clamp(min=1.0)
-    return {"num_tokens": total[0], "num_sequences": total[1]}
-
-
-__all__ = ["ExtraLoss", "UpdateContext", "micro_batch_groups", "policy_loss_terms", "update"]
+__all__ = [
+    "UpdateContext",
+    "UpdateStats",
+    "global_normalisers",
+    "micro_batch_groups",
+    "optimiser_steps",
+    "policy_loss",
+    "policy_loss_terms",
+    "surrogate_loss",
+    "update",
+    "update_context",
+]

@@ -15,7 +15,6 @@ Examples::
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -24,9 +23,19 @@ import torch
 import torch.nn.functional as F
 
 from vlalign.data.collate import IGNORE_INDEX, SequenceBatch, SupervisedCollator
-from vlalign.models.load import save_model_and_processor
-from vlalign.recipes.common import DataConfig, ModelConfig, load_policy, load_split
-from vlalign.training import BatchPlan, Run, TrainConfig, build_optimizer, build_scheduler, check_finite, total_steps
+from vlalign.recipes.common import DataConfig, ModelConfig, guard_distributed, load_policy, load_split, save_final_model
+from vlalign.training import (
+    BatchPlan,
+    Run,
+    TrainConfig,
+    build_optimizer,
+    build_scheduler,
+    check_finite,
+    global_count,
+    micro_step_context,
+    total_steps,
+    zero_loss,
+)
 
 
 def _sft_train_defaults() -> TrainConfig:
@@ -66,22 +75,15 @@ def token_nll_sum(model: torch.nn.Module, batch: SequenceBatch) -> torch.Tensor:
     )
 
 
-def global_count(run: Run, local: int) -> torch.Tensor:
-    """``local`` summed over processes (a float tensor on the run's device)."""
-    return run.accelerator.reduce(torch.tensor(float(local), device=run.device), reduction="sum")
-
-
 def sft_step(run: Run, model: torch.nn.Module, batches: Sequence[SequenceBatch]) -> dict[str, torch.Tensor]:
     """Forward and backward over the micro-batches of one optimiser step; returns its metrics."""
     tokens = sum(int(b.completion_mask.sum()) for b in batches)
     total_tokens = global_count(run, tokens).clamp(min=1.0)
     total_nll = torch.zeros((), device=run.device)
     for i, batch in enumerate(batches):
-        last = i == len(batches) - 1
-        sync = contextlib.nullcontext() if last else run.accelerator.no_sync(model)
-        with sync, run.accelerator.autocast():
+        with micro_step_context(run, model, i == len(batches) - 1), run.accelerator.autocast():
             if len(batch) == 0:  # every sample dropped as over-long: keep processes in step
-                loss = sum(p.sum() * 0.0 for p in model.parameters() if p.requires_grad)
+                loss = zero_loss(model)
             else:
                 nll = token_nll_sum(model, batch)
                 # DDP averages gradients over processes, hence the factor num_processes.
@@ -113,7 +115,7 @@ def heldout_loss(
 def run(cfg: Config) -> dict[str, Any]:
     """Fine-tune, evaluate the held-out loss, save the model; returns the final metrics."""
     run = Run(cfg.train, config=cfg, desc="sft")
-    model, processor = load_policy(cfg.model)
+    model, processor = load_policy(guard_distributed(run, cfg.model, micro_batches_per_step=cfg.train.grad_accum))
     train_set = load_split(cfg.data.train, "supervised", cfg.data)
     eval_set = load_split(cfg.data.eval, "supervised", cfg.data, limit=cfg.data.eval_limit or None)
     collator = SupervisedCollator(processor, max_length=cfg.data.max_length, on_overflow=cfg.data.on_overlong)
@@ -157,10 +159,6 @@ def run(cfg: Config) -> dict[str, Any]:
         final["eval/loss"] = heldout_loss(model, eval_set, collator, batch_size=cfg.train.batch_size, device=run.device)
         run.log(steps, final)
         run.print(f"held-out loss: {final['eval/loss']:.4f}")
-    if run.accelerator.is_main_process:
-        out = save_model_and_processor(
-            run.accelerator.unwrap_model(model), processor, run.run_dir / "model", mode=cfg.save
-        )
-        run.print(f"saved the model to {out}")
+    save_final_model(run, model, processor, cfg.save)
     run.finish()
     return final

@@ -23,7 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vlalign.eval.parsing import ObjectVocabulary
+from PIL import Image
+
+from vlalign.data.annotations import ObjectVocabulary
 
 GALLERY_SIZE = 12
 THUMBNAIL = 256
@@ -114,8 +116,6 @@ def find_image(image: Any, search: Sequence[Path]) -> Path | None:
 
 def png_data_uri(path: Path, *, max_side: int = THUMBNAIL) -> str | None:
     """The image as a ``data:image/png;base64,...`` URI (shrunk to ``max_side``), None if unreadable."""
-    from PIL import Image
-
     try:
         with Image.open(path) as im:
             im.load()

@@ -15,7 +15,8 @@
 
 Everything found is reported and anything missing is skipped (a stage without an evaluation, a
 metric logged as NaN, a half-written last line of ``metrics.jsonl``); what was skipped is listed
-under *Notes*. A folder with nothing to report raises :class:`ReportError`.
+under *Notes*. A folder with nothing to report raises :class:`ReportError`. The files are read
+by :mod:`vlalign.report.read`; this module lays the page out.
 
 The HTML is written to ``RUN_DIR/report.html`` (or ``out``) and every plot also as a PNG file in
 the folder beside it named after it (``RUN_DIR/report/``); the page embeds the same bytes as
@@ -26,191 +27,31 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 import re
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from vlalign.eval.paired import Interval, paired_bootstrap
-from vlalign.eval.parsing import ObjectVocabulary, load_vocabulary
 from vlalign.report.gallery import GalleryColumn, description_records, gallery_html
 from vlalign.report.plots import as_float, bar_groups, curve_charts, metric_series, plot_bars, plot_curves
-
-SUMMARY_FILE = "demo_summary.json"
-METRICS_FILE = "metrics.jsonl"  # the name vlalign.training.metrics.MetricsLog writes (not imported: it pulls in torch)
-EVAL_FILE = "eval.json"
-SUITE_FILE = "suite_eval.json"
-CONFIG_FILE = "config.yaml"
+from vlalign.report.read import (
+    CONFIG_FILE,
+    EVAL_FILE,
+    METRICS_FILE,
+    SUITE_FILE,
+    SUMMARY_FILE,
+    Evaluation,
+    read_demo,
+    read_evaluation,
+    read_json,
+    read_jsonl,
+)
 
 
 class ReportError(Exception):
     """Nothing to report in a folder (the message names the folder and what was looked for)."""
-
-
-@dataclass
-class Evaluation:
-    """One evaluation's file: a model's metrics and answers (and a baseline's, for ``eval.json``)."""
-
-    path: Path
-    metrics: dict[str, Any]
-    records: list[dict[str, Any]]
-    baseline_metrics: dict[str, Any] | None = None
-    baseline_records: list[dict[str, Any]] | None = None
-    image_roots: list[Path] = field(default_factory=list)
-    """Folders relative image paths are tried against (the suite's data folder first)."""
-    vocabulary: ObjectVocabulary | None = None
-
-
-@dataclass
-class Stage:
-    """One stage of the demo (or the single run of a plain folder)."""
-
-    name: str
-    run_dir: Path | None
-    records: list[dict[str, Any]]
-    """metrics.jsonl of its training run (empty if none)."""
-    evaluation: Evaluation | None = None
-    summary: dict[str, Any] = field(default_factory=dict)
-    """Summary metrics (demo_summary.json, else the evaluation's metrics)."""
-
-
-# ----------------------------------------------------------------------------- reading
-
-
-def read_jsonl(path: Path, notes: list[str]) -> list[dict[str, Any]]:
-    """The JSON objects of a JSONL file; lines that do not parse (a run killed mid-write) are
-    skipped and counted in ``notes``."""
-    if not path.is_file():
-        return []
-    out, bad = [], 0
-    for line in path.read_text(errors="replace").splitlines():
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            bad += 1
-            continue
-        if isinstance(record, dict):
-            out.append(record)
-        else:
-            bad += 1
-    if bad:
-        notes.append(f"{path}: skipped {bad} line(s) that are not JSON objects")
-    return out
-
-
-def _read_json(path: Path, notes: list[str]) -> dict[str, Any] | None:
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text(errors="replace"))
-    except json.JSONDecodeError as exc:
-        notes.append(f"{path}: not valid JSON ({exc}); left out")
-        return None
-    if not isinstance(data, dict):
-        notes.append(f"{path}: expected a JSON object; left out")
-        return None
-    return data
-
-
-def _data_folder(data: Any, bases: list[Path]) -> Path | None:
-    """The folder of an evaluation's data (``shapes:`` is the embedded world in the cache)."""
-    if not isinstance(data, str) or not data:
-        return None
-    if data.startswith("shapes:"):
-        from vlalign.shapes.embedded import cache_dir
-
-        return cache_dir() / "shapes-default"
-    path = Path(data)
-    candidates = [path]
-    if not path.is_absolute():  # relative to where the evaluation ran: the folders we know (and the path's
-        # tails under them) come first, so that a folder of the same name under today's working directory
-        # (another run's) is not taken for this run's
-        candidates = [b / Path(*path.parts[i:]) for i in range(len(path.parts)) for b in bases] + [path]
-    for candidate in candidates:
-        if candidate.exists():
-            return candidate if candidate.is_dir() else candidate.parent
-    return None
-
-
-def _vocabulary(suite: dict[str, Any], data_folder: Path | None, bases: list[Path]) -> ObjectVocabulary | None:
-    source = suite.get("vocabulary") if isinstance(suite.get("vocabulary"), str) else ""
-    candidates = [Path(source), *(b / source for b in bases)] if source else []
-    if data_folder is not None:
-        candidates.append(data_folder / "manifest.json")
-    for path in candidates:
-        if path.is_file():
-            try:
-                return load_vocabulary(path)
-            except (ValueError, OSError):
-                continue
-    return None
-
-
-def _records(raw: Any) -> list[dict[str, Any]]:
-    return [r for r in raw if isinstance(r, dict)] if isinstance(raw, list) else []
-
-
-def read_evaluation(path: Path, bases: list[Path], notes: list[str]) -> Evaluation | None:
-    """An ``eval.json`` (``vlalign eval``) or ``suite_eval.json`` (end of a training run)."""
-    data = _read_json(path, notes)
-    if data is None:
-        return None
-    suite = data.get("suite") or (data.get("config") or {}).get("suite") or {}
-    suite = suite if isinstance(suite, dict) else {}
-    bases = [path.parent, *bases]
-    folder = _data_folder(suite.get("data"), bases)
-    records = data.get("records")
-    model, baseline = (records.get("model"), records.get("baseline")) if isinstance(records, dict) else (records, None)
-    metrics = data.get("metrics") if isinstance(data.get("metrics"), dict) else {}
-    base_metrics = data.get("baseline_metrics") if isinstance(data.get("baseline_metrics"), dict) else None
-    return Evaluation(
-        path=path,
-        metrics=metrics,
-        records=_records(model),
-        baseline_metrics=base_metrics,
-        baseline_records=_records(baseline) if baseline is not None else None,
-        image_roots=([folder] if folder else []) + bases,
-        vocabulary=_vocabulary(suite, folder, bases),
-    )
-
-
-def _sub(root: Path, name: Any) -> Path | None:
-    return root / name if isinstance(name, str) and name else None
-
-
-def read_demo(root: Path, summary: dict[str, Any], notes: list[str]) -> list[Stage]:
-    """The stages of ``demo_summary.json`` in pipeline order; any piece of a stage may be missing."""
-    stages_raw = summary.get("stages")
-    if not isinstance(stages_raw, list):
-        notes.append(f"{root / SUMMARY_FILE}: no 'stages' list")
-        return []
-    stages = []
-    for i, raw in enumerate(stages_raw):
-        if not isinstance(raw, dict):
-            notes.append(f"{root / SUMMARY_FILE}: stage {i} is not an object; left out")
-            continue
-        name = str(raw.get("stage") or f"stage {i + 1}")
-        run_dir = _sub(root, raw.get("folder"))
-        eval_dir = _sub(root, raw.get("eval"))
-        evaluation = None
-        if eval_dir is not None:
-            evaluation = read_evaluation(eval_dir / EVAL_FILE, [root], notes)
-            if evaluation is None:
-                notes.append(f"stage {name}: no {EVAL_FILE} in {eval_dir}")
-        metrics = (
-            dict(raw["metrics"])
-            if isinstance(raw.get("metrics"), dict)
-            else (dict(evaluation.metrics) if evaluation else {})
-        )
-        if "seconds" in raw and "seconds" not in metrics:
-            metrics["seconds"] = raw["seconds"]
-        records = read_jsonl(run_dir / METRICS_FILE, notes) if run_dir else []
-        stages.append(Stage(name, run_dir, records, evaluation, metrics))
-    return stages
 
 
 # ----------------------------------------------------------------------------- HTML pieces
@@ -351,8 +192,10 @@ def _about(value: Any) -> str:
     return fmt(value)
 
 
-def _demo_sections(page: _Page, root: Path, summary: dict[str, Any], notes: list[str]) -> None:
-    stages = read_demo(root, summary, notes)
+def _demo_sections(
+    page: _Page, root: Path, summary: dict[str, Any], notes: list[str], data_folders: Mapping[str, Path]
+) -> None:
+    stages = read_demo(root, summary, notes, data_folders)
     about = {k: v for k, v in summary.items() if k != "stages" and isinstance(v, (str, int, float, bool, dict))}
     if about:
         items = "".join(f"<li>{html.escape(str(k))}: {html.escape(_about(v))}</li>" for k, v in about.items())
@@ -406,13 +249,13 @@ def _eval_sections(page: _Page, evaluation: Evaluation, label: str, notes: list[
     page.section("gallery", "Gallery: held-out descriptions", gallery_html(gallery))
 
 
-def _run_sections(page: _Page, root: Path, notes: list[str]) -> None:
+def _run_sections(page: _Page, root: Path, notes: list[str], data_folders: Mapping[str, Path]) -> None:
     """Sections of a plain folder (none if it holds no metrics and no evaluation)."""
     records = read_jsonl(root / METRICS_FILE, notes)
-    evaluation = read_evaluation(root / EVAL_FILE, [], notes)
+    evaluation = read_evaluation(root / EVAL_FILE, [], notes, data_folders)
     label = "model"
     if evaluation is None:
-        evaluation, label = read_evaluation(root / SUITE_FILE, [], notes), "end of run"
+        evaluation, label = read_evaluation(root / SUITE_FILE, [], notes, data_folders), "end of run"
     if not records and evaluation is None:
         return
     if evaluation is not None:
@@ -460,10 +303,15 @@ def _html(title: str, root: Path, page: _Page, notes: list[str]) -> str:
     )
 
 
-def write_report(run_dir: Path, out: Path | None = None) -> Path:
+def write_report(run_dir: Path, out: Path | None = None, *, data_folders: Mapping[str, Path] | None = None) -> Path:
     """Write the HTML report of ``run_dir`` (a demo, evaluation or training run folder) to ``out``
     (default ``run_dir/report.html``) and its plots as PNG files in the folder named after it;
-    returns the HTML file's path. Raises :class:`ReportError` if there is nothing to report."""
+    returns the HTML file's path. Raises :class:`ReportError` if there is nothing to report.
+
+    ``data_folders`` maps the named data sources an evaluation may name instead of a path to their
+    folders (``{"shapes:": <the embedded world's folder>}``), where the gallery finds the images
+    and the object vocabulary; report/ reads files and knows no data source itself."""
+    data_folders = data_folders or {}
     root = Path(run_dir)
     if not root.is_dir():
         raise ReportError(
@@ -472,12 +320,12 @@ def write_report(run_dir: Path, out: Path | None = None) -> Path:
     out = Path(out) if out is not None else root / "report.html"
     page = _Page(out.parent / out.stem, out.parent)
     notes: list[str] = []
-    summary = _read_json(root / SUMMARY_FILE, notes)
+    summary = read_json(root / SUMMARY_FILE, notes)
     if summary is not None:
-        _demo_sections(page, root, summary, notes)
+        _demo_sections(page, root, summary, notes, data_folders)
         title = f"vlalign demo report: {root.name}"
     else:
-        _run_sections(page, root, notes)
+        _run_sections(page, root, notes, data_folders)
         title = f"vlalign report: {root.name}"
     if not page.sections:
         found = "; ".join(notes) if notes else "none of these files is there"

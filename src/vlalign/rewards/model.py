@@ -14,7 +14,7 @@ normalised with the model's saved offset and scale (``normalise=False`` for the 
 Fact-augmented reward models (Fact-RLHF, LLaVA-RLHF, arXiv 2309.14525) were trained with
 ground-truth context in the prompt; the scorer reads the column from the model's
 ``reward_model.json`` and rebuilds the same prompt with
-:func:`~vlalign.rewards.fact_augmented_sample` for every sample it scores, so a sample without
+:func:`~vlalign.rewards.facts.fact_augmented_sample` for every sample it scores, so a sample without
 that column is an error naming it.
 """
 
@@ -30,7 +30,8 @@ from vlalign.data.collate import encode_completions, encode_prompts, end_of_turn
 from vlalign.data.schema import PromptSample
 from vlalign.models.heads import RewardModel, RewardModelInfo, load_reward_model
 from vlalign.models.reference import eval_mode
-from vlalign.rewards.combine import FACTS_TEMPLATE, fact_augmented_sample
+from vlalign.models.tiny import resolve_model
+from vlalign.rewards.facts import FACTS_TEMPLATE, fact_augmented_sample
 
 
 def group_consecutive(samples: Sequence[Any]) -> list[tuple[int, int]]:
@@ -133,8 +134,6 @@ def load_reward_scorer(
     normalise: bool = True,
 ) -> RewardModelScorer:
     """A :class:`RewardModelScorer` for the reward model saved in ``folder`` (``vlalign rm``'s ``<run>/model``)."""
-    from vlalign.shapes.embedded import resolve_model
-
     model, processor, info = load_reward_model(resolve_model(str(folder)), device=device, dtype=dtype)
     return RewardModelScorer(model, processor, info, batch_size=batch_size, normalise=normalise)
 

@@ -29,12 +29,14 @@ format              none
 count_match         ``answer`` (an integer count, e.g. ``"2"``)
 colour_match        ``answer`` (one colour word, e.g. ``"red"``)
 yes_no_match        ``answer`` (``"Yes"`` or ``"No"``)
-object_f1           ``objects`` (list of object names present, e.g. ``["red circle"]``)
-shapes_answer       ``task``, then what the task's function reads
 box_iou             ``box`` (``[x1, y1, x2, y2]``, same units as the completion's box)
 threshold_score     ``answer`` (a number, e.g. a mean opinion score)
 overlong_penalty    none
 ==================  ============================================================================
+
+The shapes world registers ``object_f1`` (reads ``objects``) and ``shapes_answer`` (reads
+``task``, then what the task's function reads) into :data:`REWARD_FUNCTIONS`, and its colour words
+into :data:`COLOUR_WORDS`, when :mod:`vlalign.shapes` is imported (:mod:`vlalign.shapes.rewards`).
 
 Answer normalisation (:func:`normalize_answer`) is written here: when this module was written the
 evaluation package had no answer normaliser to reuse.
@@ -52,7 +54,6 @@ import torch
 
 from vlalign.data.schema import PromptSample, data_error
 from vlalign.losses.advantages import overlong_reward_penalty
-from vlalign.shapes.world import COLOUR_RGB, COLOUR_SYNONYMS, mentioned_objects
 
 RewardFn = Callable[..., float]
 
@@ -76,7 +77,7 @@ def require_meta(sample: Any, field: str, reward: str, holds: str) -> Any:
     return meta[field]
 
 
-def _bad_meta(sample: Any, field: str, reward: str, value: Any, expected: str) -> ValueError:
+def bad_meta(sample: Any, field: str, reward: str, value: Any, expected: str) -> ValueError:
     return data_error(
         "invalid value",
         f"reward {reward!r}: sample {sample_id(sample)!r} meta[{field!r}] = {value!r} is not {expected}",
@@ -237,32 +238,33 @@ def count_match(completion: str, sample: PromptSample) -> float:
     raw = require_meta(sample, "answer", "count_match", "the true count")
     truth = _single(answer_numbers(str(raw)))
     if truth is None or not float(truth).is_integer():
-        raise _bad_meta(sample, "answer", "count_match", raw, "an integer count (use count_match on counting rows)")
+        raise bad_meta(sample, "answer", "count_match", raw, "an integer count (use count_match on counting rows)")
     answer = extract_answer(completion)
     return float(answer is not None and _single(answer_numbers(answer)) == truth)
 
 
-def _colour_table() -> dict[str, str]:
-    table = {c: c for c in COLOUR_RGB}
-    table.update({syn: c for c, syns in COLOUR_SYNONYMS.items() for syn in syns})
-    return table
+COLOUR_WORDS: dict[str, str] = {}
+"""Colour word -> canonical colour: the registry :func:`colour_match` reads (empty until a world
+registers its colours; the shapes world's and their synonyms when :mod:`vlalign.shapes` is imported)."""
 
 
-COLOUR_WORDS: dict[str, str] = _colour_table()
-"""Colour word -> canonical colour (the shapes world's colours and their synonyms)."""
+def register_colour_words(words: Mapping[str, str]) -> None:
+    """Add colour words (``{"grey": "gray", "gray": "gray"}``) that :func:`colour_match` recognises."""
+    COLOUR_WORDS.update(words)
 
 
 def colour_match(completion: str, sample: PromptSample) -> float:
     """1.0 if the answer names exactly one colour and it is ``meta["answer"]``.
 
-    Reads ``meta["answer"]`` (one colour word). Colours are the shapes world's and their synonyms
-    (``grey`` = ``gray``, ``violet`` = ``purple``), plus the reference word itself. Two different
+    Reads ``meta["answer"]`` (one colour word). Colours are those of :data:`COLOUR_WORDS` (the
+    shapes world's and their synonyms: ``grey`` = ``gray``, ``violet`` = ``purple``), plus the
+    reference word itself. Two different
     colours in the answer (``"red or blue"``) earn nothing.
     """
     raw = require_meta(sample, "answer", "colour_match", "the true colour")
     words = answer_tokens(str(raw))
     if len(words) != 1 or words[0][0].isdigit():
-        raise _bad_meta(sample, "answer", "colour_match", raw, "one colour word (use colour_match on colour rows)")
+        raise bad_meta(sample, "answer", "colour_match", raw, "one colour word (use colour_match on colour rows)")
     table = COLOUR_WORDS | ({words[0]: words[0]} if words[0] not in COLOUR_WORDS else {})
     truth = table[words[0]]
     answer = extract_answer(completion)
@@ -284,53 +286,12 @@ def yes_no_match(completion: str, sample: PromptSample) -> float:
     raw = require_meta(sample, "answer", "yes_no_match", "Yes or No")
     truth = normalize_answer(str(raw))
     if truth not in ("yes", "no"):
-        raise _bad_meta(sample, "answer", "yes_no_match", raw, "'Yes' or 'No'")
+        raise bad_meta(sample, "answer", "yes_no_match", raw, "'Yes' or 'No'")
     answer = extract_answer(completion)
     if answer is None:
         return 0.0
     said = {_POLARITY[t] for t in answer_tokens(answer) if t in _POLARITY}
     return float(_single(said) == (truth == "yes"))
-
-
-def object_f1(completion: str, sample: PromptSample) -> float:
-    """F1 between the objects the answer affirms and ``meta["objects"]``.
-
-    Reads ``meta["objects"]`` (object names, e.g. ``["red circle", "blue square"]``). Mentions are
-    parsed by :func:`vlalign.shapes.world.mentioned_objects` (colour + shape, negations left out).
-    precision = correct mentions / mentions (hallucinations lower it), recall = correct / present.
-    """
-    truth = require_meta(sample, "objects", "object_f1", "the names of the objects present")
-    if not isinstance(truth, (list, tuple)):
-        raise _bad_meta(sample, "objects", "object_f1", truth, "a list of object names")
-    answer = extract_answer(completion)
-    said = set(mentioned_objects(answer)) if answer is not None else set()
-    present = {str(t).lower() for t in truth}
-    hits = len(said & present)
-    if hits == 0:
-        return 0.0
-    precision, recall = hits / len(said), hits / len(present)
-    return 2 * precision * recall / (precision + recall)
-
-
-SHAPES_TASK_REWARDS: dict[str, RewardFn] = {
-    "counting": count_match,
-    "colour": colour_match,
-    "existence": yes_no_match,
-    "describe": object_f1,
-}
-"""Shapes-world task -> the reward that checks its answer."""
-
-
-def shapes_answer(completion: str, sample: PromptSample) -> float:
-    """The correctness reward of a shapes-world row, by its ``meta["task"]``.
-
-    Reads ``meta["task"]`` then: counting -> :func:`count_match`, colour -> :func:`colour_match`,
-    existence -> :func:`yes_no_match`, describe -> :func:`object_f1`.
-    """
-    task = require_meta(sample, "task", "shapes_answer", "the shapes-world task")
-    if task not in SHAPES_TASK_REWARDS:
-        raise _bad_meta(sample, "task", "shapes_answer", task, f"one of {sorted(SHAPES_TASK_REWARDS)}")
-    return SHAPES_TASK_REWARDS[task](completion, sample)
 
 
 # ----------------------------------------------------------------------------- boxes and scores
@@ -354,15 +315,6 @@ def iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
     return inter / (area_a + area_b - inter)
 
 
-def scene_object_box(obj: Mapping[str, Any]) -> list[float]:
-    """The ``[x1, y1, x2, y2]`` box (fractions of the image side) of a shapes-world scene object.
-
-    ``obj`` is one entry of a row's ``scene_objects`` (centre ``x``, ``y`` and side ``size``).
-    """
-    half = obj["size"] / 2
-    return [obj["x"] - half, obj["y"] - half, obj["x"] + half, obj["y"] + half]
-
-
 def box_iou(completion: str, sample: PromptSample, *, threshold: float | None = None) -> float:
     """IoU of the answer's box with ``meta["box"]``; with ``threshold``, 1.0 if IoU >= it else 0.0.
 
@@ -376,7 +328,7 @@ def box_iou(completion: str, sample: PromptSample, *, threshold: float | None = 
     except (TypeError, ValueError):
         truth = ()
     if len(truth) != 4 or not all(math.isfinite(v) for v in truth):
-        raise _bad_meta(sample, "box", "box_iou", raw, "four numbers [x1, y1, x2, y2]")
+        raise bad_meta(sample, "box", "box_iou", raw, "four numbers [x1, y1, x2, y2]")
     answer = extract_answer(completion)
     box = _single(set(parse_boxes(answer))) if answer is not None else None
     value = iou(box, truth) if box is not None else 0.0
@@ -393,7 +345,7 @@ def threshold_score(completion: str, sample: PromptSample, *, threshold: float =
     try:
         truth = float(raw)
     except (TypeError, ValueError):
-        raise _bad_meta(sample, "answer", "threshold_score", raw, "a number") from None
+        raise bad_meta(sample, "answer", "threshold_score", raw, "a number") from None
     answer = extract_answer(completion)
     value = _single(answer_numbers(answer)) if answer is not None else None
     return float(value is not None and abs(value - truth) < threshold)
@@ -435,10 +387,16 @@ REWARD_FUNCTIONS: dict[str, RewardFn] = {
     "count_match": count_match,
     "colour_match": colour_match,
     "yes_no_match": yes_no_match,
-    "object_f1": object_f1,
-    "shapes_answer": shapes_answer,
     "box_iou": box_iou,
     "threshold_score": threshold_score,
     "overlong_penalty": overlong_penalty,
 }
-"""Config name -> reward function ``(completion, sample, **options) -> float``."""
+"""Config name -> reward function ``(completion, sample, **options) -> float``: the registry that
+:func:`vlalign.rewards.combine.build_reward` reads (the shapes world adds ``object_f1`` and
+``shapes_answer`` when :mod:`vlalign.shapes` is imported)."""
+
+
+def register_reward(name: str, fn: RewardFn) -> None:
+    """Make ``fn`` the reward function that a rewards config calls ``name`` (registering a name again
+    replaces it)."""
+    REWARD_FUNCTIONS[name] = fn

@@ -12,7 +12,8 @@ from functools import cache
 
 from PIL import Image, ImageDraw
 
-from vlalign.shapes.world import COLOUR_RGB, Scene, WorldConfig, WorldObject
+from vlalign.shapes.vocabulary import COLOUR_RGB
+from vlalign.shapes.world import Scene, WorldConfig, WorldObject
 
 Point = tuple[float, float]
 

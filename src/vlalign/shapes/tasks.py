@@ -40,22 +40,11 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from vlalign.config import to_dict
 from vlalign.data.io import write_jsonl
 from vlalign.shapes.render import render_scene
-from vlalign.shapes.world import (
-    DESCRIBE_PROMPT,
-    NO,
-    SPLITS,
-    YES,
-    Scene,
-    WorldConfig,
-    allowed_objects,
-    colour_question,
-    counting_question,
-    existence_question,
-    generate_split,
-    object_vocabulary,
-)
+from vlalign.shapes.vocabulary import DESCRIBE_PROMPT, NO, YES, colour_question, counting_question, existence_question
+from vlalign.shapes.world import SPLITS, Scene, WorldConfig, allowed_objects, generate_split, object_vocabulary
 
 POPE_MODES: tuple[str, ...] = ("random", "popular", "adversarial")
 Row = dict[str, Any]
@@ -277,8 +266,6 @@ def write_world(cfg: WorldConfig, out_dir: str | Path, *, overwrite: bool = Fals
     Deterministic: the same config writes byte-identical files. An existing non-empty
     ``out_dir`` is an error unless ``overwrite`` (then it is emptied first).
     """
-    from vlalign.config import to_dict  # the world's config is a plain dataclass; reuse its dumper
-
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         if not overwrite:

@@ -2,29 +2,9 @@
 
 A *scene* is 1..K coloured shapes ("objects") placed on a grid, generated deterministically from a
 seed, rendered with PIL (:mod:`vlalign.shapes.render`) and turned into question/answer rows
-(:mod:`vlalign.shapes.tasks`). This module holds the world's configuration, its vocabulary,
-the canonical phrasing of every prompt and answer, the caption parser that evaluation uses, and
-scene generation.
-
-An *object* in the sense of POPE and CHAIR is a colour-shape combination, its *name* is
-``"<colour> <shape>"`` (``"red circle"``).
-
-Canonical phrasing (what the datasets contain, and what evaluation parses):
-
-==============  =======================================  =============================================
-task            prompt text                              completion
-==============  =======================================  =============================================
-``describe``    ``Describe the image.``                  ``The image shows a red circle, two blue
-                                                         squares and a green star.``
-``existence``   ``Is there a red circle in the image?``  ``Yes`` or ``No``
-``counting``    ``How many squares are there?``          a digit: ``2`` (``0`` for an absent shape)
-``colour``      ``What colour is the triangle?``         a colour word: ``red`` (asked only when the
-                                                         scene has exactly one triangle)
-==============  =======================================  =============================================
-
-In captions the object groups come in canonical order (shapes in ``WorldConfig.shapes`` order,
-then colours in ``WorldConfig.colours`` order); one object is ``a``/``an``, more are number words
-(``two`` ... ``nine``) with the plural noun; groups are joined by ``", "`` and a final ``" and "``.
+(:mod:`vlalign.shapes.tasks`). This module holds the world's configuration, scene generation, the
+object vocabulary CHAIR reads and the corpus the tiny models' tokenizers learn; the words and the
+canonical phrasing of every prompt and answer are :mod:`vlalign.shapes.vocabulary`.
 
 Co-occurrence bias: ``WorldConfig.cooccurrence`` maps an object to a partner object; whenever an
 object of a pair is placed, its partner is added with probability ``cooccurrence_strength`` (if
@@ -35,84 +15,29 @@ language prior "red circle -> blue square" and hallucinates the partner where it
 from __future__ import annotations
 
 import random
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from vlalign.data.annotations import NUMBER_WORDS, plural
 from vlalign.data.schema import DataError
-
-# ----------------------------------------------------------------------------- vocabulary
-
-SHAPE_PLURALS: dict[str, str] = {
-    "circle": "circles",
-    "square": "squares",
-    "triangle": "triangles",
-    "star": "stars",
-    "diamond": "diamonds",
-    "cross": "crosses",
-    "hexagon": "hexagons",
-    "heart": "hearts",
-}
-"""Every shape the renderer can draw, with its plural."""
-
-SHAPE_SYNONYMS: dict[str, tuple[str, ...]] = {
-    "circle": ("disc", "disk", "dot", "ball"),
-    "square": ("box", "block"),
-    "triangle": ("pyramid",),
-    "star": ("pentagram",),
-    "diamond": ("rhombus", "lozenge"),
-    "cross": ("plus",),
-    "hexagon": (),
-    "heart": (),
-}
-"""Other nouns that name a shape (singular; plurals add ``s``/``es``), used by the caption parser."""
-
-COLOUR_RGB: dict[str, tuple[int, int, int]] = {
-    "red": (220, 30, 30),
-    "green": (30, 160, 50),
-    "blue": (30, 70, 220),
-    "yellow": (235, 200, 0),
-    "purple": (140, 40, 180),
-    "orange": (245, 130, 0),
-    "pink": (250, 120, 190),
-    "cyan": (0, 190, 210),
-    "brown": (120, 70, 20),
-    "black": (20, 20, 20),
-    "gray": (128, 128, 128),
-}
-"""Every colour the renderer can paint (on a light background), as RGB."""
-
-COLOUR_SYNONYMS: dict[str, tuple[str, ...]] = {
-    "purple": ("violet",),
-    "gray": ("grey",),
-    "cyan": ("turquoise",),
-}
-"""Other adjectives that name a colour, used by the caption parser."""
-
-NUMBER_WORDS: tuple[str, ...] = (
-    "zero",
-    "one",
-    "two",
-    "three",
-    "four",
-    "five",
-    "six",
-    "seven",
-    "eight",
-    "nine",
-    "ten",
-    "eleven",
-    "twelve",
-    "thirteen",
-    "fourteen",
-    "fifteen",
-    "sixteen",
+from vlalign.shapes.vocabulary import (
+    COLOUR_RGB,
+    COLOUR_SYNONYMS,
+    DESCRIBE_PROMPT,
+    NO,
+    SHAPE_PLURALS,
+    SHAPE_SYNONYMS,
+    YES,
+    caption_from_counts,
+    colour_question,
+    count_phrase,
+    counting_question,
+    existence_question,
+    object_name,
+    split_object_name,
 )
-"""Number words by value (captions use them; counting answers use digits)."""
 
-DESCRIBE_PROMPT = "Describe the image."
 SPLITS: tuple[str, ...] = ("train", "validation", "test", "compositional")
-YES, NO = "Yes", "No"
 
 
 # ----------------------------------------------------------------------------- config
@@ -211,20 +136,8 @@ DEMO_WORLD: dict[str, Any] = {
 }
 """The world of ``vlalign demo`` and of the ``shapes:`` datasets: :class:`WorldConfig` with these
 changes. Four well-separated shapes, at most three objects, larger objects, 10,000 training
-scenes.
-
-Why: the demo model learns its vision tower from scratch in minutes on a CPU. With the earlier
-``small`` model (8 px patches, 36 image tokens; the demo's SFT, 900 steps, 2 CPU cores):
-
-- The full default world (six shapes, up to five objects; 100 questions per task): colour
-  0.62, existence 0.82, CHAIR_i 0.58. Colour accuracy fell with the number of objects: 1.00 with
-  one, 0.70 with two, 0.47 with five. The wrong answers named the colour of another object in
-  the scene: the model saw colours but mixed up shapes.
-- This world (300 questions per task): colour 0.82, existence 0.86, counting 0.68, CHAIR_i 0.41.
-- Halving the objects alone (six shapes, at most three) gave colour 0.77.
-
-The present ``small`` (32 px patches, one grid cell each; :data:`vlalign.models.tiny.SIZES`)
-reaches colour 0.93-0.95, existence 0.90-0.91 and CHAIR_i 0.04 on this world with the same SFT."""
+scenes, so that the demo model learns its vision tower from scratch in minutes on a CPU (the
+measurements: ``docs/notes/tiny-models.md``)."""
 
 
 def validate_config(cfg: WorldConfig) -> None:
@@ -272,145 +185,6 @@ def validate_config(cfg: WorldConfig) -> None:
     bad = [s for s in cfg.pope_splits if s not in SPLITS]
     if bad:
         raise ValueError(f"WorldConfig.pope_splits: unknown split(s) {bad}; choose from {list(SPLITS)}")
-
-
-# ----------------------------------------------------------------------------- phrasing
-
-
-def object_name(colour: str, shape: str) -> str:
-    """``"red circle"``: the name of an object in POPE, CHAIR and co-occurrence settings."""
-    return f"{colour} {shape}"
-
-
-def split_object_name(name: str) -> tuple[str, str]:
-    """``"red circle"`` -> ``("red", "circle")``."""
-    colour, _, shape = name.partition(" ")
-    return colour, shape
-
-
-def count_phrase(n: int, colour: str, shape: str) -> str:
-    """``"a red circle"``, ``"an orange star"``, ``"two blue squares"``."""
-    if n == 1:
-        article = "an" if colour[0] in "aeiou" else "a"
-        return f"{article} {colour} {shape}"
-    return f"{NUMBER_WORDS[n]} {colour} {SHAPE_PLURALS[shape]}"
-
-
-def join_phrases(parts: list[str]) -> str:
-    """``["a", "b", "c"]`` -> ``"a, b and c"``."""
-    if len(parts) <= 1:
-        return "".join(parts)
-    return ", ".join(parts[:-1]) + " and " + parts[-1]
-
-
-def caption_from_counts(groups: list[tuple[int, str, str]]) -> str:
-    """Canonical caption from ``(count, colour, shape)`` groups, already in canonical order."""
-    return "The image shows " + join_phrases([count_phrase(*g) for g in groups]) + "."
-
-
-def existence_question(name: str) -> str:
-    """``"Is there a red circle in the image?"`` (also the POPE question)."""
-    colour, shape = split_object_name(name)
-    return f"Is there {count_phrase(1, colour, shape)} in the image?"
-
-
-def counting_question(shape: str) -> str:
-    """``"How many squares are there?"``"""
-    return f"How many {SHAPE_PLURALS[shape]} are there?"
-
-
-def colour_question(shape: str) -> str:
-    """``"What colour is the triangle?"``"""
-    return f"What colour is the {shape}?"
-
-
-# ----------------------------------------------------------------------------- parsing
-
-
-@dataclass(frozen=True)
-class ObjectMention:
-    """One object phrase found in a text: ``"two red circles"`` -> (circle, red, 2)."""
-
-    shape: str
-    colour: str | None
-    """None when the text names the shape without a colour."""
-    count: int | None
-    """The number said before it (``a``/``an``/``one`` = 1, ``no`` = 0), None if none."""
-    start: int
-    """Character offset of the phrase in the text."""
-    end: int
-
-    @property
-    def name(self) -> str | None:
-        """The object name (``"red circle"``), or None without a colour."""
-        return object_name(self.colour, self.shape) if self.colour else None
-
-
-def _noun_table() -> dict[str, str]:
-    table: dict[str, str] = {}
-    for shape, plural in SHAPE_PLURALS.items():
-        table[shape] = table[plural] = shape
-        for syn in SHAPE_SYNONYMS[shape]:
-            table[syn] = shape
-            table[syn + ("es" if syn.endswith(("s", "x")) else "s")] = shape
-    return table
-
-
-_NOUNS = _noun_table()
-_ADJECTIVES = {c: c for c in COLOUR_RGB} | {s: c for c, syns in COLOUR_SYNONYMS.items() for s in syns}
-_COUNTS = {w: i for i, w in enumerate(NUMBER_WORDS)} | {"a": 1, "an": 1, "no": 0, "single": 1}
-_WORD = re.compile(r"[a-z]+|\d+")
-
-
-def parse_objects(text: str) -> list[ObjectMention]:
-    """Every shape mentioned in ``text``, with the colour and count said just before it.
-
-    Recognises plurals and the synonyms in :data:`SHAPE_SYNONYMS` / :data:`COLOUR_SYNONYMS`
-    (``"two violet discs"`` -> circle, purple, 2), digits as counts, case-insensitively.
-    A colour must directly precede its noun; a count directly precedes the colour (or the noun).
-    """
-    tokens = [(m.group(), m.start(), m.end()) for m in _WORD.finditer(text.lower())]
-    mentions: list[ObjectMention] = []
-    for i, (tok, _start, end) in enumerate(tokens):
-        shape = _NOUNS.get(tok)
-        if shape is None:
-            continue
-        j = i - 1
-        colour = _ADJECTIVES.get(tokens[j][0]) if j >= 0 else None
-        if colour is not None:
-            j -= 1
-        count = None
-        if j >= 0:
-            word = tokens[j][0]
-            count = int(word) if word.isdigit() else _COUNTS.get(word)
-        first = j if count is not None else (j + 1)
-        mentions.append(ObjectMention(shape, colour, count, tokens[first][1], end))
-    return mentions
-
-
-def mentioned_objects(text: str) -> list[str]:
-    """Distinct object names (``"red circle"``) affirmed in ``text``, in order of first mention.
-
-    Mentions without a colour, and negated ones (``"no red circle"``), are left out.
-    """
-    out: list[str] = []
-    for m in parse_objects(text):
-        if m.name is not None and m.count != 0 and m.name not in out:
-            out.append(m.name)
-    return out
-
-
-def object_vocabulary(cfg: WorldConfig) -> dict[str, list[str]]:
-    """Every object name with the phrases that mean it (singular, plural, synonyms), for CHAIR."""
-    vocab: dict[str, list[str]] = {}
-    for shape in cfg.shapes:
-        nouns = [shape, SHAPE_PLURALS[shape]]
-        for syn in SHAPE_SYNONYMS[shape]:
-            nouns += [syn, syn + ("es" if syn.endswith(("s", "x")) else "s")]
-        for colour in cfg.colours:
-            adjectives = [colour, *COLOUR_SYNONYMS.get(colour, ())]
-            vocab[object_name(colour, shape)] = [f"{a} {n}" for a in adjectives for n in nouns]
-    return vocab
 
 
 # ----------------------------------------------------------------------------- scenes
@@ -545,7 +319,20 @@ def scene_from_objects(scene_id: str, split: str, objects: list[dict[str, Any]])
     return Scene(scene_id, split, objs)
 
 
-# ----------------------------------------------------------------------------- tokenizer corpus
+# ----------------------------------------------------------------------------- vocabulary and tokenizer corpus
+
+
+def object_vocabulary(cfg: WorldConfig) -> dict[str, list[str]]:
+    """Every object name with the phrases that mean it (singular, plural, synonyms), for CHAIR."""
+    vocab: dict[str, list[str]] = {}
+    for shape in cfg.shapes:
+        nouns = [shape, SHAPE_PLURALS[shape]]
+        for syn in SHAPE_SYNONYMS[shape]:
+            nouns += [syn, plural(syn)]
+        for colour in cfg.colours:
+            adjectives = [colour, *COLOUR_SYNONYMS.get(colour, ())]
+            vocab[object_name(colour, shape)] = [f"{a} {n}" for a in adjectives for n in nouns]
+    return vocab
 
 
 def tokenizer_corpus(cfg: WorldConfig | None = None) -> list[str]:
@@ -573,15 +360,8 @@ def tokenizer_corpus(cfg: WorldConfig | None = None) -> list[str]:
     lines += [w.capitalize() for w in NUMBER_WORDS]
     for shape in shapes:
         for syn in SHAPE_SYNONYMS[shape]:
-            lines.append(f"There is a {syn}, two {syn}{'es' if syn.endswith(('s', 'x')) else 's'}.")
+            lines.append(f"There is a {syn}, two {plural(syn)}.")
     for syns in COLOUR_SYNONYMS.values():
         lines += [f"It is {s}." for s in syns]
     lines.append("There is no red circle in the image. There are 3 shapes, and the answer is 2.")
     return lines
-
-
-def write_world(cfg: WorldConfig, out_dir: str, *, overwrite: bool = False) -> dict[str, Any]:
-    """Render and write every split of the world; see :func:`vlalign.shapes.tasks.write_world`."""
-    from vlalign.shapes.tasks import write_world as _write  # world_tasks builds on this module
-
-    return _write(cfg, out_dir, overwrite=overwrite)

@@ -1,5 +1,6 @@
 """What every training loop shares: run folder, checkpoints with exact resume, the batch plan,
-metrics and trackers, optimiser and schedule.
+metrics and trackers, optimiser and schedule, and the guards and global reductions of data
+parallelism (:mod:`vlalign.training.distributed`).
 
 Exact resume rests on three facts:
 
@@ -21,7 +22,15 @@ from vlalign.training.checkpoints import (
     set_rng_state,
     trainable_state_dict,
 )
-from vlalign.training.metrics import METRICS_FILE, MetricsLog, Throughput, read_metrics
+from vlalign.training.distributed import (
+    check_supported,
+    global_count,
+    mean_over_processes,
+    micro_step_context,
+    union_of_keys,
+    zero_loss,
+)
+from vlalign.training.metrics import METRICS_FILE, MetricsLog, StepRecords, Throughput, read_metrics
 from vlalign.training.plan import BatchPlan, total_steps
 from vlalign.training.run import (
     NonFiniteLossError,
@@ -43,13 +52,18 @@ __all__ = [
     "MetricsLog",
     "NonFiniteLossError",
     "Run",
+    "StepRecords",
     "Throughput",
     "TrainConfig",
     "build_optimizer",
     "build_scheduler",
     "check_finite",
+    "check_supported",
+    "global_count",
     "load_trainable_state_dict",
     "make_accelerator",
+    "mean_over_processes",
+    "micro_step_context",
     "prepare_run_dir",
     "read_metrics",
     "resolve_mixed_precision",
@@ -58,4 +72,6 @@ __all__ = [
     "set_rng_state",
     "total_steps",
     "trainable_state_dict",
+    "union_of_keys",
+    "zero_loss",
 ]

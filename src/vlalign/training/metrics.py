@@ -1,7 +1,8 @@
 """A training run's numbers: ``metrics.jsonl`` (and the trackers), throughput and peak memory.
 
 :class:`MetricsLog` appends one JSON object per logged step to ``<run_dir>/metrics.jsonl``;
-:func:`read_metrics` reads them back; :class:`Throughput` turns the samples and tokens of the
+:func:`read_metrics` reads them back; :class:`StepRecords` keeps another per-step JSONL file (e.g.
+sampled completions) in step with the checkpoints; :class:`Throughput` turns the samples and tokens of the
 steps since its last reading into rates, with the peak memory of those steps.
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -38,10 +40,35 @@ class MetricsLog:
 
     def truncate_after(self, step: int) -> None:
         """Drop records past ``step`` (used on resume so a restarted run leaves no duplicates)."""
-        if not self.is_main or not self.path.exists():
-            return
-        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        if self.is_main:
+            truncate_records(self.path, step)
+
+
+def truncate_records(path: Path, step: int) -> None:
+    """Drop the records of a JSONL file of per-step records whose ``step`` is past ``step``."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+class StepRecords:
+    """A JSONL file of per-step records besides the metrics (e.g. sampled completions), written by the
+    main process only (``enabled``); on start it is cut back to ``start_step``, so a resumed (or
+    restarted) run keeps only what its checkpoint covers."""
+
+    def __init__(self, path: Path, *, enabled: bool, start_step: int) -> None:
+        self.path = path
+        self.enabled = enabled
+        if enabled:
+            truncate_records(path, start_step)
+
+    def write(self, records: Iterable[dict[str, Any]]) -> None:
+        """Append ``records`` (nothing is written, nor the file created, when there are none)."""
+        lines = [json.dumps(record) + "\n" for record in records] if self.enabled else []
+        if lines:
+            with open(self.path, "a") as fh:
+                fh.writelines(lines)
 
 
 def to_float(v: Any) -> float:
@@ -92,6 +119,6 @@ def peak_memory_mb(device: torch.device) -> float:
     """Peak allocated accelerator memory, or the process's peak resident size on a CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    import resource
+    import resource  # POSIX only: imported where it is used so that the package imports everywhere
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux

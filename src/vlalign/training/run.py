@@ -9,6 +9,7 @@ the pieces here. Nothing in this module knows about a particular loss or model f
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -16,7 +17,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration
+from tqdm.auto import tqdm
+from transformers import get_scheduler
 
+from vlalign.config import save_config, to_dict
 from vlalign.training.checkpoints import Checkpointer, seed_everything
 from vlalign.training.metrics import METRICS_FILE, MetricsLog, Throughput, to_float
 
@@ -92,17 +98,12 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opt
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps: int):
     """Linear warm-up over ``warmup_ratio * steps``, then cosine / linear decay or constant."""
-    from transformers import get_scheduler
-
     name = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}[cfg.schedule]
     return get_scheduler(name, optimizer, num_warmup_steps=int(cfg.warmup_ratio * steps), num_training_steps=steps)
 
 
 def make_accelerator(cfg: TrainConfig, run_dir: Path):
     """An ``accelerate.Accelerator`` logging to the configured trackers inside ``run_dir``."""
-    from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration
-
     trackers = [t for t in cfg.trackers if _tracker_available(t)]
     return Accelerator(
         mixed_precision=resolve_mixed_precision(cfg.mixed_precision),
@@ -126,8 +127,6 @@ def _tracker_available(name: str) -> bool:
     module = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "trackio": "trackio"}.get(name)
     if module is None:
         raise ValueError(f"train.trackers: unknown tracker {name!r} (choose from tensorboard, wandb, mlflow, trackio)")
-    import importlib.util
-
     if importlib.util.find_spec(module) is None:
         print(f"vlalign: tracker {name!r} is not installed; skipping it (pip install {module})")
         return False
@@ -138,8 +137,6 @@ def _tracker_available(name: str) -> bool:
 
 
 def progress_bar(total: int, initial: int, *, enabled: bool, desc: str):
-    from tqdm.auto import tqdm
-
     return tqdm(total=total, initial=initial, disable=not enabled, desc=desc, dynamic_ncols=True)
 
 
@@ -202,8 +199,6 @@ class Run:
     """
 
     def __init__(self, cfg: TrainConfig, *, config: Any = None, desc: str = "train", total: int = 0) -> None:
-        from vlalign.config import save_config
-
         self.cfg = cfg
         is_main = int(os.environ.get("RANK", "0")) == 0
         self.run_dir, self.resume_from = prepare_run_dir(cfg, is_main=is_main)
@@ -336,8 +331,6 @@ def _flat_config(config: Any) -> dict[str, Any]:
     """Config as a flat dict of scalars (what trackers accept as hyperparameters)."""
     if config is None:
         return {}
-    from vlalign.config import to_dict
-
     flat: dict[str, Any] = {}
 
     def walk(prefix: str, node: Any) -> None:

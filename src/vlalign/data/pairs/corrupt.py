@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -190,8 +191,6 @@ def corrupt_pairs(
 def image_saver(out_dir: str | os.PathLike, subdir: str = "corrupted") -> Callable[[Image.Image, str], str]:
     """A ``save_image`` for :func:`corrupt_pairs`: PNGs under ``out_dir/subdir``, paths relative to
     ``out_dir``; a stem already used gets a numbered suffix."""
-    import re
-
     root = Path(out_dir)
     (root / subdir).mkdir(parents=True, exist_ok=True)
 

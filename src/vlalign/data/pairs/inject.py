@@ -13,8 +13,9 @@ rejected response makes exactly one false statement of one of three kinds:
   (``"purple square"`` -> ``"purple circle"``): the error of a model that sees colours but
   confuses shapes, which is what the shapes world's demo model does.
 
-Descriptions in the shapes world's canonical phrasing (:mod:`vlalign.shapes.world`) are rewritten
-canonically, so the rejected caption reads exactly like a model's caption
+Descriptions in a registered canonical phrasing (:func:`register_caption_style`; the shapes
+world's captions, :mod:`vlalign.shapes.vocabulary`, when :mod:`vlalign.shapes` is imported) are
+rewritten canonically, so the rejected caption reads exactly like a model's caption
 (``"The image shows a red circle and a blue square."`` with an added co-occurring object
 becomes ``"The image shows a red circle, a blue square and a green triangle."``); any other text
 is edited in place (a phrase inserted after the last mention, an attribute or a count word
@@ -28,25 +29,42 @@ co-occur most with those present (chosen ``No``, rejected ``Yes``): POPE's adver
 as training pairs; with ``balance_existence``, as many about present objects (chosen ``Yes``).
 
 Everything needs object annotations (``meta["objects"]``) and an object vocabulary with
-synonyms (:class:`~vlalign.eval.parsing.ObjectVocabulary`); a row without annotations is a
+synonyms (:class:`~vlalign.data.annotations.ObjectVocabulary`), given as an argument; a row without annotations is a
 :class:`~vlalign.data.schema.DataError` naming it.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from vlalign.data.annotations import (
+    DESCRIBE,
+    NUMBER_WORDS,
+    Annotations,
+    Mention,
+    ObjectVocabulary,
+    annotations_of,
+    task_of,
+)
 from vlalign.data.pairs import PairStats, pair_meta
 from vlalign.data.pairs.rank import claim_score
 from vlalign.data.schema import PreferenceSample, SupervisedSample, user_prompt
-from vlalign.eval.parsing import Annotations, Mention, ObjectVocabulary, annotations_of
-from vlalign.eval.tasks import DESCRIBE, task_of
-from vlalign.shapes.world import NUMBER_WORDS, caption_from_counts
 
 INJECTION_KINDS: tuple[str, ...] = ("add", "attribute", "count", "noun")
+
+CaptionStyle = Callable[[list[tuple[int, str, str]]], str]
+"""``render([(count, attribute, noun), ...]) -> caption``: a canonical way of describing objects."""
+
+_CAPTION_STYLES: dict[str, CaptionStyle] = {}
+
+
+def register_caption_style(name: str, render: CaptionStyle) -> None:
+    """Rewrite descriptions written in ``render``'s canonical phrasing canonically (see the module
+    doc); the shapes world registers its captions when :mod:`vlalign.shapes` is imported."""
+    _CAPTION_STYLES[name] = render
 
 
 @dataclass
@@ -159,20 +177,23 @@ def noun_variants(name: str, vocab: ObjectVocabulary) -> list[str]:
     return [n for n in vocab.names if n != name and " " in n and _attribute(n) == attribute and attribute]
 
 
-def canonical_groups(text: str, vocab: ObjectVocabulary) -> list[tuple[int, str]] | None:
-    """``[(count, name), ...]`` if ``text`` is a canonical shapes-world caption, else None."""
+def canonical_groups(text: str, vocab: ObjectVocabulary) -> tuple[list[tuple[int, str]], CaptionStyle] | None:
+    """``([(count, name), ...], style)`` if ``text`` is a caption in a registered canonical style, else None."""
     mentions = vocab.find(text)
     if not mentions or any(m.negated or m.count is None or " " not in m.name for m in mentions):
         return None
     groups = [(int(m.count), m.name) for m in mentions]
-    return groups if render_groups(groups, vocab) == text.strip() else None
+    for style in _CAPTION_STYLES.values():
+        if render_groups(groups, vocab, style) == text.strip():
+            return groups, style
+    return None
 
 
-def render_groups(groups: Sequence[tuple[int, str]], vocab: ObjectVocabulary) -> str:
-    """The canonical caption of ``(count, name)`` groups, put in the vocabulary's (canonical) order."""
+def render_groups(groups: Sequence[tuple[int, str]], vocab: ObjectVocabulary, style: CaptionStyle) -> str:
+    """The caption of ``(count, name)`` groups in ``style``, put in the vocabulary's (canonical) order."""
     order = {n: i for i, n in enumerate(vocab.names)}
     ordered = sorted(groups, key=lambda g: order.get(g[1], len(order)))
-    return caption_from_counts([(c, _attribute(n), _noun(n)) for c, n in ordered])
+    return style([(c, _attribute(n), _noun(n)) for c, n in ordered])
 
 
 def _count_word(old: str, value: int) -> str:
@@ -235,7 +256,8 @@ class Injector:
     def describe(self, text: str, ann: Annotations, kind: str, rng: random.Random) -> Injection | str:
         """A rejected description of ``kind``, or the reason none can be made."""
         mentions = [m for m in self.vocab.find(text) if not m.negated]
-        groups = canonical_groups(text, self.vocab)
+        canonical = canonical_groups(text, self.vocab)
+        groups, style = canonical if canonical is not None else (None, None)
         if kind == "add":
             said = {m.name for m in mentions}
             absent = [n for n in self.vocab.names if n not in ann.objects and n not in said]
@@ -243,7 +265,7 @@ class Injector:
                 return "no absent object to add"
             new = self.stats.rank_absent(sorted(ann.objects), absent, rng, self.prefer)[0]
             if groups is not None:
-                return Injection(render_groups([*groups, (1, new)], self.vocab), kind, new)
+                return Injection(render_groups([*groups, (1, new)], self.vocab, style), kind, new)
             if not mentions:
                 return Injection(f"{text.rstrip()} There is also {article(new)} {new}.", kind, new)
             end = mentions[-1].end
@@ -263,7 +285,7 @@ class Injector:
             m = rng.choice([m for m, v in options if v == new])
             if groups is not None:
                 changed = [(c, new if n == m.name else n) for c, n in groups]
-                return Injection(render_groups(changed, self.vocab), kind, f"{m.name} -> {new}")
+                return Injection(render_groups(changed, self.vocab, style), kind, f"{m.name} -> {new}")
             replaced = _swap_phrase(m.phrase, m.name, new, kind)
             if replaced is None:
                 return f"no {kind} to swap in {m.phrase!r}"
@@ -276,7 +298,7 @@ class Injector:
             new_count = m.count + 1 if m.count == 1 else m.count + rng.choice((-1, 1))
             if groups is not None:
                 changed = [(new_count if n == m.name else c, n) for c, n in groups]
-                return Injection(render_groups(changed, self.vocab), kind, f"{m.name}: {m.count} -> {new_count}")
+                return Injection(render_groups(changed, self.vocab, style), kind, f"{m.name}: {m.count} -> {new_count}")
             return self._recount_text(text, m, new_count)
         raise ValueError(f"unknown injection kind {kind!r}; choose from {INJECTION_KINDS}")
 

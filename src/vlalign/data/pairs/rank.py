@@ -4,49 +4,43 @@ The responses come from a policy (:func:`vlalign.models.generate.generate` with 
 temperature); a *scorer* rates them and :func:`rank_pairs` pairs a better one (chosen) with a
 worse one (rejected) when their scores differ by at least ``threshold``.
 
-A scorer is any ``(samples, completions) -> one float per completion``
-(:class:`vlalign.rewards.combine.BatchScorer`; ``samples[i]`` is the prompt that
-``completions[i]`` answers). Two are defined here; a reward model plugs into the same protocol.
+A scorer is any ``(samples, completions) -> one float per completion`` (``samples[i]`` is the
+prompt that ``completions[i]`` answers; the protocol of :class:`vlalign.rewards.combine.BatchScorer`).
+The scorers themselves need answer checking or a model, which data does not know: the ground-truth
+scorer, the claim verifier and reward models are in :mod:`vlalign.eval.scorers`
+(:func:`~vlalign.eval.scorers.build_scorer` makes one from its config name).
 
-- :class:`GroundTruthScorer`: exact ground truth where the data has it. A short-answer row
-  (``meta["answer"]``) scores 1 if the answer is right (:func:`vlalign.eval.tasks.answer_correct`),
-  else 0. A description scores the F1 between the (object, count) pairs it states and the
-  annotated ones (names only when the data has no counts): 1 for an exact description.
-- :class:`ClaimVerifier`: claim-level verification (RLAIF-V's divide and conquer). A description
-  is split into atomic claims, each object mention giving "there is an X" (or "there is no X" when
-  negated) and, where a count is said and the annotations have counts, "there are k X" for an X
-  that is present. Each claim is checked against the annotations; the score is
-  ``(true claims - false claims) / reference claims``, where the reference is what the exact
-  description would claim (one existence claim per object present, plus one count claim each
-  when counts are known). So an exact description scores 1, each hallucinated object costs
-  ``1 / reference``, a miscount swaps a true claim for a false one. Short answers score as in
-  the ground-truth scorer.
-
-Both need the object annotations of descriptions (``meta["objects"]``, see
-:func:`vlalign.eval.parsing.annotations_of`) and an object vocabulary; a row without them is a
-:class:`~vlalign.data.schema.DataError` naming the row.
+What is here is plain text against annotations, shared with hallucination injection (whose pair
+margins are claim-score gaps): claim-level verification of a description (RLAIF-V's divide and
+conquer). A description is split into atomic claims, each object mention giving "there is an X"
+(or "there is no X" when negated) and, where a count is said and the annotations have counts,
+"there are k X" for an X that is present. Each claim is checked against the annotations
+(:class:`~vlalign.data.annotations.Annotations`); :func:`claim_score` is
+``(true claims - false claims) / reference claims``, where the reference is what the exact
+description would claim (one existence claim per object present, plus one count claim each when
+counts are known). So an exact description scores 1, each hallucinated object costs
+``1 / reference``, a miscount swaps a true claim for a false one. :func:`description_f1` is the F1
+between the (object, count) pairs a description states and the annotated ones (names only when
+the data has no counts): 1 for an exact description.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
+from vlalign.data.annotations import Annotations, ObjectVocabulary
 from vlalign.data.pairs import PairStats, pair_meta
-from vlalign.data.schema import DataError, PreferenceSample
-from vlalign.eval.parsing import Annotations, ObjectVocabulary, annotations_of
-from vlalign.eval.tasks import DESCRIBE, answer_correct, task_of
-from vlalign.rewards.combine import BatchScorer
+from vlalign.data.schema import PreferenceSample
 
-Scorer = BatchScorer
-"""``(samples, completions) -> list of floats``: see the module doc."""
+Scorer = Callable[[Sequence[Any], Sequence[str]], Sequence[float]]
+"""``(samples, completions) -> one float per completion``: see the module doc."""
 
 Pairing = Literal["best_worst", "all"]
 
 
-# ----------------------------------------------------------------------------- scorers
+# ----------------------------------------------------------------------------- claims
 
 
 @dataclass(frozen=True)
@@ -57,15 +51,6 @@ class Claim:
     kind: Literal["present", "absent", "count"]
     count: int | None
     true: bool
-
-
-def _needs_vocab(vocab: ObjectVocabulary | None, sample: Any, who: str) -> ObjectVocabulary:
-    if vocab is None:
-        raise DataError(
-            f"{who}: sample {getattr(sample, 'id', '?')!r} is a description; scoring descriptions needs an "
-            "object vocabulary (the shapes world's manifest.json, or a JSON file {object: [phrases]})"
-        )
-    return vocab
 
 
 def split_claims(text: str, ann: Annotations, vocab: ObjectVocabulary) -> list[Claim]:
@@ -107,44 +92,7 @@ def description_f1(text: str, ann: Annotations, vocab: ObjectVocabulary) -> floa
     return 2 * hits / (len(said) + len(truth)) if said or truth else 1.0
 
 
-class GroundTruthScorer:
-    """Exact ground truth: answer correctness, or (object, count) F1 of a description."""
-
-    def __init__(self, vocabulary: ObjectVocabulary | None = None) -> None:
-        self.vocabulary = vocabulary
-
-    def score(self, sample: Any, text: str) -> float:
-        if task_of(sample) != DESCRIBE:
-            if "answer" not in (getattr(sample, "meta", None) or {}):
-                raise DataError(
-                    f"ground-truth scorer: sample {sample.id!r} has neither an 'answer' nor object annotations"
-                )
-            return float(answer_correct(text, sample))
-        vocab = _needs_vocab(self.vocabulary, sample, "ground-truth scorer")
-        ann = annotations_of(sample, required_by="the ground-truth scorer")
-        assert ann is not None
-        return description_f1(text, ann, vocab)
-
-    def __call__(self, samples: Sequence[Any], completions: Sequence[str]) -> list[float]:
-        return [self.score(s, c) for s, c in zip(samples, completions, strict=True)]
-
-
-class ClaimVerifier:
-    """Claim-level verification of descriptions against annotations (see the module doc)."""
-
-    def __init__(self, vocabulary: ObjectVocabulary | None = None) -> None:
-        self.vocabulary = vocabulary
-
-    def score(self, sample: Any, text: str) -> float:
-        if task_of(sample) != DESCRIBE and "answer" in (getattr(sample, "meta", None) or {}):
-            return float(answer_correct(text, sample))
-        vocab = _needs_vocab(self.vocabulary, sample, "claim verifier")
-        ann = annotations_of(sample, required_by="the claim verifier")
-        assert ann is not None
-        return claim_score(text, ann, vocab)
-
-    def __call__(self, samples: Sequence[Any], completions: Sequence[str]) -> list[float]:
-        return [self.score(s, c) for s, c in zip(samples, completions, strict=True)]
+# ----------------------------------------------------------------------------- pairing
 
 
 def score_groups(scorer: Scorer, samples: Sequence[Any], completions: Sequence[Sequence[str]]) -> list[list[float]]:
@@ -159,9 +107,6 @@ def score_groups(scorer: Scorer, samples: Sequence[Any], completions: Sequence[S
         out.append(scores[pos : pos + len(group)])
         pos += len(group)
     return out
-
-
-# ----------------------------------------------------------------------------- pairing
 
 
 def _candidates(
@@ -236,52 +181,3 @@ def sample_and_rank(
 ) -> tuple[list[PreferenceSample], PairStats]:
     """Score ``completions`` with ``scorer`` and pair them by :func:`rank_pairs` (same keywords)."""
     return rank_pairs(samples, completions, score_groups(scorer, samples, completions), **kwargs)
-
-
-# ----------------------------------------------------------------------------- scorer by name
-
-SCORER_NAMES: tuple[str, ...] = ("ground_truth", "claims")
-
-
-def build_scorer(spec: str, vocabulary: ObjectVocabulary | None = None) -> Scorer:
-    """A scorer from its config name: ``ground_truth``, ``claims``, the folder of a reward model saved
-    by ``vlalign rm`` (``<run>/model``, holding ``reward_model.json``), or ``file.py:name`` /
-    ``package.module:name`` naming a scorer (``(samples, completions) -> scores``) or a function of no
-    arguments that returns one."""
-    if spec == "ground_truth":
-        return GroundTruthScorer(vocabulary)
-    if spec == "claims":
-        return ClaimVerifier(vocabulary)
-    from vlalign.models.heads import INFO_FILE
-
-    if (Path(spec) / INFO_FILE).is_file():
-        from vlalign.rewards.model import load_reward_scorer
-
-        return load_reward_scorer(spec)
-    if ":" not in spec:
-        raise ValueError(
-            f"unknown scorer {spec!r}: use one of {SCORER_NAMES}, a reward model folder "
-            f"(with {INFO_FILE}), or 'file.py:name' / 'module:name'"
-        )
-    import inspect
-
-    from vlalign.rewards.combine import load_user_function
-
-    target = load_user_function(spec)
-    if inspect.isclass(target) or _arity(target) == 0:
-        target = target()
-    if not callable(target):
-        raise ValueError(f"scorer {spec!r} is not callable as (samples, completions) -> scores")
-    return target
-
-
-def _arity(fn: Any) -> int:
-    import inspect
-
-    try:
-        params = inspect.signature(fn).parameters.values()
-    except (TypeError, ValueError):
-        return -1
-    return sum(
-        p.default is inspect.Parameter.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params
-    )

@@ -12,19 +12,15 @@ import pytest
 
 from vlalign.shapes.render import render_scene
 from vlalign.shapes.tasks import object_statistics, pope_negatives, read_manifest, task_rows, write_world
+from vlalign.shapes.vocabulary import COLOUR_RGB, SHAPE_PLURALS, caption_from_counts, mentioned_objects, parse_objects
 from vlalign.shapes.world import (
-    COLOUR_RGB,
-    SHAPE_PLURALS,
     Scene,
     WorldConfig,
     WorldObject,
     allowed_objects,
-    caption_from_counts,
     generate_scene,
     generate_split,
-    mentioned_objects,
     object_vocabulary,
-    parse_objects,
     tokenizer_corpus,
 )
 
