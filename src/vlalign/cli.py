@@ -17,9 +17,11 @@ import importlib
 import importlib.util
 import os
 import sys
+import traceback
 from typing import Any
 
-from vlalign.config import ConfigError, format_help, load_config
+from vlalign.config import format_help, load_config
+from vlalign.errors import UserError
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "world": ("vlalign.commands.world", "build the shapes world (images + JSONL datasets) on disk"),
@@ -100,13 +102,17 @@ def _dispatch(args: list[str]) -> int:
         print(format_help(module.Config))
         return 0
     rest = _positional(module, rest)
+    debug = "--debug" in rest or os.environ.get("VLALIGN_DEBUG", "") not in ("", "0")
+    rest = [a for a in rest if a != "--debug"]
     config_path, overrides = _split_config_flag(rest)
     try:
         cfg = load_config(module.Config, config_path, overrides)
-    except ConfigError as exc:
+        result = module.run(cfg)
+    except UserError as exc:
+        if debug:
+            traceback.print_exc()
         print(f"vlalign {name}: {exc}", file=sys.stderr)
         return 2
-    result = module.run(cfg)
     return result if isinstance(result, int) else 0
 
 

@@ -22,11 +22,13 @@ from typing import Any
 
 from PIL import Image
 
+from vlalign.errors import UserError
+
 ImageLike = Image.Image | str | os.PathLike | bytes
 Message = dict[str, Any]
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A dataset row is unusable; the message names the file, the row and the problem.
 
     ``reason`` is a short category (``"missing column"``, ``"unreadable image"``...) used to count

@@ -38,6 +38,7 @@ from torch import nn
 from transformers import AutoModelForImageTextToText, AutoProcessor, PreTrainedModel
 
 from vlalign.data.chat import tokenizer_of
+from vlalign.errors import UserError
 
 LANGUAGE_NAMES = ("language_model", "text_model")
 VISION_NAMES = ("visual", "vision_tower", "vision_model")
@@ -53,7 +54,7 @@ _DTYPES = {
 }
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(UserError, RuntimeError):
     """A model or processor cannot be loaded; the message says why and what to do."""
 
 

@@ -33,6 +33,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from vlalign.errors import UserError
 from vlalign.eval.paired import Interval, paired_bootstrap
 from vlalign.report.gallery import GalleryColumn, description_records, gallery_html
 from vlalign.report.plots import as_float, bar_groups, curve_charts, metric_series, plot_bars, plot_curves
@@ -50,7 +51,7 @@ from vlalign.report.read import (
 )
 
 
-class ReportError(Exception):
+class ReportError(UserError):
     """Nothing to report in a folder (the message names the folder and what was looked for)."""
 
 

@@ -25,13 +25,14 @@ from typing import Any, Literal
 from torch import Tensor
 
 from vlalign.data.schema import PromptSample
+from vlalign.errors import UserError
 from vlalign.rewards.user import RewardFunction
 from vlalign.rewards.verifiable import sample_id
 
 # ----------------------------------------------------------------------------- errors
 
 
-class RewardError(RuntimeError):
+class RewardError(UserError, RuntimeError):
     """A reward function failed on a sample; ``function`` and ``sample_id`` say which."""
 
     def __init__(self, message: str, *, function: str, sample_id: str | None) -> None:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from vlalign.data.schema import PromptSample
+from vlalign.errors import UserError
 
 
 class RewardFunction(Protocol):
@@ -28,7 +29,7 @@ class RewardFunction(Protocol):
     def __call__(self, completion: str, sample: PromptSample) -> float: ...
 
 
-class RewardConfigError(ValueError):
+class RewardConfigError(UserError, ValueError):
     """A rewards config cannot be built (unknown name, unloadable user function, bad option)."""
 
 

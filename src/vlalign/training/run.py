@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from vlalign.config import save_config, to_dict
+from vlalign.errors import UserError
 from vlalign.training.checkpoints import Checkpointer, seed_everything
 from vlalign.training.metrics import METRICS_FILE, MetricsLog, Throughput, to_float
 
@@ -140,7 +141,7 @@ def progress_bar(total: int, initial: int, *, enabled: bool, desc: str):
     return tqdm(total=total, initial=initial, disable=not enabled, desc=desc, dynamic_ncols=True)
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(UserError, RuntimeError):
     """The loss became NaN or infinite; the message names the step, the samples and the last checkpoint."""
 
 

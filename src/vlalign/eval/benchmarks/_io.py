@@ -14,8 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vlalign.errors import UserError
 
-class BenchmarkFileError(ValueError):
+
+class BenchmarkFileError(UserError, ValueError):
     """A benchmark file that cannot be read as its format says: file, line and column named."""
 
     def __init__(self, path: str | Path, message: str, *, line: int | None = None, column: str | None = None):
