@@ -17,7 +17,7 @@ import json
 import sys
 from pathlib import Path
 
-from vlalign.commands.demo import stage_intervals
+from vlalign.commands.demo import SMOKE_TEST, stage_intervals
 
 
 def _metrics(summary: dict, stage: str) -> dict[str, float]:
@@ -51,6 +51,8 @@ def main() -> int:
     if not path.exists():
         raise SystemExit(f"{path} not found: run `make demo` (or `vlalign demo --output_dir={args.demo_dir}`) first")
     summary = json.loads(path.read_text())
+    if summary.get("quick"):
+        print(SMOKE_TEST + " The targets below are the full demo's.\n")
     results = checks(summary)
     paired = stage_intervals(Path(args.demo_dir), summary)
     width = max(len(r[0]) for r in results)

@@ -7,7 +7,7 @@ from typing import Literal
 
 import pytest
 
-from vlalign.config import ConfigError, format_help, load_config, parse_overrides, to_dict
+from vlalign.config import CONFIG_DIR, ConfigError, StrictFields, format_help, load_config, parse_overrides, to_dict
 
 
 @dataclass
@@ -142,3 +142,103 @@ def test_cli_output_into_a_closed_pipe_ends_quietly(tmp_path, monkeypatch):
     monkeypatch.setattr("sys.stdout", ClosedPipe())
     assert main(["demo", "--help"]) == 1
     sink.close()
+
+
+# ----------------------------------------------------------------------------- words stay words
+
+
+@dataclass
+class Words:
+    precision: Literal["auto", "no", "bf16"] = "auto"
+    """A Literal that holds the word 'no'."""
+    switch: Literal["on", "off"] = "on"
+    """A Literal of on / off."""
+    name: str = "x"
+    """A free text."""
+    version: str = ""
+    """A text that looks like a number."""
+
+
+def test_text_options_keep_the_words_typed_on_the_command_line():
+    """YAML reads ``no`` / ``off`` as false, ``null`` as None and ``1.10`` as 1.1: a text field gets the text
+    as typed instead (``--train.mixed_precision=no`` was rejected)."""
+    cfg = load_config(Words, None, ["--precision=no", "--switch=off", "--name=null", "--version=1.10"])
+    assert (cfg.precision, cfg.switch, cfg.name, cfg.version) == ("no", "off", "null", "1.10")
+    assert load_config(Outer, None, ["--name=yes"]).name == "yes"
+    assert load_config(Outer, None, ["--limit=null"]).limit is None  # int | None still reads null as None
+
+
+def test_text_options_from_a_yaml_file_map_booleans_back_to_allowed_words(tmp_path):
+    """From a file only YAML's reading is there: false -> the Literal's 'no' (or 'off'); in a free
+    text field false -> 'false', an empty value -> '', a number -> its text."""
+    path = tmp_path / "c.yaml"
+    path.write_text("precision: no\nswitch: off\nname: false\nversion:\n")
+    cfg = load_config(Words, path)
+    assert (cfg.precision, cfg.switch, cfg.name, cfg.version) == ("no", "off", "false", "")
+    path.write_text("version: 2\n")
+    assert load_config(Words, path).version == "2"
+    with pytest.raises(ConfigError, match=r"precision: True is not one of"):
+        load_config(Words, _yaml(tmp_path, "precision: yes"))  # no word for true among the choices
+
+
+def _yaml(tmp_path, text):
+    path = tmp_path / "w.yaml"
+    path.write_text(text + "\n")
+    return path
+
+
+def test_mixed_precision_no_works_on_the_real_train_section():
+    from vlalign.training import TrainConfig
+
+    assert load_config(TrainConfig, None, ["--mixed_precision=no"]).mixed_precision == "no"
+
+
+# ----------------------------------------------------------------------------- unknown fields from Python
+
+
+@dataclass
+class StrictInner(StrictFields):
+    max_steps: int = 1
+    """Steps."""
+
+
+def test_setting_a_misspelt_field_raises_naming_the_close_match():
+    inner = StrictInner()
+    inner.max_steps = 3
+    assert inner.max_steps == 3
+    with pytest.raises(AttributeError, match=r"StrictInner has no field 'max_stpes'; did you mean 'max_steps'\?"):
+        inner.max_stpes = 2  # type: ignore[attr-defined]
+    inner._private = 1  # private state stays free
+
+
+def test_recipe_configs_reject_unknown_fields():
+    from vlalign.recipes import dpo, grpo
+
+    cfg = dpo.Config()
+    with pytest.raises(AttributeError, match=r"did you mean 'max_steps'"):
+        cfg.train.max_stpes = 2
+    with pytest.raises(AttributeError, match=r"did you mean 'loss'"):
+        cfg.los = None
+    with pytest.raises(AttributeError, match=r"did you mean 'weights'"):
+        grpo.Config().rewards.weight = {}
+    assert load_config(dpo.Config, None, ["--train.max_steps=2"]).train.max_steps == 2  # the loader still works
+
+
+# ----------------------------------------------------------------------------- the config file's folder
+
+
+@dataclass
+class WithFolder:
+    base_dir: str = field(default="", metadata={CONFIG_DIR: True})
+    """Filled with the config file's folder."""
+    train: Inner = field(default_factory=Inner)
+    """A section."""
+
+
+def test_fields_marked_config_dir_receive_the_config_files_folder(tmp_path):
+    path = tmp_path / "sub" / "c.yaml"
+    path.parent.mkdir()
+    path.write_text("train: {lr: 0.5}\n")
+    assert load_config(WithFolder, path).base_dir == str(path.parent.resolve())
+    assert load_config(WithFolder, path, ["--base_dir=/elsewhere"]).base_dir == "/elsewhere"
+    assert load_config(WithFolder, None, []).base_dir == ""

@@ -1,3 +1,9 @@
 """vlalign: align large vision-language models with preference optimisation and deep RL."""
 
-__version__ = "0.1.0"
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("vlalign")
+    """The installed distribution's version (pyproject.toml's ``version``)."""
+except PackageNotFoundError:  # running from a source tree that was never installed
+    __version__ = "0.0.0+unknown"

@@ -4,8 +4,12 @@ Every subcommand is configured the same way::
 
     vlalign <command> [--config FILE.yaml] [--resume] [--section.field=value ...]
     vlalign <command> --help        # every field, its type, default and documentation
+    vlalign <command> ... --print_config   # the resolved config as YAML; loads nothing
+    vlalign --version
 
-A subcommand is a module exposing a ``Config`` dataclass and a ``run(cfg)`` function; the table
+A subcommand is a module exposing a ``Config`` dataclass and a ``run(cfg)`` function, and
+optionally ``check_config(cfg)``: the checks of values that need no model or data, run before
+anything loads (and by ``--print_config``), raising :class:`~vlalign.config.ConfigError`. The table
 below maps names to modules (with the one-line description ``vlalign --help`` prints), imported
 only when used so that ``vlalign --help`` is instant.
 """
@@ -20,7 +24,10 @@ import sys
 import traceback
 from typing import Any
 
-from vlalign.config import format_help, load_config
+import yaml
+
+from vlalign import __version__
+from vlalign.config import format_help, load_config, to_dict
 from vlalign.errors import UserError
 
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -33,7 +40,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "ppo": ("vlalign.recipes.ppo", "actor-critic PPO with a vision-language critic"),
     "pairs": (
         "vlalign.commands.pairs",
-        "build preference pairs: hallucination injection, image corruption, sample-and-rank",
+        "build preference pairs: hallucination injection, image corruption, sample-and-rank, POVID",
     ),
     "eval": ("vlalign.commands.eval", "POPE, CHAIR, task accuracy, win rate and KL; one model or two side by side"),
     "compare": (
@@ -50,7 +57,9 @@ def _usage() -> str:
     rows = "\n".join(f"  {name.ljust(width)}  {doc}" for name, (module, doc) in COMMANDS.items() if _exists(module))
     return (
         "usage: vlalign <command> [--config FILE.yaml] [--resume] [--section.field=value ...]\n"
-        "       vlalign <command> --help\n\n"
+        "       vlalign <command> --help           every option, with the default it runs with\n"
+        "       vlalign <command> ... --print_config   the resolved config as YAML, then exit\n"
+        "       vlalign --version\n\n"
         f"commands:\n{rows}\n"
     )
 
@@ -87,6 +96,9 @@ def _dispatch(args: list[str]) -> int:
     if not args or args[0] in ("-h", "--help", "help"):
         print(_usage())
         return 0
+    if args[0] in ("-V", "--version", "version"):
+        print(f"vlalign {__version__}")
+        return 0
     name, rest = args[0], args[1:]
     if name not in COMMANDS or not _exists(COMMANDS[name][0]):
         close = difflib.get_close_matches(name, list(COMMANDS), n=1)
@@ -103,10 +115,16 @@ def _dispatch(args: list[str]) -> int:
         return 0
     rest = _positional(module, rest)
     debug = "--debug" in rest or os.environ.get("VLALIGN_DEBUG", "") not in ("", "0")
-    rest = [a for a in rest if a != "--debug"]
+    print_config = "--print_config" in rest or "--print-config" in rest
+    rest = [a for a in rest if a not in ("--debug", "--print_config", "--print-config")]
     config_path, overrides = _split_config_flag(rest)
     try:
         cfg = load_config(module.Config, config_path, overrides)
+        if not (print_config and unset_required(cfg)):  # printing shows what is missing instead
+            check_values(module, cfg)
+        if print_config:
+            print(resolved_config_text(cfg), end="")
+            return 0
         result = module.run(cfg)
     except UserError as exc:
         if debug:
@@ -114,6 +132,50 @@ def _dispatch(args: list[str]) -> int:
         print(f"vlalign {name}: {exc}", file=sys.stderr)
         return 2
     return result if isinstance(result, int) else 0
+
+
+def check_values(module: Any, cfg: Any) -> None:
+    """The checks of option values that need no model or data: the training loop's (each section's
+    ``validate``, through :func:`vlalign.training.options.validate_config`) and the command's
+    ``check_config``; each failure is a one-line :class:`~vlalign.config.ConfigError`."""
+    train = getattr(cfg, "train", None)
+    if callable(getattr(train, "validate", None)):
+        from vlalign.training.options import validate_config  # the training loop's checks
+
+        validate_config(cfg, train)
+    if hasattr(module, "check_config"):
+        module.check_config(cfg)
+
+
+def unset_required(cfg: Any) -> list[str]:
+    """The options of ``type(cfg).REQUIRED`` left empty."""
+    return [key for key in getattr(type(cfg), "REQUIRED", ()) if _dotted(cfg, key) in ("", None)]
+
+
+def resolved_config_text(cfg: Any) -> str:
+    """``cfg`` as YAML (what ``--config`` reads back), headed by the processes and the global batch
+    when it has a ``train`` section: ``batch_size * grad_accum * processes``, processes from
+    ``WORLD_SIZE`` (set by ``accelerate launch`` / ``torchrun``) or 1. Required options left unset
+    are listed at the end."""
+    head = ""
+    train = getattr(cfg, "train", None)
+    if train is not None and hasattr(train, "batch_size") and hasattr(train, "grad_accum"):
+        processes = int(os.environ.get("WORLD_SIZE", "1") or 1)
+        batch = train.batch_size * train.grad_accum * processes
+        head = (
+            f"# processes: {processes}; global batch: {batch} "
+            f"(train.batch_size {train.batch_size} x train.grad_accum {train.grad_accum} x {processes})\n"
+        )
+    text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    unset = unset_required(cfg)
+    tail = f"# required, not set: {', '.join(unset)}\n" if unset else ""
+    return head + text + tail
+
+
+def _dotted(cfg: Any, key: str) -> Any:
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
 
 
 def _split_config_flag(args: list[str]) -> tuple[str | None, list[str]]:

@@ -86,24 +86,45 @@ def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
-def format_help(cls: type, prefix: str = "") -> str:
-    """Every field of ``cls`` (nested sections included) with its type, default and docstring."""
+def format_help(cls: type | Any, prefix: str = "", *, required: frozenset[str] | None = None) -> str:
+    """Every field of ``cls`` (nested sections included) with its type, default and docstring.
+
+    The defaults shown are those of an instance, ``cls()`` (or ``cls`` itself when it is one), read
+    section by section from that instance: a recipe that gives a shared section its own defaults
+    (``train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=1e-5))``) shows those,
+    the values its run starts from. Fields a command needs but cannot default (the names in its
+    ``REQUIRED`` class attribute, e.g. ``("data.train",)``) are shown as required.
+    """
+    klass = cls if isinstance(cls, type) else type(cls)
+    instance = cls if not isinstance(cls, type) else default_instance(cls)
+    if required is None:
+        required = frozenset(getattr(klass, "REQUIRED", ()))
     lines: list[str] = []
-    docs = field_docs(cls)
-    hints = _hints(cls)
-    for f in dataclasses.fields(cls):
+    docs = field_docs(klass)
+    hints = _hints(klass)
+    for f in dataclasses.fields(klass):
         tp = hints[f.name]
         key = f"{prefix}{f.name}"
+        value = getattr(instance, f.name) if instance is not None else _default_of(f)
         if dataclasses.is_dataclass(tp):
             section_doc = docs.get(f.name, "")
             lines.append(f"\n[{key}]" + (f"  {section_doc}" if section_doc else ""))
-            lines.append(format_help(tp, prefix=f"{key}."))
+            section = value if dataclasses.is_dataclass(value) else tp
+            lines.append(format_help(section, prefix=f"{key}.", required=required))
             continue
-        default = _default_of(f)
-        lines.append(f"  --{key}  ({_type_name(tp)}, default: {default!r})")
+        shown = "required" if key in required or value == "<required>" else f"default: {value!r}"
+        lines.append(f"  --{key}  ({_type_name(tp)}, {shown})")
         for doc_line in docs.get(f.name, "(undocumented)").splitlines():
             lines.append(f"      {doc_line}")
     return "\n".join(lines)
+
+
+def default_instance(cls: type[T]) -> T | None:
+    """``cls()`` (the defaults a command runs with), or None when some field has no default."""
+    try:
+        return cls()
+    except (TypeError, ValueError):
+        return None
 
 
 def _default_of(f: dataclasses.Field) -> Any:
@@ -181,12 +202,21 @@ def _unknown_key_message(cls: type, where: str, key: str) -> str:
 
 
 def coerce(value: Any, tp: Any, key: str) -> Any:
-    """Convert ``value`` (from YAML or the command line) to type ``tp``; errors name ``key``."""
+    """Convert ``value`` (from YAML or the command line) to type ``tp``; errors name ``key``.
+
+    Text fields keep words as words: a command-line value reaches a ``str`` field (or a ``Literal``
+    of strings) as typed (``--train.mixed_precision=no`` is ``"no"``, not YAML's false), and a YAML
+    file's ``no`` / ``off`` / ``null`` / ``1.5`` becomes the text a Literal allows or the number's text.
+    """
     origin = get_origin(tp)
+    if isinstance(value, Typed) and origin not in (Union, types.UnionType):  # a union's members choose
+        value = value.text if _wants_text(tp) else value.value
     if tp is Any:
         return value
     if origin in (Union, types.UnionType):
         args = get_args(tp)
+        if isinstance(value, Typed) and value.value is None and type(None) in args:
+            return None
         if value is None and type(None) in args:
             return None
         errors = []
@@ -197,9 +227,12 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
                 return coerce(value, arg, key)
             except ConfigError as exc:
                 errors.append(str(exc))
-        raise ConfigError(f"{key}: {value!r} is not a valid {_type_name(tp)}")
+        shown = value.text if isinstance(value, Typed) else value
+        raise ConfigError(f"{key}: {shown!r} is not a valid {_type_name(tp)}")
     if origin is Literal:
         choices = get_args(tp)
+        if not isinstance(value, str) and all(isinstance(c, str) for c in choices):
+            value = _yaml_word(value, choices)
         if value in choices:
             return value
         close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
@@ -218,6 +251,11 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
         k_tp, v_tp = get_args(tp) or (Any, Any)
         return {coerce(k, k_tp, key): coerce(v, v_tp, f"{key}.{k}") for k, v in value.items()}
+    return _coerce_scalar(value, tp, key)
+
+
+def _coerce_scalar(value: Any, tp: Any, key: str) -> Any:
+    """:func:`coerce` for bool, int, float, str, Path and plain classes."""
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -244,12 +282,51 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is str:
         if isinstance(value, (dict, list)):
             raise ConfigError(f"{key}: expected a string, got {value!r}")
-        return str(value)
+        return value if isinstance(value, str) else _yaml_word(value, ())
     if tp is Path:
         return Path(str(value))
     if isinstance(value, tp):
         return value
     raise ConfigError(f"{key}: cannot use {value!r} as {_type_name(tp)}")
+
+
+class Typed:
+    """A command-line value: the text as typed and its YAML reading (``"no"`` and False)."""
+
+    def __init__(self, text: str, value: Any) -> None:
+        self.text = text
+        self.value = value
+
+    def __repr__(self) -> str:
+        return repr(self.text)
+
+
+def _wants_text(tp: Any) -> bool:
+    """Whether a field of type ``tp`` takes the typed text rather than its YAML reading."""
+    if tp is str or tp is Path:
+        return True
+    return get_origin(tp) is Literal and all(isinstance(c, str) for c in get_args(tp))
+
+
+_YAML_WORDS: dict[Any, tuple[str, ...]] = {
+    False: ("no", "off", "false", "n"),
+    True: ("yes", "on", "true", "y"),
+    None: ("none", "null", ""),
+}
+
+
+def _yaml_word(value: Any, choices: tuple[Any, ...]) -> Any:
+    """A YAML reading turned back into text: False -> the first of no/off/false among ``choices``
+    (``choices`` empty: "false"), None -> none/null/"" (empty: ""), a number -> its text. Anything else
+    (or no word allowed) comes back unchanged, for the caller's error."""
+    if isinstance(value, bool) or value is None:
+        words = _YAML_WORDS[value]
+        if not choices:
+            return "" if value is None else str(value).lower()
+        return next((w for w in words if w in choices), value)
+    if isinstance(value, (int, float)) and not choices:
+        return str(value)
+    return value
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -274,6 +351,12 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 def parse_overrides(args: list[str]) -> dict[str, Any]:
     """``["--a.b=1", "--c", "x"]`` -> ``{"a": {"b": 1}, "c": "x"}`` (values parsed as YAML)."""
+    return _plain(override_tree(args))
+
+
+def override_tree(args: list[str]) -> dict[str, Any]:
+    """:func:`parse_overrides` keeping each scalar as :class:`Typed` (its text and its YAML reading), so
+    that a text field receives what was typed."""
     out: dict[str, Any] = {}
     i = 0
     while i < len(args):
@@ -293,8 +376,14 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError:
             value = raw
-        _set_dotted(out, dotted.replace("-", "_"), value)
+        _set_dotted(out, dotted.replace("-", "_"), value if isinstance(value, (dict, list)) else Typed(raw, value))
     return out
+
+
+def _plain(tree: Any) -> Any:
+    if isinstance(tree, dict):
+        return {k: _plain(v) for k, v in tree.items()}
+    return tree.value if isinstance(tree, Typed) else tree
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
@@ -320,7 +409,12 @@ def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
-    """Defaults of ``cls``, then the YAML file at ``path``, then ``--dotted.key=value`` overrides."""
+    """Defaults of ``cls``, then the YAML file at ``path``, then ``--dotted.key=value`` overrides.
+
+    With a file, every field declared with ``metadata={CONFIG_DIR: True}`` that is left empty
+    (e.g. ``rewards.base_dir``) is set to the file's folder, so that paths written in the file can
+    be read relative to it.
+    """
     data: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
@@ -334,8 +428,49 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
             raise ConfigError(f"{p}: the top level must be a mapping of sections")
         data = loaded
     if overrides:
-        data = merge(data, parse_overrides(overrides))
-    return from_dict(cls, data)
+        data = merge(data, override_tree(overrides))
+    cfg = from_dict(cls, data)
+    if path is not None:
+        fill_config_dir(cfg, Path(path).resolve().parent)
+    return cfg
+
+
+CONFIG_DIR = "vlalign_config_dir"
+"""Field metadata key: a ``str`` field so marked, left '', receives the config file's folder."""
+
+
+def fill_config_dir(cfg: Any, folder: Path) -> None:
+    """Set every empty field of ``cfg`` (nested sections included) marked with :data:`CONFIG_DIR` to ``folder``."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            fill_config_dir(value, folder)
+        elif f.metadata.get(CONFIG_DIR) and value == "":
+            setattr(cfg, f.name, str(folder))
+
+
+def did_you_mean(name: str, choices: Any) -> str:
+    """``"; did you mean 'x'?"`` for the closest of ``choices`` to ``name``, or "" when none is close."""
+    close = difflib.get_close_matches(name, [str(c) for c in choices], n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+class StrictFields:
+    """Mixin of config dataclasses: setting a name that is not a field raises ``AttributeError``
+    naming the closest field (``cfg.train.max_stpes = 2`` would otherwise be silently ignored).
+    Names starting with ``_`` stay free for private state."""
+
+    __slots__ = ()
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        fields = getattr(type(self), "__dataclass_fields__", None)
+        if fields is not None and name not in fields and not name.startswith("_"):
+            raise AttributeError(
+                f"{type(self).__name__} has no field {name!r}{did_you_mean(name, fields)} (fields: {', '.join(fields)})",
+                name=name,
+                obj=self,
+            )
+        super().__setattr__(name, value)
 
 
 def save_config(cfg: Any, path: str | Path) -> None:

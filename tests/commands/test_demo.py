@@ -150,6 +150,26 @@ def test_a_killed_demo_resumes_from_the_sft_checkpoint(tmp_path: Path, capsys, v
     assert all((out / s / demo.STAGE_FILE).exists() for s in STAGES)
 
 
+def test_the_quick_demo_says_it_is_a_smoke_test(quick_demo: Path) -> None:
+    """demo_summary.json says "quick": true; the printed table starts with the smoke-test line; the
+    report's header says it too."""
+    summary = json.loads((quick_demo / demo.SUMMARY_FILE).read_text())
+    assert summary["quick"] is True
+    assert demo.format_summary(summary).startswith(demo.SMOKE_TEST + "\n")
+    assert demo.format_summary({**summary, "quick": False}).startswith("metric")
+    assert 'id="smoke-test"' in (quick_demo / "report.html").read_text()
+
+
+def test_the_quick_demo_has_its_own_folder() -> None:
+    """No --output_dir: the quick demo goes to runs/demo-quick, the full one to runs/demo (the
+    full demo's folder, hence its stages' fingerprints, as before); an explicit one wins."""
+    assert demo.demo_dir(load_config(demo.Config, None, ["--quick"])) == Path("runs/demo-quick")
+    assert demo.demo_dir(load_config(demo.Config, None, [])) == Path("runs/demo")
+    assert demo.demo_dir(load_config(demo.Config, None, ["--quick", "--output_dir=x"])) == Path("x")
+    stages = demo.build_stages(load_config(demo.Config, None, []))
+    assert stages[2].settings["data"] == "runs/demo/world"
+
+
 def test_cli_help_and_unknown_stage(tmp_path: Path, capsys) -> None:
     assert main(["demo", "--help"]) == 0
     assert "--quick" in capsys.readouterr().out

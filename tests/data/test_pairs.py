@@ -14,6 +14,9 @@ import pytest
 from PIL import Image
 
 from vlalign.cli import main
+from vlalign.commands.pairs import Config as PairsConfig
+from vlalign.commands.pairs import run as run_pairs
+from vlalign.config import load_config
 from vlalign.data.annotations import Annotations, ObjectVocabulary
 from vlalign.data.io import load_samples
 from vlalign.data.pairs import margin_summary
@@ -21,6 +24,7 @@ from vlalign.data.pairs.corrupt import CorruptConfig, corrupt_image, corrupt_pai
 from vlalign.data.pairs.inject import InjectConfig, Injector, ObjectStats, inject_pairs
 from vlalign.data.pairs.rank import rank_pairs, sample_and_rank
 from vlalign.data.schema import DataError, PromptSample, SupervisedSample, user_prompt
+from vlalign.errors import UserError
 from vlalign.eval.scorers import ClaimVerifier, GroundTruthScorer
 from vlalign.shapes.world import WorldConfig, object_vocabulary
 
@@ -369,4 +373,24 @@ def test_vlalign_pairs_tasks_filter_comes_before_the_limit(world_dir: Path, tmp_
     assert json.loads((tmp_path / "describe.stats.json").read_text())["inputs"] == 5
     assert rows and {r["task"] for r in rows} == {"describe"} and len({r["scene_id"] for r in rows}) <= 5
     with pytest.raises(ValueError, match=r"no row has a task in tasks=\['juggling'\]"):
-        main(["pairs", f"--data={world_dir / 'train.jsonl'}", f"--out={out}", "--tasks=[juggling]"])
+        main(["pairs", f"--data={world_dir / 'train.jsonl'}", f"--out={tmp_path / 'none.jsonl'}", "--tasks=[juggling]"])
+
+
+def test_vlalign_pairs_refuses_to_overwrite_its_output(
+    world_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A second run onto an existing --out stops before reading any data, with one line naming the
+    file and the option, and leaves the file as it was; --overwrite=true replaces it."""
+    out = tmp_path / "pairs.jsonl"
+    args = ["pairs", f"--data={world_dir / 'train.jsonl'}", f"--out={out}", "--limit=4"]
+    assert main(args) == 0
+    before = out.read_text()
+    capsys.readouterr()
+    assert main([*args[:-1], "--limit=8", "--data=missing.jsonl"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"vlalign pairs: {out} already exists; pass --overwrite=true to replace it, or choose another --out"
+    assert out.read_text() == before
+    with pytest.raises(UserError, match="already exists"):
+        run_pairs(load_config(PairsConfig, None, [f"--out={out}"]))
+    assert main([*args[:-1], "--limit=8", "--overwrite=true"]) == 0
+    assert out.read_text() != before and len(load_samples(out, "preference")) > len(before.splitlines())

@@ -220,3 +220,42 @@ def test_vlalign_compare_command(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert main(["compare", str(a)]) == 2
     assert main(["compare", str(a), str(b), "--metrics=chair"]) == 2
     assert "no metric starts with chair" in capsys.readouterr().err
+
+
+def test_benchmark_records_by_hand() -> None:
+    """Records of published benchmarks (vlalign.eval.official).
+
+    POPE with ``label`` in place of ``answer``: said yes to a yes (TP) and to a no (FP): precision 1/2.
+    CHAIR on COCO (part ``chair``, no prefix): one caption, 2 of 3 mentions hallucinated: CHAIR_i 2/3.
+    AMBER yes/no: existence (truth no, answered No: right), state (truth yes, answered No: wrong),
+    number (truth no, answered Yes: wrong). Existence: accuracy 1, precision 1, recall 1. Attribute
+    (state + number): accuracy 0, answered No 1 (0 right) -> precision 0, truth no 1 -> recall 0.
+    Discriminative (all three): accuracy 1/3, precision 1/2, recall 1/2, F1 1/2.
+    AMBER descriptions: nouns 4 + 2, hallucinated 1 + 0 -> chair 1/6; truth 3 + 2, covered 2 + 1 ->
+    cover 3/5; one of two responses hallucinates -> hal 1/2; targets 2 + 1, covered 1 + 0 -> cog 1/3.
+    """
+    records = [
+        {"part": "pope/random", "id": "1", "image": "a.jpg", "said_yes": True, "label": "yes"},
+        {"part": "pope/random", "id": "2", "image": "a.jpg", "said_yes": True, "label": "no"},
+        {"part": "chair", "id": "7", "objects": ["dog"], "mentions": 3, "hallucinated": [["cat", "cat"]] * 2},
+        {"part": "amber/existence", "id": "3", "label": "no", "response": "No"},
+        {"part": "amber/state", "id": "4", "label": "yes", "response": "No"},
+        {"part": "amber/number", "id": "5", "label": "no", "response": "Yes"},
+    ]
+    counts = ("nouns", "hallucinated_nouns", "truth_objects", "covered_objects", "targets", "covered_targets")
+    for ident, values in (("1", (4, 1, 3, 2, 2, 1)), ("2", (2, 0, 2, 1, 1, 0))):
+        records.append({"part": "amber/generative", "id": ident, **dict(zip(counts, values))})
+    summed: dict[str, float] = {}
+    for r in records:
+        for k, v in record_counts(r).items():
+            summed[k] = summed.get(k, 0.0) + v
+    m = {k: float(v[0]) for k, v in metrics_from_counts({k: np.array([v]) for k, v in summed.items()}).items()}
+    assert m["pope/random/precision"] == 0.5 and m["chair/chair_i"] == pytest.approx(2 / 3)
+    assert (m["amber/existence/accuracy"], m["amber/existence/precision"], m["amber/existence/recall"]) == (1, 1, 1)
+    assert (m["amber/attribute/accuracy"], m["amber/attribute/precision"], m["amber/attribute/recall"]) == (0, 0, 0)
+    assert m["amber/discriminative/accuracy"] == pytest.approx(1 / 3)
+    assert (
+        m["amber/discriminative/precision"] == m["amber/discriminative/recall"] == m["amber/discriminative/f1"] == 0.5
+    )
+    assert m["amber/generative/chair"] == pytest.approx(1 / 6) and m["amber/generative/cover"] == pytest.approx(3 / 5)
+    assert m["amber/generative/hal"] == 0.5 and m["amber/generative/cog"] == pytest.approx(1 / 3)

@@ -15,6 +15,7 @@ import torch
 
 from vlalign.cli import main
 from vlalign.data.io import load_samples
+from vlalign.data.schema import DataError
 from vlalign.eval.paired import metrics_from_counts, record_counts
 from vlalign.eval.policy import completion_token_logprobs, kl_divergence
 from vlalign.eval.pope import pope_metrics
@@ -130,7 +131,8 @@ def test_kl_zero_for_same_model_positive_otherwise(tiny_model: Callable[..., Any
 
 def test_vlalign_eval_command(tiny_model_dir: Callable[..., Path], eval_world: Path, tmp_path: Path) -> None:
     """`vlalign eval --model A --baseline A`: eval.json with both columns, zero differences, a
-    win rate of 1/2 (every description ties) and a KL of 0."""
+    win rate of 1/2 (every description ties) and a KL of 0; TensorBoard (the default tracker) holds
+    the same metrics (eval/..., baseline/...) and a table of the first descriptions under logs/eval."""
     model = str(tiny_model_dir("qwen2_vl"))
     args = [
         "eval",
@@ -153,3 +155,36 @@ def test_vlalign_eval_command(tiny_model_dir: Callable[..., Path], eval_world: P
     intervals = out["difference_interval"]
     assert "pope/adversarial/f1" in intervals and "task/counting" in intervals
     assert all((v["difference"], v["low"], v["high"]) == (0.0, 0.0, 0.0) for v in intervals.values())
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert list((tmp_path / "logs" / "eval").glob("events.out.tfevents.*"))
+    events = EventAccumulator(str(tmp_path / "logs" / "eval"), size_guidance={"tensors": 0, "scalars": 0})
+    events.Reload()
+    for prefix, metrics in (("eval/", out["metrics"]), ("baseline/", out["baseline_metrics"])):
+        (f1,) = events.Scalars(f"{prefix}pope/adversarial/f1")
+        assert (f1.step, f1.value) == (0, pytest.approx(metrics["pope/adversarial/f1"]))
+    (text,) = events.Tensors("eval/samples/text_summary")
+    first = next(r for r in out["records"]["model"] if r["task"] == "describe")
+    assert f"| {first['id']} |" in text.tensor_proto.string_val[0].decode()
+
+
+def test_pope_rows_without_answer_fail_before_any_model(eval_world: Path, tmp_path: Path) -> None:
+    """A custom suite's POPE file with `label` in place of `answer` (or an answer that is not
+    Yes/No) stops build_suite, naming the file, the row and the column, with a hint at --bench=pope."""
+    rows = [json.loads(line) for line in (eval_world / "pope_test_random.jsonl").read_text().splitlines()]
+    images = eval_world / "images"
+    for row in rows:
+        row["images"] = [str((images.parent / im).resolve()) for im in row["images"]]
+    rows[1]["label"] = rows[1].pop("answer")
+    bad = tmp_path / "pope.jsonl"
+    bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = SuiteConfig(
+        data=str(eval_world / "test_prompts.jsonl"), pope={"random": str(bad)}, vocabulary=str(eval_world)
+    )
+    with pytest.raises(DataError, match=r"pope.jsonl, row 2 .*column 'answer': missing.*--bench=pope"):
+        build_suite(cfg)
+    rows[1]["answer"] = "maybe"
+    bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(DataError, match=r"row 2 .*column 'answer': a POPE label must be 'Yes' or 'No'"):
+        build_suite(cfg)

@@ -16,6 +16,7 @@ from vlalign.losses import (
     PREFERENCE_LOSSES,
     PreferenceLogps,
     UnpairedLogps,
+    apo_down_loss,
     apo_zero_loss,
     bco_pair_loss,
     combine_losses,
@@ -137,6 +138,29 @@ def test_bco_pair_hand_value() -> None:
 def test_apo_zero_hand_value() -> None:
     """β·r_w = ln 3, β·r_l = −ln 3: (1 − 3/4) + 1/4 = 1/2."""
     torch.testing.assert_close(apo_zero_loss(unit_pair(), beta=LN3).losses, t(0.5), rtol=0, atol=1e-15)
+
+
+def test_apo_down_hand_value() -> None:
+    """β·r_w = ln 3, β·h = 2 ln 3: σ(ln 3) + 1 − σ(2 ln 3) = 3/4 + 1 − 9/10 = 17/20; rewards as DPO's."""
+    out = apo_down_loss(unit_pair(), beta=LN3)
+    torch.testing.assert_close(out.losses, t(0.85), rtol=0, atol=1e-15)
+    torch.testing.assert_close(out.metrics["rewards/margin"], torch.tensor(2 * LN3, dtype=F64))
+
+
+def test_apo_down_lowers_the_chosen_likelihood_where_apo_zero_raises_it() -> None:
+    """β = ln 3, r_w = 0, r_l = −1 (h = 1), with σ'(x) = σ(x)(1 − σ(x)): σ'(0) = 1/4, σ'(ln 3) = 3/16.
+    APO-down: ∂L/∂r_w = β·(σ'(0) − σ'(β·h)) = ln3·(1/4 − 3/16) = ln3/16 > 0 (descent lowers the
+    chosen log-prob) and ∂L/∂r_l = β·σ'(β·h) = 3·ln3/16 (descent lowers the rejected one faster).
+    APO-zero: ∂L/∂r_w = −β·σ'(0) = −ln3/4, ∂L/∂r_l = β·σ'(−ln 3) = 3·ln3/16."""
+    grads = {}
+    for name, fn in (("down", apo_down_loss), ("zero", apo_zero_loss)):
+        chosen, rejected = t(-2.0).requires_grad_(True), t(-4.0).requires_grad_(True)
+        fn(PreferenceLogps(chosen, rejected, t(-2.0), t(-3.0)), beta=LN3).losses.sum().backward()
+        grads[name] = (chosen.grad, rejected.grad)
+    torch.testing.assert_close(grads["down"][0], t(LN3 / 16), rtol=0, atol=1e-15)
+    torch.testing.assert_close(grads["down"][1], t(3 * LN3 / 16), rtol=0, atol=1e-15)
+    torch.testing.assert_close(grads["zero"][0], t(-LN3 / 4), rtol=0, atol=1e-15)
+    torch.testing.assert_close(grads["zero"][1], t(3 * LN3 / 16), rtol=0, atol=1e-15)
 
 
 def test_simpo_hand_value() -> None:
@@ -262,6 +286,35 @@ def test_gradcheck_preference_losses(name: str) -> None:
         return PREFERENCE_LOSSES[name](logps, **kwargs).losses
 
     assert torch.autograd.gradcheck(fn, inputs)
+
+
+@pytest.mark.parametrize("name", sorted(set(PREFERENCE_LOSSES) - {"nll"}))
+def test_every_loss_raises_the_margin_under_gradient_descent(name: str) -> None:
+    """The loss-level twin of the DPO recipe's margin test: the policy log-probs start equal to the
+    reference (every r = 0), and 20 plain gradient steps (lr 0.05) on them must raise the logged
+    ``rewards/margin`` (β·h, or SimPO's / ORPO's length-normalised policy margin, also 0 at the start
+    since the mean token log-probs are equal) of every pair of a batch of three. NLL has no margin."""
+    ref_w, ref_l = t(-2.0, -5.0, -1.0), t(-3.0, -4.0, -1.5)
+    len_w, len_l = t(2.0, 5.0, 2.0), t(3.0, 4.0, 3.0)
+    chosen, rejected = ref_w.clone().requires_grad_(True), ref_l.clone().requires_grad_(True)
+    loss = PREFERENCE_LOSSES[name]
+
+    def margins() -> torch.Tensor:
+        pairs = [
+            PreferenceLogps(*(x[i : i + 1].detach() for x in (chosen, rejected, ref_w, ref_l, len_w, len_l)))
+            for i in range(3)
+        ]
+        return torch.stack([loss(p).metrics["rewards/margin"] for p in pairs])
+
+    before = margins()
+    for _ in range(20):
+        loss(PreferenceLogps(chosen, rejected, ref_w, ref_l, len_w, len_l)).losses.sum().backward()
+        with torch.no_grad():
+            for x in (chosen, rejected):
+                x -= 0.05 * x.grad
+                x.grad = None
+    after = margins()
+    assert (before.abs() < 1e-15).all() and (after > before + 1e-3).all(), (before, after)
 
 
 def test_gradcheck_kto() -> None:

@@ -76,6 +76,7 @@ TERMS = {
     "ipo": ["--loss.weights={ipo: 1.0}"],
     "bco_pair": ["--loss.weights={bco_pair: 1.0}"],
     "apo_zero": ["--loss.weights={apo_zero: 1.0}"],
+    "apo_down": ["--loss.weights={apo_down: 1.0}"],
     "simpo": ["--loss.weights={simpo: 1.0}", "--loss.options={simpo: {beta: 2.5, gamma: 0.5}}"],
     "orpo": ["--loss.weights={orpo: 1.0}"],
     "nll": ["--loss.weights={nll: 1.0}"],
@@ -194,7 +195,8 @@ def test_lora_run_logs_metrics_evaluates_and_saves_a_loadable_model(tiny_model_d
 
 def test_eval_suite_runs_on_the_trained_model_in_memory(tiny_model_dir, pair_file, recipe_world, tmp_path):
     """eval_suite=end: POPE, CHAIR, task accuracy and the KL from the frozen reference copy come
-    back as suite/... metrics and land, with every answer, in suite_eval.json."""
+    back as suite/... metrics and land, with every answer, in suite_eval.json; the run's TensorBoard
+    events hold those metrics and a table of the first held-out descriptions, at the last step (1)."""
     out = tmp_path / "run"
     final = dpo.run(
         load_config(
@@ -216,6 +218,7 @@ def test_eval_suite_runs_on_the_trained_model_in_memory(tiny_model_dir, pair_fil
                 "--suite.compositional_questions_per_task=1",
                 "--suite.kl_prompts=2",
                 "--suite.max_new_tokens=6",
+                "--train.trackers=[tensorboard]",
             ),
         )
     )
@@ -223,6 +226,23 @@ def test_eval_suite_runs_on_the_trained_model_in_memory(tiny_model_dir, pair_fil
         assert key in final and math.isfinite(final[key]), key
     saved = json.loads((out / "suite_eval.json").read_text())
     assert saved["metrics"]["chair/chair_i"] == final["suite/chair/chair_i"] and saved["records"]
+    events = tensorboard_events(out / "logs" / "dpo")
+    chair = events.Scalars("suite/chair/chair_i")
+    assert [(e.step, e.value) for e in chair] == [(1, pytest.approx(final["suite/chair/chair_i"]))]
+    (text,) = events.Tensors("suite/samples/text_summary")
+    table = text.tensor_proto.string_val[0].decode()
+    first = next(r for r in saved["records"] if r["task"] == "describe")
+    assert text.step == 1 and table.startswith("| id | prompt | output | notes |") and f"| {first['id']} |" in table
+
+
+def tensorboard_events(folder: Path):
+    """The TensorBoard events under ``folder``, read with TensorBoard's own reader (every text kept)."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder), size_guidance={"tensors": 0, "images": 0, "scalars": 0})
+    events.Reload()
+    return events
 
 
 def test_precomputed_reference_equals_the_frozen_copy_and_runs_no_reference_forward(
@@ -376,6 +396,26 @@ def test_bad_rows_are_named_or_counted(tiny_model_dir, recipe_world, tmp_path):
         )
     )
     assert final["data/skipped_pairs"] == 4 and final["data/train_pairs"] == 4
+
+
+def test_a_nan_severity_is_named_at_load_or_skipped(tiny_model_dir, recipe_world, tmp_path):
+    """hsa_dpo reads loss.severity_column: a NaN there (line 3 of 5) stops the run as the data loads,
+    naming the file, the line and the column, before any step; with data.skip_bad_rows the row is
+    skipped and counted, and the 4 others train. Without hsa_dpo the column is not read: no error."""
+    image = str(sorted((recipe_world / "images").rglob("*.png"))[0])
+    rows = [{**_row(i, image), "severity": float(i + 1)} for i in range(5)]
+    rows[2]["severity"] = math.nan
+    data = _write(rows, tmp_path / "severity.jsonl")
+    model_dir = tiny_model_dir("qwen2_vl")
+    common = ["--loss.weights={hsa_dpo: 1.0}", "--train.max_steps=1", "--train.batch_size=4"]
+    with pytest.raises(DataError, match=r"severity\.jsonl line 3: column 'severity' is nan, not a finite number"):
+        dpo.run(load_config(dpo.Config, None, _args(model_dir, data, tmp_path / "stop", *common)))
+    assert not _records(tmp_path / "stop")
+    skip = _args(model_dir, data, tmp_path / "skip", *common, "--data.skip_bad_rows=true")
+    final = dpo.run(load_config(dpo.Config, None, skip))
+    assert final["data/skipped_pairs"] == 1 and final["data/train_pairs"] == 4
+    plain = _args(model_dir, data, tmp_path / "plain", "--train.max_steps=1", "--train.batch_size=4")
+    assert dpo.run(load_config(dpo.Config, None, plain))["data/train_pairs"] == 5
 
 
 def test_overlong_pairs_are_dropped_and_counted_or_refused(tiny_model_dir, tiny_processor, pair_file, tmp_path):

@@ -336,7 +336,8 @@ def test_demo_report_sections_and_table(demo: tuple[Path, Path]) -> None:
     assert cells["base", "kl/seq"]["text"] == "–"  # the base model has no KL
     assert len(cells) == 3 * 10
     text = "".join(page.text)
-    assert "total_seconds: 274.8" in text  # the summary's other fields, 4 significant digits
+    # the summary's other fields, a row each in "About this run", 4 significant digits
+    assert '<th class="about-key">total_seconds</th><td class="num">274.8</td>' in out.read_text(encoding="utf-8")
     assert "skipped 1 line(s)" in text  # the half-written line of dpo/metrics.jsonl
 
 
@@ -440,7 +441,7 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert "run_dir" in capsys.readouterr().out
     assert cli_main(["report", f"--run_dir={tmp_path}"]) == 2
     assert "nothing to report" in capsys.readouterr().err
-    write_jsonl(tmp_path / "metrics.jsonl", [{"step": 1, "train/loss": 1.0}])
+    write_jsonl(tmp_path / "metrics.jsonl", [{"step": 1, "train/loss": 1.0}, {"step": 2, "train/loss": 0.5}])
     assert cli_main(["report", str(tmp_path)]) == 0  # the folder as a bare argument
     assert (tmp_path / "report.html").is_file() and (tmp_path / "report" / "loss.png").is_file()
 

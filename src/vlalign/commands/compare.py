@@ -7,7 +7,9 @@ Several files per side are pooled (runs with other seeds of one setting, say); t
 covers which scenes were asked, not which seed was drawn, so with as many files on each side the
 k-th of a is also compared with the k-th of b alone (printed below the table, ``per_run`` in
 ``out``): read each run's own difference too.
-Every evaluation must have answered the same questions (the same suite settings).
+Every evaluation must have answered the same questions (the same suite settings). Evaluations of
+a published benchmark (``vlalign eval --bench``) pair by image and must have read the same
+benchmark files (the same name and sha256 hashes in their ``benchmark`` entry).
 
 Examples::
 
@@ -22,18 +24,22 @@ import json
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from vlalign.commands.eval import format_table
-from vlalign.eval.paired import paired_bootstrap
+from vlalign.config import StrictFields
+from vlalign.eval.paired import paired_bootstrap, scene_counts
 
 POSITIONAL = ("a", "b")
 """Fields that may also be given as bare arguments, in this order (``vlalign compare A B``)."""
 
 
 @dataclass
-class Config:
+class Config(StrictFields):
     """Which evaluations to compare, and how many bootstrap draws."""
+
+    REQUIRED: ClassVar[tuple[str, ...]] = ("a", "b")
+    """Options that have no default: the command stops without them."""
 
     a: tuple[str, ...] = ()
     """Side a: eval.json files or folders holding one (comma-separated; several are pooled) (required)."""
@@ -53,18 +59,46 @@ class Config:
     """A JSON file for the intervals ('' for none)."""
 
 
-def _records(path: str, which: str) -> list[dict[str, Any]]:
+def _read(path: str) -> tuple[Path, Any]:
     file = Path(path) / "eval.json" if Path(path).is_dir() else Path(path)
     if not file.is_file():
         raise ValueError(f"{path}: no eval.json there (give the file of vlalign eval, or its folder)")
     try:
-        data = json.loads(file.read_text())
+        return file, json.loads(file.read_text())
     except json.JSONDecodeError as exc:
         raise ValueError(f"{file}: not valid JSON ({exc})") from exc
+
+
+def _records(path: str, which: str) -> list[dict[str, Any]]:
+    file, data = _read(path)
     records = (data.get("records") or {}).get(which) if isinstance(data, dict) else None
     if not records:
         raise ValueError(f"{file}: no '{which}' answers under 'records' (written by vlalign eval?)")
     return list(records)
+
+
+def benchmark_of(path: str) -> tuple[str | None, tuple[str, ...]]:
+    """The benchmark an eval.json measured (None for the suite) and the sorted sha256 of its files."""
+    _, data = _read(path)
+    bench = data.get("benchmark") if isinstance(data, dict) else None
+    if not isinstance(bench, dict):
+        return None, ()
+    return bench.get("name"), tuple(sorted((bench.get("files") or {}).values()))
+
+
+def same_benchmark(paths: list[str]) -> str | None:
+    """The benchmark all ``paths`` measured; ``ValueError`` naming two that differ (name or file hashes)."""
+    first = benchmark_of(paths[0])
+    for path in paths[1:]:
+        other = benchmark_of(path)
+        if other[0] != first[0]:
+            names = [n or "the evaluation suite" for n in (first[0], other[0])]
+            raise ValueError(f"{paths[0]} measured {names[0]}, {path} measured {names[1]}: compare like with like")
+        if other[1] != first[1]:
+            raise ValueError(
+                f"{paths[0]} and {path} read other {first[0]} files (their sha256 differ): compare runs on the same files"
+            )
+    return first[0]
 
 
 def _per_run(
@@ -82,6 +116,7 @@ def run(cfg: Config) -> int:
         )
         return 2
     try:
+        bench = same_benchmark([*cfg.a, *cfg.b])
         a = [_records(p, cfg.which) for p in cfg.a]
         b = [_records(p, cfg.which) for p in cfg.b]
         intervals = paired_bootstrap(a, b, samples=cfg.samples, level=cfg.level, seed=cfg.seed)
@@ -94,9 +129,11 @@ def run(cfg: Config) -> int:
         print(f"vlalign compare: no metric starts with {', '.join(cfg.metrics)} (have: {have})", file=sys.stderr)
         return 2
     columns = {"a": {k: v.a for k, v in shown.items()}, "b": {k: v.b for k, v in shown.items()}}
+    unit = "images" if bench else "scenes"
     print(
-        f"a: {', '.join(cfg.a)}\nb: {', '.join(cfg.b)}\n"
-        f"{len(a[0])} answers per evaluation; {cfg.samples} paired draws of whole scenes"
+        (f"benchmark {bench}\n" if bench else "") + f"a: {', '.join(cfg.a)}\nb: {', '.join(cfg.b)}\n"
+        f"{len(a[0])} answers per evaluation over {scene_count(a[0])} {unit}; "
+        f"{cfg.samples} paired draws of whole {unit}"
     )
     print(format_table(columns, intervals=shown, level=cfg.level))
     per_run = _per_run(a, b, shown, cfg) if len(a) == len(b) > 1 else []
@@ -123,3 +160,8 @@ def run(cfg: Config) -> int:
         Path(cfg.out).write_text(json.dumps(saved, indent=1) + "\n")
         print(f"wrote {cfg.out}")
     return 0
+
+
+def scene_count(records: list[dict[str, Any]]) -> int:
+    """How many scenes (images) the bootstrap draws from."""
+    return len(scene_counts([records])[0])

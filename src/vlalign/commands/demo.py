@@ -1,6 +1,7 @@
 """``vlalign demo``: the whole alignment pipeline on the shapes world, in one command.
 
-Stages, in order (each a folder of the demo folder, ``runs/demo`` unless told otherwise)::
+Stages, in order (each a folder of the demo folder: ``runs/demo`` unless told otherwise, and
+``runs/demo-quick`` for ``--quick``)::
 
     world      the shapes world (images, SFT conversations, prompts, POPE files)
     sft        supervised fine-tuning of the small demo model: the base model
@@ -22,6 +23,11 @@ after it). The demo ends by printing one table, the stages side by side with the
 difference from the base and its 95% paired-bootstrap interval over the test scenes, written also
 as ``demo_summary.json``.
 
+``--quick`` runs the same stages on a small world for a few steps each: a smoke test of the
+pipeline (a few minutes on a CPU), whose numbers say nothing about alignment. It says so above its
+table, in ``demo_summary.json`` (``"quick": true``) and in the report's header, and it writes to
+its own folder so that it never mixes with the full demo's.
+
 Every stage's settings are ``--key=value`` overrides of the recipe it runs, so the demo can be
 steered without code: ``vlalign demo --sft='{train.max_steps: 500}'`` (see ``--help``).
 """
@@ -30,7 +36,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +44,7 @@ from vlalign.commands import eval as eval_cli
 from vlalign.commands import pairs as pairs_cli
 from vlalign.commands.pipeline import STAGE_FILE as STAGE_FILE  # re-exported: the demo's tests read it
 from vlalign.commands.pipeline import Action, Stage, run_stage, stage_fingerprint
-from vlalign.config import load_config, to_dict
+from vlalign.config import StrictFields, load_config, to_dict
 from vlalign.eval.paired import Interval, paired_bootstrap
 from vlalign.models.tiny import BUILDER_VERSION
 from vlalign.recipes import dpo, grpo, sft
@@ -48,6 +54,15 @@ from vlalign.shapes.tasks import write_world
 from vlalign.shapes.world import DEMO_WORLD, WorldConfig
 
 SUMMARY_FILE = "demo_summary.json"
+FULL_DIR = "runs/demo"
+"""The full demo's folder when ``--output_dir`` is not given."""
+QUICK_DIR = "runs/demo-quick"
+"""The quick demo's folder when ``--output_dir`` is not given (never the full demo's)."""
+SMOKE_TEST = (
+    "QUICK DEMO: a smoke test of the pipeline (a small world, a few training steps per stage). "
+    "Its numbers say nothing about alignment; run `vlalign demo` for the full demo's."
+)
+"""What the quick demo prints above its table."""
 
 TABLE_METRICS: tuple[tuple[str, str], ...] = (
     ("chair/chair_i", "CHAIR_i"),
@@ -162,11 +177,12 @@ QUICK: dict[str, dict[str, Any]] = {
 
 
 @dataclass
-class Config:
+class Config(StrictFields):
     """The shapes-world alignment pipeline: world, SFT, evaluation, pairs, DPO, GRPO, report."""
 
-    output_dir: str = "runs/demo"
-    """The demo folder: one sub-folder per stage, demo_summary.json and report.html."""
+    output_dir: str = ""
+    """The demo folder: one sub-folder per stage, demo_summary.json and report.html ('' = runs/demo,
+    or runs/demo-quick with --quick)."""
     model: str = "tiny:gemma3:small"
     """The starting model: tiny:<arch>:<size> (built offline), a folder or a hub name."""
     quick: bool = False
@@ -270,6 +286,7 @@ def _pairs_action(cfg: Config, world: Path, base: Path) -> Action:
             method="inject",
             data=str(world / "train.jsonl"),
             out=str(folder / "inject.jsonl"),
+            overwrite=True,  # a stage resumed after a kill writes its files again
         )
         _recipe(
             pairs_cli,
@@ -277,6 +294,7 @@ def _pairs_action(cfg: Config, world: Path, base: Path) -> Action:
             method="rank",
             data=str(world / "train_prompts.jsonl"),
             out=str(folder / "rank.jsonl"),
+            overwrite=True,
             **{"rank.model": str(base)},
         )
         with (folder / "train.jsonl").open("w") as out:
@@ -308,9 +326,14 @@ def _common(cfg: Config) -> dict[str, Any]:
     return {"model.device": cfg.device, "train.seed": cfg.seed, "train.progress": True}
 
 
+def demo_dir(cfg: Config) -> Path:
+    """The demo folder: ``output_dir``, else :data:`QUICK_DIR` for ``--quick`` and :data:`FULL_DIR` otherwise."""
+    return Path(cfg.output_dir or (QUICK_DIR if cfg.quick else FULL_DIR))
+
+
 def build_stages(cfg: Config) -> list[Stage]:
     """The pipeline of ``cfg`` (each stage's settings fully resolved, for its fingerprint)."""
-    root = Path(cfg.output_dir)
+    root = demo_dir(cfg)
     world, base, dpo_model, grpo_model = (
         root / "world",
         root / "sft" / "model",
@@ -354,7 +377,10 @@ def build_stages(cfg: Config) -> list[Stage]:
 
 def run(cfg: Config) -> dict[str, Any]:
     """Run (or reuse) every stage, print the summary table, write demo_summary.json and the report."""
-    root = Path(cfg.output_dir)
+    root = demo_dir(cfg)
+    cfg = replace(cfg, output_dir=str(root))
+    if cfg.quick:
+        print(f"[demo] {SMOKE_TEST}")
     root.mkdir(parents=True, exist_ok=True)
     (root / "demo_config.json").write_text(json.dumps(to_dict(cfg), indent=1, default=str) + "\n")
     stages = build_stages(cfg)
@@ -373,6 +399,7 @@ def run(cfg: Config) -> dict[str, Any]:
         if did_run:
             ran.add(stage.name)
     summary = summarise(stages, records)
+    summary["quick"] = cfg.quick
     summary["intervals"] = {k: asdict(v) for k, v in stage_intervals(root, summary).items()}
     summary["total_seconds"] = time.perf_counter() - total
     (root / SUMMARY_FILE).write_text(json.dumps(summary, indent=1) + "\n")
@@ -417,7 +444,8 @@ def stage_intervals(root: Path, summary: dict[str, Any]) -> dict[str, Interval]:
 
 def format_summary(summary: dict[str, Any]) -> str:
     """The printed table: one row per metric, one column per evaluated stage, and the last stage's
-    difference from the first with its 95% interval when ``summary["intervals"]`` has it."""
+    difference from the first with its 95% interval when ``summary["intervals"]`` has it; above it,
+    :data:`SMOKE_TEST` when the summary is the quick demo's."""
     stages = summary["stages"]
     intervals = summary.get("intervals") or {}
     rows = [
@@ -437,4 +465,5 @@ def format_summary(summary: dict[str, Any]) -> str:
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     extra = ", ".join(f"{k} {v:.0f}s" for k, v in summary["stage_seconds"].items())
-    return "\n".join(lines) + f"\n\nstage wall times: {extra}"
+    banner = [SMOKE_TEST, ""] if summary.get("quick") else []
+    return "\n".join(banner + lines) + f"\n\nstage wall times: {extra}"

@@ -14,28 +14,59 @@ Examples::
     vlalign eval --model=runs/sft/model --suite.data=data/shapes --suite.pope_questions=0   # every POPE question
     vlalign eval --model=my-model --suite.data=my_eval.jsonl --suite.vocabulary=objects.json \\
                  --suite.pope='{random: pope_random.jsonl, adversarial: pope_adv.jsonl}'
+
+Published benchmarks, read from their own files (``--bench``; every file and image is checked
+before the model is loaded; see docs/benchmarks-official.md)::
+
+    vlalign eval --model=M --bench=pope --pope.dir=POPE/output/coco --images=val2014/
+    vlalign eval --model=M --bench=chair --chair.instances=annotations/instances_val2014.json \\
+                 --chair.captions=annotations/captions_val2014.json --images=val2014/
+    vlalign eval --model=M --bench=amber --amber.annotations=AMBER/data/annotations.json \\
+                 --amber.queries=AMBER/data/query/query_all.json --images=AMBER/image/
+
+With ``--bench``, ``eval.json`` also holds ``benchmark`` (name, sha256 of each input file,
+settings: answer rule, prompt, generation) and ``official`` (the numbers as the benchmark's own
+script prints them), and ``answers/`` the answers in the benchmark's own format.
+
+The metrics (``eval/...``; the baseline's as ``baseline/...``) and the first few held-out
+descriptions with their images also go to the experiment trackers of ``trackers`` (default:
+TensorBoard, under ``<output_dir>/logs/eval``; see :mod:`vlalign.training.trackers`), at step 0.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Literal
 
 import vlalign.shapes  # noqa: F401  (plugs the embedded default in: the shapes: data and the tiny models' corpus)
-from vlalign.config import to_dict
+from vlalign.config import ConfigError, StrictFields, to_dict
+from vlalign.eval.official import (
+    AmberBenchConfig,
+    BenchResult,
+    ChairBenchConfig,
+    PopeBenchConfig,
+    prepare_benchmark,
+    run_benchmark,
+)
 from vlalign.eval.paired import Interval, paired_bootstrap
 from vlalign.eval.scorers import build_scorer
 from vlalign.eval.suite import EvalResult, SuiteConfig, build_suite, compare, evaluate
 from vlalign.models.load import load_model_and_processor, same_tokenizer
 from vlalign.models.tiny import resolve_model
+from vlalign.training.trackers import finish_trackers, log_evaluation, start_trackers
 
 
 @dataclass
-class Config:
+class Config(StrictFields):
     """Evaluate a model, optionally beside a baseline."""
+
+    REQUIRED: ClassVar[tuple[str, ...]] = ("model",)
+    """Options that have no default: the command stops without them."""
 
     model: str = ""
     """The model to evaluate: a folder, a hub name or tiny:<arch>:<size> (required)."""
@@ -56,6 +87,48 @@ class Config:
     """Weights dtype (auto: bf16 on capable GPUs, else float32)."""
     progress: bool = True
     """Show progress bars."""
+    bench: Literal["", "pope", "chair", "amber"] = ""
+    """A published benchmark read from its own files, in place of the suite: pope, chair (on COCO), amber ('': the suite)."""
+    images: str = ""
+    """--bench: the image folder (COCO val2014 for POPE's coco and aokvqa files and for chair; GQA's; AMBER's)."""
+    pope: PopeBenchConfig = field(default_factory=PopeBenchConfig)
+    """--bench=pope: which question files, the answer rule, the generation settings."""
+    chair: ChairBenchConfig = field(default_factory=ChairBenchConfig)
+    """--bench=chair: the COCO annotation files, the sample, the prompt, the generation settings."""
+    amber: AmberBenchConfig = field(default_factory=AmberBenchConfig)
+    """--bench=amber: the annotation and query files, the answer rule, the generation settings."""
+    trackers: list[str] = field(default_factory=lambda: ["tensorboard"])
+    """Experiment trackers that receive the metrics and a few descriptions: tensorboard (default, under
+    <output_dir>/logs/eval), wandb, mlflow, trackio ...; [] for none. One not installed is skipped."""
+
+
+def trackers_in_use(names: list[str]) -> list[str]:
+    """The trackers of ``names`` that are installed (a note for each that is not); an unknown name is a
+    :class:`~vlalign.config.ConfigError` naming the option, raised before any model loads."""
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS
+
+    unknown = [n for n in names if n not in LOGGER_TYPE_TO_CLASS]
+    if unknown:
+        raise ConfigError(f"trackers: unknown {unknown} (choose from {', '.join(sorted(LOGGER_TYPE_TO_CLASS))})")
+    missing = [n for n in names if importlib.util.find_spec(n) is None]
+    for name in missing:
+        print(f"vlalign: tracker {name!r} is not installed; skipping it (pip install {name})")
+    return [n for n in names if n not in missing]
+
+
+def send_to_trackers(cfg: Config, names: Sequence[str], model: Any, base: Any | None) -> None:
+    """The evaluation (``model``: metrics and records; ``base``: the baseline's, or None) to the trackers
+    ``names``, at step 0: metrics as ``eval/...`` and ``baseline/...`` and a few descriptions of each."""
+    if not names:
+        return
+    settings = {"model": cfg.model, "baseline": cfg.baseline, "reference": cfg.reference, "bench": cfg.bench}
+    trackers = start_trackers(names, Path(cfg.output_dir) / "logs", "eval", config=settings)
+    try:
+        log_evaluation(trackers, 0, model.metrics, model.records, prefix="eval/")
+        if base is not None:
+            log_evaluation(trackers, 0, base.metrics, base.records, prefix="baseline/")
+    finally:
+        finish_trackers(trackers)
 
 
 def _load(name: str, cfg: Config) -> tuple[Any, Any]:
@@ -119,6 +192,9 @@ def run(cfg: Config) -> dict[str, Any]:
         raise SystemExit(
             "vlalign eval: give --baseline (evaluated, and the KL reference) or --reference (KL only), not both"
         )
+    trackers = trackers_in_use(cfg.trackers)
+    if cfg.bench:
+        return run_bench(cfg, trackers)
     suite = build_suite(cfg.suite)
     print(f"suite {suite.name}: {len(suite)} questions")
     model, processor = _load(cfg.model, cfg)
@@ -153,4 +229,60 @@ def run(cfg: Config) -> dict[str, Any]:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=1) + "\n")
     print(f"wrote {path}")
+    send_to_trackers(cfg, trackers, result, base)
     return out
+
+
+def run_bench(cfg: Config, trackers: Sequence[str] = ()) -> dict[str, Any]:
+    """``--bench``: check every file, then answer, score, print and write (see the module doc)."""
+    if cfg.reference:
+        raise ConfigError("--reference: the KL is not measured on a benchmark (give --baseline to compare two models)")
+    bench = prepare_benchmark(cfg.bench, cfg.images, pope=cfg.pope, chair=cfg.chair, amber=cfg.amber)
+    print(f"benchmark {bench.name}: {len(bench)} questions; every file and image checked")
+    model, processor = _load(cfg.model, cfg)
+    result = run_benchmark(model, processor, bench, progress=cfg.progress)
+    del model
+    base: BenchResult | None = None
+    if cfg.baseline:
+        base_model, base_processor = _load(cfg.baseline, cfg)
+        base = run_benchmark(base_model, base_processor, bench, progress=cfg.progress)
+        del base_model
+    print(f"\n{bench.name}, model:\n{result.table}")
+    if base is not None:
+        print(f"\n{bench.name}, baseline:\n{base.table}")
+    columns = {"model": result.metrics} | ({"baseline": base.metrics} if base is not None else {})
+    intervals = paired_bootstrap([result.records], [base.records]) if base is not None else None
+    print("\n" + format_table(columns, intervals=intervals))
+    out = {
+        "model": cfg.model,
+        "baseline": cfg.baseline or None,
+        "reference": cfg.baseline or None,
+        "benchmark": {"name": bench.name, "files": bench.files, "settings": bench.settings},
+        "metrics": result.metrics,
+        "baseline_metrics": base.metrics if base is not None else None,
+        "difference": compare(result.metrics, base.metrics) if base is not None else None,
+        "difference_interval": {k: asdict(v) for k, v in intervals.items()} if intervals is not None else None,
+        "official": {"model": result.official, "baseline": base.official if base is not None else None},
+        "config": to_dict(cfg),
+        "records": {"model": result.records, "baseline": base.records if base is not None else None},
+    }
+    folder = Path(cfg.output_dir)
+    _write_answers(folder / "answers", result)
+    if base is not None:
+        _write_answers(folder / "answers" / "baseline", base)
+    path = folder / "eval.json"
+    path.write_text(json.dumps(out, indent=1) + "\n")
+    print(f"wrote {path} and the answers in the benchmark's own format under {folder / 'answers'}")
+    send_to_trackers(cfg, trackers, result, base)
+    return out
+
+
+def _write_answers(folder: Path, result: BenchResult) -> None:
+    """The answers in the benchmark's own formats (``.jsonl``: one JSON object a line; else one JSON value)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, value in result.answer_files.items():
+        if name.endswith(".jsonl"):
+            text = "".join(json.dumps(row) + "\n" for row in value)
+        else:
+            text = json.dumps(value, indent=1) + "\n"
+        (folder / name).write_text(text)

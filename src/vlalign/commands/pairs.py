@@ -1,6 +1,7 @@
-"""``vlalign pairs``: build a preference dataset by hallucination injection, image corruption, or
-sampling and ranking a policy's responses; writes ``<out>`` (JSONL or Parquet) and
-``<out stem>.stats.json`` (pairs made, dropped and why, margin distribution).
+"""``vlalign pairs``: build a preference dataset by hallucination injection, image corruption,
+sampling and ranking a policy's responses, or POVID's two negatives; writes ``<out>`` (JSONL or
+Parquet) and ``<out stem>.stats.json`` (pairs made, dropped and why, margin distribution). An
+existing ``<out>`` is replaced only with ``--overwrite=true``.
 
 Examples::
 
@@ -9,8 +10,14 @@ Examples::
     vlalign pairs --method=corrupt --corrupt.method=noise --corrupt.level=0.5 --out=data/pairs/noise.jsonl
     vlalign pairs --method=rank --rank.model=runs/sft/model --rank.n=8 --rank.scorer=claims \\
                   --data=shapes:train_prompts.jsonl --tasks=[describe] --out=data/pairs/rank.jsonl
+    vlalign pairs --method=povid --povid.model=runs/sft/model --povid.distortion.level=0.5 \\
+                  --data=shapes:train.jsonl --tasks=[describe] --out=data/pairs/povid.jsonl
 
-Injection and ranking read object annotations (an ``objects`` column) and an object vocabulary:
+POVID rows (:mod:`vlalign.data.pairs.povid`) hold the faithful response (chosen), an injected
+hallucination (rejected) and ``--povid.model``'s own response to the distorted image
+(``rejected_extra``): train them with ``vlalign dpo --loss.weights={povid: 1.0}``.
+
+Injection, POVID and ranking read object annotations (an ``objects`` column) and an object vocabulary:
 ``--vocabulary=FILE.json`` (``{object: [phrases]}``), by default the ``manifest.json`` beside the
 data file (the shapes world writes one).
 """
@@ -19,16 +26,21 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from vlalign.config import StrictFields
 from vlalign.data.annotations import ObjectVocabulary
 from vlalign.data.io import load_samples, write_samples
 from vlalign.data.pairs import PairStats
 from vlalign.data.pairs.corrupt import CorruptConfig, corrupt_pairs, image_saver
 from vlalign.data.pairs.inject import InjectConfig, inject_pairs
+from vlalign.data.pairs.povid import povid_pairs
 from vlalign.data.pairs.rank import sample_and_rank
+from vlalign.data.schema import PromptSample
+from vlalign.errors import UserError
 from vlalign.eval.scorers import build_scorer
 from vlalign.eval.tasks import has_task, require_rows
 from vlalign.models.generate import generate
@@ -39,7 +51,7 @@ from vlalign.shapes.vocabulary import find_vocabulary
 
 
 @dataclass
-class RankConfig:
+class RankConfig(StrictFields):
     """Sample-and-rank options."""
 
     model: str = ""
@@ -71,16 +83,52 @@ class RankConfig:
     """Sampling seed."""
 
 
+def _noise() -> CorruptConfig:
+    return CorruptConfig(method="noise", level=0.5)
+
+
 @dataclass
-class Config:
+class PovidConfig(StrictFields):
+    """POVID options: the policy whose responses to distorted images are the second negatives."""
+
+    model: str = ""
+    """The policy that answers the distorted images (a model folder, a hub name or tiny:<arch>:<size>);
+    required for method=povid. POVID uses the model being aligned (e.g. the SFT model)."""
+    require_worse: bool = True
+    """Keep a row only when the distorted-image response is worse than the chosen (a lower claim score
+    for a description, another answer for a short answer); false keeps every response that differs
+    from the chosen text, as POVID does."""
+    temperature: float = 0.0
+    """Sampling temperature (0: greedy, the policy's most likely response)."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold."""
+    max_new_tokens: int = 48
+    """Longest response in tokens."""
+    batch_size: int = 16
+    """Prompts per generation batch."""
+    device: str = "auto"
+    """Where the policy runs (auto: CUDA when available)."""
+    dtype: str = "auto"
+    """Policy weights dtype (auto: bf16 on capable GPUs, else float32)."""
+    seed: int = 0
+    """Sampling seed."""
+    distortion: CorruptConfig = field(default_factory=_noise)
+    """How the images are distorted (POVID: diffusion noise, method=noise)."""
+
+
+@dataclass
+class Config(StrictFields):
     """Preference-pair construction."""
 
-    method: Literal["inject", "corrupt", "rank"] = "inject"
-    """inject (hallucination injection), corrupt (image corruption) or rank (sample and rank)."""
+    method: Literal["inject", "corrupt", "rank", "povid"] = "inject"
+    """inject (hallucination injection), corrupt (image corruption), rank (sample and rank) or povid
+    (an injected and a distorted-image negative per row)."""
     data: str = "shapes:train.jsonl"
-    """Input: faithful (prompt, completion) rows for inject / corrupt; prompts (with ground truth) for rank."""
+    """Input: faithful (prompt, completion) rows for inject / corrupt / povid; prompts (with ground truth) for rank."""
     out: str = "data/pairs/pairs.jsonl"
     """Output preference file (.jsonl, or .parquet with images embedded)."""
+    overwrite: bool = False
+    """Replace an existing ``out`` file instead of stopping."""
     vocabulary: str = ""
     """Object vocabulary JSON ({object: [phrases]}); '' uses the manifest.json beside the data file, if any."""
     tasks: tuple[str, ...] = ()
@@ -93,8 +141,10 @@ class Config:
     """Image corruption."""
     rank: RankConfig = field(default_factory=RankConfig)
     """Sample and rank."""
+    povid: PovidConfig = field(default_factory=PovidConfig)
+    """POVID's second negative (the injection itself follows inject)."""
     progress: bool = True
-    """Show the progress bar of sampling (method=rank)."""
+    """Show the progress bar of sampling (method=rank, povid)."""
 
 
 def _require_vocabulary(vocab: ObjectVocabulary | None, method: str) -> ObjectVocabulary:
@@ -112,6 +162,56 @@ def _load(cfg: Config, data_path: str, kind: str) -> list[Any]:
     return require_rows(samples, cfg.tasks, source=data_path, option="tasks") if cfg.tasks else samples
 
 
+Policy = RankConfig | PovidConfig
+
+
+def _load_policy(policy: Policy) -> tuple[Any, Any]:
+    """The model and processor of ``policy.model``."""
+    return load_model_and_processor(resolve_model(policy.model), dtype=policy.dtype, device=policy.device)
+
+
+def _generate(
+    loaded: tuple[Any, Any], policy: Policy, samples: list[Any], *, n: int, progress: bool, desc: str
+) -> list[list[str]]:
+    """``n`` responses of the loaded policy to each sample, with ``policy``'s sampling settings."""
+    model, processor = loaded
+    gens = generate(
+        model,
+        processor,
+        samples,
+        n=n,
+        temperature=policy.temperature,
+        top_p=policy.top_p,
+        max_new_tokens=policy.max_new_tokens,
+        seed=policy.seed,
+        batch_size=policy.batch_size,
+        progress=progress,
+        desc=desc,
+    )
+    print(f"sampled {gens.new_tokens} tokens in {gens.seconds:.1f} s ({gens.tokens_per_s:.0f} tokens/s)")
+    return gens.texts
+
+
+def _povid(cfg: Config, data_path: str, vocab: ObjectVocabulary | None) -> tuple[list[Any], PairStats]:
+    """POVID rows: injection, then ``cfg.povid.model``'s responses to the distorted images."""
+    p = cfg.povid
+    if not p.model:
+        raise SystemExit("vlalign pairs: method=povid needs --povid.model (the policy that answers distorted images)")
+    samples = _load(cfg, data_path, "supervised")
+    vocab = _require_vocabulary(vocab, "povid")
+    loaded: list[tuple[Any, Any]] = []  # the policy, loaded at the first call
+
+    def respond(prompts: Sequence[PromptSample]) -> list[str]:
+        if not loaded:
+            loaded.append(_load_policy(p))
+        texts = _generate(loaded[0], p, list(prompts), n=1, progress=cfg.progress, desc="distorted images")
+        return [group[0] for group in texts]
+
+    return povid_pairs(
+        samples, vocab, respond, inject=cfg.inject, distortion=p.distortion, require_worse=p.require_worse
+    )
+
+
 def build_pairs(cfg: Config, data_path: str, out_dir: Path) -> tuple[list[Any], PairStats]:
     """Run the configured method on the data at ``data_path``."""
     vocab = find_vocabulary(cfg.vocabulary, data_path)
@@ -121,31 +221,17 @@ def build_pairs(cfg: Config, data_path: str, out_dir: Path) -> tuple[list[Any], 
     if cfg.method == "corrupt":
         samples = _load(cfg, data_path, "supervised")
         return corrupt_pairs(samples, cfg.corrupt, save_image=image_saver(out_dir, Path(cfg.out).stem + "_images"))
+    if cfg.method == "povid":
+        return _povid(cfg, data_path, vocab)
     if not cfg.rank.model:
         raise SystemExit("vlalign pairs: method=rank needs --rank.model (the policy whose responses are ranked)")
     samples = _load(cfg, data_path, "prompt")
     scorer = build_scorer(cfg.rank.scorer, vocab)
-    model, processor = load_model_and_processor(
-        resolve_model(cfg.rank.model), dtype=cfg.rank.dtype, device=cfg.rank.device
-    )
     r = cfg.rank
-    gens = generate(
-        model,
-        processor,
-        samples,
-        n=r.n,
-        temperature=r.temperature,
-        top_p=r.top_p,
-        max_new_tokens=r.max_new_tokens,
-        seed=r.seed,
-        batch_size=r.batch_size,
-        progress=cfg.progress,
-        desc="sampling",
-    )
-    print(f"sampled {gens.new_tokens} tokens in {gens.seconds:.1f} s ({gens.tokens_per_s:.0f} tokens/s)")
+    texts = _generate(_load_policy(r), r, samples, n=r.n, progress=cfg.progress, desc="sampling")
     return sample_and_rank(
         samples,
-        gens.texts,
+        texts,
         scorer,
         threshold=r.threshold,
         pairing=r.pairing,
@@ -156,8 +242,10 @@ def build_pairs(cfg: Config, data_path: str, out_dir: Path) -> tuple[list[Any], 
 def run(cfg: Config) -> int:
     """Build the pairs, write them and their statistics, print the summary."""
     start = time.perf_counter()
-    data_path = resolve_data(cfg.data)
     out = Path(cfg.out)
+    if out.exists() and not cfg.overwrite:
+        raise UserError(f"{out} already exists; pass --overwrite=true to replace it, or choose another --out")
+    data_path = resolve_data(cfg.data)
     out.parent.mkdir(parents=True, exist_ok=True)
     pairs, stats = build_pairs(cfg, data_path, out.parent)
     write_samples(pairs, out)

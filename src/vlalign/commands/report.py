@@ -14,7 +14,9 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
+from vlalign.config import StrictFields
 from vlalign.report.html import ReportError, write_report
 from vlalign.shapes.embedded import SHAPES_PREFIX, world_folder
 
@@ -23,8 +25,11 @@ POSITIONAL = ("run_dir",)
 
 
 @dataclass
-class Config:
+class Config(StrictFields):
     """Which folder to report on, and where the HTML goes."""
+
+    REQUIRED: ClassVar[tuple[str, ...]] = ("run_dir",)
+    """Options that have no default: the command stops without them."""
 
     run_dir: str = ""
     """The folder to report on: the demo folder, an eval folder or a training run folder (required)."""

@@ -8,13 +8,16 @@ Example::
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from vlalign.config import StrictFields
+from vlalign.errors import UserError
 from vlalign.shapes.tasks import write_world
 from vlalign.shapes.world import WorldConfig
 
 
 @dataclass
-class Config:
+class Config(StrictFields):
     """Where to write the world, and the world itself."""
 
     out: str = "data/shapes"
@@ -26,7 +29,12 @@ class Config:
 
 
 def run(cfg: Config) -> int:
-    """Write the world and print what was written."""
+    """Write the world and print what was written; a non-empty ``out`` is refused (one line)
+    unless ``overwrite``."""
+    out = Path(cfg.out)
+    if out.is_file() or (out.is_dir() and any(out.iterdir()) and not cfg.overwrite):
+        what = "a file" if out.is_file() else "not empty"
+        raise UserError(f"{out} is {what}; pass --overwrite=true to replace its contents, or choose another --out")
     manifest = write_world(cfg.world, cfg.out, overwrite=cfg.overwrite)
     scenes = ", ".join(f"{split} {n}" for split, n in manifest["scenes"].items())
     print(f"wrote the shapes world to {cfg.out}: scenes {scenes}")

@@ -50,7 +50,7 @@ patches in one ``pixel_values`` (rows per image = ``prod(image_grid_thw)``) and 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from torch import Tensor
@@ -222,6 +222,11 @@ def encode_completions(
 # -------------------------------------------------------------------------------- collators
 
 
+GIVE_UP_AFTER = 64
+"""A collator that has dropped every one of the first this many samples for their length stops the
+run (:meth:`_Collator._count`)."""
+
+
 class _Collator:
     """Shared state: the processor, length policy and the running count of dropped samples."""
 
@@ -235,6 +240,22 @@ class _Collator:
         self.num_dropped = 0
         """Samples dropped so far for exceeding ``max_length`` (in this process)."""
         self.dropped_ids: list[str] = []
+        self.num_seen = 0
+        """Samples collated so far (in this process)."""
+
+    def _count(self, seen: int, dropped: list[str]) -> None:
+        """Count a batch's samples and drops; stop once the first :data:`GIVE_UP_AFTER` samples
+        were all too long, rather than train on nothing (a run whose every sample exceeds
+        ``max_length`` would otherwise log a loss of 0 at every step and save an untouched model)."""
+        fitted_before = self.num_seen > self.num_dropped
+        self.num_seen += seen
+        self.num_dropped += len(dropped)
+        self.dropped_ids.extend(dropped)
+        if not fitted_before and self.num_seen >= GIVE_UP_AFTER and self.num_dropped == self.num_seen:
+            raise DataError(
+                f"0 of {self.num_seen} samples usable: {self.num_seen} longer than data.max_length "
+                f"{self.max_length}; raise data.max_length"
+            )
 
 
 class SupervisedCollator(_Collator):
@@ -271,8 +292,7 @@ class SupervisedCollator(_Collator):
             completions.append([ids + list(self.eot_ids)])
             masks.append([mask + [True] * len(self.eot_ids)])
         keep, dropped = check_lengths(prompts, completions, max_length=self.max_length, on_overflow=self.on_overflow)
-        self.num_dropped += len(dropped)
-        self.dropped_ids.extend(dropped)
+        self._count(len(samples), dropped)
         if len(keep) < len(prompts):
             prompts = prompts.select(keep)
             completions = [completions[i] for i in keep]
@@ -286,8 +306,45 @@ class PromptCollator(_Collator):
     def __call__(self, samples: Sequence[PromptLike]) -> GenerationBatch:
         prompts = encode_prompts(self.processor, samples)
         keep, dropped = check_lengths(prompts, None, max_length=self.max_length, on_overflow=self.on_overflow)
-        self.num_dropped += len(dropped)
-        self.dropped_ids.extend(dropped)
+        self._count(len(samples), dropped)
         if len(keep) < len(prompts):
             prompts = prompts.select(keep)
         return build_prompt_rows(prompts, pad_token_id=self.pad_token_id, dropped_ids=dropped)
+
+
+def check_some_fit(
+    collate: Callable[[Sequence[Any]], Any],
+    samples: Sequence[Any],
+    *,
+    max_length: int | None,
+    probe: int = 256,
+    batch_size: int = 16,
+    option: str = "data.max_length",
+) -> int:
+    """Stop before training when no sample fits ``max_length``: encode the first ``probe``
+    samples with ``collate`` (a collator or encoder that counts drops in ``num_dropped``, which is
+    restored afterwards, so logged counters do not change) and raise :class:`DataError` if every
+    one was dropped: "0 of 40 samples usable: 40 longer than data.max_length 1024; raise
+    data.max_length". Returns the number of probed samples that fit."""
+    n = min(len(samples), probe)
+    if max_length is None or n == 0:
+        return n
+    before = collate.num_dropped  # type: ignore[attr-defined]
+    ids = list(getattr(collate, "dropped_ids", []))
+    seen = getattr(collate, "num_seen", None)
+    try:
+        for start in range(0, n, batch_size):
+            collate(list(samples[start : min(start + batch_size, n)]))
+        dropped = collate.num_dropped - before  # type: ignore[attr-defined]
+    finally:
+        collate.num_dropped = before  # type: ignore[attr-defined]
+        if hasattr(collate, "dropped_ids"):
+            collate.dropped_ids = ids  # type: ignore[attr-defined]
+        if seen is not None:
+            collate.num_seen = seen  # type: ignore[attr-defined]
+    if dropped >= n:
+        checked = f" (the first {n} of {len(samples)} checked)" if n < len(samples) else ""
+        raise DataError(
+            f"0 of {n} samples usable{checked}: {dropped} longer than {option} {max_length}; raise {option}"
+        )
+    return n - dropped

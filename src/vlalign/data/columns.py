@@ -57,7 +57,13 @@ def _first(row: dict[str, Any], names: tuple[str, ...]) -> str | None:
 def _image_like(value: Any, base: Path, where: str) -> ImageLike:
     if isinstance(value, (Image.Image, bytes, bytearray)):
         return value
-    if isinstance(value, dict):
+    if isinstance(value, dict):  # the Hugging Face image form, {"bytes": ..., "path": ...}
+        if set(value) - {"bytes", "path"} or not (value.get("bytes") or value.get("path")):
+            raise data_error(
+                "unreadable image",
+                f"{where}: an image given as a dict must be {{'bytes': ..., 'path': ...}} (the Hugging Face "
+                f"image form), got keys {sorted(value)}; give a path, or a list of paths for several images",
+            )
         if value.get("bytes"):
             return value["bytes"]
         value = value.get("path")
@@ -74,6 +80,12 @@ def _row_images(row: dict[str, Any], base: Path, where: str) -> tuple[list[Image
     if column is None:
         return [], None
     value = row[column]
+    if column == "images" and isinstance(value, dict) and set(value) - {"bytes", "path"}:
+        raise data_error(
+            "unreadable image",
+            f"{where}: column 'images' is a dict (keys {sorted(value)[:5]}); it must be a list of images "
+            "(paths, bytes or {'bytes', 'path'} dicts) in the order of the prompt's image placeholders",
+        )
     values = value if isinstance(value, list) else [value]
     return [_image_like(v, base, f"{where} column '{column}'") for v in values], column
 

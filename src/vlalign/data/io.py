@@ -46,8 +46,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,7 +58,7 @@ import pyarrow.parquet as pq
 
 from vlalign.data.columns import Kind, row_to_sample, sample_to_row
 from vlalign.data.readers import default_image_root, iter_rows
-from vlalign.data.schema import DataError, Sample, verify_image
+from vlalign.data.schema import DataError, Sample, data_error, verify_image
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +75,10 @@ class LoadReport:
     """Skipped rows per reason (``"missing column"``, ``"unreadable image"``, ...)."""
     examples: list[str] = field(default_factory=list)
     """The first few error messages, for the log."""
+    outside: int = 0
+    """Image paths that lead outside the image folder (absolute, ``..`` or through a symlink):
+    allowed, but counted and reported once, since a data file can point anywhere the user can read."""
+    outside_example: str = ""
 
     def summary(self) -> str:
         skipped = sum(self.skipped.values())
@@ -97,6 +102,7 @@ def load_samples_with_report(
     check_images: bool = True,
     limit: int | None = None,
     keep: Callable[[Sample], bool] | None = None,
+    numeric_columns: Sequence[str] = (),
 ) -> tuple[list[Sample], LoadReport]:
     """Load a dataset as samples of ``kind`` (see the module doc for formats and columns).
 
@@ -105,26 +111,27 @@ def load_samples_with_report(
     A bad row raises :class:`DataError` naming file, row and problem, unless ``skip_bad_rows``: then
     it is skipped and counted in the report (the summary is also logged as a warning).
     ``keep`` selects samples (e.g. by task): a row it rejects is passed over before its images are
-    checked and is not counted, so ``limit`` counts the rows kept.
+    checked and is not counted, so ``limit`` counts the rows kept. ``numeric_columns`` are
+    columns a loss will read: each row must hold a finite number there (:func:`check_numbers`).
+    Image paths that lead outside ``image_root`` are used, and counted in the report.
     """
     base = Path(image_root) if image_root is not None else default_image_root(path)
     report = LoadReport(source=str(path), kind=kind)
     samples: list[Sample] = []
     verified: set[str] = set()
+    root = os.path.realpath(base)
     for where, row in iter_rows(path, split=split):
         if limit is not None and report.rows >= limit:
             break
         try:
+            if isinstance(row, DataError):  # a line that is not JSON
+                raise row
             sample = row_to_sample(row, kind, where=where, base_dir=base)
             if keep is not None and not keep(sample):
                 continue
+            check_numbers(sample, numeric_columns, where=where)
             if check_images:
-                for k, image in enumerate(sample.images):
-                    key = image if isinstance(image, str) else None
-                    if key is None or key not in verified:
-                        verify_image(image, where=f"{where} image {k}")
-                        if key is not None:
-                            verified.add(key)
+                _verify_images(sample, verified, where)
         except DataError as exc:
             report.rows += 1
             if not skip_bad_rows:
@@ -136,9 +143,50 @@ def load_samples_with_report(
         report.rows += 1
         samples.append(sample)
         report.loaded += 1
+        _count_outside(sample, root, report, where)
     if report.skipped:
         logger.warning("%s\n  e.g. %s", report.summary(), "\n  e.g. ".join(report.examples))
+    if report.outside:
+        logger.warning(
+            "%s: %d image path(s) lead outside %s (absolute, '..' or a symlink), e.g. %s; they are used as given",
+            path,
+            report.outside,
+            base,
+            report.outside_example,
+        )
     return samples, report
+
+
+def _verify_images(sample: Sample, verified: set[str], where: str) -> None:
+    """Decode each image of ``sample`` once per distinct path (:func:`verify_image`)."""
+    for k, image in enumerate(sample.images):
+        key = image if isinstance(image, str) else None
+        if key is None or key not in verified:
+            verify_image(image, where=f"{where} image {k}")
+            if key is not None:
+                verified.add(key)
+
+
+def _count_outside(sample: Sample, root: str, report: LoadReport, where: str) -> None:
+    """Count the image paths of ``sample`` that resolve outside ``root`` (symlinks followed)."""
+    for image in sample.images:
+        if isinstance(image, str) and os.path.commonpath([root, os.path.realpath(image)]) != root:
+            report.outside += 1
+            report.outside_example = report.outside_example or f"{image} ({where})"
+
+
+def check_numbers(sample: Sample, columns: Sequence[str], *, where: str) -> None:
+    """Every column of ``columns`` in ``sample.meta`` must be a finite number (a loss reads it):
+    a missing, non-numeric, NaN or infinite value is a :class:`DataError` naming the row."""
+    for column in columns:
+        value = sample.meta.get(column)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            problem = "missing" if value is None else f"{value!r}, not a finite number"
+            raise data_error(
+                "bad number",
+                f"{where}: column {column!r} is {problem}; a loss reads it (fix the row, or skip such rows "
+                "with data.skip_bad_rows=true)",
+            )
 
 
 def load_samples(

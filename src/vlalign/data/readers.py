@@ -1,7 +1,8 @@
 """Raw rows of a dataset source: JSON Lines, JSON arrays, Parquet, saved HF datasets, folders of shards.
 
 :func:`iter_rows` yields ``(location, row dict)``, the location naming file and row for error
-messages; nothing is downloaded. What the columns mean is :mod:`vlalign.data.columns`; loading
+messages; a JSON Lines line that is not JSON comes as ``(location, DataError)``, so that the loader
+can skip and count it (``data.skip_bad_rows``) or raise it. Nothing is downloaded. What the columns mean is :mod:`vlalign.data.columns`; loading
 samples is :func:`vlalign.data.io.load_samples`.
 """
 
@@ -16,7 +17,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from vlalign.data.schema import DataError
+from vlalign.data.schema import DataError, DataFileNotFoundError, data_error
 
 
 def _is_hf_saved(folder: Path) -> bool:
@@ -40,8 +41,8 @@ def _iter_json(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
                 continue
             try:
                 row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path} line {lineno}: not valid JSON ({exc}); one JSON object per line") from exc
+            except json.JSONDecodeError as exc:  # yielded, not raised: data.skip_bad_rows may count and skip it
+                row = data_error("not JSON", f"{path} line {lineno}: not valid JSON ({exc}); one JSON object per line")
             yield f"{path} line {lineno}", row
 
 
@@ -83,7 +84,7 @@ def iter_rows(path: str | os.PathLike, *, split: str | None = None) -> Iterator[
     """Every row of a dataset source as ``(location, row dict)``; the location names file and row."""
     p = Path(path)
     if not p.exists():
-        raise FileNotFoundError(
+        raise DataFileNotFoundError(
             f"{p}: no such file or folder. vlalign reads local data only; download a hub dataset first "
             "(e.g. datasets.load_dataset(name).save_to_disk(folder)) and pass the folder"
         )

@@ -20,6 +20,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from PIL import Image
 
 from vlalign.errors import UserError
@@ -36,6 +37,17 @@ class DataError(UserError, ValueError):
     """
 
     reason: str = "invalid row"
+
+
+class DataFileNotFoundError(DataError, FileNotFoundError):
+    """A data file or folder named by an option does not exist; the message names the option and the path."""
+
+    reason = "missing file"
+
+
+MAX_ASPECT_RATIO = 200
+"""Longest over shortest side of an image that every supported processor takes (Qwen2-VL's and
+Qwen2.5-VL's refuse more than 200 with "absolute aspect ratio must be smaller than 200")."""
 
 
 def data_error(reason: str, message: str) -> DataError:
@@ -107,7 +119,30 @@ def load_image(image: ImageLike) -> Image.Image:
         img.load()
     except Exception as exc:  # PIL raises many types for a bad file
         raise data_error("unreadable image", f"cannot read image {_describe(image)}: {exc}") from exc
-    return img if img.mode == "RGB" else img.convert("RGB")
+    return img if img.mode == "RGB" else to_rgb(img)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """An image as 8-bit RGB, high bit depths scaled rather than clipped.
+
+    PIL's ``convert("RGB")`` clips a 16-bit or 32-bit integer image at 255 (a full-range 16-bit
+    gradient becomes almost all white) and a float image likewise. Here integer images are
+    divided by their type's range: 16-bit values (``I;16*`` modes, and ``I`` images whose values
+    fit 16 bits) by 257, so 0..65535 maps onto 0..255 with 257*k -> k; larger ``I`` values by
+    (2**32-1)/255. Float (``F``) images in [0, 1] are multiplied by 255, other float ranges are
+    clipped to [0, 255]. Every other mode goes through ``convert("RGB")``.
+    """
+    if img.mode.startswith("I;16") or img.mode in ("I", "F"):
+        values = np.asarray(img, dtype=np.float64)
+        if img.mode == "F":
+            scale = 255.0 if values.size and np.nanmax(values) <= 1.0 else 1.0
+        else:
+            top = float(values.max()) if values.size else 0.0
+            scale = 1 / 257 if img.mode.startswith("I;16") or top <= 65535 else 255 / (2**32 - 1)
+            scale = 1.0 if img.mode == "I" and top <= 255 and values.min() >= 0 else scale
+        eight = np.clip(np.rint(np.nan_to_num(values) * scale), 0, 255).astype(np.uint8)
+        return Image.fromarray(eight, mode="L").convert("RGB")
+    return img.convert("RGB")
 
 
 def _describe(image: ImageLike) -> str:
@@ -255,9 +290,16 @@ def verify_image(image: ImageLike, *, where: str = "image") -> None:
     try:
         with Image.open(io.BytesIO(image) if isinstance(image, (bytes, bytearray)) else os.fspath(image)) as img:
             img.load()
+            width, height = img.size
     except Exception as exc:
         problem = f"{where}: image {_describe(image)} is unreadable or corrupt ({exc})"
         raise data_error("unreadable image", problem) from exc
+    if min(width, height) < 1 or max(width, height) / min(width, height) > MAX_ASPECT_RATIO:
+        raise data_error(
+            "unusable image size",
+            f"{where}: image {_describe(image)} is {width}x{height} px; vision processors refuse an aspect "
+            f"ratio above {MAX_ASPECT_RATIO} (crop or pad the image, or skip the row with data.skip_bad_rows=true)",
+        )
 
 
 def validate_sample(sample: Sample, *, where: str | None = None, check_images: bool = False) -> None:

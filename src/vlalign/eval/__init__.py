@@ -12,6 +12,9 @@
   (a model in memory -> metrics), used by recipes and by ``vlalign eval`` (:mod:`vlalign.commands.eval`);
 * :mod:`.paired`: the difference of two evaluations on the same questions with its paired-bootstrap
   interval over scenes (``vlalign compare``, :mod:`vlalign.commands.compare`).
+* :mod:`.benchmarks`: the published benchmarks' readers and scorers (POPE, CHAIR on COCO, AMBER;
+  pure text), and :mod:`.official`: those benchmarks run on a model (``vlalign eval --bench``),
+  every file checked before the model is loaded.
 
 Names are imported lazily (``from vlalign.eval import evaluate`` loads the suite on first use),
 so that the pure-text modules stay cheap to import.

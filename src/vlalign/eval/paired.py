@@ -20,7 +20,17 @@ Counts per record (``part`` names the suite part; ``heldout`` metrics carry no p
   recall, f1, yes_ratio;
 - descriptions (``hallucinated``, ``recalled``, ``objects``, and ``mentions`` when written):
   chair_i (only with ``mentions``), chair_s, recall;
-- short answers (``correct``): task/<task> accuracy.
+- short answers (``correct``): task/<task> accuracy;
+- published benchmarks (:mod:`vlalign.eval.official`): POPE records carry ``label`` in place of
+  ``answer``; CHAIR-on-COCO records (part ``chair``) count as descriptions with no prefix;
+  AMBER's yes/no records (part ``amber/<dimension>``, ``response`` and ``label``) count correct
+  answers, answered *No*, right *No* and true *no* into their dimension, ``amber/attribute``
+  (state, number, action) and ``amber/discriminative`` -> accuracy, precision, recall, f1 with
+  *No* positive; AMBER's descriptions (part ``amber/generative``, with their noun counts) ->
+  chair, cover, hal, cog as fractions.
+
+Records pair by image: the scene of a record is its ``image`` (the name as the benchmark file
+gives it, so evaluations run from other folders pair up).
 """
 
 from __future__ import annotations
@@ -59,14 +69,33 @@ class Interval:
 
 
 def _prefix(part: str) -> str:
-    return "" if part == "heldout" else f"{part}/"
+    return "" if part in ("heldout", "chair") else f"{part}/"
+
+
+_AMBER_ATTRIBUTES = ("state", "number", "action")
+_AMBER_GENERATIVE = ("nouns", "hallucinated_nouns", "truth_objects", "covered_objects", "targets", "covered_targets")
+
+
+def _amber_counts(record: Record, part: str) -> dict[str, float]:
+    if part == "amber/generative":
+        counts = {f"{part}:{k}": float(record[k]) for k in _AMBER_GENERATIVE}
+        return counts | {f"{part}:responses": 1.0, f"{part}:clean": float(record["hallucinated_nouns"] == 0)}
+    dimension = part.split("/", 1)[1]
+    truth_no, said_no = record["label"] == "no", record["response"] == "No"
+    correct = (record["label"] == "yes" and record["response"] == "Yes") or (truth_no and said_no)
+    groups = [part, *(["amber/attribute"] if dimension in _AMBER_ATTRIBUTES else []), "amber/discriminative"]
+    cells = {"n": 1.0, "correct": float(correct), "no": float(said_no), "right_no": float(said_no and truth_no)}
+    cells["truth_no"] = float(truth_no)
+    return {f"{g}:{k}": v for g in groups for k, v in cells.items()}
 
 
 def record_counts(record: Record) -> dict[str, float]:
     """The counts one answer adds (keys ``<metric prefix>:<count>``); empty for a record no metric reads."""
     part = str(record.get("part", "heldout"))
+    if part.startswith("amber/"):
+        return _amber_counts(record, part)
     if part.startswith("pope/"):
-        said, truth = bool(record["said_yes"]), pope_label(record["answer"])
+        said, truth = bool(record["said_yes"]), pope_label(record["answer"] if "answer" in record else record["label"])
         cell = ("tp" if truth else "fp") if said else ("fn" if truth else "tn")
         return {f"{part}:{cell}": 1.0}
     prefix = _prefix(part)
@@ -101,7 +130,24 @@ def metrics_from_counts(counts: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     out: dict[str, np.ndarray] = {}
     groups = sorted({k.split(":")[0] for k in counts})
     for group in groups:
-        if group.startswith("pope/"):
+        if group == "amber/generative":
+            responses = get(f"{group}:responses")
+            out |= {
+                f"{group}/chair": _ratio(get(f"{group}:hallucinated_nouns"), get(f"{group}:nouns")),
+                f"{group}/cover": _ratio(get(f"{group}:covered_objects"), get(f"{group}:truth_objects")),
+                f"{group}/hal": np.where(responses > 0, 1.0 - _ratio(get(f"{group}:clean"), responses), 0.0),
+                f"{group}/cog": _ratio(get(f"{group}:covered_targets"), get(f"{group}:targets")),
+            }
+        elif group.startswith("amber/"):
+            precision = _ratio(get(f"{group}:right_no"), get(f"{group}:no"))
+            recall = _ratio(get(f"{group}:right_no"), get(f"{group}:truth_no"))
+            out |= {
+                f"{group}/accuracy": _ratio(get(f"{group}:correct"), get(f"{group}:n")),
+                f"{group}/precision": precision,
+                f"{group}/recall": recall,
+                f"{group}/f1": _ratio(2 * precision * recall, precision + recall),
+            }
+        elif group.startswith("pope/"):
             tp, fp, tn, fn = (get(f"{group}:{c}") for c in ("tp", "fp", "tn", "fn"))
             total = tp + fp + tn + fn
             precision, recall = _ratio(tp, tp + fp), _ratio(tp, tp + fn)

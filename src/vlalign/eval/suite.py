@@ -50,14 +50,15 @@ from typing import Any
 
 from torch import nn
 
+from vlalign.config import StrictFields
 from vlalign.data.annotations import ObjectVocabulary, annotations_of, load_vocabulary
 from vlalign.data.io import load_samples
-from vlalign.data.schema import DataError, PromptSample
+from vlalign.data.schema import DataError, PromptSample, data_error
 from vlalign.data.sources import registered_sources, resolve
 from vlalign.eval.chair import caption_report, chair
 from vlalign.eval.parsing import pope_says_yes
 from vlalign.eval.policy import kl_divergence, scored_win_rate
-from vlalign.eval.pope import pope_metrics
+from vlalign.eval.pope import pope_label, pope_metrics
 from vlalign.eval.tasks import DESCRIBE, answer_correct, task_accuracy, task_of
 from vlalign.models.generate import generate
 from vlalign.rewards.combine import BatchScorer
@@ -66,7 +67,7 @@ POPE_MODES: tuple[str, ...] = ("random", "popular", "adversarial")
 
 
 @dataclass
-class SuiteConfig:
+class SuiteConfig(StrictFields):
     """Which evaluation suite, and how many of its samples."""
 
     data: str = "shapes:"
@@ -183,6 +184,21 @@ def _resolve_folder(data: str) -> Path:
     return Path(data)
 
 
+def _pope_rows(path: Path, samples: list[PromptSample]) -> list[PromptSample]:
+    """``samples`` of a POPE file, each checked to have an ``answer`` Yes or No (before any model is loaded)."""
+    for row, sample in enumerate(samples, start=1):
+        meta = sample.meta or {}
+        where = f"{path}, row {row} (id {sample.id!r}), column 'answer'"
+        if "answer" not in meta:
+            hint = " (a published POPE file? run it with vlalign eval --bench=pope)" if "label" in meta else ""
+            raise data_error("missing column", f"{where}: missing, POPE rows need answer Yes or No{hint}")
+        try:
+            pope_label(meta["answer"])
+        except ValueError as exc:
+            raise data_error("invalid value", f"{where}: {exc}") from None
+    return samples
+
+
 def build_suite(cfg: SuiteConfig) -> Suite:
     """Load the suite ``cfg`` describes (see the module doc)."""
     root = _resolve_folder(cfg.data)
@@ -206,7 +222,7 @@ def build_suite(cfg: SuiteConfig) -> Suite:
     unknown = set(cfg.parts) - {"pope", "heldout", "compositional"}
     if unknown:
         raise ValueError(f"suite.parts: unknown part(s) {sorted(unknown)}; choose from pope, heldout, compositional")
-    pope = {m: load_samples(p, "prompt") for m, p in pope_files.items()} if "pope" in cfg.parts else {}
+    pope = {m: _pope_rows(p, load_samples(p, "prompt")) for m, p in pope_files.items()} if "pope" in cfg.parts else {}
     heldout = load_samples(heldout_path, "prompt") if "heldout" in cfg.parts and heldout_path is not None else []
     use_comp = "compositional" in cfg.parts and comp is not None and comp.exists()
     compositional = load_samples(comp, "prompt") if use_comp else []

@@ -225,6 +225,24 @@ def apo_zero_loss(logps: PreferenceLogps, *, beta: float = 0.1) -> LossOutput:
     return LossOutput(losses, _reference_rewards(logps, beta, "apo_zero"))
 
 
+def apo_down_loss(logps: PreferenceLogps, *, beta: float = 0.1) -> LossOutput:
+    """APO-down: lower the chosen likelihood, and the rejected one more (for chosen responses that
+    are worse than the model's own).
+
+    Paper: D'Oosterlinck et al., "Anchored Preference Optimization", arXiv 2408.06266, eq. 8.
+    Equation: L = σ(β·r_w) + (1 − σ(β·(r_w − r_l))) = σ(β·r_w) + 1 − σ(β·h).
+    The first term pushes r_w down; the second raises the margin h, so r_l goes down faster.
+    At r_w = r_l = 0 the two pulls on r_w cancel (∂L/∂r_w = β·σ'(0) − β·σ'(0) = 0) and only r_l
+    moves; once h > |r_w|, ∂L/∂r_w = β·(σ'(β·r_w) − σ'(β·h)) > 0 and the chosen likelihood falls.
+    Use it when the chosen responses are worse than the model's default output; ``apo_zero``
+    when they are better.
+    Departures: none (matches TRL's ``apo_down`` loss type).
+    """
+    chosen_ratio, rejected_ratio = require_reference(logps, "apo_down")
+    losses = torch.sigmoid(beta * chosen_ratio) + (1.0 - torch.sigmoid(beta * (chosen_ratio - rejected_ratio)))
+    return LossOutput(losses, _reference_rewards(logps, beta, "apo_down"))
+
+
 def simpo_loss(logps: PreferenceLogps, *, beta: float = 2.5, gamma: float = 1.375) -> LossOutput:
     """SimPO: reference-free, length-normalised margin with a target reward gap γ.
 
@@ -408,6 +426,7 @@ PREFERENCE_LOSSES: dict[str, PreferenceLoss] = {
     "ipo": ipo_loss,
     "bco_pair": bco_pair_loss,
     "apo_zero": apo_zero_loss,
+    "apo_down": apo_down_loss,
     "simpo": simpo_loss,
     "orpo": orpo_loss,
     "nll": nll_loss,

@@ -46,6 +46,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from vlalign.config import StrictFields
 from vlalign.data.collate import (
     EncodedPrompts,
     GenerationBatch,
@@ -60,7 +61,7 @@ from vlalign.data.collate import (
 
 
 @dataclass
-class GenerationSettings:
+class GenerationSettings(StrictFields):
     """How to generate (a config section of the recipes that generate: eval, pairs, GRPO, PPO)."""
 
     n: int = 1

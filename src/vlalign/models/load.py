@@ -37,6 +37,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 from transformers import AutoModelForImageTextToText, AutoProcessor, PreTrainedModel
 
+from vlalign.config import StrictFields
 from vlalign.data.chat import tokenizer_of
 from vlalign.errors import UserError
 
@@ -59,7 +60,7 @@ class ModelLoadError(UserError, RuntimeError):
 
 
 @dataclass
-class LoraSpec:
+class LoraSpec(StrictFields):
     """How to wrap a model with LoRA adapters (PEFT)."""
 
     r: int = 16

@@ -16,19 +16,23 @@ from typing import Any, Literal
 
 import torch
 
+from vlalign.config import StrictFields
 from vlalign.data.io import load_samples_with_report
+from vlalign.data.schema import DataError, DataFileNotFoundError
 from vlalign.eval.suite import Suite, SuiteConfig, build_suite
 from vlalign.eval.tasks import DESCRIBE, task_of
 from vlalign.models.load import LoraSpec, load_model_and_processor, save_model_and_processor
 from vlalign.models.tiny import resolve_model
 from vlalign.shapes.embedded import resolve_data
 from vlalign.training import Run, check_supported
+from vlalign.training.checkpoints import disk_full, write_error
+from vlalign.training.options import check_options
 
 logger = logging.getLogger("vlalign")
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(StrictFields):
     """The policy model: where it comes from and how it trains."""
 
     name_or_path: str = "tiny:gemma3:small"
@@ -55,9 +59,24 @@ class ModelConfig:
     tiny_seed: int = 0
     """Seed of the random initialisation when name_or_path is tiny:<arch>:<size>."""
 
+    def validate(self, prefix: str = "model") -> None:
+        """Refuse unusable values (called by :class:`~vlalign.training.Run` before the model loads)."""
+        check_options(prefix, [("name_or_path", bool(self.name_or_path), "must name a model")], values=self)
+        if self.use_lora:
+            lora = self.lora
+            check_options(
+                f"{prefix}.lora",
+                [
+                    ("r", lora.r > 0, "must be > 0"),
+                    ("alpha", lora.alpha > 0, "must be > 0"),
+                    ("dropout", 0 <= lora.dropout < 1, "must be in [0, 1)"),
+                ],
+                values=lora,
+            )
+
 
 @dataclass
-class DataConfig:
+class DataConfig(StrictFields):
     """Training and held-out data."""
 
     train: str = "shapes:train.jsonl"
@@ -76,6 +95,19 @@ class DataConfig:
     """Use at most this many rows of each file (0: all)."""
     eval_limit: int = 256
     """Use at most this many held-out rows for the periodic evaluation (0: all)."""
+
+    def validate(self, prefix: str = "data") -> None:
+        """Refuse unusable values (called by :class:`~vlalign.training.Run` before the model loads)."""
+        check_options(
+            prefix,
+            [
+                ("max_length", self.max_length > 0, "must be > 0"),
+                ("on_overlong", self.on_overlong in ("drop", "raise"), "must be drop or raise"),
+                ("limit", self.limit >= 0, "must be >= 0 (0: all rows)"),
+                ("eval_limit", self.eval_limit >= 0, "must be >= 0 (0: all rows)"),
+            ],
+            values=self,
+        )
 
 
 def trained_weights_dtype(dtype: str, *, lora: bool) -> str:
@@ -111,20 +143,36 @@ def load_policy(cfg: ModelConfig, *, lora: bool | None = None) -> tuple[torch.nn
     )
 
 
-def load_split(path: str, kind: str, cfg: DataConfig, *, limit: int | None = None) -> list[Any]:
-    """Samples of ``kind`` from ``path`` with the data section's validation options; logs skips."""
+def load_split(
+    path: str, kind: str, cfg: DataConfig, *, limit: int | None = None, numeric_columns: Sequence[str] = ()
+) -> list[Any]:
+    """Samples of ``kind`` from ``path`` with the data section's validation options; logs skips.
+    ``numeric_columns`` are columns a loss reads: each row must hold a finite number there."""
     if not path:
         return []
-    resolved = resolve_data(path)
-    if not Path(resolved).exists():
-        raise FileNotFoundError(f"data file {path!r} does not exist (resolved to {resolved})")
+    resolved = resolve_data_option(path, cfg)
     cap = limit if limit is not None else (cfg.limit or None)
     samples, report = load_samples_with_report(
-        resolved, kind, image_root=cfg.image_root or None, skip_bad_rows=cfg.skip_bad_rows, limit=cap
+        resolved,
+        kind,
+        image_root=cfg.image_root or None,
+        skip_bad_rows=cfg.skip_bad_rows,
+        limit=cap,
+        numeric_columns=numeric_columns,
     )
     if not samples:
-        raise ValueError(f"{path}: no usable {kind} rows ({report.summary()})")
+        raise DataError(f"{path}: no usable {kind} rows ({report.summary()})")
     return samples
+
+
+def resolve_data_option(path: str, cfg: DataConfig) -> Path:
+    """The file or folder a data option names (``shapes:<file>`` resolved); a missing one is a
+    :class:`~vlalign.data.schema.DataFileNotFoundError` naming the option and the path."""
+    resolved = Path(resolve_data(path))
+    if not resolved.exists():
+        option = "data.train" if path == cfg.train else "data.eval" if path == cfg.eval else "data"
+        raise DataFileNotFoundError(f"{option}: data file {path!r} does not exist (resolved to {resolved})")
+    return resolved
 
 
 # ----------------------------------------------------------------------------- distributed runs
@@ -168,7 +216,15 @@ def save_final_model(run: Run, model: torch.nn.Module, processor: Any, mode: str
     """The trained model in Hugging Face format at ``<run_dir>/model`` (main process; others wait)."""
     out = None
     if run.accelerator.is_main_process:
-        out = save_model_and_processor(run.accelerator.unwrap_model(model), processor, run.run_dir / "model", mode=mode)
+        folder = run.run_dir / "model"
+        try:
+            out = save_model_and_processor(run.accelerator.unwrap_model(model), processor, folder, mode=mode)
+        except OSError as exc:  # a full disk above all: one line naming the folder
+            raise write_error(folder, exc, "the model") from exc
+        except RuntimeError as exc:  # safetensors / torch report a full disk as a RuntimeError
+            if not disk_full(folder, exc):
+                raise
+            raise write_error(folder, exc, "the model") from exc
         run.print(f"saved the model to {out}")
     run.accelerator.wait_for_everyone()
     return out

@@ -15,15 +15,17 @@ from typing import Any
 
 from torch import nn
 
+from vlalign.config import StrictFields
 from vlalign.models.heads import INFO_FILE, CriticModel, load_reward_model, new_head, save_head
 from vlalign.models.load import LoraSpec, apply_lora, load_model_and_processor, same_tokenizer, save_model_and_processor
 from vlalign.models.tiny import resolve_model
 from vlalign.recipes.common import ModelConfig, load_policy, trained_weights_dtype
 from vlalign.training import Run
+from vlalign.training.options import check_options
 
 
 @dataclass
-class CriticConfig:
+class CriticConfig(StrictFields):
     """The value function."""
 
     shared: bool = True
@@ -40,6 +42,19 @@ class CriticConfig:
     """Learning rate of the critic (value head, or separate critic); 0 uses train.lr."""
     head_dropout: float = 0.0
     """Dropout on the value head's input."""
+
+    def validate(self, prefix: str = "critic") -> None:
+        """Refuse unusable values (called by :class:`~vlalign.training.Run` before the model loads)."""
+        check_options(
+            prefix,
+            [
+                ("vf_coef", self.vf_coef >= 0, "must be >= 0"),
+                ("value_clip", self.value_clip >= 0, "must be >= 0 (0: unclipped)"),
+                ("lr", self.lr >= 0, "must be >= 0 (0: train.lr)"),
+                ("head_dropout", 0 <= self.head_dropout < 1, "must be in [0, 1)"),
+            ],
+            values=self,
+        )
 
 
 def build_critic(cfg: CriticConfig, model: ModelConfig, policy: nn.Module, processor: Any, *, seed: int) -> nn.Module:

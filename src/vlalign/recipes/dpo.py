@@ -13,8 +13,8 @@ One optimiser step runs these phases, each a function below::
     update     clip, AdamW, schedule (vlalign.training.Run)
 
 Loss selection is configuration (``loss.weights``), never a branch in the loop: any name of
-``vlalign.losses.ALL_PREFERENCE_LOSSES`` (sigmoid, robust, hinge, ipo, bco_pair, apo_zero, simpo,
-orpo, nll, mdpo, hsa_dpo, povid) with a weight, or a ``loss.preset`` (mpo, rpo, ha_dpo). The LVLM
+``vlalign.losses.ALL_PREFERENCE_LOSSES`` (sigmoid, robust, hinge, ipo, bco_pair, apo_zero, apo_down,
+simpo, orpo, nll, mdpo, hsa_dpo, povid) with a weight, or a ``loss.preset`` (mpo, rpo, ha_dpo). The LVLM
 objectives plug in through the data they need: ``mdpo`` makes the corrupted image of each chosen
 one on the fly (``loss.corruption``, deterministic per sample) or takes a row's
 ``rejected_images``; ``hsa_dpo`` reads severities from ``loss.severity_column``; ``povid`` scores
@@ -29,20 +29,22 @@ Examples::
     vlalign dpo --loss.preset=mpo --model.use_lora=true                            # MPO, LoRA
     vlalign dpo --ref-model runs/other/model ...                                   # another reference
     vlalign dpo --online.rounds=3 --online.prompts=shapes:train_prompts.jsonl      # iterative DPO
-    accelerate launch --num_processes 2 -m vlalign.cli dpo --config examples/dpo_shapes.yaml
+    accelerate launch --config_file examples/accelerate/ddp_gpu.yaml --num_processes 2 -m vlalign.cli dpo --config ...
 """
 
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
-from vlalign.data.collate import pad_token_id_of
+from vlalign.config import ConfigError, StrictFields, did_you_mean
+from vlalign.data.collate import check_some_fit, pad_token_id_of
 from vlalign.data.pairs.corrupt import CorruptConfig
 from vlalign.data.schema import PreferenceSample
 from vlalign.eval.suite import SuiteConfig
@@ -57,7 +59,7 @@ from vlalign.losses import (
 from vlalign.models.preference_batch import PreferenceLogprobs, preference_logprobs
 from vlalign.models.reference import PrecomputedReference, ReferencePolicy
 from vlalign.recipes.common import DataConfig, ModelConfig, guard_distributed, load_policy, save_final_model
-from vlalign.recipes.dpo_pairs import PairBatch, PairEncoder, ddpo_sums
+from vlalign.recipes.dpo_pairs import PairBatch, PairEncoder, ddpo_sums, precompute_reference
 from vlalign.recipes.iterative_dpo import OnlineConfig, run_rounds
 from vlalign.recipes.preference_common import (
     MetricSums,
@@ -65,11 +67,11 @@ from vlalign.recipes.preference_common import (
     build_reference,
     chunks,
     evaluation,
-    finish_precompute,
     load_pairs_split,
     process_shard,
     reference_module,
 )
+from vlalign.recipes.result import RunResult, run_result
 from vlalign.training import (
     BatchPlan,
     Run,
@@ -82,6 +84,7 @@ from vlalign.training import (
     total_steps,
     zero_loss,
 )
+from vlalign.training.options import check_options, validate_config
 
 PRESETS: dict[str, dict[str, float]] = {**LOSS_PRESETS, "ha_dpo": {"sigmoid": 1.0, "nll": 1.0}}
 """Named weightings: MPO (0.8 DPO + 0.2 BCO + 1.0 SFT), RPO (DPO + NLL), HA-DPO (DPO + LM loss)."""
@@ -101,12 +104,12 @@ def _dpo_data_defaults() -> DataConfig:
 
 
 @dataclass
-class LossConfig:
+class LossConfig(StrictFields):
     """Which preference objective, with which options."""
 
     weights: dict[str, float] = field(default_factory=lambda: {"sigmoid": 1.0})
     """Terms and weights, summed per pair: any of sigmoid (DPO), robust, hinge, ipo, bco_pair, apo_zero,
-    simpo, orpo, nll, mdpo, hsa_dpo, povid. Example: {sigmoid: 1.0, nll: 0.2}."""
+    apo_down, simpo, orpo, nll, mdpo, hsa_dpo, povid. Example: {sigmoid: 1.0, nll: 0.2}."""
     preset: str = ""
     """A named weighting that replaces weights: mpo, rpo, ha_dpo ('' to use weights)."""
     beta: float = 0.1
@@ -126,10 +129,25 @@ class LossConfig:
     corruption: CorruptConfig = field(default_factory=CorruptConfig)
     """mdpo: how the corrupted image is made from the chosen one (rows with rejected_images use those)."""
 
+    def validate(self, prefix: str = "loss") -> None:
+        """Refuse unusable values (called by :class:`~vlalign.training.Run` before the model loads)."""
+        check_options(
+            prefix,
+            [
+                ("beta", self.beta > 0 and math.isfinite(self.beta), "must be a finite number > 0"),
+                ("ddpo_gamma", self.ddpo_gamma >= 0, "must be >= 0 (0 = off)"),
+                ("ddpo_min_match", self.ddpo_min_match >= 1, "must be >= 1"),
+            ],
+            values=self,
+        )
+
 
 @dataclass
-class Config:
+class Config(StrictFields):
     """Direct preference optimisation (and its variants) on preference pairs."""
+
+    REQUIRED: ClassVar[tuple[str, ...]] = ("data.train",)
+    """Options without a usable default (``--help`` marks them required; online rounds make their own data)."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     """The policy to train (and, unless ref_model is set, the reference it starts from)."""
@@ -159,23 +177,23 @@ def loss_weights(cfg: LossConfig) -> dict[str, float]:
     """The terms of the objective (preset resolved), checked against the registry."""
     if cfg.preset:
         if cfg.preset not in PRESETS:
-            raise ValueError(f"loss.preset {cfg.preset!r} is unknown; choose from {sorted(PRESETS)}")
+            raise ConfigError(f"loss.preset {cfg.preset!r} is unknown; choose from {sorted(PRESETS)}")
         weights = dict(PRESETS[cfg.preset])
     else:
         weights = dict(cfg.weights)
     if not weights:
-        raise ValueError("loss.weights is empty; give at least one term, e.g. {sigmoid: 1.0}")
+        raise ConfigError("loss.weights is empty; give at least one term, e.g. {sigmoid: 1.0}")
     unknown = [name for name in weights if name not in ALL_PREFERENCE_LOSSES]
     if unknown:
-        raise ValueError(f"loss.weights: unknown term(s) {unknown}; known: {sorted(ALL_PREFERENCE_LOSSES)}")
+        hint = "".join(did_you_mean(n, ALL_PREFERENCE_LOSSES) for n in unknown)
+        raise ConfigError(f"loss.weights: unknown term(s) {unknown}{hint} (known: {sorted(ALL_PREFERENCE_LOSSES)})")
     paired = [name for name in weights if name not in ("povid", "nll")]
     if "povid" in weights and paired:
-        raise ValueError(
+        raise ConfigError(
             f"loss.weights: povid scores several rejected responses per pair and combines only with "
             f"nll, not with {paired}"
         )
-    if cfg.ddpo_gamma < 0:
-        raise ValueError(f"loss.ddpo_gamma must be >= 0 (0 = off), got {cfg.ddpo_gamma}")
+    cfg.validate("loss")
     return weights
 
 
@@ -340,41 +358,21 @@ def heldout_metrics(
     return {f"eval/{k}": float(v) for k, v in metrics.items()}
 
 
-def precompute_reference(
-    run: Run, reference: ReferencePolicy, encoder: PairEncoder, samples: Sequence[PreferenceSample], *, batch_size: int
-) -> None:
-    """Fill the reference cache for ``samples`` (main process), then free the reference model everywhere."""
-    if not isinstance(reference, PrecomputedReference):
-        return
-    if run.accelerator.is_main_process:
-        with run.accelerator.autocast():  # the precision the training steps compute in
-            for chunk in tqdm(list(chunks(samples, batch_size)), desc="reference", disable=not run.cfg.progress):
-                pb = encoder(chunk, count=False)
-                if len(pb):
-                    reference.logprobs(pb.batch.prompts, pb.batch.completions, sample_keys=pb.keys)
-        run.print(
-            f"reference cache: {reference.num_computed} completions computed, {reference.num_hits} cached "
-            f"({reference.folder})"
-        )
-    finish_precompute(reference, run)
-
-
 # ----------------------------------------------------------------------------- set-up
 
 
 def load_pair_splits(
     cfg: Config, weights: dict[str, float]
 ) -> tuple[list[PreferenceSample], dict[str, int], list[PreferenceSample]]:
-    """The training pairs, the rows skipped per reason, and the held-out pairs ([] without data.eval)."""
-    conditioned_ok = "mdpo" in weights
-    train_set, skipped = load_pairs_split(cfg.data.train, cfg.data, image_conditioned_ok=conditioned_ok)
-    eval_set = (
-        load_pairs_split(
-            cfg.data.eval, cfg.data, image_conditioned_ok=conditioned_ok, limit=cfg.data.eval_limit or None
-        )[0]
-        if cfg.data.eval
-        else []
-    )
+    """The training pairs, the rows skipped per reason, and the held-out pairs ([] without data.eval).
+    The numeric columns a configured term reads (hsa_dpo's severity) are checked row by row at load time."""
+    options: dict[str, Any] = {
+        "image_conditioned_ok": "mdpo" in weights,
+        "numeric_columns": [cfg.loss.severity_column] if "hsa_dpo" in weights else [],
+    }
+    train_set, skipped = load_pairs_split(cfg.data.train, cfg.data, **options)
+    limit = cfg.data.eval_limit or None
+    eval_set = load_pairs_split(cfg.data.eval, cfg.data, limit=limit, **options)[0] if cfg.data.eval else []
     return train_set, skipped, eval_set
 
 
@@ -400,20 +398,31 @@ def dpo_reference(
 # ----------------------------------------------------------------------------- the loop
 
 
-def run(cfg: Config) -> dict[str, Any]:
-    """Train (offline, or ``online.rounds`` rounds of iterative DPO); returns the final metrics."""
-    if cfg.online.rounds > 0:
-        return run_rounds(cfg, train)
-    return train(cfg)
-
-
-def train(cfg: Config) -> dict[str, Any]:
-    """Offline DPO on ``data.train``; evaluates, saves ``<output_dir>/model``, returns the final metrics."""
-    if not cfg.data.train:
-        raise ValueError(
+def check_config(cfg: Config) -> None:
+    """Errors a run would otherwise meet late, named by their config keys (no model or data is read); each
+    section's own rules first (online rounds load a model before :class:`Run` would check them)."""
+    validate_config(cfg, cfg.train)
+    if not cfg.data.train and cfg.online.rounds == 0:  # online rounds make their own pairs
+        raise ConfigError(
             "data.train is required: a preference file (build one with `vlalign pairs "
             "--method=inject --out=data/pairs/inject.jsonl`, then --data.train=data/pairs/inject.jsonl)"
         )
+    loss_weights(cfg.loss)
+
+
+def run(cfg: Config) -> RunResult:
+    """Train (offline, or ``online.rounds`` rounds of iterative DPO: the last round's numbers, ``online/*``
+    counts, the final model in ``<output_dir>/model``); returns the run's folder, model and numbers."""
+    if cfg.online.rounds > 0:
+        check_config(cfg)
+        final = run_rounds(cfg, lambda round_cfg: dict(train(round_cfg)))
+        return run_result(cfg.train.output_dir, final)
+    return train(cfg)
+
+
+def train(cfg: Config) -> RunResult:
+    """Offline DPO on ``data.train``; evaluates, saves ``<output_dir>/model``, returns the run's result."""
+    check_config(cfg)
     weights = loss_weights(cfg.loss)
     run = Run(cfg.train, config=cfg, desc="dpo")
     model, processor = load_policy(guard_distributed(run, cfg.model, micro_batches_per_step=cfg.train.grad_accum))
@@ -421,6 +430,7 @@ def train(cfg: Config) -> dict[str, Any]:
     settings = StepSettings(cfg.loss, weights, cfg.logprob_mode, pad_token_id_of(processor))
     reference = dpo_reference(run, cfg, weights, model, processor, settings.pad_token_id)
     encoder = make_encoder(processor, cfg, weights, content_keys=isinstance(reference, PrecomputedReference))
+    check_some_fit(encoder, train_set, max_length=cfg.data.max_length)  # before the reference runs
     if reference is not None:
         precompute_reference(run, reference, encoder, [*train_set, *eval_set], batch_size=cfg.train.batch_size)
     plan = BatchPlan(len(train_set), cfg.train.batch_size, cfg.train.grad_accum, run.num_processes, cfg.train.seed)
@@ -452,6 +462,7 @@ def train(cfg: Config) -> dict[str, Any]:
         )
 
     for step in range(run.start_step, steps):
+        t_start = time.perf_counter()
         batches = [encoder([train_set[i] for i in mb]) for mb in plan.micro_batches(step, run.process_index)]
         metrics, tokens = dpo_step(run, model, reference, batches, settings)
         check_finite(
@@ -467,6 +478,7 @@ def train(cfg: Config) -> dict[str, Any]:
         done = step + 1
         if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done < steps:
             metrics.update(evaluate_now(done))
+        metrics["perf/step_s"] = time.perf_counter() - t_start
         run.end_step(done, metrics, samples=sum(len(b) for b in batches), tokens=tokens)
 
     final: dict[str, Any] = {
@@ -475,6 +487,6 @@ def train(cfg: Config) -> dict[str, Any]:
     }
     final.update(evaluate_now(None))
     run.log(steps, final)
-    save_final_model(run, model, processor, cfg.save)
+    model_path = save_final_model(run, model, processor, cfg.save)
     run.finish()
-    return final
+    return run_result(run.run_dir, final, model_path)

@@ -5,7 +5,8 @@
 chosen and rejected completions (several rejected ones for POVID); for mDPO the same prompts with
 corrupted images go through the same call; RLHF-V's differing segments, HSA-DPO's severities and
 the keys of the reference cache are attached when the objective needs them; :func:`ddpo_sums`
-turns the differing segments into RLHF-V's dense-weighted sequence log-probs.
+turns the differing segments into RLHF-V's dense-weighted sequence log-probs;
+:func:`precompute_reference` fills the reference cache with the encoded pairs before training.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from vlalign.data.collate import (
     EncodedPrompts,
@@ -29,8 +31,9 @@ from vlalign.data.pairs.corrupt import CorruptConfig, corrupt_image, corruption_
 from vlalign.data.schema import DataError, PreferenceSample, PromptSample, load_image
 from vlalign.losses import ddpo_sequence_logps, differing_segments
 from vlalign.models.preference_batch import PreferenceBatch, PreferenceLogprobs, preference_batch
-from vlalign.models.reference import sample_content_hash
-from vlalign.recipes.preference_common import REJECTED_IMAGES, numeric_column
+from vlalign.models.reference import PrecomputedReference, ReferencePolicy, sample_content_hash
+from vlalign.recipes.preference_common import REJECTED_IMAGES, chunks, finish_precompute, numeric_column
+from vlalign.training import Run
 
 
 @dataclass
@@ -203,3 +206,22 @@ def ddpo_sums(
 
     corrupted = weighted(lp.corrupted_rows, seg_c) if lp.corrupted_rows is not None else None
     return weighted(lp.chosen_rows, seg_c), weighted(lp.rejected_rows, seg_r), corrupted
+
+
+def precompute_reference(
+    run: Run, reference: ReferencePolicy, encoder: PairEncoder, samples: Sequence[PreferenceSample], *, batch_size: int
+) -> None:
+    """Fill the reference cache for ``samples`` (main process), then free the reference model everywhere."""
+    if not isinstance(reference, PrecomputedReference):
+        return
+    if run.accelerator.is_main_process:
+        with run.accelerator.autocast():  # the precision the training steps compute in
+            for chunk in tqdm(list(chunks(samples, batch_size)), desc="reference", disable=not run.cfg.progress):
+                pb = encoder(chunk, count=False)
+                if len(pb):
+                    reference.logprobs(pb.batch.prompts, pb.batch.completions, sample_keys=pb.keys)
+        run.print(
+            f"reference cache: {reference.num_computed} completions computed, {reference.num_hits} cached "
+            f"({reference.folder})"
+        )
+    finish_precompute(reference, run)

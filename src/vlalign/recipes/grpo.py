@@ -7,7 +7,8 @@ Where the defaults depart from DeepSeekMath's GRPO (Shao et al., arXiv 2402.0330
     aggregation    token-mean over the optimiser      seq-mean-token-mean           loss_type="dapo" (the same
                    step's tokens, all processes       (1/G sum_i 1/|o_i| sum_t)     global token mean)
     KL             none: update.kl_coef=0 (k3 to      in the loss, k3, beta=0.04    beta=0.0 (none)
-                   the reference still logged)
+                   the reference logged when the
+                   evaluation keeps one)
     advantage eps  std + 1e-6 (Bessel std)            std, no eps written           std + 1e-4 (Bessel std)
     clipping       ratio in [1-0.2, 1+0.2]; one       one update per exploration    epsilon=0.2, epsilon_high
                    update per batch (ratio = 1)       stage (ratio = 1)             = epsilon, num_iterations=1
@@ -59,6 +60,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from vlalign.config import ConfigError, StrictFields
 from vlalign.data.collate import pad_token_id_of
 from vlalign.data.schema import PromptSample
 from vlalign.eval.suite import SuiteConfig
@@ -73,25 +75,24 @@ from vlalign.recipes.common import (
     load_policy,
     load_split,
     save_final_model,
-    task_suite,
 )
+from vlalign.recipes.result import RunResult, run_result
 from vlalign.recipes.rl_common import (
     AdvantageName,
     PolicyUpdateConfig,
     advantages,
-    build_rl_reward,
     completion_records,
     global_masked_moments,
     old_logprobs,
     overlong_shaping,
     reference_logprobs,
     require_reward_model,
-    rl_reference,
     rollout_metrics,
     run_eval,
     score,
     token_kl,
 )
+from vlalign.recipes.rl_defaults import checked_reward, suite_and_reference
 from vlalign.recipes.rl_update import update, update_context
 from vlalign.recipes.rollouts import Rollouts, rollout, rollout_seed
 from vlalign.rewards import RewardsConfig, RewardScores
@@ -106,6 +107,7 @@ from vlalign.training import (
     mean_over_processes,
     total_steps,
 )
+from vlalign.training.options import check_options, validate_config
 
 
 def _train_defaults() -> TrainConfig:
@@ -127,7 +129,7 @@ def _rollout_defaults() -> GenerationSettings:
 
 
 def _data_defaults() -> DataConfig:
-    return DataConfig(train="shapes:train_prompts.jsonl", eval="")
+    return DataConfig(train="shapes:train_prompts.jsonl", eval="auto")
 
 
 def _eval_defaults() -> SuiteConfig:
@@ -135,7 +137,7 @@ def _eval_defaults() -> SuiteConfig:
 
 
 @dataclass
-class GRPOSettings:
+class GRPOSettings(StrictFields):
     """Options of the GRPO family beyond the policy update."""
 
     tasks: list[str] = field(default_factory=list)
@@ -154,15 +156,31 @@ class GRPOSettings:
     overlong_factor: float = 1.0
     """Largest overlong penalty."""
 
+    def validate(self, prefix: str = "grpo") -> None:
+        """Refuse unusable values (called by :class:`~vlalign.training.Run` before the model loads)."""
+        check_options(
+            prefix,
+            [
+                ("eps", self.eps >= 0, "must be >= 0"),
+                ("gamma", 0 <= self.gamma <= 1, "must be in [0, 1]"),
+                ("resample_rounds", self.resample_rounds >= 0, "must be >= 0"),
+                ("overlong_buffer", self.overlong_buffer >= 0, "must be >= 0 (0: off)"),
+                ("overlong_factor", self.overlong_factor >= 0, "must be >= 0"),
+            ],
+            values=self,
+        )
+
 
 @dataclass
-class Config:
+class Config(StrictFields):
     """GRPO, Dr.GRPO, RLOO and REINFORCE++ on prompts with verifiable rewards and / or a reward model."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     """The policy (usually a supervised fine-tuned model)."""
     data: DataConfig = field(default_factory=_data_defaults)
-    """Prompts: rows with a prompt, images and the ground truth the rewards read (e.g. answer, task)."""
+    """Prompts: rows with a prompt, images and the ground truth the rewards read (e.g. answer, task).
+    data.eval picks the held-out evaluation: auto (the eval suite when data.train is a shapes world,
+    else none), '' (none), or a prompts file / shapes: to evaluate on."""
     train: TrainConfig = field(default_factory=_train_defaults)
     """The training loop (batch_size counts prompts; each brings rollout.n completions)."""
     rollout: GenerationSettings = field(default_factory=_rollout_defaults)
@@ -197,18 +215,26 @@ class Config:
 
 
 def check_config(cfg: Config) -> None:
-    """Errors a run would otherwise meet late, named by their config keys."""
+    """Errors a run would otherwise meet late, named by their config keys (no model or data is read): each
+    section's own rules (its ``validate``; a reward model may load before :class:`Run` checks them), then
+    the rules that span sections."""
+    validate_config(cfg, cfg.train)
     if cfg.rollout.temperature <= 0:
-        raise ValueError("rollout.temperature must be > 0 for RL (greedy decoding gives G equal completions)")
+        raise ConfigError("rollout.temperature must be > 0 for RL (greedy decoding gives G equal completions)")
+    if cfg.rollout.n < 1:
+        raise ConfigError(f"rollout.n (completions per prompt) must be >= 1, got {cfg.rollout.n}")
     if cfg.rollout.n < 2 and cfg.advantage in ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline"):
-        raise ValueError(f"advantage {cfg.advantage!r} compares completions of a group: set rollout.n >= 2")
+        raise ConfigError(f"advantage {cfg.advantage!r} compares completions of a group: set rollout.n >= 2")
     if cfg.train.grad_accum % cfg.update.minibatches:
-        raise ValueError(
+        raise ConfigError(
             f"update.minibatches ({cfg.update.minibatches}) must divide train.grad_accum ({cfg.train.grad_accum})"
         )
-    if cfg.grpo.overlong_buffer < 0 or cfg.grpo.overlong_buffer > cfg.rollout.max_new_tokens:
-        raise ValueError(f"grpo.overlong_buffer must be in [0, rollout.max_new_tokens={cfg.rollout.max_new_tokens}]")
-    require_reward_model(cfg.rewards, cfg.reward_model)
+    if cfg.grpo.overlong_buffer > cfg.rollout.max_new_tokens:
+        raise ConfigError(f"grpo.overlong_buffer must be in [0, rollout.max_new_tokens={cfg.rollout.max_new_tokens}]")
+    try:
+        require_reward_model(cfg.rewards, cfg.reward_model)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def load_prompts(cfg: Config) -> list[PromptSample]:
@@ -336,25 +362,23 @@ def prepare_update(
 # ----------------------------------------------------------------------------- the loop
 
 
-def run(cfg: Config) -> dict[str, Any]:
-    """Train with the configured estimator, evaluate, save the model; returns the final metrics."""
+def run(cfg: Config) -> RunResult:
+    """Train with the configured estimator, evaluate, save the model; returns the run's folder, model and
+    numbers. The prompts are read and every reward is called once on them before the policy loads."""
     check_config(cfg)
+    train_set = load_prompts(cfg)
+    reward = checked_reward(cfg, train_set)
     run = Run(cfg.train, config=cfg, desc=f"grpo[{cfg.advantage}]")
     per_step = cfg.train.grad_accum // cfg.update.minibatches  # micro-batches per optimiser step
     model, processor = load_policy(
         guard_distributed(run, cfg.model, micro_batches_per_step=per_step, hint="train.grad_accum = update.minibatches")
     )
     pad = pad_token_id_of(processor)
-    train_set = load_prompts(cfg)
-    suite = task_suite(cfg.eval, cfg.eval_tasks)
-    reward = build_rl_reward(
-        cfg.rewards, cfg.reward_model, device=cfg.model.device, dtype=cfg.model.dtype, batch_size=cfg.reward_batch_size
-    )
     plan = BatchPlan(len(train_set), cfg.train.batch_size, cfg.train.grad_accum, run.num_processes, cfg.train.seed)
     steps = total_steps(cfg.train, plan)
     optimizer = build_optimizer(model, cfg.train)
     scheduler = build_scheduler(optimizer, cfg.train, steps * cfg.update.epochs * cfg.update.minibatches)
-    reference = rl_reference(cfg.update.reference, model, pad)  # from the starting weights, before a checkpoint
+    suite, reference = suite_and_reference(cfg, model, pad)  # from the starting weights, before a checkpoint
     modules, optimizer = run.prepare({"model": model}, optimizer, scheduler, total=steps)
     model = modules["model"]
     policy = run.accelerator.unwrap_model(model)
@@ -364,7 +388,7 @@ def run(cfg: Config) -> dict[str, Any]:
         f"{cfg.rollout.n} completions"
     )
     if cfg.eval_before and run.start_step == 0:  # no KL: the policy is the reference here
-        run.log(0, run_eval(run, policy, processor, suite, None)[0])
+        run.log(0, run_eval(run, policy, processor, suite, None, step=0)[0])
     log = StepRecords(
         run.run_dir / "completions.jsonl",
         start_step=run.start_step,
@@ -392,15 +416,15 @@ def run(cfg: Config) -> dict[str, Any]:
         metrics = mean_over_processes(run, metrics)
         done = step + 1
         if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done != steps:
-            metrics.update(run_eval(run, policy, processor, suite, reference)[0])
+            metrics.update(run_eval(run, policy, processor, suite, reference, step=done)[0])
         prompt_tokens = sum(len(p) for p in ro.prompts.input_ids)
         run.end_step(done, metrics, samples=ro.num_rows, tokens=prompt_tokens + ro.num_tokens)
 
-    final, _ = run_eval(run, policy, processor, suite, reference)
+    final, _ = run_eval(run, policy, processor, suite, reference, step=steps)
     if final:
         run.log(steps, final)
         shown = {k: round(v, 4) for k, v in final.items() if k.startswith(("eval/task", "eval/kl"))}
         run.print(f"held-out: {shown}")
-    save_final_model(run, model, processor, cfg.save)
+    model_path = save_final_model(run, model, processor, cfg.save)
     run.finish()
-    return final
+    return run_result(run.run_dir, final, model_path)

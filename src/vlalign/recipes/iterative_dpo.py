@@ -39,6 +39,7 @@ from typing import Any, Literal, Protocol, TypeVar
 
 from accelerate import PartialState
 
+from vlalign.config import StrictFields
 from vlalign.data.io import load_samples, write_samples
 from vlalign.data.pairs.rank import sample_and_rank
 from vlalign.eval.scorers import build_scorer
@@ -49,6 +50,7 @@ from vlalign.recipes.common import DataConfig, ModelConfig
 from vlalign.shapes.embedded import resolve_data
 from vlalign.shapes.vocabulary import find_vocabulary
 from vlalign.training import TrainConfig
+from vlalign.training.options import check_options
 
 
 def _online_generation_defaults() -> GenerationSettings:
@@ -56,7 +58,7 @@ def _online_generation_defaults() -> GenerationSettings:
 
 
 @dataclass
-class OnlineConfig:
+class OnlineConfig(StrictFields):
     """Iterative DPO: sample-and-rank pairs from the current policy each round."""
 
     rounds: int = 0
@@ -80,6 +82,19 @@ class OnlineConfig:
     update_reference: bool = True
     """Each round's reference is the policy at the round's start (RLAIF-V); false keeps the initial
     model. A --ref-model, when given, is the reference of every round."""
+
+    def validate(self, prefix: str = "online") -> None:
+        """Refuse unusable values (called by :class:`~vlalign.training.Run` before the model loads)."""
+        check_options(
+            prefix,
+            [
+                ("rounds", self.rounds >= 0, "must be >= 0 (0: offline DPO)"),
+                ("prompts_per_round", self.prompts_per_round >= 0, "must be >= 0 (0: all)"),
+                ("threshold", self.threshold >= 0, "must be >= 0"),
+                ("max_pairs_per_prompt", self.max_pairs_per_prompt >= 1, "must be >= 1"),
+            ],
+            values=self,
+        )
 
 
 class RoundsConfig(Protocol):

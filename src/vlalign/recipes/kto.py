@@ -28,16 +28,19 @@ Examples::
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
 
+from vlalign.config import ConfigError, StrictFields
 from vlalign.data.collate import (
     EncodedPrompts,
     check_lengths,
+    check_some_fit,
     encode_completions,
     encode_prompts,
     end_of_turn_ids,
@@ -58,6 +61,7 @@ from vlalign.recipes.preference_common import (
     process_shard,
     reference_module,
 )
+from vlalign.recipes.result import RunResult, run_result
 from vlalign.training import (
     BatchPlan,
     Run,
@@ -70,6 +74,7 @@ from vlalign.training import (
     total_steps,
     zero_loss,
 )
+from vlalign.training.options import check_options
 
 
 def _kto_train_defaults() -> TrainConfig:
@@ -83,7 +88,7 @@ def _kto_data_defaults() -> DataConfig:
 
 
 @dataclass
-class KTOLossConfig:
+class KTOLossConfig(StrictFields):
     """KTO's hyperparameters."""
 
     beta: float = 0.1
@@ -95,10 +100,25 @@ class KTOLossConfig:
     kl_estimate: bool = True
     """Estimate the reference point z0 from mismatched pairs (one extra no-gradient policy forward); false: z0 = 0."""
 
+    def validate(self, prefix: str = "loss") -> None:
+        """Refuse unusable values (called by :class:`~vlalign.training.Run` before the model loads)."""
+        check_options(
+            prefix,
+            [
+                ("beta", self.beta > 0, "must be > 0"),
+                ("desirable_weight", self.desirable_weight > 0, "must be > 0"),
+                ("undesirable_weight", self.undesirable_weight > 0, "must be > 0"),
+            ],
+            values=self,
+        )
+
 
 @dataclass
-class Config:
+class Config(StrictFields):
     """KTO on unpaired desirable / undesirable completions."""
+
+    REQUIRED: ClassVar[tuple[str, ...]] = ("data.train",)
+    """Options without a usable default (``--help`` marks them required)."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     """The policy to train (and, unless ref_model is set, the reference it starts from)."""
@@ -381,19 +401,19 @@ def precompute_reference(
 def check_config(cfg: Config) -> None:
     """Errors a run would otherwise meet late, named by their config keys."""
     if not cfg.data.train:
-        raise ValueError(
+        raise ConfigError(
             "data.train is required: unpaired rows (prompt, images, completion, label), or preference "
             "pairs with --from_pairs=true"
         )
     if cfg.loss.kl_estimate and cfg.train.batch_size < 2:
-        raise ValueError(
+        raise ConfigError(
             "KTO's reference point pairs each prompt with another sample's completion of the same "
             "micro-batch: use train.batch_size >= 2 (or loss.kl_estimate=false)"
         )
 
 
-def run(cfg: Config) -> dict[str, Any]:
-    """Train with KTO, evaluate, save ``<output_dir>/model``; returns the final metrics."""
+def run(cfg: Config) -> RunResult:
+    """Train with KTO, evaluate, save ``<output_dir>/model``; returns the run's folder, model and numbers."""
     check_config(cfg)
     run = Run(cfg.train, config=cfg, desc="kto")
     model, processor = load_policy(guard_distributed(run, cfg.model, micro_batches_per_step=cfg.train.grad_accum))
@@ -416,6 +436,7 @@ def run(cfg: Config) -> dict[str, Any]:
         on_overflow=cfg.data.on_overlong,
         content_keys=isinstance(reference, PrecomputedReference),
     )
+    check_some_fit(encoder, train_set, max_length=cfg.data.max_length)  # before the reference runs
     precompute_reference(run, reference, encoder, [*train_set, *eval_set], batch_size=cfg.train.batch_size)
     plan = BatchPlan(len(train_set), cfg.train.batch_size, cfg.train.grad_accum, run.num_processes, cfg.train.seed)
     steps = total_steps(cfg.train, plan)
@@ -442,6 +463,7 @@ def run(cfg: Config) -> dict[str, Any]:
         )
 
     for step in range(run.start_step, steps):
+        t_start = time.perf_counter()
         batches = [encoder([train_set[i] for i in mb]) for mb in plan.micro_batches(step, run.process_index)]
         metrics, tokens = kto_step(run, model, reference, batches, cfg, pad)
         check_finite(
@@ -455,11 +477,12 @@ def run(cfg: Config) -> dict[str, Any]:
         done = step + 1
         if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done < steps:
             metrics.update(evaluate_now(done))
+        metrics["perf/step_s"] = time.perf_counter() - t_start
         run.end_step(done, metrics, samples=sum(len(b) for b in batches), tokens=tokens)
 
     final: dict[str, Any] = {"data/train_completions": float(len(train_set))}
     final.update(evaluate_now(None))
     run.log(steps, final)
-    save_final_model(run, model, processor, cfg.save)
+    model_path = save_final_model(run, model, processor, cfg.save)
     run.finish()
-    return final
+    return run_result(run.run_dir, final, model_path)

@@ -98,23 +98,22 @@ from vlalign.recipes.common import (
     load_policy,
     load_split,
     save_final_model,
-    task_suite,
 )
 from vlalign.recipes.critic import build_critic, save_critic
 from vlalign.recipes.ppo_config import Config, check_config
+from vlalign.recipes.result import RunResult, run_result
 from vlalign.recipes.rl_common import (
     PolicyUpdateConfig,
-    build_rl_reward,
     completion_records,
     global_masked_moments,
     policy_logprobs,
     reference_logprobs,
-    rl_reference,
     rollout_metrics,
     run_eval,
     score,
     token_kl,
 )
+from vlalign.recipes.rl_defaults import checked_reward, suite_and_reference
 from vlalign.recipes.rl_update import (
     UpdateContext,
     UpdateStats,
@@ -372,9 +371,12 @@ def ppo_update(
 # ----------------------------------------------------------------------------- the loop
 
 
-def run(cfg: Config) -> dict[str, Any]:
-    """Train with PPO, evaluate, save the policy and the critic; returns the final metrics."""
+def run(cfg: Config) -> RunResult:
+    """Train with PPO, evaluate, save the policy and the critic; returns the run's folder, model and numbers.
+    The prompts are read and every reward is called once on them before the policy loads."""
     check_config(cfg)
+    train_set = load_prompts(cfg)
+    reward = checked_reward(cfg, train_set)
     run = Run(cfg.train, config=cfg, desc="ppo")
     per_step = cfg.train.grad_accum // cfg.update.minibatches  # micro-batches per optimiser step
     model_cfg = guard_distributed(
@@ -382,23 +384,18 @@ def run(cfg: Config) -> dict[str, Any]:
     )
     model, processor = load_policy(model_cfg)
     pad = pad_token_id_of(processor)
-    train_set = load_prompts(cfg)
-    reward = build_rl_reward(
-        cfg.rewards, cfg.reward_model, device=cfg.model.device, dtype=cfg.model.dtype, batch_size=cfg.reward_batch_size
-    )
     critic = build_critic(cfg.critic, model_cfg, model, processor, seed=cfg.train.seed)
     plan = BatchPlan(len(train_set), cfg.train.batch_size, cfg.train.grad_accum, run.num_processes, cfg.train.seed)
     steps = total_steps(cfg.train, plan)
     optimizer = build_optimizer_for(model, critic, cfg)
     scheduler = build_scheduler(optimizer, cfg.train, steps * cfg.update.epochs * cfg.update.minibatches)
-    reference = rl_reference(cfg.update.reference, model, pad)  # from the starting weights, before a checkpoint
+    suite, reference = suite_and_reference(cfg, model, pad)  # from the starting weights, before a checkpoint
     modules, optimizer = run.prepare({"model": model, "critic": critic}, optimizer, scheduler, total=steps)
     model, critic = modules["model"], modules["critic"]
     policy = run.accelerator.unwrap_model(model)
     controller = kl_controller(cfg, _resumed_kl_coef(run, cfg.update.kl_coef))
     model.train()
     critic.train()
-    suite = task_suite(cfg.eval, cfg.eval_tasks)
     scorer = reward.scorers.get("reward_model")
     baseline: EvalResult | None = None
     run.print(
@@ -437,16 +434,19 @@ def run(cfg: Config) -> dict[str, Any]:
             controller.update(metrics["kl/seq"], ro.num_rows * run.num_processes)
         done = step + 1
         if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done != steps:
-            found, baseline = run_eval(run, policy, processor, suite, reference, scorer=scorer, baseline=baseline)
+            found, baseline = run_eval(
+                run, policy, processor, suite, reference, step=done, scorer=scorer, baseline=baseline
+            )
             metrics.update(found)
         tokens = sum(len(p) for p in ro.prompts.input_ids) + ro.num_tokens
         run.end_step(done, metrics, samples=ro.num_rows, tokens=tokens, extra_state={"kl_coef": controller.value})
 
-    final, _ = run_eval(run, policy, processor, suite, reference, scorer=scorer, baseline=baseline)
+    final, _ = run_eval(run, policy, processor, suite, reference, step=steps, scorer=scorer, baseline=baseline)
     if final:
         run.log(steps, final)
         shown = ("eval/chair", "eval/win_rate", "eval/kl", "eval/start/chair")
         run.print(f"held-out: { {k: round(v, 4) for k, v in final.items() if k.startswith(shown)} }")
-    save_critic(run, critic, processor, save_final_model(run, model, processor, cfg.save))
+    model_path = save_final_model(run, model, processor, cfg.save)
+    save_critic(run, critic, processor, model_path)
     run.finish()
-    return final
+    return run_result(run.run_dir, final, model_path)

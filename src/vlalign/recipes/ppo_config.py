@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import ClassVar, Literal
 
+from vlalign.config import ConfigError, StrictFields
 from vlalign.eval.suite import SuiteConfig
 from vlalign.models.generate import GenerationSettings
 from vlalign.recipes.common import DataConfig, ModelConfig
@@ -12,6 +13,7 @@ from vlalign.recipes.critic import CriticConfig
 from vlalign.recipes.rl_common import PolicyUpdateConfig, require_reward_model
 from vlalign.rewards import RewardsConfig
 from vlalign.training import TrainConfig
+from vlalign.training.options import check_options, validate_config
 
 
 def _train_defaults() -> TrainConfig:
@@ -28,7 +30,7 @@ def _train_defaults() -> TrainConfig:
 
 
 def _data_defaults() -> DataConfig:
-    return DataConfig(train="shapes:train_prompts.jsonl", eval="")
+    return DataConfig(train="shapes:train_prompts.jsonl", eval="auto")
 
 
 def _rollout_defaults() -> GenerationSettings:
@@ -48,7 +50,7 @@ def _eval_defaults() -> SuiteConfig:
 
 
 @dataclass
-class PPOSettings:
+class PPOSettings(StrictFields):
     """GAE, KL control and reward shaping."""
 
     gamma: float = 1.0
@@ -66,15 +68,35 @@ class PPOSettings:
     tasks: list[str] = field(default_factory=list)
     """Train only on prompts whose meta task is one of these (e.g. [describe]); [] keeps every prompt."""
 
+    def validate(self, prefix: str = "ppo") -> None:
+        """Refuse unusable values (called by :class:`~vlalign.training.Run` before the model loads)."""
+        check_options(
+            prefix,
+            [
+                ("gamma", 0 <= self.gamma <= 1, "must be in [0, 1]"),
+                ("lam", 0 <= self.lam <= 1, "must be in [0, 1]"),
+                ("kl_target", self.kl_target >= 0, "must be >= 0 (0: fixed update.kl_coef)"),
+                ("kl_horizon", self.kl_horizon > 0, "must be > 0"),
+                ("missing_eos_penalty", self.missing_eos_penalty >= 0, "must be >= 0 (0: off)"),
+            ],
+            values=self,
+        )
+
 
 @dataclass
-class Config:
+class Config(StrictFields):
     """Actor-critic PPO with a vision-language critic."""
+
+    REQUIRED: ClassVar[tuple[str, ...]] = ("reward_model",)
+    """Options without a usable default (``--help`` marks them required): the default rewards name the
+    reward model, so its folder must be given (or rewards.weights changed to verifiable rewards)."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     """The policy (usually a supervised fine-tuned model)."""
     data: DataConfig = field(default_factory=_data_defaults)
-    """Prompts (with the ground truth that verifiable rewards or a fact-augmented reward model read)."""
+    """Prompts (with the ground truth that verifiable rewards or a fact-augmented reward model read).
+    data.eval picks the held-out evaluation: auto (the eval suite when data.train is a shapes world,
+    else none), '' (none), or a prompts file / shapes: to evaluate on."""
     train: TrainConfig = field(default_factory=_train_defaults)
     """The training loop (batch_size counts prompts; each brings rollout.n completions)."""
     rollout: GenerationSettings = field(default_factory=_rollout_defaults)
@@ -104,17 +126,20 @@ class Config:
 
 
 def check_config(cfg: Config) -> None:
-    """Errors a run would otherwise meet late, named by their config keys."""
+    """Errors a run would otherwise meet late, named by their config keys (no model or data is read): the
+    rules that span sections (each section's own are its ``validate``, called by :class:`~vlalign.training.Run`)."""
+    validate_config(cfg, cfg.train)  # each section's own rules first (the reward model loads before Run)
     if cfg.rollout.temperature <= 0:
-        raise ValueError("rollout.temperature must be > 0 for PPO (the policy must be sampled)")
+        raise ConfigError("rollout.temperature must be > 0 for PPO (the policy must be sampled)")
+    if cfg.rollout.n < 1:
+        raise ConfigError(f"rollout.n (completions per prompt) must be >= 1, got {cfg.rollout.n}")
     if cfg.train.grad_accum % cfg.update.minibatches:
-        raise ValueError(
+        raise ConfigError(
             f"update.minibatches ({cfg.update.minibatches}) must divide train.grad_accum ({cfg.train.grad_accum})"
         )
-    require_reward_model(cfg.rewards, cfg.reward_model)
-    if cfg.ppo.kl_target < 0 or cfg.ppo.kl_horizon <= 0 or not 0 <= cfg.ppo.lam <= 1 or not 0 <= cfg.ppo.gamma <= 1:
-        raise ValueError("ppo: need kl_target >= 0, kl_horizon > 0 and gamma, lam in [0, 1]")
+    try:
+        require_reward_model(cfg.rewards, cfg.reward_model)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     if cfg.ppo.kl_target > 0 and cfg.update.kl_coef <= 0:
-        raise ValueError("ppo.kl_target > 0 adapts update.kl_coef: give it a positive starting value")
-    if cfg.critic.vf_coef < 0 or cfg.critic.value_clip < 0:
-        raise ValueError("critic.vf_coef and critic.value_clip must be >= 0")
+        raise ConfigError("ppo.kl_target > 0 adapts update.kl_coef: give it a positive starting value")

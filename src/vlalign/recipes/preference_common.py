@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -30,9 +31,9 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from vlalign.config import to_dict
+from vlalign.config import StrictFields, to_dict
 from vlalign.data.io import load_samples_with_report
-from vlalign.data.schema import DataError, PreferenceSample, data_error
+from vlalign.data.schema import DataError, PreferenceSample, data_error, verify_image
 from vlalign.eval.suite import build_suite, evaluate
 from vlalign.models.load import load_model_and_processor, same_tokenizer
 from vlalign.models.logprobs import Mode
@@ -43,9 +44,9 @@ from vlalign.models.reference import (
     make_reference,
 )
 from vlalign.models.tiny import resolve_model
-from vlalign.recipes.common import DataConfig, ModelConfig, process_model_config
-from vlalign.shapes.embedded import resolve_data
+from vlalign.recipes.common import DataConfig, ModelConfig, process_model_config, resolve_data_option
 from vlalign.training import Run, union_of_keys
+from vlalign.training.trackers import log_samples, samples_from_records
 
 logger = logging.getLogger("vlalign")
 
@@ -54,7 +55,7 @@ REJECTED_IMAGES = "rejected_images"
 
 
 @dataclass
-class ReferenceConfig:
+class ReferenceConfig(StrictFields):
     """The reference policy of the implicit rewards r(y) = log pi(y|x) - log pi_ref(y|x)."""
 
     strategy: Literal["auto", "copy", "adapter", "precomputed"] = "auto"
@@ -154,15 +155,21 @@ def load_pairs_split(
     *,
     image_conditioned_ok: bool,
     limit: int | None = None,
+    numeric_columns: Sequence[str] = (),
 ) -> tuple[list[PreferenceSample], dict[str, int]]:
     """Preference samples of ``path`` (the loader's checks, then :func:`check_pairs`); returns them and
-    the rows skipped per reason (with ``data.skip_bad_rows``), the loader's and ours together."""
-    resolved = Path(resolve_data(path))
-    if not resolved.exists():
-        raise FileNotFoundError(f"data file {path!r} does not exist (resolved to {resolved})")
+    the rows skipped per reason (with ``data.skip_bad_rows``), the loader's and ours together.
+    ``numeric_columns`` are columns a loss reads (HSA-DPO's severity...): each row must hold a
+    finite number there, checked at load time so that ``data.skip_bad_rows`` can skip the row."""
+    resolved = resolve_data_option(path, cfg)
     cap = limit if limit is not None else (cfg.limit or None)
     samples, report = load_samples_with_report(
-        resolved, "preference", image_root=cfg.image_root or None, skip_bad_rows=cfg.skip_bad_rows, limit=cap
+        resolved,
+        "preference",
+        image_root=cfg.image_root or None,
+        skip_bad_rows=cfg.skip_bad_rows,
+        limit=cap,
+        numeric_columns=numeric_columns,
     )
     base = Path(cfg.image_root) if cfg.image_root else (resolved if resolved.is_dir() else resolved.parent)
     kept, skipped = check_pairs(
@@ -175,7 +182,7 @@ def load_pairs_split(
     for reason, n in report.skipped.items():
         skipped[reason] = skipped.get(reason, 0) + n
     if not kept:
-        raise ValueError(f"{path}: no usable preference pairs ({report.summary()}; skipped {skipped})")
+        raise DataError(f"{path}: no usable preference pairs ({report.summary()}; skipped {skipped})")
     return kept, skipped
 
 
@@ -223,6 +230,12 @@ def _check_pair(
         meta[REJECTED_IMAGES] = [
             str(image_root / p) if isinstance(p, str) and not os.path.isabs(p) else p for p in conditioned
         ]
+        for k, image in enumerate(meta[REJECTED_IMAGES]):
+            if not isinstance(image, (str, bytes)):
+                raise data_error(
+                    "bad rejected_images", f"{where}: '{REJECTED_IMAGES}[{k}]' is {image!r:.60}, not a path"
+                )
+            verify_image(image, where=f"{where} '{REJECTED_IMAGES}[{k}]'")
         sample = dataclasses.replace(sample, meta=meta)
     same = [
         k for k, text in enumerate([sample.rejected, *sample.rejected_extra]) if text.strip() == sample.chosen.strip()
@@ -246,10 +259,10 @@ def numeric_column(samples: Sequence[Any], column: str, *, needed_by: str) -> Te
     values = []
     for s in samples:
         value = s.meta.get(column)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise DataError(
                 f"sample {s.id!r}: {needed_by} reads the numeric column {column!r}, but the row has "
-                f"{value!r}; add the column (or point the option at another one)"
+                f"{value!r}, not a finite number; fix the column (or point the option at another one)"
             )
         values.append(float(value))
     return torch.tensor(values, dtype=torch.float64)
@@ -305,11 +318,13 @@ def run_suite(
     run: Run,
     reference: nn.Module | None,
     progress: bool,
+    step: int,
     filename: str = "suite_eval.json",
 ) -> dict[str, float]:
     """The evaluation suite on the model in memory (main process; others wait): ``suite/...`` metrics.
 
-    Writes every answer and metric to ``<run_dir>/<filename>`` (for reports and galleries).
+    Writes every answer and metric to ``<run_dir>/<filename>`` (for reports and galleries) and sends
+    the first held-out descriptions to the run's trackers at ``step`` (``suite/samples``, :func:`log_samples`).
     """
     metrics: dict[str, float] = {}
     if run.accelerator.is_main_process:
@@ -318,6 +333,7 @@ def run_suite(
         metrics = {f"suite/{k}": float(v) for k, v in result.metrics.items()}
         payload = {"metrics": result.metrics, "suite": to_dict(suite_cfg), "records": result.records}
         (run.run_dir / filename).write_text(json.dumps(payload, indent=1) + "\n")
+        log_samples(run.accelerator, step, samples_from_records(result.records), name="suite/samples")
     run.accelerator.wait_for_everyone()
     return metrics
 
@@ -348,9 +364,12 @@ def evaluation(
                 run=run,
                 reference=reference,
                 progress=False,
+                step=step,
                 filename=f"suite_eval_step{step}.json",
             )
         )
     elif step is None and eval_suite != "none":
-        metrics.update(run_suite(model, processor, suite, run=run, reference=reference, progress=progress))
+        metrics.update(
+            run_suite(model, processor, suite, run=run, reference=reference, progress=progress, step=run.total)
+        )
     return metrics

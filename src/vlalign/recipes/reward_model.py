@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import math
 import random
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -43,9 +44,11 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from vlalign.config import ConfigError, StrictFields
 from vlalign.data.collate import (
     EncodedPrompts,
     check_lengths,
+    check_some_fit,
     encode_completions,
     encode_prompts,
     end_of_turn_ids,
@@ -56,6 +59,7 @@ from vlalign.losses import bradley_terry_loss
 from vlalign.models.heads import RewardModel, RewardModelInfo, hidden_size_of, new_head, save_reward_model
 from vlalign.models.reference import eval_mode
 from vlalign.recipes.common import DataConfig, ModelConfig, guard_distributed, load_policy, load_split
+from vlalign.recipes.result import RunResult, run_result
 from vlalign.rewards.model import prepare_samples
 from vlalign.training import (
     BatchPlan,
@@ -69,6 +73,7 @@ from vlalign.training import (
     total_steps,
     zero_loss,
 )
+from vlalign.training.options import check_options
 
 
 def _rm_train_defaults() -> TrainConfig:
@@ -82,7 +87,7 @@ def _rm_data_defaults() -> DataConfig:
 
 
 @dataclass
-class LossConfig:
+class LossConfig(StrictFields):
     """The Bradley-Terry objective."""
 
     center_coef: float = 0.01
@@ -92,9 +97,13 @@ class LossConfig:
     margin_column: str = ""
     """A numeric column giving each pair's required margin m (Llama 2); '' for none."""
 
+    def validate(self, prefix: str = "loss") -> None:
+        """Refuse unusable values (called by :class:`~vlalign.training.Run` before the model loads)."""
+        check_options(prefix, [("center_coef", self.center_coef >= 0, "must be >= 0 (0: off)")], values=self)
+
 
 @dataclass
-class Config:
+class Config(StrictFields):
     """Bradley-Terry reward-model training."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -291,9 +300,13 @@ def _image_key(sample: PreferenceSample) -> str:
 
 
 def _load_data(cfg: Config) -> tuple[list[PreferenceSample], list[PreferenceSample]]:
-    train = load_split(cfg.data.train, "preference", cfg.data)
+    numbers = [cfg.loss.margin_column] if cfg.loss.margin_column else []  # checked per row at load time
+    train = load_split(cfg.data.train, "preference", cfg.data, numeric_columns=numbers)
     if cfg.data.eval:
-        return train, load_split(cfg.data.eval, "preference", cfg.data, limit=cfg.data.eval_limit or None)
+        eval_set = load_split(
+            cfg.data.eval, "preference", cfg.data, limit=cfg.data.eval_limit or None, numeric_columns=numbers
+        )
+        return train, eval_set
     train, held = split_heldout(train, cfg.heldout_fraction, cfg.train.seed)
     return train, held[: cfg.data.eval_limit] if cfg.data.eval_limit else held
 
@@ -304,8 +317,15 @@ def _normalisation(chosen: Tensor, rejected: Tensor) -> tuple[float, float]:
     return float(scores.mean()), std if std > 1e-6 else 1.0
 
 
-def run(cfg: Config) -> dict[str, Any]:
-    """Train the reward model, measure held-out accuracy, save it; returns the final metrics."""
+def check_config(cfg: Config) -> None:
+    """Errors a run would otherwise meet late, named by their config keys (no model or data is read)."""
+    if not cfg.data.eval and not 0.0 < cfg.heldout_fraction < 1.0:
+        raise ConfigError(f"heldout_fraction must be in (0, 1) when data.eval is '', got {cfg.heldout_fraction}")
+
+
+def run(cfg: Config) -> RunResult:
+    """Train the reward model, measure held-out accuracy, save it; returns the run's folder, model and numbers."""
+    check_config(cfg)
     run = Run(cfg.train, config=cfg, desc="rm")
     backbone, processor = load_policy(guard_distributed(run, cfg.model, micro_batches_per_step=cfg.train.grad_accum))
     model = RewardModel(backbone, new_head(backbone, dropout=cfg.head_dropout, seed=cfg.train.seed))
@@ -314,6 +334,7 @@ def run(cfg: Config) -> dict[str, Any]:
     )
     train_set, eval_set = _load_data(cfg)
     encoder = PairEncoder(processor, info, max_length=cfg.data.max_length, on_overflow=cfg.data.on_overlong)
+    check_some_fit(encoder, train_set, max_length=cfg.data.max_length)  # stop before training on nothing
     plan = BatchPlan(len(train_set), cfg.train.batch_size, cfg.train.grad_accum, run.num_processes, cfg.train.seed)
     steps = total_steps(cfg.train, plan)
     optimizer = build_optimizer(model, cfg.train)
@@ -324,6 +345,7 @@ def run(cfg: Config) -> dict[str, Any]:
     run.print(f"rm: {len(train_set)} training pairs, {len(eval_set)} held out, {steps} steps of {plan.global_batch}")
 
     for step in range(run.start_step, steps):
+        t_start = time.perf_counter()
         batches = [encoder([train_set[i] for i in mb]) for mb in plan.micro_batches(step, run.process_index)]
         metrics = rm_step(run, model, batches, cfg, pad_token_id=encoder.pad_token_id)
         check_finite(
@@ -338,6 +360,7 @@ def run(cfg: Config) -> dict[str, Any]:
         if cfg.train.eval_every and done % cfg.train.eval_every == 0 and eval_set:
             c, r, kept = score_pairs(model, encoder, eval_set, batch_size=cfg.train.batch_size)
             metrics["eval/accuracy"] = float(pairwise_accuracy(c, r))
+        metrics["perf/step_s"] = time.perf_counter() - t_start
         run.end_step(done, metrics, samples=sum(len(b) for b in batches), tokens=sum(b.num_tokens for b in batches))
 
     final: dict[str, Any] = {}
@@ -361,4 +384,4 @@ def run(cfg: Config) -> dict[str, Any]:
         )
         run.print(f"saved the reward model to {out}")
     run.finish()
-    return final
+    return run_result(run.run_dir, final, run.run_dir / "model")

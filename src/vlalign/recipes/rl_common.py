@@ -42,6 +42,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from vlalign.config import ConfigError, StrictFields
 from vlalign.data.schema import PromptSample
 from vlalign.eval.suite import EvalResult, Suite, evaluate
 from vlalign.losses import (
@@ -63,6 +64,8 @@ from vlalign.recipes.rollouts import Rollouts, pad_width
 from vlalign.rewards import CombinedReward, RewardError, RewardsConfig, RewardScores, build_reward_from_config
 from vlalign.rewards.model import load_reward_scorer
 from vlalign.training import Run
+from vlalign.training.options import check_options
+from vlalign.training.trackers import log_samples, samples_from_records
 
 Aggregation = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
 AdvantageName = Literal["grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"]
@@ -75,7 +78,7 @@ and REINFORCE++ (plain, or "baseline": group mean subtracted from the outcome fi
 
 
 @dataclass
-class PolicyUpdateConfig:
+class PolicyUpdateConfig(StrictFields):
     """How each rollout batch updates the policy (clipped surrogate, KL, aggregation)."""
 
     epochs: int = 1
@@ -108,21 +111,34 @@ class PolicyUpdateConfig:
     """Reference policy, the starting model: auto (the adapter-disabled model with LoRA, else a frozen copy),
     copy, adapter, or none (then kl_coef must be 0 and no KL is logged). A frozen copy also gives the
     held-out KL from the start in evaluations."""
-    log_kl: bool = True
-    """Log the KL to the reference every step even when kl_coef is 0 (costs one reference forward per step)."""
+    log_kl: Literal["auto", "true", "false"] = "auto"
+    """Log the KL to the reference every step when kl_coef is 0: auto (when the run has a reference anyway,
+    because the held-out evaluation measures the KL from the start), true (always; keeps a reference and
+    runs one reference forward per step) or false."""
 
     def __post_init__(self) -> None:
-        if self.epochs < 1 or self.minibatches < 1:
-            raise ValueError(f"update.epochs ({self.epochs}) and update.minibatches ({self.minibatches}) must be >= 1")
-        if self.clip_low < 0 or self.clip_high < 0:
-            raise ValueError(f"update.clip_low / clip_high must be >= 0, got {self.clip_low}, {self.clip_high}")
-        if self.dual_clip and self.dual_clip <= 1:
-            raise ValueError(f"update.dual_clip must be 0 (off) or > 1, got {self.dual_clip}")
-        if self.kl_coef < 0:
-            raise ValueError(f"update.kl_coef must be >= 0, got {self.kl_coef}")
+        self.validate("update")
+
+    def validate(self, prefix: str = "update") -> None:
+        """Refuse unusable values (:class:`~vlalign.config.ConfigError` naming the option); called when
+        the section is made and by :class:`~vlalign.training.Run` before the model loads."""
+        check_options(
+            prefix,
+            [
+                ("epochs", self.epochs >= 1, "must be >= 1"),
+                ("minibatches", self.minibatches >= 1, "must be >= 1"),
+                ("clip_low", self.clip_low >= 0, "must be >= 0"),
+                ("clip_high", self.clip_high >= 0, "must be >= 0"),
+                ("dual_clip", self.dual_clip == 0 or self.dual_clip > 1, "must be 0 (off) or > 1"),
+                ("norm_length", self.norm_length >= 0, "must be >= 0 (0: the rollout's max_new_tokens)"),
+                ("kl_coef", self.kl_coef >= 0, "must be >= 0"),
+                ("entropy_coef", self.entropy_coef >= 0, "must be >= 0"),
+            ],
+            values=self,
+        )
         if self.kl_coef > 0 and self.reference == "none":
-            raise ValueError(
-                "update.kl_coef > 0 needs a reference policy; set update.reference to auto, copy or adapter"
+            raise ConfigError(
+                f"{prefix}.kl_coef > 0 needs a reference policy; set {prefix}.reference to auto, copy or adapter"
             )
 
     @property
@@ -132,7 +148,7 @@ class PolicyUpdateConfig:
 
     @property
     def needs_reference(self) -> bool:
-        return self.reference != "none" and (self.kl_coef > 0 or self.log_kl)
+        return self.reference != "none" and (self.kl_coef > 0 or str(self.log_kl).lower() != "false")
 
 
 # ----------------------------------------------------------------------------- phase 2: score
@@ -379,12 +395,14 @@ def run_eval(
     suite: Suite | None,
     reference: ReferencePolicy | None,
     *,
+    step: int,
     scorer: Any = None,
     baseline: EvalResult | None = None,
 ) -> tuple[dict[str, float], EvalResult | None]:
     """Held-out metrics (main process; the others wait): the suite's, the KL from the start when the
     reference is a frozen copy and, with ``scorer``, the win rate over the starting model (whose
-    result ``baseline`` is computed on first use, ``eval/start/...``). Returns them and the baseline."""
+    result ``baseline`` is computed on first use, ``eval/start/...``). Returns them and the baseline.
+    The first held-out descriptions go to the run's trackers at ``step`` (``eval/samples``, :func:`log_samples`)."""
     if suite is None:
         return {}, baseline
     out: dict[str, float] = {}
@@ -395,6 +413,7 @@ def run_eval(
         ref_model = reference.model if isinstance(reference, FrozenCopyReference) else None
         result = evaluate(policy, processor, suite, reference=ref_model, baseline=baseline, scorer=scorer)
         out = {f"eval/{k}": v for k, v in result.metrics.items() if not k.endswith("_n")}
+        log_samples(run.accelerator, step, samples_from_records(result.records), name="eval/samples")
         if baseline is not None:
             out.update({f"eval/start/{k}": v for k, v in baseline.metrics.items() if k.startswith(("chair/", "task/"))})
     run.accelerator.wait_for_everyone()

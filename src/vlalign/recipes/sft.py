@@ -15,15 +15,18 @@ Examples::
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
-from vlalign.data.collate import IGNORE_INDEX, SequenceBatch, SupervisedCollator
+from vlalign.config import StrictFields
+from vlalign.data.collate import IGNORE_INDEX, SequenceBatch, SupervisedCollator, check_some_fit
 from vlalign.recipes.common import DataConfig, ModelConfig, guard_distributed, load_policy, load_split, save_final_model
+from vlalign.recipes.result import RunResult, run_result
 from vlalign.training import (
     BatchPlan,
     Run,
@@ -49,7 +52,7 @@ def _sft_data_defaults() -> DataConfig:
 
 
 @dataclass
-class Config:
+class Config(StrictFields):
     """Supervised fine-tuning."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -112,13 +115,14 @@ def heldout_loss(
 # ----------------------------------------------------------------------------- the loop
 
 
-def run(cfg: Config) -> dict[str, Any]:
-    """Fine-tune, evaluate the held-out loss, save the model; returns the final metrics."""
+def run(cfg: Config) -> RunResult:
+    """Fine-tune, evaluate the held-out loss, save the model; returns the run's folder, model and numbers."""
     run = Run(cfg.train, config=cfg, desc="sft")
     model, processor = load_policy(guard_distributed(run, cfg.model, micro_batches_per_step=cfg.train.grad_accum))
     train_set = load_split(cfg.data.train, "supervised", cfg.data)
     eval_set = load_split(cfg.data.eval, "supervised", cfg.data, limit=cfg.data.eval_limit or None)
     collator = SupervisedCollator(processor, max_length=cfg.data.max_length, on_overflow=cfg.data.on_overlong)
+    check_some_fit(collator, train_set, max_length=cfg.data.max_length)  # stop before training on nothing
     plan = BatchPlan(len(train_set), cfg.train.batch_size, cfg.train.grad_accum, run.num_processes, cfg.train.seed)
     steps = total_steps(cfg.train, plan)
     optimizer = build_optimizer(model, cfg.train)
@@ -129,6 +133,7 @@ def run(cfg: Config) -> dict[str, Any]:
     run.print(f"sft: {len(train_set)} training samples, {steps} steps of {plan.global_batch} samples")
 
     for step in range(run.start_step, steps):
+        t_start = time.perf_counter()
         batches = [
             collator([train_set[i] for i in mb]).to(run.device) for mb in plan.micro_batches(step, run.process_index)
         ]
@@ -147,6 +152,7 @@ def run(cfg: Config) -> dict[str, Any]:
             metrics["eval/loss"] = heldout_loss(
                 model, eval_set, collator, batch_size=cfg.train.batch_size, device=run.device
             )
+        metrics["perf/step_s"] = time.perf_counter() - t_start
         run.end_step(
             done,
             metrics,
@@ -154,11 +160,11 @@ def run(cfg: Config) -> dict[str, Any]:
             tokens=sum(int(b.attention_mask.sum()) for b in batches),
         )
 
-    final: dict[str, Any] = {}
+    final: dict[str, float] = {}
     if eval_set:
         final["eval/loss"] = heldout_loss(model, eval_set, collator, batch_size=cfg.train.batch_size, device=run.device)
         run.log(steps, final)
         run.print(f"held-out loss: {final['eval/loss']:.4f}")
-    save_final_model(run, model, processor, cfg.save)
+    model_path = save_final_model(run, model, processor, cfg.save)
     run.finish()
-    return final
+    return run_result(run.run_dir, final, model_path)

@@ -2,8 +2,13 @@
 
 Each row is one held-out image (the ``describe`` records that ``vlalign eval`` and the end-of-run
 suite write, see :func:`vlalign.eval.suite.evaluate`) with the description each column's model
-gave, the hallucinated objects inside ``<mark>``, and the per-image CHAIR counts. Rows are the
-first :data:`GALLERY_SIZE` descriptions in the suite's own (seeded) order, not picked for effect.
+gave, the hallucinated objects inside ``<mark>``, and the per-image CHAIR counts.
+
+:func:`changes_html` is the view of what alignment changed: with a first (base) and a last
+(aligned) column, the rows are the images whose description changed between the two, the first
+:data:`GALLERY_SIZE` in the suite's own (seeded) order (not picked for effect), above them a
+count of the changed ones (fewer, more, as many hallucinated objects) and, folded away, a few
+of the unchanged ones. :func:`gallery_html` is the plain view: the first descriptions.
 
 Hallucinated words are found with the object vocabulary when there is one (every synonym and
 plural of an object name, as CHAIR counts them; a negated mention such as "no red circle" is not
@@ -157,15 +162,21 @@ def _cell(record: dict[str, Any] | None, column: GalleryColumn) -> str:
     return f'<td class="desc"><p>{marked}</p><p class="counts">{_counts(record, column.vocabulary)}</p></td>'
 
 
-def gallery_html(columns: Sequence[GalleryColumn], *, size: int = GALLERY_SIZE) -> str:
-    """A table: one row per image (the first column's first ``size`` descriptions), one cell per
-    column; '' when the first column has no descriptions."""
+def _lookup(column: GalleryColumn) -> dict[tuple[Any, Any], dict[str, Any]]:
+    return {(r.get("part"), r.get("id")): r for r in description_records(column.records)}
+
+
+def gallery_html(
+    columns: Sequence[GalleryColumn], *, size: int = GALLERY_SIZE, rows: list[dict[str, Any]] | None = None
+) -> str:
+    """A table: one row per image (``rows``, default the first column's first ``size``
+    descriptions), one cell per column; '' when there are no rows."""
     if not columns:
         return ""
-    rows = description_records(columns[0].records)[:size]
+    rows = description_records(columns[0].records)[:size] if rows is None else rows
     if not rows:
         return ""
-    lookup = [{(r.get("part"), r.get("id")): r for r in description_records(c.records)} for c in columns]
+    lookup = [_lookup(c) for c in columns]
     head = "".join(f"<th>{html.escape(c.label)}</th>" for c in columns)
     body = []
     for row in rows:
@@ -190,3 +201,61 @@ def gallery_html(columns: Sequence[GalleryColumn], *, size: int = GALLERY_SIZE) 
         cells = "".join(_cell(r, c) for r, c in zip(records, columns))
         body.append(f'<tr><td class="pic">{picture}{info}</td>{cells}</tr>')
     return f'<table class="gallery"><thead><tr><th>image</th>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
+
+
+# ----------------------------------------------------------------------------- what changed
+
+
+def _text(record: dict[str, Any] | None) -> str:
+    return " ".join(str((record or {}).get("output") or "").split())
+
+
+def changed_rows(first: GalleryColumn, last: GalleryColumn) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The first column's descriptions whose text the last column changed (white space aside),
+    and those it left as they were, each in the suite's order; images the last column did not
+    describe are in neither."""
+    after = _lookup(last)
+    changed, same = [], []
+    for row in description_records(first.records):
+        other = after.get((row.get("part"), row.get("id")))
+        if other is not None:
+            (changed if _text(other) != _text(row) else same).append(row)
+    return changed, same
+
+
+def _hallucinated(record: dict[str, Any] | None) -> int:
+    return len((record or {}).get("hallucinated") or [])
+
+
+def changes_html(columns: Sequence[GalleryColumn], *, size: int = GALLERY_SIZE, unchanged: int = 4) -> str:
+    """The descriptions that changed between the first and the last column (see the module doc);
+    with fewer than two columns, the plain gallery."""
+    if len(columns) < 2:
+        return gallery_html(columns, size=size)
+    first, last = columns[0], columns[-1]
+    changed, same = changed_rows(first, last)
+    if not changed and not same:
+        return gallery_html(columns, size=size)
+    after = _lookup(last)
+    deltas = [_hallucinated(after[(r.get("part"), r.get("id"))]) - _hallucinated(r) for r in changed]
+    fewer, more = sum(d < 0 for d in deltas), sum(d > 0 for d in deltas)
+    total = len(changed) + len(same)
+    names = f"{html.escape(first.label)} and {html.escape(last.label)}"
+    if changed:
+        shown = min(size, len(changed))
+        text = (
+            f"<b>{len(changed)} of {total}</b> held-out descriptions changed between {names}: "
+            f"{fewer} with fewer hallucinated objects, {more} with more, {len(changed) - fewer - more} with as "
+            f"many. {'The first ' + str(shown) if shown < len(changed) else 'All of them'}, in the suite's order "
+            "(not picked), hallucinated objects "
+            '<span class="marked">marked</span>:'
+        )
+    else:
+        text = f"<b>None</b> of the {total} held-out descriptions changed between {names}: every one reads the same."
+    parts = [f'<p class="changes">{text}</p>', gallery_html(columns, rows=changed[:size]) if changed else ""]
+    if same and unchanged:
+        parts.append(
+            f"<details><summary>{len(same)} unchanged description(s)"
+            f"{f': the first {unchanged}' if unchanged < len(same) else ''}</summary>{gallery_html(columns, rows=same[:unchanged])}</details>"
+        )
+    return "".join(parts)

@@ -35,8 +35,8 @@ from typing import Any
 
 from vlalign.errors import UserError
 from vlalign.eval.paired import Interval, paired_bootstrap
-from vlalign.report.gallery import GalleryColumn, description_records, gallery_html
-from vlalign.report.plots import as_float, bar_groups, curve_charts, metric_series, plot_bars, plot_curves
+from vlalign.report.gallery import GalleryColumn, changes_html, description_records
+from vlalign.report.plots import bar_groups, drawn_and_single, metric_series, plot_bars, plot_curves
 from vlalign.report.read import (
     CONFIG_FILE,
     EVAL_FILE,
@@ -49,6 +49,9 @@ from vlalign.report.read import (
     read_json,
     read_jsonl,
 )
+from vlalign.report.tables import KL_NOTES, about_table, fmt, headline_keys, headline_table, metrics_table
+
+__all__ = ["ReportError", "fmt", "metrics_table", "write_report"]
 
 
 class ReportError(UserError):
@@ -60,64 +63,6 @@ class ReportError(UserError):
 
 def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "x"
-
-
-def fmt(value: Any) -> str:
-    """A table cell's text: numbers to 4 significant digits (integers above 1000 whole)."""
-    number = value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-    if number is None:
-        return "–" if value is None else str(value)
-    if number != number:
-        return "nan"
-    if abs(number) >= 1000 and abs(number) != float("inf"):
-        return f"{number:.0f}"
-    return f"{number:.4g}"
-
-
-def _metric_order(keys: list[str]) -> list[str]:
-    """The headline metrics first (those drawn as bars, in the bars' order), then the rest by name
-    with timings and the compositional split last."""
-    headline = [k for g in bar_groups(keys) if not g.name.endswith("seconds") for k in g.keys]
-    headline.sort(key=lambda k: "compositional/" in k)  # stable: the bars' order within each split
-    last = ("perf/", "seconds")
-    rest = sorted(set(keys) - set(headline), key=lambda k: (k.startswith(last), "compositional/" in k, k))
-    return headline + rest
-
-
-def metrics_table(
-    columns: dict[str, dict[str, Any]],
-    *,
-    delta: tuple[str, str] | None = None,
-    intervals: dict[str, Interval] | None = None,
-) -> str:
-    """Rows = metric names, columns = models or stages; each cell's exact value is in ``data-value``.
-    ``delta=(a, b)`` adds a column ``a - b``; ``intervals`` (of that difference, from
-    :func:`~vlalign.eval.paired.paired_bootstrap`) a column with each one's 95% interval."""
-    keys: list[str] = []
-    for metrics in columns.values():
-        keys += [k for k in metrics if k not in keys]
-    keys = _metric_order(keys)
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
-    if delta:
-        head += f"<th>{html.escape(delta[0])} − {html.escape(delta[1])}</th>"
-    if delta and intervals:
-        head += "<th>95% interval (paired, scenes drawn)</th>"
-    rows = []
-    for key in keys:
-        cells = []
-        for name, metrics in columns.items():
-            value = metrics.get(key)
-            attr = f' data-value="{html.escape(repr(float(value)))}"' if as_float(value) is not None else ""
-            cells.append(f'<td class="num" data-column="{html.escape(name)}"{attr}>{html.escape(fmt(value))}</td>')
-        if delta:
-            a, b = as_float(columns[delta[0]].get(key)), as_float(columns[delta[1]].get(key))
-            cells.append(f'<td class="num delta">{fmt(a - b) if a is not None and b is not None else "–"}</td>')
-        if delta and intervals:
-            iv = intervals.get(key)
-            span = f"[{fmt(iv.low)}, {fmt(iv.high)}]" if iv is not None else "–"
-            cells.append(f'<td class="num interval">{span}</td>')
-        rows.append(f'<tr><th class="metric">{html.escape(key)}</th>{"".join(cells)}</tr>')
-    return f'<table class="metrics"><thead><tr><th>metric</th>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
 
 
 def paired_intervals(a: list[dict[str, Any]], b: list[dict[str, Any]] | None, notes: list[str]) -> dict[str, Interval]:
@@ -170,37 +115,79 @@ class _Page:
             self.sections.append((anchor, title, body))
 
     def curves(self, prefix: str, records: list[dict[str, Any]], label: str) -> str:
+        """The training curves of ``records``; a metric logged at one step only is a number in a
+        folded table, not a one-point curve."""
         series = metric_series(records)
+        charts, single = drawn_and_single(series)
         parts = []
-        for chart in curve_charts(series):
+        for chart in charts:
             png = plot_curves(chart, series, title=f"{label}: {chart.title}")
             parts.append(self.figure(f"{prefix}{chart.name}", png, f"{label}: {chart.title}"))
             if chart.omitted:
                 parts.append(f'<p class="note">not drawn: {html.escape(", ".join(chart.omitted))}</p>')
+        if single:
+            rows = "".join(
+                f'<tr><th class="about-key">{html.escape(k)}</th><td class="num">{fmt(series[k][0][0])}</td>'
+                f'<td class="num">{fmt(series[k][1][0])}</td></tr>'
+                for k in single
+            )
+            parts.append(
+                f"<details><summary>{len(single)} metric(s) logged at one step only (numbers, not curves)"
+                f'</summary><table class="about"><thead><tr><th>metric</th><th>step</th><th>value</th></tr></thead>'
+                f"<tbody>{rows}</tbody></table></details>"
+            )
         return "".join(parts)
 
     def bars(self, prefix: str, columns: dict[str, dict[str, Any]]) -> str:
+        """Bars of the evaluation metrics; a KL below 0 (k1's sampling noise) is written, not drawn."""
         keys = [k for metrics in columns.values() for k in metrics]
-        return "".join(self.figure(f"{prefix}{g.name}", plot_bars(g, columns), g.title) for g in bar_groups(keys))
+        parts = []
+        for g in bar_groups(keys):
+            kl = g.name.endswith("kl")
+            caption = g.title
+            if kl:
+                notes = [f"{k}: {KL_NOTES[k]}" for k in g.keys if k in KL_NOTES]
+                caption += " (" + "; ".join(notes or ["sampled estimates"]) + ")"
+            parts.append(self.figure(f"{prefix}{g.name}", plot_bars(g, columns, nonnegative=kl), caption))
+        return "".join(parts)
 
 
 # ----------------------------------------------------------------------------- the three reports
 
 
-def _about(value: Any) -> str:
-    if isinstance(value, dict):
-        return ", ".join(f"{k} {fmt(v)}" for k, v in value.items())
-    return fmt(value)
+def _metric_tables(
+    columns: dict[str, dict[str, Any]], delta: tuple[str, str] | None, intervals: dict[str, Interval]
+) -> str:
+    """The headline table, then every other metric folded away."""
+    keys: list[str] = []
+    for metrics in columns.values():
+        keys += [k for k in metrics if k not in keys]
+    rest = [k for k in keys if k not in set(headline_keys(keys))]
+    parts = [headline_table(columns, delta=delta, intervals=intervals)]
+    if rest:
+        parts.append(
+            f"<details><summary>{len(rest)} other metric(s): yes-ratios, precisions, the compositional split, "
+            f"counts and timings</summary>{metrics_table(columns, delta=delta, intervals=intervals, keys=rest)}"
+            "</details>"
+        )
+    return "".join(parts)
+
+
+def _demo_about(root: Path, summary: dict[str, Any], notes: list[str]) -> dict[str, Any]:
+    """The demo's facts: its mode and model (demo_config.json), wall times; not the intervals
+    (they are in the tables) nor the stages."""
+    config = read_json(root / "demo_config.json", notes) or {}
+    about: dict[str, Any] = {k: config[k] for k in ("model", "quick", "seed", "device") if k in config}
+    skip = ("stages", "intervals")
+    about.update({k: v for k, v in summary.items() if k not in skip and isinstance(v, (str, int, float, bool, dict))})
+    return about
 
 
 def _demo_sections(
     page: _Page, root: Path, summary: dict[str, Any], notes: list[str], data_folders: Mapping[str, Path]
 ) -> None:
     stages = read_demo(root, summary, notes, data_folders)
-    about = {k: v for k, v in summary.items() if k != "stages" and isinstance(v, (str, int, float, bool, dict))}
-    if about:
-        items = "".join(f"<li>{html.escape(str(k))}: {html.escape(_about(v))}</li>" for k, v in about.items())
-        page.section("about", "About this run", f"<ul>{items}</ul>")
+    page.section("about", "About this run", about_table(_demo_about(root, summary, notes)))
     columns = {s.name: s.summary for s in stages if s.summary}
     names = list(columns)
     delta = (names[-1], names[0]) if len(names) >= 2 else None
@@ -208,9 +195,7 @@ def _demo_sections(
     first, last = (shown[0].evaluation, shown[-1].evaluation) if delta else (None, None)
     intervals = paired_intervals(last.records, first.records, notes) if first and last else {}
     page.section(
-        "summary",
-        "Summary: the stages side by side",
-        metrics_table(columns, delta=delta, intervals=intervals) if columns else "",
+        "summary", "Summary: the stages side by side", _metric_tables(columns, delta, intervals) if columns else ""
     )
     page.section("evaluation", "Evaluation across stages", page.bars("summary-", columns) if columns else "")
     for stage in stages:
@@ -225,7 +210,8 @@ def _demo_sections(
         for s in picked
         if s.evaluation is not None
     ]
-    page.section("gallery", "Gallery: held-out descriptions, first and last stage", gallery_html(columns_g))
+    title = "Gallery: the descriptions that changed, first and last stage" if len(columns_g) > 1 else "Gallery"
+    page.section("gallery", title, changes_html(columns_g))
 
 
 def _eval_sections(page: _Page, evaluation: Evaluation, label: str, notes: list[str]) -> None:
@@ -235,11 +221,7 @@ def _eval_sections(page: _Page, evaluation: Evaluation, label: str, notes: list[
     columns[label] = evaluation.metrics
     delta = (label, "baseline") if "baseline" in columns else None
     intervals = paired_intervals(evaluation.records, evaluation.baseline_records, notes) if delta else {}
-    page.section(
-        "summary",
-        f"Evaluation metrics ({evaluation.path.name})",
-        metrics_table(columns, delta=delta, intervals=intervals),
-    )
+    page.section("summary", f"Evaluation metrics ({evaluation.path.name})", _metric_tables(columns, delta, intervals))
     page.section("evaluation", "Evaluation: before and after" if delta else "Evaluation", page.bars("eval-", columns))
     gallery = []
     if evaluation.baseline_records:
@@ -247,7 +229,8 @@ def _eval_sections(page: _Page, evaluation: Evaluation, label: str, notes: list[
             GalleryColumn("baseline", evaluation.baseline_records, evaluation.vocabulary, evaluation.image_roots)
         )
     gallery.append(GalleryColumn(label, evaluation.records, evaluation.vocabulary, evaluation.image_roots))
-    page.section("gallery", "Gallery: held-out descriptions", gallery_html(gallery))
+    title = "Gallery: the descriptions that changed" if len(gallery) > 1 else "Gallery: held-out descriptions"
+    page.section("gallery", title, changes_html(gallery))
 
 
 def _run_sections(page: _Page, root: Path, notes: list[str], data_folders: Mapping[str, Path]) -> None:
@@ -282,14 +265,25 @@ h1{margin-bottom:.2em} .meta{color:#666;margin-top:0} nav ul{columns:2;padding-l
 section{margin-top:2.5em;border-top:1px solid #ddd} figure{margin:1em 0} figure img{max-width:100%}
 figcaption{font-size:.85em;color:#555} table{border-collapse:collapse;margin:1em 0;font-size:.9em}
 th,td{border:1px solid #ddd;padding:.3em .6em;vertical-align:top} td.num{text-align:right;
-font-variant-numeric:tabular-nums} th.metric{text-align:left;font-weight:normal;font-family:monospace}
+font-variant-numeric:tabular-nums} th.metric{text-align:left;font-weight:normal;font-family:monospace;color:#555}
+table.headline{font-size:1em} table.headline td.label{max-width:26em} .better{color:#777;font-size:.8em}
+table.headline td.label .note{font-size:.75em;color:#777} th.about-key{text-align:left;font-weight:normal}
+tr.group th{font-weight:bold} details{margin:1em 0} summary{cursor:pointer;color:#245}
 td.delta{color:#555} .gallery td.desc{max-width:420px} .gallery img{width:160px;image-rendering:pixelated}
-.gallery .counts,.gallery .objects,.gallery .id{font-size:.8em;color:#555} mark{background:#ffb3b3;padding:0 .1em}
+.gallery .counts,.gallery .objects,.gallery .id{font-size:.8em;color:#555} mark,.marked{background:#ffb3b3;padding:0 .1em}
 .note{color:#666;font-size:.85em} .missing{color:#a00} pre{background:#f6f6f6;padding:1em;overflow:auto}
+.smoke{background:#fff3cd;border:1px solid #e0c36a;padding:.7em 1em;font-weight:bold}
 """
 
+SMOKE_TEST_NOTE = (
+    "Quick demo: a smoke test of the pipeline (a small world, a few training steps per stage). "
+    "Its numbers say nothing about alignment; the full demo (vlalign demo) measures that."
+)
+"""The banner of a quick demo's report (``"quick": true`` in demo_summary.json)."""
 
-def _html(title: str, root: Path, page: _Page, notes: list[str]) -> str:
+
+def _html(title: str, root: Path, page: _Page, notes: list[str], *, quick: bool = False) -> str:
+    banner = f'<p class="smoke" id="smoke-test">{html.escape(SMOKE_TEST_NOTE)}</p>' if quick else ""
     sections = list(page.sections)
     if notes:
         sections.append(("notes", "Notes", "<ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in notes) + "</ul>"))
@@ -300,7 +294,7 @@ def _html(title: str, root: Path, page: _Page, notes: list[str]) -> str:
         f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
         f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>"
         f'<p class="meta">folder <code>{html.escape(root.name)}</code> ({html.escape(str(root.resolve()))}) · '
-        f"written {when} by vlalign report</p><nav><ul>{nav}</ul></nav>{body}</body></html>\n"
+        f"written {when} by vlalign report</p>{banner}<nav><ul>{nav}</ul></nav>{body}</body></html>\n"
     )
 
 
@@ -322,9 +316,11 @@ def write_report(run_dir: Path, out: Path | None = None, *, data_folders: Mappin
     page = _Page(out.parent / out.stem, out.parent)
     notes: list[str] = []
     summary = read_json(root / SUMMARY_FILE, notes)
+    quick = False
     if summary is not None:
         _demo_sections(page, root, summary, notes, data_folders)
-        title = f"vlalign demo report: {root.name}"
+        quick = bool(summary.get("quick") or (read_json(root / "demo_config.json", []) or {}).get("quick"))
+        title = f"vlalign {'quick ' if quick else ''}demo report: {root.name}"
     else:
         _run_sections(page, root, notes, data_folders)
         title = f"vlalign report: {root.name}"
@@ -336,5 +332,5 @@ def write_report(run_dir: Path, out: Path | None = None, *, data_folders: Mappin
             "point it at a folder that one of vlalign's commands wrote"
         )
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(_html(title, root, page, notes), encoding="utf-8")
+    out.write_text(_html(title, root, page, notes, quick=quick), encoding="utf-8")
     return out

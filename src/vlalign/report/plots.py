@@ -191,6 +191,25 @@ def curve_charts(keys: Iterable[str]) -> list[CurveChart]:
     return charts
 
 
+def drawn_and_single(series: Series) -> tuple[list[CurveChart], list[str]]:
+    """The charts worth drawing and the keys better shown as numbers.
+
+    A metric logged at one step only is no curve: it is drawn only in a panel beside a metric
+    logged at several steps (the end-of-run ``eval/loss`` beside the training loss); otherwise
+    it is returned in the second list (sorted), to be shown as a value. A chart left without
+    panels is not drawn at all."""
+    many = {k for k, (steps, _) in series.items() if len(steps) > 1}
+    drawn: set[str] = set()
+    for chart in curve_charts(series):
+        for panel in chart.panels:
+            if many & set(panel.keys):
+                drawn |= set(panel.keys)
+    drawn |= {k for k in many if _is_reward_function(k) and k.endswith("/std")}  # bands of drawn means
+    single = sorted(k for k in series if k not in drawn and k not in SKIPPED_KEYS)
+    single = [k for k in single if not (_is_reward_function(k) and k.endswith("/std") and k[:-4] + "/mean" in drawn)]
+    return curve_charts(drawn), single
+
+
 # ----------------------------------------------------------------------------- drawing
 
 
@@ -276,8 +295,8 @@ _TASKS = ("counting", "colour", "color", "existence")
 _CHAIR_LABELS = {"chair_i": ("CHAIR_i", 0), "chair_s": ("CHAIR_s", 1), "recall": ("recall", 2)}
 
 
-def _bar_slot(key: str) -> tuple[str, str, int] | None:
-    """(group, label, order) of a metric name, or None if it is not drawn as a bar."""
+def bar_slot(key: str) -> tuple[str, str, int] | None:
+    """(group, label, order) of a lower-cased metric name, or None if it is not drawn as a bar."""
     k = key.lower()
     for prefix in ("eval/", "suite/", "metrics/"):
         k = k.removeprefix(prefix)
@@ -311,7 +330,7 @@ def bar_groups(keys: Iterable[str]) -> list[BarGroup]:
     slots: dict[str, list[tuple[int, str, str]]] = {}
     for key in dict.fromkeys(keys):
         comp = "compositional/" in key.lower()
-        slot = _bar_slot(key.lower().replace("compositional/", ""))
+        slot = bar_slot(key.lower().replace("compositional/", ""))
         if slot is None:
             continue
         group, label, order = slot
@@ -331,9 +350,18 @@ def bar_groups(keys: Iterable[str]) -> list[BarGroup]:
     return out
 
 
-def plot_bars(group: BarGroup, columns: Mapping[str, Mapping[str, Any]], *, title: str | None = None) -> bytes:
+def bar_heights(values: list[float | None], *, nonnegative: bool = False) -> list[float]:
+    """The bars' heights: 0 for a missing value, and with ``nonnegative`` for a negative one."""
+    return [0.0 if v is None or (nonnegative and v < 0) else v for v in values]
+
+
+def plot_bars(
+    group: BarGroup, columns: Mapping[str, Mapping[str, Any]], *, title: str | None = None, nonnegative: bool = False
+) -> bytes:
     """One cluster per label, one bar per column (``columns[name][key]``), values written on the
-    bars; a missing or non-finite value leaves its bar out and writes ``n/a``."""
+    bars; a missing or non-finite value leaves its bar out and writes ``n/a``. ``nonnegative``
+    (a quantity that cannot be below 0, such as a KL divergence, whose sampled estimate can):
+    a negative value draws no bar, only its number at 0, marked ``(< 0: noise)``."""
     names = list(columns)
     n = max(len(names), 1)
     width = 0.8 / n
@@ -342,10 +370,11 @@ def plot_bars(group: BarGroup, columns: Mapping[str, Mapping[str, Any]], *, titl
     for j, name in enumerate(names):
         values = [as_float(columns[name].get(key)) for key in group.keys]
         xs = [i + (j - (n - 1) / 2) * width for i in range(len(group.keys))]
-        heights = [v if v is not None else 0.0 for v in values]
+        heights = bar_heights(values, nonnegative=nonnegative)
         bars = ax.bar(xs, heights, width * 0.95, label=name)
         for bar, value in zip(bars, values):
             text = "n/a" if value is None else f"{value:.3g}"
+            text += " (< 0: noise)" if nonnegative and value is not None and value < 0 else ""
             ax.annotate(
                 text,
                 (bar.get_x() + bar.get_width() / 2, bar.get_height()),
@@ -357,7 +386,7 @@ def plot_bars(group: BarGroup, columns: Mapping[str, Mapping[str, Any]], *, titl
             )
         top = max([top, *(v for v in values if v is not None)])
     ax.set_xticks(range(len(group.labels)), group.labels, fontsize=9)
-    ax.set_ylim(min(0.0, ax.get_ylim()[0]), top * 1.18 if top > 0 else 1.0)
+    ax.set_ylim(0.0 if nonnegative else min(0.0, ax.get_ylim()[0]), top * 1.18 if top > 0 else 1.0)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     ax.set_title(title or group.title, fontsize=10)

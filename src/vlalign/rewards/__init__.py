@@ -20,16 +20,18 @@
 from __future__ import annotations
 
 from .combine import (
+    DRY_COMPLETION,
     BatchScorer,
     CombinedReward,
     RewardsConfig,
     RewardScores,
     build_reward,
     build_reward_from_config,
+    dry_run,
 )
 from .facts import FACTS_TEMPLATE, fact_augmented_prompt, fact_augmented_sample, facts_text, register_fact_formatter
 from .guard import RewardError, RewardTimeout, as_reward_value, call_reward, call_with_timeout
-from .user import RewardConfigError, RewardFunction, bind_options, load_user_function
+from .user import BatchedUserReward, RewardConfigError, RewardFunction, bind_options, is_batched, load_user_function
 from .verifiable import (
     COLOUR_WORDS,
     REWARD_FUNCTIONS,
@@ -51,6 +53,10 @@ from .verifiable import (
 )
 
 __all__ = [
+    "DRY_COMPLETION",
+    "BatchedUserReward",
+    "dry_run",
+    "is_batched",
     "COLOUR_WORDS",
     "FACTS_TEMPLATE",
     "REWARD_FUNCTIONS",

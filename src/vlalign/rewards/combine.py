@@ -42,10 +42,18 @@ from typing import Any, Literal, Protocol
 import torch
 from torch import Tensor
 
+from vlalign.config import CONFIG_DIR, StrictFields
 from vlalign.data.annotations import task_of
 from vlalign.data.schema import PromptSample
-from vlalign.rewards.guard import RewardError, as_reward_value, call_reward
-from vlalign.rewards.user import RewardConfigError, RewardFunction, bind_options, load_user_function
+from vlalign.rewards.guard import RewardError, RewardTimeout, as_reward_value, call_reward, call_with_timeout
+from vlalign.rewards.user import (
+    BatchedUserReward,
+    RewardConfigError,
+    RewardFunction,
+    bind_options,
+    is_batched,
+    load_user_function,
+)
 from vlalign.rewards.verifiable import REWARD_FUNCTIONS, sample_id
 
 # ----------------------------------------------------------------------------- protocols
@@ -139,7 +147,11 @@ class CombinedReward:
                     for s, c in zip(sub_s, sub_c)
                 ]
             else:
-                found = self._score_batch(name, self.scorers[name], sub_s, sub_c) if keep else []
+                scorer = self.scorers[name]
+                limit = (
+                    self.timeout_s * len(sub_s) if self.timeout_s and isinstance(scorer, BatchedUserReward) else None
+                )
+                found = self._score_batch(name, scorer, sub_s, sub_c, timeout_s=limit, mode=self.mode) if keep else []
             v = torch.zeros(len(samples), dtype=torch.float64)  # (N,)
             v[list(keep)] = torch.tensor(found, dtype=torch.float64)
             values[name] = v
@@ -167,10 +179,23 @@ class CombinedReward:
 
     @staticmethod
     def _score_batch(
-        name: str, scorer: BatchScorer, samples: Sequence[PromptSample], completions: Sequence[str]
+        name: str,
+        scorer: BatchScorer,
+        samples: Sequence[PromptSample],
+        completions: Sequence[str],
+        *,
+        timeout_s: float | None = None,
+        mode: Literal["auto", "signal", "thread"] = "auto",
     ) -> list[float]:
         try:
-            raw = scorer(samples, completions)
+            raw = call_with_timeout(scorer, samples, completions, timeout_s=timeout_s, mode=mode)
+        except RewardTimeout:
+            raise RewardError(
+                f"reward {name!r} timed out after {timeout_s} s on a batch of {len(samples)} "
+                "(rewards.timeout_s per completion); make it faster or raise rewards.timeout_s",
+                function=name,
+                sample_id=None,
+            ) from None
         except Exception as exc:
             ids = [sample_id(s) for s in samples[:4]]
             raise RewardError(
@@ -191,7 +216,7 @@ class CombinedReward:
 
 
 @dataclass
-class RewardsConfig:
+class RewardsConfig(StrictFields):
     """Which rewards a recipe optimises, and how they are called."""
 
     weights: dict[str, float] = field(default_factory=lambda: {"shapes_answer": 1.0})
@@ -205,7 +230,11 @@ class RewardsConfig:
     """Reward name -> the tasks (a sample's task column) it scores, e.g. {reward_model: [describe],
     shapes_answer: [colour, existence]}; it gives 0 to other samples. A reward not named: every sample."""
     timeout_s: float = 10.0
-    """Time limit of one reward call in seconds; a slower call stops the step (0: no limit)."""
+    """Time limit of one reward call in seconds; a slower call stops the step (0: no limit). A batched
+    (TRL-style) function gets this much per completion of its batch."""
+    base_dir: str = field(default="", metadata={CONFIG_DIR: True})
+    """Folder that a relative 'file.py:function' is read from before the working directory ('' = the
+    folder of the --config file, filled in when the config is loaded; without one, the working directory)."""
 
 
 def build_reward(
@@ -249,7 +278,11 @@ def build_reward(
         elif name in REWARD_FUNCTIONS:
             functions[key] = bind_options(REWARD_FUNCTIONS[name], name, options.get(name))
         elif ":" in name:
-            functions[key] = bind_options(load_user_function(name, base_dir=base_dir), name, options.get(name))
+            fn = load_user_function(name, base_dir=base_dir)
+            if is_batched(fn):
+                batch[key] = BatchedUserReward(fn, name, options.get(name))
+            else:
+                functions[key] = bind_options(fn, name, options.get(name))
         else:
             known = sorted([*REWARD_FUNCTIONS, *scorers])
             raise RewardConfigError(
@@ -264,7 +297,37 @@ def build_reward(
 def build_reward_from_config(
     cfg: RewardsConfig, *, scorers: Mapping[str, BatchScorer] | None = None, base_dir: str | Path | None = None
 ) -> CombinedReward:
-    """:func:`build_reward` from a :class:`RewardsConfig` section."""
+    """:func:`build_reward` from a :class:`RewardsConfig` section (relative user files from ``base_dir``,
+    else ``cfg.base_dir``, then the working directory)."""
     return build_reward(
-        cfg.weights, options=cfg.options, scorers=scorers, timeout_s=cfg.timeout_s, base_dir=base_dir, tasks=cfg.tasks
+        cfg.weights,
+        options=cfg.options,
+        scorers=scorers,
+        timeout_s=cfg.timeout_s,
+        base_dir=base_dir or cfg.base_dir or None,
+        tasks=cfg.tasks,
     )
+
+
+DRY_COMPLETION = "a dry run"
+"""The completion every reward scores in :func:`dry_run`."""
+
+
+def dry_run(reward: CombinedReward, samples: Sequence[PromptSample], *, completion: str = DRY_COMPLETION) -> None:
+    """Call every reward once before training (on the first sample of each task in ``samples``, each
+    answered by ``completion``), so that a broken reward stops the run in seconds, named, before any
+    model loads: a :class:`~vlalign.rewards.guard.RewardError` naming the function and the sample."""
+    firsts: dict[str, PromptSample] = {}
+    for sample in samples:
+        firsts.setdefault(str(task_of(sample)), sample)
+    if not firsts:
+        return
+    picked = list(firsts.values())
+    try:
+        reward(picked, [completion] * len(picked))
+    except RewardError as exc:
+        raise RewardError(
+            f"dry run before training (completion {completion!r}): {exc}",
+            function=exc.function,
+            sample_id=exc.sample_id,
+        ) from exc

@@ -18,6 +18,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Any
 
+from vlalign.config import StrictFields
 from vlalign.data.annotations import NUMBER_WORDS, plural
 from vlalign.data.schema import DataError
 from vlalign.shapes.vocabulary import (
@@ -44,7 +45,7 @@ SPLITS: tuple[str, ...] = ("train", "validation", "test", "compositional")
 
 
 @dataclass
-class WorldConfig:
+class WorldConfig(StrictFields):
     """Everything that defines a shapes world and the datasets written from it."""
 
     shapes: tuple[str, ...] = ("circle", "square", "triangle", "star", "diamond", "cross")

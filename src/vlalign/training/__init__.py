@@ -11,11 +11,19 @@ Exact resume rests on three facts:
   of every process (:mod:`vlalign.training.checkpoints`);
 * checkpoints are written to a temporary folder and renamed into place, so a run killed while
   saving leaves the previous checkpoint intact and never a half-written one.
+
+Nothing is lost and nothing is silent: a run folder records what made it (``run.json``,
+:mod:`vlalign.training.runfolder`) and refuses another command, a finished run or a resume with
+changed training options; checkpoints are loaded as data only (``weights_only``), an unreadable
+one is named and skipped for the previous one; ``metrics.jsonl`` is cut back to what the resumed
+checkpoint had seen; option values are checked before anything loads
+(:mod:`vlalign.training.options`).
 """
 
 from vlalign.training.checkpoints import (
     CHECKPOINT_DIR,
     Checkpointer,
+    CheckpointError,
     load_trainable_state_dict,
     rng_state,
     seed_everything,
@@ -40,12 +48,16 @@ from vlalign.training.run import (
     build_scheduler,
     check_finite,
     make_accelerator,
-    prepare_run_dir,
     resolve_mixed_precision,
 )
+from vlalign.training.runfolder import RUN_FILE, ResumeMismatchError, RunFolderError, prepare_run_dir
 
 __all__ = [
     "CHECKPOINT_DIR",
+    "RUN_FILE",
+    "CheckpointError",
+    "ResumeMismatchError",
+    "RunFolderError",
     "METRICS_FILE",
     "BatchPlan",
     "Checkpointer",

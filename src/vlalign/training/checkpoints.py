@@ -1,10 +1,16 @@
 """Checkpoints with exact resume: the trainable parameters of each module, the optimiser and
 scheduler states and every process's RNG state, written to a temporary folder and renamed into
 place, so a run killed while saving leaves the previous checkpoint intact and never a
-half-written one."""
+half-written one.
+
+Checkpoints are data, never code: every ``.pt`` file is read with ``torch.load(weights_only=True)``
+(tensors, numbers, strings and containers only), so a crafted file cannot run anything when a
+run is resumed. A file that cannot be read raises :class:`CheckpointError` naming its path (and
+"no space left on device" when the disk filled up while writing)."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -16,7 +22,18 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from vlalign.errors import UserError
+
 CHECKPOINT_DIR = "checkpoints"
+
+
+class CheckpointError(UserError, RuntimeError):
+    """A checkpoint file cannot be written or read (truncated, not a checkpoint, unsafe, disk full);
+    the message names the file."""
+
+
+class CheckpointMismatchError(UserError, ValueError):
+    """A checkpoint's parameters are not the model's trainable parameters (other LoRA / freezing options)."""
 
 
 def seed_everything(seed: int) -> None:
@@ -27,9 +44,11 @@ def seed_everything(seed: int) -> None:
 
 
 def rng_state() -> dict[str, Any]:
+    """Every RNG state of this process, as tensors and plain values (loadable with ``weights_only``)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -38,8 +57,11 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    """Restore what :func:`rng_state` returned."""
+    python = state["python"]
+    random.setstate((python[0], tuple(python[1]), python[2]))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.int64).astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -83,17 +105,19 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         _barrier(accelerator)
-        torch.save(rng_state(), tmp / f"rng-{rank}.pt")
+        _write(tmp / f"rng-{rank}.pt", lambda f: torch.save(rng_state(), f))
         if is_main:
             for name, module in modules.items():
-                save_file(trainable_state_dict(module, accelerator), str(tmp / f"{name}.safetensors"))
+                state = trainable_state_dict(module, accelerator)
+                _write(tmp / f"{name}.safetensors", lambda f, state=state: save_file(state, str(f)))
             if optimizer is not None:
-                torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+                _write(tmp / "optimizer.pt", lambda f: torch.save(optimizer.state_dict(), f))
             if scheduler is not None:
-                torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+                _write(tmp / "scheduler.pt", lambda f: torch.save(scheduler.state_dict(), f))
         _barrier(accelerator)
         if is_main:
-            (tmp / "state.json").write_text(json.dumps({"step": step, **(extra or {})}, indent=1))
+            state_json = json.dumps({"step": step, **(extra or {})}, indent=1)
+            _write(tmp / "state.json", lambda f: f.write_text(state_json))
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
             for old in self.all()[: -self.keep] if self.keep > 0 else []:
@@ -106,19 +130,66 @@ class Checkpointer:
     ) -> dict[str, Any]:
         """Restore a checkpoint written by :meth:`save`; returns its ``state.json`` contents."""
         rank = 0 if accelerator is None else accelerator.process_index
+        state = _read(path / "state.json", lambda f: json.loads(f.read_text()))
         for name, module in modules.items():
-            load_trainable_state_dict(module, load_file(str(path / f"{name}.safetensors")), accelerator)
+            weights = _read(path / f"{name}.safetensors", lambda f: load_file(str(f)))
+            load_trainable_state_dict(module, weights, accelerator)
         if optimizer is not None:
-            optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
+            optimizer.load_state_dict(_read(path / "optimizer.pt", _load_data))
         if scheduler is not None:
-            scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
+            scheduler.load_state_dict(_read(path / "scheduler.pt", _load_data))
         rng_file = path / f"rng-{rank}.pt"
         if not rng_file.exists():
-            raise FileNotFoundError(
+            raise CheckpointError(
                 f"{rng_file} is missing: was this checkpoint written with a different number of processes?"
             )
-        set_rng_state(torch.load(rng_file, weights_only=False))
-        return json.loads((path / "state.json").read_text())
+        set_rng_state(_read(rng_file, _load_data))
+        return state
+
+
+def _load_data(path: Path) -> Any:
+    """``torch.load`` that accepts data only (tensors, numbers, strings, containers), never code."""
+    return torch.load(path, weights_only=True)
+
+
+def _read(path: Path, reader) -> Any:
+    """``reader(path)``, with any failure turned into a :class:`CheckpointError` naming ``path``."""
+    if not path.exists():
+        raise CheckpointError(f"{path} is missing (the checkpoint is incomplete)")
+    try:
+        return reader(path)
+    except Exception as exc:  # truncated, corrupt or unsafe: every reader's own error class
+        unsafe = "Unsupported global" in str(exc) or "not an allowed global" in str(exc)
+        why = "it holds objects other than tensors and plain data, refused as unsafe" if unsafe else "it is unreadable"
+        raise CheckpointError(f"{path}: cannot load the checkpoint file: {why} ({type(exc).__name__})") from exc
+
+
+def _write(path: Path, writer) -> None:
+    """``writer(path)``, with a failure (a full disk above all) turned into a :class:`CheckpointError`."""
+    try:
+        writer(path)
+    except (OSError, RuntimeError) as exc:
+        raise write_error(path, exc, "the checkpoint file") from exc
+
+
+def disk_full(path: Path, exc: BaseException) -> bool:
+    """Whether ``exc``, raised while writing ``path``, comes from a full disk: ENOSPC, or (torch
+    reports a full disk as "unexpected pos ...") less than 1 MiB free where ``path`` is written."""
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC or "No space left" in str(exc):
+        return True
+    try:
+        stats = os.statvfs(path if path.is_dir() else path.parent)
+    except OSError:
+        return False
+    return stats.f_bavail * stats.f_frsize < 1 << 20
+
+
+def write_error(path: Path, exc: BaseException, what: str) -> CheckpointError:
+    """A :class:`CheckpointError` naming ``path`` and saying "no space left on device" when the
+    disk is full (:func:`disk_full`)."""
+    if disk_full(path, exc):
+        return CheckpointError(f"{path}: no space left on device while writing {what}")
+    return CheckpointError(f"{path}: cannot write {what} ({type(exc).__name__}: {exc})")
 
 
 def _barrier(accelerator) -> None:
@@ -143,7 +214,7 @@ def load_trainable_state_dict(module: torch.nn.Module, state: dict[str, torch.Te
     missing = sorted(set(params) - set(state))
     unexpected = sorted(set(state) - set(params))
     if missing or unexpected:
-        raise ValueError(
+        raise CheckpointMismatchError(
             f"checkpoint does not match the model's trainable parameters: missing {missing[:5]}, "
             f"unexpected {unexpected[:5]} (was it written with other LoRA / freezing options?)"
         )

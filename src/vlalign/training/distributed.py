@@ -19,6 +19,8 @@ import torch
 from accelerate.utils import DistributedType, gather_object
 from torch import Tensor, nn
 
+from vlalign.config import ConfigError
+
 if TYPE_CHECKING:
     from vlalign.training.run import Run
 
@@ -31,7 +33,7 @@ def check_supported(run: Run, *, micro_batches_per_step: int, hint: str = "train
     accumulate with more processes or a larger batch instead. ``hint`` names the setting to change.
     """
     if run.accelerator.distributed_type == DistributedType.DEEPSPEED and micro_batches_per_step > 1:
-        raise ValueError(
+        raise ConfigError(
             f"under DeepSpeed use {hint} (one micro-batch per optimiser step; raise train.batch_size or "
             "the number of processes instead), and set gradient_clipping in the DeepSpeed config"
         )

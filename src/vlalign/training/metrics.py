@@ -9,6 +9,7 @@ steps since its last reading into rates, with the peak memory of those steps.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -17,6 +18,8 @@ from typing import Any
 import torch
 
 METRICS_FILE = "metrics.jsonl"
+
+logger = logging.getLogger("vlalign")
 
 
 class MetricsLog:
@@ -28,6 +31,8 @@ class MetricsLog:
         self.accelerator = accelerator
         self.stage = stage
         self.is_main = accelerator is None or accelerator.is_main_process
+        self.rows = count_records(self.path) if self.is_main else 0
+        """Records in the file (what a checkpoint notes, so a resume cuts the file back to it)."""
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         clean = {k: to_float(v) for k, v in metrics.items()}
@@ -35,20 +40,58 @@ class MetricsLog:
             record = {"step": step, "time": time.time(), **({"stage": self.stage} if self.stage else {}), **clean}
             with open(self.path, "a") as fh:
                 fh.write(json.dumps(record) + "\n")
+            self.rows += 1
         if self.accelerator is not None and self.accelerator.trackers:
             self.accelerator.log(clean, step=step)
 
-    def truncate_after(self, step: int) -> None:
-        """Drop records past ``step`` (used on resume so a restarted run leaves no duplicates)."""
+    def truncate_after(self, step: int, rows: int | None = None) -> None:
+        """Drop records past ``step`` (used on resume so a restarted run leaves no duplicates);
+        with ``rows`` (the count a checkpoint noted), keep exactly the first ``rows`` records, so
+        that rows written after the checkpoint at the same step (a final evaluation) go too."""
         if self.is_main:
-            truncate_records(self.path, step)
+            truncate_records(self.path, step, rows=rows)
+            self.rows = count_records(self.path)
+
+    def clear(self) -> None:
+        """Remove the file (a run that starts from step 0 keeps no rows of an earlier attempt)."""
+        if self.is_main:
+            self.path.unlink(missing_ok=True)
+            self.rows = 0
 
 
-def truncate_records(path: Path, step: int) -> None:
-    """Drop the records of a JSONL file of per-step records whose ``step`` is past ``step``."""
+def _parse_records(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    """The (line, record) pairs of a JSONL file of per-step records; a line that is not a JSON
+    object (the half-written last line of a killed run) is dropped with a warning naming it."""
+    out = []
+    lines = path.read_text().splitlines()
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if not isinstance(record, dict) or "step" not in record:
+            half = " (half-written by a killed run)" if number == len(lines) else ""
+            logger.warning("%s line %d is not a complete record%s; dropped", path, number, half)
+            continue
+        out.append((line, record))
+    return out
+
+
+def count_records(path: Path) -> int:
+    """Complete records in a JSONL file of per-step records (0 if there is none)."""
+    return len(_parse_records(path)) if path.exists() else 0
+
+
+def truncate_records(path: Path, step: int, *, rows: int | None = None) -> None:
+    """Drop the records of a JSONL file of per-step records whose ``step`` is past ``step`` (and,
+    with ``rows``, all records after the first ``rows``); unreadable lines go with a warning."""
     if not path.exists():
         return
-    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    kept = [line for line, record in _parse_records(path) if record["step"] <= step]
+    if rows is not None:
+        kept = kept[:rows]
     path.write_text("".join(line + "\n" for line in kept))
 
 
@@ -83,7 +126,7 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     path = Path(run_dir) / METRICS_FILE
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [record for _, record in _parse_records(path)]
 
 
 class Throughput:

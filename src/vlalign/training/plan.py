@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from vlalign.config import ConfigError
+
 if TYPE_CHECKING:
     from vlalign.training.run import TrainConfig
 
@@ -41,7 +43,7 @@ class BatchPlan:
 
     def __post_init__(self) -> None:
         if self.steps_per_epoch < 1:
-            raise ValueError(
+            raise ConfigError(
                 f"the dataset has {self.num_samples} samples, fewer than one global batch of "
                 f"{self.global_batch} (batch_size {self.batch_size} x grad_accum {self.grad_accum} "
                 f"x processes {self.num_processes}); lower train.batch_size or train.grad_accum"

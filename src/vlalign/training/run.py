@@ -10,8 +10,10 @@ the pieces here. Nothing in this module knows about a particular loss or model f
 from __future__ import annotations
 
 import importlib.util
+import logging
+import math
 import os
-import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -22,14 +24,27 @@ from accelerate.utils import ProjectConfiguration
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from vlalign.config import save_config, to_dict
+from vlalign.config import ConfigError, StrictFields, save_config, to_dict
 from vlalign.errors import UserError
-from vlalign.training.checkpoints import Checkpointer, seed_everything
-from vlalign.training.metrics import METRICS_FILE, MetricsLog, Throughput, to_float
+from vlalign.training.checkpoints import Checkpointer, CheckpointError, seed_everything
+from vlalign.training.launch import apply_threads, check_launch
+from vlalign.training.metrics import MetricsLog, Throughput, to_float
+from vlalign.training.options import check_options, validate_config
+from vlalign.training.runfolder import (
+    RunFolderError,
+    check_resume,
+    new_record,
+    prepare_run_dir,
+    read_record,
+    run_fingerprints,
+    write_record,
+)
+
+logger = logging.getLogger("vlalign")
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(StrictFields):
     """Options of the training loop shared by every recipe."""
 
     output_dir: str = "runs/run"
@@ -76,6 +91,37 @@ class TrainConfig:
     """Experiment trackers through accelerate: tensorboard (default), wandb, mlflow, trackio; [] for none."""
     progress: bool = True
     """Show a progress bar."""
+    threads: int = 0
+    """CPU threads of torch's operations (torch.set_num_threads) for this run; 0 keeps torch's default
+    (the machine's cores, or OMP_NUM_THREADS). Results on a CPU can depend on it (summation order)."""
+
+    def validate(self, prefix: str = "train") -> None:
+        """Refuse option values the loop cannot use (:class:`~vlalign.config.ConfigError` naming
+        the option), before any model or data is loaded."""
+        check_options(
+            prefix,
+            [
+                ("batch_size", self.batch_size > 0, "must be > 0"),
+                ("grad_accum", self.grad_accum > 0, "must be > 0"),
+                ("lr", self.lr > 0 and math.isfinite(self.lr), "must be a finite number > 0"),
+                ("max_steps", self.max_steps >= 0, "must be >= 0 (0 derives it from train.epochs)"),
+                ("epochs", self.max_steps > 0 or 0 < self.epochs < math.inf, "must be > 0 when max_steps is 0"),
+                ("weight_decay", self.weight_decay >= 0, "must be >= 0"),
+                (
+                    "adam_betas",
+                    len(self.adam_betas) == 2 and all(0 <= b < 1 for b in self.adam_betas),
+                    "must be two numbers in [0, 1)",
+                ),
+                ("warmup_ratio", 0 <= self.warmup_ratio <= 1, "must be in [0, 1]"),
+                ("max_grad_norm", self.max_grad_norm >= 0, "must be >= 0 (0 disables clipping)"),
+                ("log_every", self.log_every >= 0, "must be >= 0"),
+                ("save_every", self.save_every >= 0, "must be >= 0 (0 saves only at the end)"),
+                ("keep_checkpoints", self.keep_checkpoints >= 0, "must be >= 0 (0 keeps every checkpoint)"),
+                ("eval_every", self.eval_every >= 0, "must be >= 0 (0 evaluates only at the end)"),
+                ("threads", self.threads >= 0, "must be >= 0 (0 keeps torch's default)"),
+            ],
+            values=self,
+        )
 
 
 # ----------------------------------------------------------------------------- optimisation
@@ -89,7 +135,7 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opt
             continue
         (no_decay if param.ndim < 2 or name.endswith(".bias") else decay).append(param)
     if not decay and not no_decay:
-        raise ValueError("the model has no trainable parameters (check the LoRA / freezing options)")
+        raise ConfigError("the model has no trainable parameters (check the LoRA / freezing options)")
     groups = [
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
@@ -127,7 +173,7 @@ def resolve_mixed_precision(value: str) -> str | None:
 def _tracker_available(name: str) -> bool:
     module = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "trackio": "trackio"}.get(name)
     if module is None:
-        raise ValueError(f"train.trackers: unknown tracker {name!r} (choose from tensorboard, wandb, mlflow, trackio)")
+        raise ConfigError(f"train.trackers: unknown tracker {name!r} (choose from tensorboard, wandb, mlflow, trackio)")
     if importlib.util.find_spec(module) is None:
         print(f"vlalign: tracker {name!r} is not installed; skipping it (pip install {module})")
         return False
@@ -157,31 +203,13 @@ def check_finite(loss: torch.Tensor, *, step: int, sample_ids: list[str], run_di
     )
 
 
-def prepare_run_dir(cfg: TrainConfig, *, is_main: bool = True) -> tuple[Path, Path | None]:
-    """Create the run folder; return it and the checkpoint to resume from (or None).
-
-    A folder that already holds checkpoints is an error unless ``resume`` (continue from the
-    newest) or ``overwrite`` (delete them) is set, so that no earlier work is lost by accident.
-    """
-    run_dir = Path(cfg.output_dir)
-    ckpt = Checkpointer(run_dir)
-    latest = ckpt.latest()
-    if latest is not None and not cfg.resume:
-        if not cfg.overwrite:
-            raise FileExistsError(
-                f"{run_dir} already holds checkpoints (newest: {latest.name}); pass --resume to continue "
-                f"that run, --train.overwrite=true to start afresh, or another --train.output_dir"
-            )
-        if is_main:
-            shutil.rmtree(ckpt.root, ignore_errors=True)
-            (run_dir / METRICS_FILE).unlink(missing_ok=True)
-        latest = None
-    if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir, (latest if cfg.resume else None)
-
-
 # ----------------------------------------------------------------------------- one run
+
+
+COUNTERS = ("reference/forwards", "data/dropped_overlong")
+"""Metrics that count since the start of a process (a reference model's forward passes, samples
+a collator dropped): :meth:`Run.end_step` adds the count a resumed checkpoint holds, so a resumed
+run logs the numbers of an uninterrupted one."""
 
 
 class Run:
@@ -201,9 +229,14 @@ class Run:
 
     def __init__(self, cfg: TrainConfig, *, config: Any = None, desc: str = "train", total: int = 0) -> None:
         self.cfg = cfg
+        validate_config(config, cfg)
+        apply_threads(cfg.threads)
         is_main = int(os.environ.get("RANK", "0")) == 0
-        self.run_dir, self.resume_from = prepare_run_dir(cfg, is_main=is_main)
+        self.command = desc.split("[")[0]
+        self.run_dir, self.resume_from = prepare_run_dir(cfg, is_main=is_main, command=self.command)
+        self.record = self._check_record(config) if is_main else None
         self.accelerator = make_accelerator(cfg, self.run_dir)
+        check_launch(self.accelerator.num_processes)
         self.metrics = MetricsLog(self.run_dir, self.accelerator)
         self.checkpointer = Checkpointer(self.run_dir, keep=cfg.keep_checkpoints)
         self.throughput = Throughput(self.accelerator.device)
@@ -211,10 +244,15 @@ class Run:
         self.total = total
         self.start_step = 0
         self._pending: dict[str, list[float]] = {}
+        self._counts: dict[str, float] = {}
+        self._count_base: dict[str, float] = {}
         self._modules: dict[str, torch.nn.Module] = {}
         self._optimizer = self._scheduler = None
-        if config is not None and self.accelerator.is_main_process:
-            save_config(config, self.run_dir / "config.yaml")
+        self._config = config
+        self.resumed_state: dict[str, Any] = {}
+        """``state.json`` of the checkpoint resumed from (the step and the recipe's ``extra_state``)."""
+        if self.record is not None and self.record["status"] == "new":
+            self._write_record(status="running")
         if self.accelerator.log_with:
             self.accelerator.init_trackers(desc, config=_flat_config(config))
         seed_everything(cfg.seed)
@@ -243,21 +281,71 @@ class Run:
         self._modules, self._optimizer, self._scheduler = wrapped, optimizer, scheduler
         self.total = total
         if self.resume_from is not None:
-            state = self.checkpointer.load(
-                self.resume_from,
-                modules=wrapped,
-                optimizer=optimizer,
-                scheduler=scheduler,
-                accelerator=self.accelerator,
-            )
+            state = self._load_checkpoint(wrapped, optimizer, scheduler)
+            self.resumed_state = state
+            self._count_base = {k: float(v) for k, v in state.get("counters", {}).items()}
             self.start_step = int(state["step"])
-            self.metrics.truncate_after(self.start_step)
+            if self.record is not None and self.record.get("status") == "finished" and self.start_step >= total:
+                raise RunFolderError(
+                    f"{self.run_dir} holds a finished `vlalign {self.command}` run of {self.start_step} steps: "
+                    f"nothing to resume; raise --train.max_steps above {self.start_step} to extend it"
+                )
+            self.metrics.truncate_after(self.start_step, rows=state.get("metrics_rows"))
             self.print(f"resumed from {self.resume_from} at step {self.start_step}")
+        if self.resume_from is not None:
+            self._write_record(status="running")  # the harmless changes, and an extended finished run
         self.bar = progress_bar(
             total, self.start_step, enabled=self.cfg.progress and self.accelerator.is_main_process, desc=self.desc
         )
         self.throughput.reset()
         return wrapped, optimizer
+
+    def _load_checkpoint(self, modules, optimizer, scheduler) -> dict[str, Any]:
+        """Load the newest checkpoint; if one of its files is unreadable, fall back (with a
+        warning) to the next older complete one, and name every unreadable file if none loads."""
+        candidates = [p for p in self.checkpointer.all() if p <= self.resume_from][::-1]
+        failures = []
+        for path in candidates:
+            try:
+                state = self.checkpointer.load(
+                    path, modules=modules, optimizer=optimizer, scheduler=scheduler, accelerator=self.accelerator
+                )
+            except CheckpointError as exc:
+                failures.append(str(exc))
+                logger.warning("%s; trying the previous checkpoint", exc)
+                self.print(f"vlalign: warning: {exc}; trying the previous checkpoint")
+                continue
+            if path != self.resume_from:
+                self.print(f"vlalign: warning: resuming from the older checkpoint {path}")
+                self.resume_from = path
+            return state
+        raise CheckpointError(
+            f"no checkpoint of {self.run_dir} can be loaded: {'; '.join(failures)}; "
+            f"start over with --train.overwrite=true"
+        )
+
+    def _check_record(self, config: Any) -> dict[str, Any]:
+        """The run's ``run.json`` record: a new one, or the recorded one after checking that a
+        resume changes no option that alters training (harmless changes are noted in its history)."""
+        options = to_dict(config) if config is not None else {"train": to_dict(self.cfg)}
+        prints = run_fingerprints(config)
+        recorded = read_record(self.run_dir) if self.resume_from is not None else None
+        if recorded is None:
+            return {**new_record(self.command, options, prints), "status": "new"}
+        harmless = check_resume(recorded, options, prints, self.run_dir)
+        if harmless:
+            recorded["history"].append({"resumed": time.strftime("%Y-%m-%dT%H:%M:%S"), "changed": harmless})
+        recorded["options"] = options
+        return recorded
+
+    def _write_record(self, *, status: str) -> None:
+        """Write ``run.json`` and ``config.yaml`` (main process)."""
+        if self.record is None:
+            return
+        self.record["status"] = status
+        write_record(self.run_dir, self.record)
+        if self._config is not None:
+            save_config(self._config, self.run_dir / "config.yaml")
 
     def clip_and_step(self, parameters, optimizer, scheduler) -> torch.Tensor | None:
         """Clip the gradient norm (if configured), step optimiser and schedule, zero the grads."""
@@ -283,7 +371,11 @@ class Run:
         self.throughput.add(samples, tokens)
         for key, value in metrics.items():
             if value is not None:
-                self._pending.setdefault(key, []).append(to_float(value))
+                number = to_float(value)
+                if key in COUNTERS:  # counted by this process: continue from the checkpoint's count
+                    self._counts[key] = number
+                    number += self._count_base.get(key, 0.0)
+                self._pending.setdefault(key, []).append(number)
         if self.bar is not None:
             self.bar.update(1)
             if "train/loss" in self._pending:
@@ -309,7 +401,11 @@ class Run:
             modules=self._modules,
             optimizer=self._optimizer,
             scheduler=self._scheduler,
-            extra=extra_state,
+            extra={
+                **(extra_state or {}),
+                "metrics_rows": self.metrics.rows,
+                "counters": {k: self._count_base.get(k, 0.0) + v for k, v in self._counts.items()},
+            },
             accelerator=self.accelerator,
         )
 
@@ -322,8 +418,13 @@ class Run:
             (self.bar.write if self.bar is not None else print)(" ".join(str(a) for a in args))
 
     def finish(self) -> None:
+        """Close the progress bar and the trackers and mark the run finished in ``run.json``."""
         if self.bar is not None:
             self.bar.close()
+        if self.record is not None:
+            self.record["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+            self.record["steps"] = self.total
+            write_record(self.run_dir, {**self.record, "status": "finished"})
         self.accelerator.wait_for_everyone()
         self.accelerator.end_training()
 

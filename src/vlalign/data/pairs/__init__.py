@@ -1,8 +1,8 @@
 """Preference pairs: what every construction method shares (statistics, row metadata).
 
-Three methods build preference datasets in the standard layout (``images``, ``prompt``,
-``chosen``, ``rejected``; extra columns land in a sample's ``meta``), each pair tagged with a
-``source`` column:
+Four methods build preference datasets in the standard layout (``images``, ``prompt``,
+``chosen``, ``rejected``, and ``rejected_extra`` for POVID; extra columns land in a sample's
+``meta``), each pair tagged with a ``source`` column:
 
 ============================  ===================================================  =====================
 method                        module                                               ``source``
@@ -16,12 +16,15 @@ image corruption              :mod:`vlalign.data.pairs.corrupt` (mDPO, POVID, BP
                                                                                    ``corrupt-noise``
 sample and rank               :mod:`vlalign.data.pairs.rank` (RLAIF-V, self-       ``rank``
                               rewarding loops)
+injection + response to a     :mod:`vlalign.data.pairs.povid` (POVID: two          ``povid``
+distorted image               negatives per row)
 ============================  ===================================================  =====================
 
 Each returns its pairs and a :class:`PairStats`: pairs made, pairs dropped and why, and the
 distribution of the pairs' margins (what a margin is depends on the method: the claim-score gap
 between chosen and rejected for injection and ranking, the mean absolute pixel change for image
-corruption). ``vlalign pairs`` (:mod:`vlalign.commands.pairs`) writes ``<out>.jsonl`` and
+corruption, the claim-score gap between chosen and the distorted-image response for POVID).
+``vlalign pairs`` (:mod:`vlalign.commands.pairs`) writes ``<out>.jsonl`` and
 ``<out>.stats.json``.
 """
 

@@ -20,7 +20,8 @@ the chosen one), with :func:`corruption_seed` giving each sample its own stream.
 the corrupted images are written as files and listed in a ``rejected_images`` column (paths
 relative to the output file's folder), and ``corruption`` records method, level and the sample's
 seed. Rows that share an image file share its corrupted version (seeded by the file name, written
-once).
+once): :func:`image_seed` gives each image its seed, which POVID's distorted images
+(:mod:`vlalign.data.pairs.povid`) use too.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from vlalign.config import StrictFields
 from vlalign.data.pairs import PairStats, pair_meta
 from vlalign.data.schema import PreferenceSample, SupervisedSample, load_image
 
@@ -44,7 +46,7 @@ CORRUPTIONS: tuple[str, ...] = ("crop", "mask", "noise")
 
 
 @dataclass
-class CorruptConfig:
+class CorruptConfig(StrictFields):
     """Image-corruption options."""
 
     method: str = "crop"
@@ -62,6 +64,14 @@ def corruption_seed(seed: int, sample_id: str) -> int:
     """A sample's corruption seed (stable across runs and machines)."""
     digest = hashlib.sha256(f"vlalign-corrupt/{seed}/{sample_id}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 62) - 1)  # fits int64 columns, leaves room for + k
+
+
+def image_seed(seed: int, sample_id: str, image: Any, k: int) -> int:
+    """The corruption seed of image ``k`` of a sample: drawn from (seed, file name) for an image
+    file, so that rows sharing a file share its corruption; from (seed, sample id) + k otherwise."""
+    if isinstance(image, (str, os.PathLike)):
+        return corruption_seed(seed, Path(image).name)
+    return corruption_seed(seed, sample_id) + k
 
 
 def _check_level(level: float) -> None:
@@ -162,8 +172,8 @@ def corrupt_pairs(
         for k, image in enumerate(sample.images):
             key = str(image) if isinstance(image, (str, os.PathLike)) else None
             if key is None or key not in done:  # rows sharing an image file share its corruption
-                img_seed = corruption_seed(cfg.seed, Path(key).name) if key is not None else seed + k
                 original = load_image(image)
+                img_seed = image_seed(cfg.seed, sample.id, image, k)
                 bad = corrupt_image(original, cfg.method, cfg.level, img_seed, grid=cfg.grid)
                 stem = Path(key).stem if key is not None else f"{sample.id}-{k}"
                 entry = (save_image(bad, stem) if save_image else bad, pixel_change(original, bad))

@@ -40,6 +40,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from vlalign.config import StrictFields
 from vlalign.data.annotations import (
     DESCRIBE,
     NUMBER_WORDS,
@@ -68,7 +69,7 @@ def register_caption_style(name: str, render: CaptionStyle) -> None:
 
 
 @dataclass
-class InjectConfig:
+class InjectConfig(StrictFields):
     """Hallucination injection options."""
 
     kinds: tuple[str, ...] = ("add", "attribute", "count")

@@ -70,9 +70,13 @@ GROUPS = {
 
 @dataclass(frozen=True)
 class AmberQuery:
+    """One query of a ``query_*.json`` file; ``line`` is where it starts in ``source``."""
+
     id: int
     image: str
     query: str
+    source: str = ""
+    line: int = 0
 
 
 @dataclass(frozen=True)
@@ -88,7 +92,7 @@ class AmberAnnotation:
 def read_amber_queries(path: str | Path) -> list[AmberQuery]:
     """The queries of a ``query_*.json`` file, checked (file, line, column named on error)."""
     return [
-        AmberQuery(require(r, "id", int), require(r, "image", str), require(r, "query", str))
+        AmberQuery(require(r, "id", int), require(r, "image", str), require(r, "query", str), r.path, r.line)
         for r in read_json_records(path)
     ]
 

@@ -61,11 +61,13 @@ def _section(path: str | Path, document: Any, name: str) -> list[Any]:
 
 @dataclass(frozen=True)
 class CocoInstances:
-    """What CHAIR reads of ``instances_val2014.json``: image ids, category names, (image, category) pairs."""
+    """What CHAIR reads of ``instances_val2014.json``: image ids, category names, (image, category) pairs,
+    and the images' ``file_name`` where the file gives one (image id -> name)."""
 
     image_ids: tuple[int, ...]
     categories: dict[int, str]
     annotations: tuple[tuple[int, int], ...]
+    file_names: dict[int, str] = field(default_factory=dict)
 
 
 def read_coco_instances(path: str | Path) -> CocoInstances:
@@ -74,6 +76,10 @@ def read_coco_instances(path: str | Path) -> CocoInstances:
     images = tuple(
         _field(path, item, f"images[{i}]", "id", int) for i, item in enumerate(_section(path, document, "images"))
     )
+    file_names = {}
+    for i, item in enumerate(document["images"]):
+        if "file_name" in item:
+            file_names[item["id"]] = _field(path, item, f"images[{i}]", "file_name", str)
     categories = {}
     for i, item in enumerate(_section(path, document, "categories")):
         categories[_field(path, item, f"categories[{i}]", "id", int)] = _field(
@@ -86,7 +92,7 @@ def read_coco_instances(path: str | Path) -> CocoInstances:
         if category_id not in categories:
             raise BenchmarkFileError(path, f"unknown category {category_id}", column=f"annotations[{i}].category_id")
         pairs.append((image_id, category_id))
-    return CocoInstances(images, categories, tuple(pairs))
+    return CocoInstances(images, categories, tuple(pairs), file_names)
 
 
 def read_coco_captions(path: str | Path) -> dict[int, list[str]]:
