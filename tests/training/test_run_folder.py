@@ -169,6 +169,11 @@ def test_finished_run_refuses_a_second_start_and_an_empty_resume(tmp_path):
         match=r"finished `vlalign sft` run \(newest checkpoint: step-0000004\); pass --resume with a larger",
     ):
         _train(tmp_path / "run")
+    # without model/ (deleted, or a kill while the recipe rewrote it) the resume runs no step and
+    # lets the recipe save the model again; with model/ in place there is nothing to resume
+    run = _train(tmp_path / "run", resume=True)
+    assert run.start_step == 4
+    (tmp_path / "run" / "model").mkdir()
     with pytest.raises(RunFolderError, match="nothing to resume; raise --train.max_steps above 4"):
         _train(tmp_path / "run", resume=True)
     run = _train(tmp_path / "run", resume=True, max_steps=6, steps=6)  # extending is allowed

@@ -285,7 +285,10 @@ class Run:
             self.resumed_state = state
             self._count_base = {k: float(v) for k, v in state.get("counters", {}).items()}
             self.start_step = int(state["step"])
-            if self.record is not None and self.record.get("status") == "finished" and self.start_step >= total:
+            finished = self.record is not None and self.record.get("status") == "finished"
+            # a finished run whose model/ is gone (deleted, or a kill while it was rewritten) resumes
+            # to save it again; with its model in place there is nothing to do
+            if finished and self.start_step >= total and (self.run_dir / "model").is_dir():
                 raise RunFolderError(
                     f"{self.run_dir} holds a finished `vlalign {self.command}` run of {self.start_step} steps: "
                     f"nothing to resume; raise --train.max_steps above {self.start_step} to extend it"
