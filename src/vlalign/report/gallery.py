@@ -259,3 +259,117 @@ def changes_html(columns: Sequence[GalleryColumn], *, size: int = GALLERY_SIZE, 
             f"{f': the first {unchanged}' if unchanged < len(same) else ''}</summary>{gallery_html(columns, rows=same[:unchanged])}</details>"
         )
     return "".join(parts)
+
+
+# ----------------------------------------------------------------------------- a benchmark's wrong answers
+
+
+def _yes_no(value: Any) -> bool | None:
+    text = str(value).strip().lower().rstrip(".") if value is not None else ""
+    return {"yes": True, "no": False}.get(text)
+
+
+def _hallucinated_words(record: dict[str, Any]) -> list[tuple[str, str]]:
+    """(word as written, object) of each hallucinated mention: CHAIR's ``[word, object]`` pairs or plain names."""
+    out = []
+    for item in record.get("hallucinated") or []:
+        if isinstance(item, (list, tuple)) and len(item) == 2:
+            out.append((str(item[0]), str(item[1])))
+        elif isinstance(item, str):
+            out.append((item, item))
+    return out
+
+
+def wrong_answer(record: dict[str, Any]) -> str | None:
+    """What is wrong with one answer of a published benchmark (plain text), None when it is right.
+
+    POPE (``pope/<mode>``): the answer as the run's rule read it (``said_yes``) is not the label;
+    CHAIR (``chair``): the description mentions an object not in the image; AMBER's descriptions
+    (``amber/generative``): hallucinated nouns; AMBER's yes/no questions: the response scored is not
+    the truth (as AMBER counts it: ``Yes`` or ``No`` exactly). Other records: None.
+    """
+    part = str(record.get("part") or "")
+    if part.startswith("pope/"):
+        truth, said = _yes_no(record.get("label", record.get("answer"))), record.get("said_yes")
+        if truth is None or not isinstance(said, bool) or said == truth:
+            return None
+        return f"read as {'yes' if said else 'no'}; the label is {'yes' if truth else 'no'}"
+    if part == "chair":
+        words = _hallucinated_words(record)
+        return "not in the image: " + ", ".join(sorted({obj for _, obj in words})) if words else None
+    if part == "amber/generative":
+        count = record.get("hallucinated_nouns")
+        if not isinstance(count, (int, float)) or count <= 0:
+            return None
+        names = sorted({obj for _, obj in _hallucinated_words(record)})
+        return f"{count:.0f} of {record.get('nouns', '?')} nouns hallucinated" + (
+            ": " + ", ".join(names) if names else ""
+        )
+    if part.startswith("amber/"):
+        truth, response = _yes_no(record.get("label")), record.get("response")
+        if truth is None or response == ("Yes" if truth else "No"):
+            return None
+        return f"response {response!r}; the truth is {'yes' if truth else 'no'}"
+    return None
+
+
+def _judged(record: dict[str, Any]) -> bool:
+    part = str(record.get("part") or "")
+    return part == "chair" or part.startswith(("pope/", "amber/"))
+
+
+def _answer_cell(record: dict[str, Any] | None) -> str:
+    if record is None:
+        return '<td class="desc"><em>not answered</em></td>'
+    text = str(record.get("output") or "")
+    words = [w for w, _ in _hallucinated_words(record)]
+    why = wrong_answer(record)
+    verdict = f'<p class="why">{html.escape(why)}</p>' if why else '<p class="why">right</p>'
+    return f'<td class="desc"><p>{highlight(text, words)}</p>{verdict}</td>'
+
+
+def wrong_answers_html(
+    records: Sequence[dict[str, Any]],
+    search: Sequence[Path],
+    *,
+    baseline: Sequence[dict[str, Any]] | None = None,
+    size: int = GALLERY_SIZE,
+) -> str:
+    """A published benchmark's wrong answers (:func:`wrong_answer`): how many of the answers are
+    wrong, then the first ``size`` in the benchmark's order (not picked) with the image (when its
+    path resolves under ``search``), the question, the answer (hallucinated words marked), what is
+    wrong with it and, given the ``baseline``'s records, its answer to the same question. ''
+    when no record is a benchmark's."""
+    judged = [r for r in records if isinstance(r, dict) and _judged(r)]
+    if not judged:
+        return ""
+    wrong = [r for r in judged if wrong_answer(r) is not None]
+    if not wrong:
+        return f'<p class="changes"><b>None</b> of the {len(judged)} answers is wrong.</p>'
+    shown = wrong[:size]
+    lead = f"the first {len(shown)}" if len(shown) < len(wrong) else "all of them"
+    text = (
+        f'<p class="changes"><b>{len(wrong)} of {len(judged)}</b> answers wrong; {lead}, in the benchmark\'s '
+        'order (not picked), hallucinated words <span class="marked">marked</span>:</p>'
+    )
+    other = {(r.get("part"), r.get("id")): r for r in baseline or [] if isinstance(r, dict)}
+    head = "<th>image</th><th>question</th><th>model</th>" + ("<th>baseline</th>" if baseline else "")
+    body = []
+    for row in shown:
+        path = find_image(row.get("image"), search)
+        uri = png_data_uri(path) if path else None
+        picture = (
+            f'<img src="{uri}" alt="{html.escape(str(row.get("image")))}">'
+            if uri
+            else f'<span class="missing">image not found: {html.escape(str(row.get("image")))}</span>'
+        )
+        question = (
+            f'<div class="id">{html.escape(str(row.get("part")))} · {html.escape(str(row.get("id")))}</div>'
+            f"<p>{html.escape(str(row.get('question') or ''))}</p>"
+        )
+        cells = _answer_cell(row) + (_answer_cell(other.get((row.get("part"), row.get("id")))) if baseline else "")
+        body.append(f'<tr class="wrong"><td class="pic">{picture}</td><td>{question}</td>{cells}</tr>')
+    return (
+        f'{text}<table class="gallery wrong-answers"><thead><tr>{head}</tr></thead>'
+        f"<tbody>{''.join(body)}</tbody></table>"
+    )

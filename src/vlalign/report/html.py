@@ -7,7 +7,10 @@
   interval, grouped bars), each stage's training curves, and a gallery of
   held-out images described by the first and the last evaluated stage;
 * **an evaluation folder** (``eval.json`` from ``vlalign eval``): the model beside its baseline
-  (table with differences and their intervals, before/after bars, gallery);
+  (table with differences and their intervals, before/after bars, gallery); for a published
+  benchmark (``vlalign eval --bench``, :mod:`vlalign.report.benchmark`) also the benchmark's name,
+  input files with their sha256 and settings, its own numbers as its script prints them, and a
+  gallery of wrong answers;
 * **a training run folder** (``metrics.jsonl`` from any recipe, ``config.yaml``, and the
   end-of-run suite's ``suite_eval.json`` when the recipe ran it): training curves (loss; rewards,
   margin and accuracy; KL; reward per function; throughput; evaluation over steps), the last
@@ -35,7 +38,8 @@ from typing import Any
 
 from vlalign.errors import UserError
 from vlalign.eval.paired import Interval, paired_bootstrap
-from vlalign.report.gallery import GalleryColumn, changes_html, description_records
+from vlalign.report.benchmark import benchmark_about, official_tables, stored_intervals
+from vlalign.report.gallery import GalleryColumn, changes_html, description_records, wrong_answers_html
 from vlalign.report.plots import bar_groups, drawn_and_single, metric_series, plot_bars, plot_curves
 from vlalign.report.read import (
     CONFIG_FILE,
@@ -233,6 +237,29 @@ def _eval_sections(page: _Page, evaluation: Evaluation, label: str, notes: list[
     page.section("gallery", title, changes_html(gallery))
 
 
+def _bench_sections(page: _Page, evaluation: Evaluation, notes: list[str]) -> None:
+    """A published benchmark's evaluation: what was run on which files, the headline metrics with the
+    differences and the intervals ``vlalign eval`` computed, the benchmark's own numbers, bars, the
+    wrong answers."""
+    bench = evaluation.benchmark or {}
+    name = str(bench.get("name") or "benchmark")
+    columns: dict[str, dict[str, Any]] = {}
+    if evaluation.baseline_metrics is not None:
+        columns["baseline"] = evaluation.baseline_metrics
+    columns["model"] = evaluation.metrics
+    delta = ("model", "baseline") if "baseline" in columns else None
+    intervals = stored_intervals(evaluation.difference_interval) if delta else {}
+    if delta and not intervals:
+        intervals = paired_intervals(evaluation.records, evaluation.baseline_records, notes)
+    page.section("benchmark", f"Benchmark: {name}", benchmark_about(bench))
+    page.section("summary", f"Evaluation metrics ({evaluation.path.name})", _metric_tables(columns, delta, intervals))
+    official = official_tables(name, evaluation.official, evaluation.baseline_official)
+    page.section("official", f"{name}: the benchmark's own numbers", official)
+    page.section("evaluation", "Evaluation: before and after" if delta else "Evaluation", page.bars("eval-", columns))
+    gallery = wrong_answers_html(evaluation.records, evaluation.image_roots, baseline=evaluation.baseline_records)
+    page.section("gallery", "Gallery: wrong answers", gallery)
+
+
 def _run_sections(page: _Page, root: Path, notes: list[str], data_folders: Mapping[str, Path]) -> None:
     """Sections of a plain folder (none if it holds no metrics and no evaluation)."""
     records = read_jsonl(root / METRICS_FILE, notes)
@@ -242,7 +269,9 @@ def _run_sections(page: _Page, root: Path, notes: list[str], data_folders: Mappi
         evaluation, label = read_evaluation(root / SUITE_FILE, [], notes, data_folders), "end of run"
     if not records and evaluation is None:
         return
-    if evaluation is not None:
+    if evaluation is not None and evaluation.benchmark is not None:
+        _bench_sections(page, evaluation, notes)
+    elif evaluation is not None:
         _eval_sections(page, evaluation, label, notes)
     if records:
         last = _last_values(records)

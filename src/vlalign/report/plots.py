@@ -286,6 +286,8 @@ _GROUP_TITLES = {
     "chair": "CHAIR (lower is better) and object recall",
     "pope-f1": "POPE F1 per negative sampling (higher is better)",
     "pope-yes": "POPE yes-ratio per negative sampling (0.5 is balanced)",
+    "amber-generative": "AMBER descriptions: CHAIR and Hal (lower is better), Cover and Cog",
+    "amber-f1": "AMBER yes/no questions: F1 per group, 'No' the positive class (higher is better)",
     "tasks": "Task accuracy (higher is better)",
     "kl": "KL from the reference",
     "win-rate": "Win rate over the baseline",
@@ -293,6 +295,25 @@ _GROUP_TITLES = {
 }
 _TASKS = ("counting", "colour", "color", "existence")
 _CHAIR_LABELS = {"chair_i": ("CHAIR_i", 0), "chair_s": ("CHAIR_s", 1), "recall": ("recall", 2)}
+AMBER_GENERATIVE = ("chair", "cover", "hal", "cog")
+"""AMBER's description metrics (``amber/generative/<name>``), in the order its script prints them."""
+AMBER_GROUPS = ("discriminative", "existence", "attribute", "state", "number", "action", "relation")
+"""AMBER's yes/no groups (``amber/<group>/<metric>``): all of them, then each dimension."""
+
+
+def _amber_slot(parts: list[str]) -> tuple[str, str, int] | None:
+    """AMBER's bars: its four description metrics, and the F1 of each yes/no group."""
+    if len(parts) != 3:
+        return None
+    if parts[1] == "generative" and parts[2] in AMBER_GENERATIVE:
+        return (
+            "amber-generative",
+            parts[2].capitalize() if parts[2] != "chair" else "CHAIR",
+            AMBER_GENERATIVE.index(parts[2]),
+        )
+    if parts[1] in AMBER_GROUPS and parts[2] == "f1":
+        return "amber-f1", "all" if parts[1] == "discriminative" else parts[1], AMBER_GROUPS.index(parts[1])
+    return None
 
 
 def bar_slot(key: str) -> tuple[str, str, int] | None:
@@ -306,12 +327,15 @@ def bar_slot(key: str) -> tuple[str, str, int] | None:
         return None
     if parts[0] == "seconds" or k in ("seconds", "wall_s", "wall_time", "time_s"):
         return "seconds", parts[-1] if len(parts) > 1 else "wall time", 0
+    if parts[0] == "amber":
+        return _amber_slot(parts)
     if last in ("chair_i", "chair_s") or (parts[0] == "chair" and last == "recall"):
         label, order = _CHAIR_LABELS[last]
         return "chair", label, order
-    mode = next((m for m in POPE_MODE_ORDER if m in parts or f"pope_{m}" in parts), None)
+    modes = (*POPE_MODE_ORDER, "average")  # average: the mean over the modes (a published benchmark's)
+    mode = next((m for m in modes if m in parts or f"pope_{m}" in parts), None)
     if "pope" in k and mode is not None and last in ("f1", "yes_ratio"):
-        return ("pope-f1" if last == "f1" else "pope-yes"), mode, POPE_MODE_ORDER.index(mode)
+        return ("pope-f1" if last == "f1" else "pope-yes"), mode, modes.index(mode)
     task = next((t for t in _TASKS if t in parts or last.startswith(t)), None)
     if task is not None and (parts[0] == "task" or "acc" in last):
         return "tasks", task, _TASKS.index(task)

@@ -4,8 +4,11 @@ Reading never fails on a damaged file: a half-written last line of ``metrics.jso
 is not JSON, a demo stage without an evaluation are each skipped and described in ``notes``
 (the report lists them). :func:`read_evaluation` also finds what the gallery needs beside the
 answers: the folder of the evaluation's data (for relative image paths) and its object
-vocabulary. A named data source (``shapes:``, the embedded world) is not resolved here: the caller
-maps it to its folder (``data_folders``), so that report/ reads files and knows no data source.
+vocabulary; for a published benchmark's ``eval.json`` (a ``benchmark`` key), the benchmark, its
+``official`` numbers and the stored ``difference_interval``, with the settings' image folder as
+where the records' images are. A named data source (``shapes:``, the embedded world) is not
+resolved here: the caller maps it to its folder (``data_folders``), so that report/ reads files
+and knows no data source.
 """
 
 from __future__ import annotations
@@ -37,6 +40,15 @@ class Evaluation:
     image_roots: list[Path] = field(default_factory=list)
     """Folders relative image paths are tried against (the suite's data folder first)."""
     vocabulary: ObjectVocabulary | None = None
+    benchmark: dict[str, Any] | None = None
+    """A published benchmark's run (``vlalign eval --bench``): its name, input files (path -> sha256)
+    and settings; None for the suite's evaluations."""
+    official: dict[str, Any] | None = None
+    """The benchmark's numbers as its own script prints them (the model's)."""
+    baseline_official: dict[str, Any] | None = None
+    """The same of the baseline, when there is one."""
+    difference_interval: dict[str, Any] | None = None
+    """The paired intervals ``vlalign eval`` wrote (metric -> a, b, difference, low, high, se), if any."""
 
 
 @dataclass
@@ -148,6 +160,13 @@ def read_evaluation(
     model, baseline = (records.get("model"), records.get("baseline")) if isinstance(records, dict) else (records, None)
     metrics = data.get("metrics") if isinstance(data.get("metrics"), dict) else {}
     base_metrics = data.get("baseline_metrics") if isinstance(data.get("baseline_metrics"), dict) else None
+    bench = data.get("benchmark") if isinstance(data.get("benchmark"), dict) else None
+    official = data.get("official") if isinstance(data.get("official"), dict) else {}
+    settings = (bench or {}).get("settings")
+    if bench is not None and isinstance(settings, dict):  # a benchmark's records name images under --images
+        images = _data_folder(settings.get("images"), bases, {})
+        folder = images if images is not None else folder
+    intervals = data.get("difference_interval")
     return Evaluation(
         path=path,
         metrics=metrics,
@@ -155,7 +174,11 @@ def read_evaluation(
         baseline_metrics=base_metrics,
         baseline_records=_records(baseline) if baseline is not None else None,
         image_roots=([folder] if folder else []) + bases,
-        vocabulary=_vocabulary(suite, folder, bases),
+        vocabulary=_vocabulary(suite, folder, bases) if bench is None else None,
+        benchmark=bench,
+        official=official.get("model") if isinstance(official.get("model"), dict) else None,
+        baseline_official=official.get("baseline") if isinstance(official.get("baseline"), dict) else None,
+        difference_interval=intervals if isinstance(intervals, dict) else None,
     )
 
 

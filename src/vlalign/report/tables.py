@@ -4,7 +4,8 @@ A run's evaluation writes some sixty numbers; a person reading the report wants 
 whether alignment worked, with their uncertainty:
 
 * :func:`headline_keys` picks them: CHAIR_i, CHAIR_s and object recall, POPE F1 per negative
-  sampling, the task accuracies, the KL from the reference and a win rate, whatever prefix they
+  sampling (and its mean over the modes), AMBER's CHAIR, Cover, Hal, Cog and F1 per yes/no
+  group, the task accuracies, the KL from the reference and a win rate, whatever prefix they
   carry (``eval/``, ``suite/``); the compositional split, yes-ratios, precisions, counts and
   timings are not headline metrics;
 * :func:`headline_table` shows each with a readable name, its direction (lower or higher is
@@ -27,7 +28,7 @@ from typing import Any
 from vlalign.eval.paired import Interval
 from vlalign.report.plots import as_float, bar_groups, bar_slot
 
-HEADLINE_GROUPS = ("chair", "pope-f1", "tasks", "kl", "win-rate")
+HEADLINE_GROUPS = ("chair", "pope-f1", "amber-generative", "amber-f1", "tasks", "kl", "win-rate")
 """Bar groups (:func:`~vlalign.report.plots.bar_groups`) whose metrics head the report."""
 
 KL_NOTES = {
@@ -40,11 +41,18 @@ KL_NOTES = {
 _DIRECTION = {
     "chair": "lower is better",
     "pope-f1": "higher is better",
+    "amber-f1": "higher is better",
     "tasks": "higher is better",
     "win-rate": "higher is better",
     "kl": "smaller: closer to the reference",
 }
 _CHAIR_NAMES = {"CHAIR_i": "CHAIR_i (hallucinated object mentions)", "CHAIR_s": "CHAIR_s (captions that hallucinate)"}
+_AMBER_NAMES = {
+    "CHAIR": ("AMBER CHAIR (hallucinated nouns)", "lower is better"),
+    "Cover": ("AMBER Cover (annotated objects mentioned)", "higher is better"),
+    "Hal": ("AMBER Hal (descriptions that hallucinate)", "lower is better"),
+    "Cog": ("AMBER Cog (mentions of the likely hallucinations)", "lower is better"),
+}
 
 
 def fmt(value: Any) -> str:
@@ -93,7 +101,12 @@ def _label(key: str) -> tuple[str, str]:
         name = _CHAIR_NAMES.get(label, f"object {label}" if label == "recall" else label)
         return name, _DIRECTION["tasks" if label == "recall" else "chair"]
     if group == "pope-f1":
-        return f"POPE F1, {label} negatives", _DIRECTION[group]
+        what = "the mean over the modes" if label == "average" else f"{label} negatives"
+        return f"POPE F1, {what}", _DIRECTION[group]
+    if group == "amber-generative":
+        return _AMBER_NAMES.get(label, (label, ""))
+    if group == "amber-f1":
+        return f"AMBER F1, {'every yes/no question' if label == 'all' else label + ' questions'}", _DIRECTION[group]
     if group == "tasks":
         return f"{label} accuracy", _DIRECTION[group]
     if group == "kl":
@@ -154,21 +167,24 @@ def metrics_table(
     delta: tuple[str, str] | None = None,
     intervals: dict[str, Interval] | None = None,
     keys: list[str] | None = None,
+    ordered: bool = False,
+    corner: str = "metric",
 ) -> str:
     """Rows = metric names (``keys``, default every one of the columns'), columns = models or stages;
-    each cell's exact value is in ``data-value``. ``delta=(a, b)`` adds a column ``a - b`` (left
-    empty for counts and timings); ``intervals`` (of that difference, from
-    :func:`~vlalign.eval.paired.paired_bootstrap`) a column with each one's 95% interval."""
+    each cell's exact value is in ``data-value``. The rows come in :func:`metric_order`, or as
+    ``keys`` gives them with ``ordered``; ``corner`` heads the row names' column. ``delta=(a, b)``
+    adds a column ``a - b`` (left empty for counts and timings); ``intervals`` (of that difference,
+    from :func:`~vlalign.eval.paired.paired_bootstrap`) a column with each one's 95% interval."""
     if keys is None:
         keys = []
         for metrics in columns.values():
             keys += [k for k in metrics if k not in keys]
     rows = []
-    for key in metric_order(keys):
+    for key in keys if ordered else metric_order(keys):
         cells = _value_cells(key, columns) + _delta_cells(key, columns, delta, intervals)
         rows.append(f'<tr><th class="metric">{html.escape(key)}</th>{"".join(cells)}</tr>')
     return (
-        f'<table class="metrics"><thead><tr><th>metric</th>{_head(columns, delta, intervals)}</tr></thead>'
+        f'<table class="metrics"><thead><tr><th>{html.escape(corner)}</th>{_head(columns, delta, intervals)}</tr></thead>'
         f"<tbody>{''.join(rows)}</tbody></table>"
     )
 
