@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shutil
 import time
 
 import pytest
@@ -94,6 +95,17 @@ def test_missing_folder_and_file_are_named(tmp_path):
     (tmp_path / "f.bin").write_bytes(b"x")
     with pytest.raises(ModelLoadError, match="is a file"):
         resolve_source(tmp_path / "f.bin")
+
+
+def test_truncated_weights_are_named(tiny_model_dir, tmp_path):
+    """A weights file cut short (a copy interrupted, a full disk) is a ModelLoadError naming the
+    folder, not safetensors' bare error."""
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir("qwen2_vl"), folder)
+    (weights,) = folder.glob("*.safetensors")
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(ModelLoadError, match=re.escape(repr(str(folder))) + r".*truncated or corrupt"):
+        load_model_and_processor(str(folder), device="cpu")
 
 
 # ----------------------------------------------------------------------------------- LoRA

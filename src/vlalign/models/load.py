@@ -34,6 +34,7 @@ import torch
 from huggingface_hub import HfApi, try_to_load_from_cache
 from huggingface_hub.errors import GatedRepoError
 from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors import SafetensorError
 from torch import nn
 from transformers import AutoModelForImageTextToText, AutoProcessor, PreTrainedModel
 
@@ -322,6 +323,10 @@ def load_model_and_processor(
         model = AutoModelForImageTextToText.from_pretrained(source, **kwargs)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot load an image-text-to-text model from {source!r}: {exc}") from exc
+    except SafetensorError as exc:  # a truncated or corrupt weights file
+        raise ModelLoadError(
+            f"cannot read the weights of {source!r} ({exc}): a *.safetensors file there is truncated or corrupt"
+        ) from exc
     return _set_up(model, dev if device is not None else None, gradient_checkpointing, lora, freeze_vision), processor
 
 
