@@ -103,3 +103,15 @@ def test_an_invalid_option_fails_before_the_model_loads(module, option, message,
     with pytest.raises(ConfigError) as info:
         module.run(load_config(module.Config, None, args))
     assert str(info.value) == message
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_a_missing_data_file_fails_before_the_model_loads(name, tmp_path):
+    """A data file that is not there is named with its option before any model loads: the model
+    path does not exist either, so an error from loading it would say so instead."""
+    module = RECIPES[name]
+    args = [*_common(tmp_path / "no-such-model", tmp_path / "run"), f"--data.train={tmp_path / 'nope.jsonl'}"]
+    with pytest.raises(DataError) as info:
+        module.run(load_config(module.Config, None, [*args, "--data.eval="]))
+    assert str(info.value) == f"data.train: no file or folder {str(tmp_path / 'nope.jsonl')!r}"
+    assert not (tmp_path / "run").exists()

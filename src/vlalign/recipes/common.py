@@ -19,6 +19,7 @@ import torch
 from vlalign.config import StrictFields
 from vlalign.data.io import load_samples_with_report
 from vlalign.data.schema import DataError, DataFileNotFoundError
+from vlalign.data.sources import registered_sources
 from vlalign.eval.suite import Suite, SuiteConfig, build_suite
 from vlalign.eval.tasks import DESCRIBE, task_of
 from vlalign.models.load import LoraSpec, load_model_and_processor, save_model_and_processor
@@ -108,6 +109,11 @@ class DataConfig(StrictFields):
             ],
             values=self,
         )
+        for name in ("train", "eval"):  # a missing file is found before the model loads, not after
+            path = getattr(self, name)
+            named = any(path.startswith(prefix) for prefix in registered_sources())
+            if path and path != "auto" and not named and not Path(path).exists():
+                raise DataFileNotFoundError(f"{prefix}.{name}: no file or folder {path!r}")
 
 
 def trained_weights_dtype(dtype: str, *, lora: bool) -> str:
