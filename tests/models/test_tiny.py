@@ -14,13 +14,15 @@ from vlalign.data.schema import SupervisedSample, user_prompt
 from vlalign.models.load import load_model_and_processor
 from vlalign.models.tiny import (
     ARCHITECTURES,
+    QWEN_VOCAB_SIZE,
     SIZES,
     STAMP_FILE,
     build_tiny_model,
     image_tokens,
+    make_config,
     make_processor,
-    sincos_2d,
 )
+from vlalign.models.tiny_init import sincos_2d
 from vlalign.models.tiny_tokenizer import FAMILY_OF_ARCH, train_tokenizer
 
 EXPECTED_CLASSES = {
@@ -142,6 +144,7 @@ def test_build_is_deterministic_and_cached(tmp_path):
     assert (a / "tokenizer.json").read_bytes() == (c / "tokenizer.json").read_bytes()
     stamp = json.loads((a / STAMP_FILE).read_text())
     assert (stamp["arch"], stamp["size"], stamp["seed"]) == ("qwen2_vl", "tiny", 3)
+    assert "vocab_size" not in stamp["spec"] and "text_mlp" not in stamp["spec"]  # older sizes keep their stamps
     mtime = (a / "model.safetensors").stat().st_mtime_ns
     start = time.perf_counter()
     assert build_tiny_model("qwen2_vl", "tiny", a, seed=3) == a
@@ -175,3 +178,36 @@ def test_image_token_count_per_size(arch, size, shape_images):
     out = processor(text=[text], images=[[shape_images[0]]], return_tensors="pt")
     ids = set(image_token_ids(processor))
     assert sum(int(t) in ids for t in out["input_ids"][0]) == expected
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_bench_vocab_config_has_qwens_vocabulary(arch):
+    """``bench-vocab``: 151,936 embedding / LM-head rows whatever the tokenizer knows, MLP 5x, 4 query
+    heads per key head; ``bench`` keeps the tokenizer's size."""
+    from vlalign.shapes.world import tokenizer_corpus
+
+    tok = train_tokenizer(FAMILY_OF_ARCH[arch], tokenizer_corpus())
+    text = make_config(arch, "bench-vocab", tok).get_text_config()
+    assert text.vocab_size == QWEN_VOCAB_SIZE == 151_936 and len(tok) < 2000
+    assert (text.intermediate_size, text.num_attention_heads // text.num_key_value_heads) == (2560, 4)
+    assert make_config(arch, "bench", tok).get_text_config().vocab_size == len(tok)
+    assert image_tokens(arch, "bench-vocab") == 256
+
+
+@pytest.mark.slow
+def test_bench_vocab_builds_and_reloads(tmp_path, monkeypatch):
+    """Slow (15-45 s: 196M parameters, 785 MB written): the real-vocabulary model reloads with
+    ``from_pretrained`` offline, with 151,936 rows in its embedding and LM head; a token id past
+    the tokenizer's (a row no token maps to) still runs through the model."""
+    from transformers import AutoModelForImageTextToText
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    folder = build_tiny_model("qwen2_vl", "bench-vocab", tmp_path / "bv")
+    model = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32)
+    _, processor = load_model_and_processor(folder, device="cpu", dtype="float32")
+    assert model.get_input_embeddings().weight.shape == (QWEN_VOCAB_SIZE, 512)
+    assert model.get_output_embeddings().weight.shape == (QWEN_VOCAB_SIZE, 512)
+    assert len(processor.tokenizer) < 2000
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([[1, 2, QWEN_VOCAB_SIZE - 1]])).logits
+    assert logits.shape == (1, 3, QWEN_VOCAB_SIZE) and bool(torch.isfinite(logits).all())

@@ -18,9 +18,35 @@ included. Each image goes through the vision tower once per prompt instead of on
 ``"naive"``: one row per (prompt, completion), the image repeated (what TRL, LLaMA-Factory,
 ms-swift, verl and EasyR1 do); kept as the reference and as the fallback.
 
-Both modes ask the model for the logits of the needed positions only (``logits_to_keep``), so
-the vocabulary projection runs on completion positions alone in both; the speed-up of
+Both modes run the vocabulary projection on completion positions alone; the speed-up of
 ``"shared"`` over ``"naive"`` is the prefix sharing alone.
+
+The LM head: ``logits_mode``
+----------------------------
+``"chunked"`` (opt-in): the model's forward runs with its LM head computing ONE position (a
+forward pre-hook on the head keeps the last hidden states of the scored positions and hands the
+head a single row), and the log-probs (and entropies) of the completion tokens are computed from
+those hidden states by :func:`vlalign.models.head_logprobs.head_logprobs`: the head applied to
+one block of vocabulary rows at a time, the backward recomputing each block's logits, so no
+``(tokens, vocabulary)`` tensor is ever held (with Qwen's 151,936-token vocabulary, the full
+logits and their float32 copies are the largest tensors of a step). The one position the head
+still computes is a probe: the model's own output there must equal the head applied by hand
+(soft-capped when the text config has ``final_logit_softcapping`` and the model applies it),
+which catches a model that changes its logits after the head; the dtype of that output (bf16
+under autocast) is the dtype the chunks compute in, so autocast runs stay as exact as the full
+path.
+
+``"full"`` (the default): the model computes the kept logits (``logits_to_keep``), then a float32
+log-softmax and a gather: the path before chunking, the reference and the fallback. It stays the
+default because the chunked path, exact to float rounding, is not batch-invariant on a CPU
+(a matrix product of one row and of many round differently), so a reference scored in other
+batches than the policy differs from it by ~1e-7 where the full path gives exactly 0, and its
+memory and time targets were not met (``docs/performance.md``).
+``"chunked"`` falls back to it (logged once, with the reason) when the LM head is not a plain
+``nn.Linear`` (LoRA on the head), when its weight is sharded (DeepSpeed ZeRO-3, FSDP2) or when
+the probe disagrees. :attr:`CompletionLogprobs.logits_mode` says which path ran. The two paths
+agree within float rounding (``tests/models/test_logprobs_chunked.py``; measurements in
+``docs/performance.md``).
 
 Which attention is used when
 ----------------------------
@@ -68,7 +94,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlalign.data.collate import EncodedPrompts, build_rows
-from vlalign.models.arch import sharing_unsupported
+from vlalign.models.arch import sharing_unsupported, text_config, unwrap
+from vlalign.models.head_logprobs import head_logprobs
 from vlalign.models.input_checks import check_inputs
 from vlalign.models.packed_inputs import shared_inputs, sliding_window_problem
 from vlalign.models.packing import Completions, Layout, gather_tokens, naive_layout, packed_layout
@@ -76,6 +103,7 @@ from vlalign.models.packing import Completions, Layout, gather_tokens, naive_lay
 logger = logging.getLogger(__name__)
 
 Mode = Literal["shared", "naive"]
+LogitsMode = Literal["chunked", "full"]
 
 _logged: set[str] = set()
 
@@ -112,6 +140,8 @@ class CompletionLogprobs:
     entropy: Tensor | None = None  # (R, L) float: entropy of the next-token distribution
     hidden: Tensor | None = None  # (R, L, H): last hidden state at the position predicting each token
     last_hidden: Tensor | None = None  # (R, H): last hidden state at each completion's last token
+    logits_mode: str = ""
+    """The LM-head path that ran (``"chunked"`` or ``"full"``); empty where none ran (a cache)."""
 
     def __len__(self) -> int:
         return int(self.logps.shape[0])
@@ -182,15 +212,26 @@ def _run(
     return out.logits, hidden
 
 
+def _hidden_outputs(hidden: Tensor, layout: Layout) -> dict[str, Tensor]:
+    """Last hidden states at the position predicting each token ``(R, L, H)`` and at each last token ``(R, H)``."""
+    device = hidden.device
+    states = hidden.reshape(-1, hidden.shape[-1])  # (rows * T, H)
+    mask = layout.mask.to(device)
+    return {
+        "hidden": states[layout.predictor.to(device)] * mask[..., None],
+        "last_hidden": states[layout.last.to(device)],
+    }
+
+
 def _token_outputs(
     logits: Tensor,
-    hidden: Tensor | None,
     layout: Layout,
     token_ids: Tensor,
     *,
     temperature: float,
     return_entropy: bool,
 ) -> dict[str, Tensor | None]:
+    """The full path: log-softmax of the kept logits, gathered at each completion token."""
     device = logits.device
     flat = logits.reshape(-1, logits.shape[-1])  # (rows * K, V)
     chosen = flat[layout.source.to(device)].float() / temperature  # (R, L, V)
@@ -198,14 +239,167 @@ def _token_outputs(
     mask = layout.mask.to(device)
     safe = token_ids.to(device).clamp(min=0)
     logps = logp_all.gather(-1, safe[..., None]).squeeze(-1).masked_fill(~mask, 0.0)  # (R, L)
-    out: dict[str, Tensor | None] = {"logps": logps, "entropy": None, "hidden": None, "last_hidden": None}
+    out: dict[str, Tensor | None] = {"logps": logps, "entropy": None}
     if return_entropy:
         out["entropy"] = -(logp_all.exp() * logp_all).sum(-1).masked_fill(~mask, 0.0)
-    if hidden is not None:
-        states = hidden.reshape(-1, hidden.shape[-1])  # (rows * T, H)
-        out["hidden"] = states[layout.predictor.to(device)] * mask[..., None]
-        out["last_hidden"] = states[layout.last.to(device)]
     return out
+
+
+# ------------------------------------------------------------------------------ the chunked head
+
+
+def _plain_head(model: nn.Module) -> tuple[nn.Linear | None, str | None]:
+    """The LM head when the chunked path can apply it by hand; else None and the reason."""
+    head = unwrap(model).get_output_embeddings()
+    if type(head) is not nn.Linear:
+        return None, f"the LM head is a {type(head).__name__}, not a plain nn.Linear (an adapter on the head?)"
+    weight = head.weight
+    if weight.ndim != 2 or weight.numel() == 0 or hasattr(weight, "ds_id") or "DTensor" in type(weight.data).__name__:
+        return None, "the LM head's weight is sharded (DeepSpeed ZeRO-3 or FSDP)"
+    return head, None
+
+
+def _run_chunked(
+    model: nn.Module, inputs: dict[str, Any], layout: Layout, head: nn.Linear, *, want_hidden: bool
+) -> tuple[Tensor | None, Tensor, Tensor | None]:
+    """One forward whose LM head computes one position (the probe).
+
+    Returns the last hidden states at the kept positions ``(rows, K, H)`` (None when the head was
+    not called once with them), the model's logits at the probe ``(1, 1, V)`` and, on request,
+    the last hidden states of every position ``(rows, T, H)``.
+    """
+    captured: list[Tensor] = []
+
+    def keep_states(module: nn.Module, args: tuple[Any, ...]) -> tuple[Tensor] | None:
+        if len(args) != 1 or not isinstance(args[0], Tensor) or args[0].ndim != 3:
+            return None
+        captured.append(args[0])
+        return (args[0][:1, :1],)
+
+    handle = head.register_forward_pre_hook(keep_states)
+    try:
+        logits, hidden = _run(model, inputs, layout, want_hidden=want_hidden)
+    finally:
+        handle.remove()
+    return (captured[0] if len(captured) == 1 else None), logits, hidden
+
+
+def _probe_softcap(model: nn.Module, head: nn.Linear, states: Tensor, probe: Tensor) -> tuple[bool, float | None]:
+    """Whether the model's logits at the probe are the head applied by hand, and the soft-cap it applied."""
+    with torch.no_grad():
+        bias = head.bias.to(probe.dtype) if head.bias is not None else None
+        by_hand = F.linear(states[:1, :1].to(probe.dtype), head.weight.to(probe.dtype), bias)
+        if by_hand.shape == probe.shape and torch.equal(by_hand, probe):
+            return True, None
+        cap = getattr(text_config(model), "final_logit_softcapping", None)
+        if cap is not None and by_hand.shape == probe.shape:
+            capped = torch.tanh(by_hand / cap) * cap
+            if torch.equal(capped, probe):
+                return True, float(cap)
+    return False, None
+
+
+def _chunked_outputs(
+    states: Tensor,
+    head: nn.Linear,
+    dtype: torch.dtype,
+    layout: Layout,
+    token_ids: Tensor,
+    *,
+    softcap: float | None,
+    temperature: float,
+    block_rows: int | None,
+    return_entropy: bool,
+) -> dict[str, Tensor | None]:
+    """Log-probs (and entropies) of the completion tokens from the kept hidden states, in chunks."""
+    device = states.device
+    mask = layout.mask.to(device)
+    rows = layout.source.to(device)[mask]  # (N,): index of the kept position predicting each real token
+    flat = states.reshape(-1, states.shape[-1])[rows].to(dtype)  # (N, H)
+    bias = head.bias.to(dtype) if head.bias is not None else None
+    logps, entropy = head_logprobs(
+        flat,
+        head.weight.to(dtype),
+        token_ids.to(device)[mask],
+        bias=bias,
+        temperature=temperature,
+        softcap=softcap,
+        block_rows=block_rows,
+        return_entropy=return_entropy,
+    )
+    zeros = torch.zeros(mask.shape, dtype=torch.float32, device=device)
+    return {
+        "logps": zeros.masked_scatter(mask, logps),
+        "entropy": zeros.masked_scatter(mask, entropy) if entropy is not None else None,
+    }
+
+
+def _score(
+    model: nn.Module,
+    inputs: dict[str, Any],
+    layout: Layout,
+    token_ids: Tensor,
+    *,
+    logits_mode: LogitsMode,
+    block_rows: int | None,
+    temperature: float,
+    return_entropy: bool,
+    return_hidden: bool,
+) -> tuple[dict[str, Tensor | None], str]:
+    """The forward and the per-token outputs, chunked when possible; the outputs and the path that ran."""
+    outs: dict[str, Tensor | None] = {}
+    hidden: Tensor | None = None
+    if logits_mode == "chunked":
+        head, reason = _plain_head(model)
+        if head is not None:
+            states, probe, hidden = _run_chunked(model, inputs, layout, head, want_hidden=return_hidden)
+            agrees, softcap = _probe_softcap(model, head, states, probe) if states is not None else (False, None)
+            if agrees:
+                assert states is not None
+                outs = _chunked_outputs(
+                    states,
+                    head,
+                    probe.dtype,
+                    layout,
+                    token_ids,
+                    softcap=softcap,
+                    temperature=temperature,
+                    block_rows=block_rows,
+                    return_entropy=return_entropy,
+                )
+            else:
+                reason = "the model's logits differ from its LM head's output (a transform after the head?)"
+        if not outs:
+            _log_once(f"chunked log-probs unavailable: {reason}; computing the full logits (logits_mode='full')")
+            logits_mode = "full"
+    if logits_mode == "full":
+        logits, hidden = _run(model, inputs, layout, want_hidden=return_hidden)
+        outs = _token_outputs(logits, layout, token_ids, temperature=temperature, return_entropy=return_entropy)
+    if hidden is not None:
+        outs.update(_hidden_outputs(hidden, layout))
+    return outs, logits_mode
+
+
+def _layout_and_inputs(
+    model: nn.Module,
+    prompts: EncodedPrompts,
+    completions: Completions,
+    mode: Mode,
+    pad_token_id: int,
+    device: torch.device,
+) -> tuple[Mode, Layout, dict[str, Any]]:
+    """The mode that runs (``"shared"`` falls back to ``"naive"``, logged once), its layout and the forward's inputs."""
+    if mode == "shared":
+        reason = sharing_unsupported(model)
+        packed = packed_layout(prompts, completions, pad_token_id=pad_token_id) if reason is None else None
+        if packed is not None:
+            reason = sliding_window_problem(model, packed)
+        if reason is None:
+            assert packed is not None
+            return mode, packed.layout, shared_inputs(model, prompts, packed, device)
+        _log_once(reason)
+    batch = build_rows(prompts, completions, pad_token_id=pad_token_id)
+    return "naive", naive_layout(batch), {k: v.to(device) for k, v in batch.model_inputs().items()}
 
 
 def completion_logprobs(
@@ -219,6 +413,8 @@ def completion_logprobs(
     return_hidden: bool = False,
     pad_token_id: int = 0,
     max_length: int | None = None,
+    logits_mode: LogitsMode = "full",
+    block_rows: int | None = None,
 ) -> CompletionLogprobs:
     """Per-token log-probs of ``completions[i][j]`` given prompt ``i``, for every (i, j).
 
@@ -230,6 +426,10 @@ def completion_logprobs(
     token; reward heads: ``last_hidden`` at each completion's last token). ``max_length`` bounds
     prompt + completion (a prompt alone over it is an error, never a truncation).
 
+    ``logits_mode`` picks the LM-head path (module doc): ``"chunked"`` holds the logits of
+    ``block_rows`` vocabulary rows at a time (default :data:`~vlalign.models.head_logprobs.BLOCK_ROWS`),
+    ``"full"`` materialises the kept logits.
+
     Gradients flow; wrap the call in ``torch.no_grad()`` for a reference or a rollout score.
     ``mode="shared"`` falls back to ``"naive"`` (logged once, with the reason) for an
     architecture or attention implementation that cannot share prompts.
@@ -238,27 +438,23 @@ def completion_logprobs(
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if mode not in ("shared", "naive"):
         raise ValueError(f"mode must be 'shared' or 'naive', not {mode!r}")
+    if logits_mode not in ("chunked", "full"):
+        raise ValueError(f"logits_mode must be 'chunked' or 'full', not {logits_mode!r}")
     check_inputs(model, prompts, completions, max_length)
     device = next(model.parameters()).device
-    if mode == "shared":
-        reason = sharing_unsupported(model)
-        packed = packed_layout(prompts, completions, pad_token_id=pad_token_id) if reason is None else None
-        if packed is not None:
-            reason = sliding_window_problem(model, packed)
-        if reason is not None:
-            _log_once(reason)
-            mode = "naive"
-    if mode == "shared":
-        assert packed is not None
-        layout = packed.layout
-        inputs = shared_inputs(model, prompts, packed, device)
-    else:
-        batch = build_rows(prompts, completions, pad_token_id=pad_token_id)
-        layout = naive_layout(batch)
-        inputs = {k: v.to(device) for k, v in batch.model_inputs().items()}
+    mode, layout, inputs = _layout_and_inputs(model, prompts, completions, mode, pad_token_id, device)
     token_ids = gather_tokens(layout.input_ids, layout)
-    logits, hidden = _run(model, inputs, layout, want_hidden=return_hidden)
-    outs = _token_outputs(logits, hidden, layout, token_ids, temperature=temperature, return_entropy=return_entropy)
+    outs, ran = _score(
+        model,
+        inputs,
+        layout,
+        token_ids,
+        logits_mode=logits_mode,
+        block_rows=block_rows,
+        temperature=temperature,
+        return_entropy=return_entropy,
+        return_hidden=return_hidden,
+    )
     rows, width = layout.input_ids.shape
     return CompletionLogprobs(
         logps=outs["logps"],
@@ -269,7 +465,8 @@ def completion_logprobs(
         mode=mode,
         num_tokens=layout.num_tokens,
         num_slots=rows * width,
-        entropy=outs["entropy"],
-        hidden=outs["hidden"],
-        last_hidden=outs["last_hidden"],
+        entropy=outs.get("entropy"),
+        hidden=outs.get("hidden"),
+        last_hidden=outs.get("last_hidden"),
+        logits_mode=ran,
     )

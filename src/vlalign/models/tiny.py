@@ -12,17 +12,21 @@ Architectures: ``qwen2_vl``, ``qwen2_5_vl``, ``llava`` (CLIP vision tower + Llam
 ``idefics3`` (SmolVLM's architecture: SigLIP-style tower, pixel shuffle, Llama) and ``gemma3``
 (SigLIP + Gemma3 text). Sizes:
 
-=========  =================================================================================
-``tiny``   0.5-0.7M parameters, 32 px images, 4 image tokens: unit tests (builds in ~0.1 s).
-``small``  the demo model, 3.2-3.8M parameters: 96 px images, 32 px patches, 9 image tokens;
-           it learns the shapes world in minutes of fine-tuning on two CPU cores.
-``bench``  17-19M parameters, 448 px images, 256 image tokens: compute dominates a step.
-=========  =================================================================================
+===============  ===========================================================================
+``tiny``         0.5-0.7M parameters, 32 px images, 4 image tokens: unit tests (builds in ~0.1 s).
+``small``        the demo model, 3.2-3.8M parameters: 96 px images, 32 px patches, 9 image
+                 tokens; it learns the shapes world in minutes of fine-tuning on two CPU cores.
+``bench``        17-19M parameters, 448 px images, 256 image tokens: compute dominates a step.
+``bench-vocab``  ``bench``'s images with Qwen's real vocabulary size (151,936 embedding and
+                 LM-head rows; the tokenizer knows ~1k of them) and a deeper, narrower-headed
+                 language model (8 layers, 4 queries per key head, MLP 5x): the full-vocabulary
+                 logits weigh in a step as they do in real models (``docs/performance.md``).
+===============  ===========================================================================
 
 Random inits that would leave a model degenerate are repaired: Gemma3's zero multimodal
-projection (:func:`_repair_degenerate_init`; the tests check that each model's output depends on
+projection (:func:`~vlalign.models.tiny_init.repair_degenerate_init`; the tests check that each model's output depends on
 its image), and the learned position embeddings of SigLIP and CLIP towers, which start as 2-D
-sine-cosine patterns (:func:`sincos_2d`) so that the tower sees the image's geometry from the
+sine-cosine patterns (:func:`~vlalign.models.tiny_init.sincos_2d`) so that the tower sees the image's geometry from the
 first step. Measurements behind these choices: ``docs/notes/tiny-models.md``.
 
 Building is deterministic (same arch, size and seed give byte-identical weights) and cached: a
@@ -56,7 +60,6 @@ from transformers import (
     LlavaConfig,
     LlavaProcessor,
     PretrainedConfig,
-    PreTrainedModel,
     PreTrainedTokenizerFast,
     ProcessorMixin,
     Qwen2_5_VLConfig,
@@ -68,6 +71,7 @@ from transformers import (
     SiglipVisionConfig,
 )
 
+from vlalign.models.tiny_init import geometric_position_init, repair_degenerate_init
 from vlalign.models.tiny_tokenizer import (
     DEFAULT_CORPUS,
     FAMILY_OF_ARCH,
@@ -84,6 +88,10 @@ BUILDER_VERSION = 3
 """Bumped whenever a build's output changes, so that stale cached folders are rebuilt."""
 
 STAMP_FILE = "vlalign_tiny.json"
+
+
+QWEN_VOCAB_SIZE = 151_936
+"""Rows of Qwen2-VL's / Qwen2.5-VL's embedding and LM head (the ``bench-vocab`` size's vocabulary)."""
 
 
 @dataclass(frozen=True)
@@ -105,10 +113,15 @@ class SizeSpec:
     """Spatial merge (Qwen), pixel-shuffle scale (Idefics3) or pooling kernel (Gemma3); LLaVA,
     which has no token merge, uses ``patch * merge`` as its patch, so that every architecture
     turns an image into ``(image_px / patch / merge) ** 2`` tokens."""
+    vocab_size: int | None = None
+    """Rows of the token embedding and the LM head; None: the tokenizer's size. A larger value
+    leaves rows no token maps to, as in real checkpoints (Qwen2-VL: 151,936 rows, 151,665 tokens)."""
+    text_mlp: int = 2
+    """The language model's MLP width as a multiple of its hidden size."""
 
     @property
     def text_intermediate(self) -> int:
-        return self.text_hidden * 2
+        return self.text_hidden * self.text_mlp
 
     @property
     def vision_intermediate(self) -> int:
@@ -150,9 +163,22 @@ SIZES: dict[str, SizeSpec] = {
         text_heads=8,
         text_kv_heads=4,
     ),
+    "bench-vocab": SizeSpec(
+        image_px=448,
+        patch=14,
+        vision_hidden=256,
+        vision_layers=4,
+        vision_heads=4,
+        text_hidden=512,
+        text_layers=8,
+        text_heads=8,
+        text_kv_heads=2,
+        vocab_size=QWEN_VOCAB_SIZE,
+        text_mlp=5,
+    ),
 }
 """Size classes. Every architecture turns an image into ``(image_px / patch / merge)^2`` tokens:
-tiny 4, small 9, bench 256 (why ``small`` is what it is: ``docs/notes/tiny-models.md``)."""
+tiny 4, small 9, bench and bench-vocab 256 (why ``small`` is what it is: ``docs/notes/tiny-models.md``)."""
 
 
 def image_tokens(arch: str, size: str) -> int:
@@ -169,9 +195,18 @@ def _ids(tok: PreTrainedTokenizerFast, *tokens: str) -> list[int]:
     return [tok.convert_tokens_to_ids(t) for t in tokens]
 
 
+def _vocab_size(spec: SizeSpec, tok: PreTrainedTokenizerFast) -> int:
+    """Rows of the embedding and LM head: the size's ``vocab_size``, at least the tokenizer's size."""
+    if spec.vocab_size is None:
+        return len(tok)
+    if spec.vocab_size < len(tok):
+        raise ValueError(f"vocab_size {spec.vocab_size} is smaller than the tokenizer's {len(tok)} tokens")
+    return spec.vocab_size
+
+
 def _llama_text(spec: SizeSpec, tok: PreTrainedTokenizerFast) -> LlamaConfig:
     return LlamaConfig(
-        vocab_size=len(tok),
+        vocab_size=_vocab_size(spec, tok),
         hidden_size=spec.text_hidden,
         intermediate_size=spec.text_intermediate,
         num_hidden_layers=spec.text_layers,
@@ -190,7 +225,7 @@ def _qwen_config(arch: str, spec: SizeSpec, tok: PreTrainedTokenizerFast) -> Pre
     half = head_dim // 2
     mrope = [half - 2 * (half * 3 // 8), half * 3 // 8, half * 3 // 8]  # (t, h, w), sums to head_dim/2
     text = dict(
-        vocab_size=len(tok),
+        vocab_size=_vocab_size(spec, tok),
         hidden_size=spec.text_hidden,
         intermediate_size=spec.text_intermediate,
         num_hidden_layers=spec.text_layers,
@@ -276,7 +311,7 @@ def _gemma3_config(spec: SizeSpec, tok: PreTrainedTokenizerFast, n_tokens: int) 
     head_dim = spec.text_hidden // spec.text_heads
     layer_types = ["sliding_attention"] * (spec.text_layers - 1) + ["full_attention"]
     text = Gemma3TextConfig(
-        vocab_size=len(tok),
+        vocab_size=_vocab_size(spec, tok),
         hidden_size=spec.text_hidden,
         intermediate_size=spec.text_intermediate,
         num_hidden_layers=spec.text_layers,
@@ -373,64 +408,12 @@ def make_processor(arch: str, size: str, tok: PreTrainedTokenizerFast) -> Proces
 # ------------------------------------------------------------------------------------ models
 
 
-def _repair_degenerate_init(model: PreTrainedModel, *, std: float) -> list[str]:
-    """Re-initialise weight matrices a random init leaves at zero; return their names.
-
-    Gemma3 zeroes ``multi_modal_projector.mm_input_projection_weight`` (its real checkpoints
-    are trained); at zero the language model never sees the image. Any other 2-D weight left
-    all-zero (an architecture could add one) is treated the same way. Biases and norm scales
-    (1-D) are meant to start at zero and are left alone.
-    """
-    repaired: list[str] = []
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if param.ndim >= 2 and not bool(param.any()):
-                param.normal_(0.0, std)
-                repaired.append(name)
-    return repaired
-
-
-def sincos_2d(side: int, dim: int) -> torch.Tensor:
-    """``(side * side, dim)`` 2-D sine-cosine position codes, row-major (x fastest), values in [-1, 1].
-
-    A quarter of the channels each hold ``sin(x w_k)``, ``cos(x w_k)``, ``sin(y w_k)`` and
-    ``cos(y w_k)`` with ``w_k = 10000^(-k / (dim / 4))`` (the 2-D form of the Transformer's codes).
-    """
-    if dim % 4:
-        raise ValueError(f"2-D sine-cosine codes need a dimension divisible by 4, not {dim}")
-    quarter = dim // 4
-    omega = 10000.0 ** (-torch.arange(quarter, dtype=torch.float64) / quarter)  # (dim/4,)
-    ys, xs = torch.meshgrid(
-        torch.arange(side, dtype=torch.float64), torch.arange(side, dtype=torch.float64), indexing="ij"
-    )
-    x, y = xs.reshape(-1, 1) * omega, ys.reshape(-1, 1) * omega  # (side^2, dim/4)
-    return torch.cat([x.sin(), x.cos(), y.sin(), y.cos()], dim=1).float()
-
-
-def _geometric_position_init(model: PreTrainedModel) -> list[str]:
-    """Set learned vision position embeddings (SigLIP / CLIP) to :func:`sincos_2d`; return their names.
-
-    A table of ``side^2`` rows is all patches; one of ``side^2 + 1`` rows (CLIP) starts with the
-    class token's row, which is set to zero.
-    """
-    done: list[str] = []
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if not name.endswith("position_embedding.weight") or "vision" not in name or param.ndim != 2:
-                continue
-            rows, dim = param.shape
-            side = math.isqrt(rows)
-            extra = rows - side * side
-            if extra not in (0, 1) or dim % 4:
-                continue
-            param.zero_()
-            param[extra:] = sincos_2d(side, dim)
-            done.append(name)
-    return done
-
-
 def _stamp(arch: str, size: str, seed: int, corpus_name: str) -> dict[str, Any]:
-    stamp = {"arch": arch, "size": size, "seed": seed, "builder_version": BUILDER_VERSION, "spec": asdict(SIZES[size])}
+    spec = asdict(SIZES[size])
+    for name in ("vocab_size", "text_mlp"):  # left out at their defaults: older sizes keep their stamps
+        if spec[name] == SizeSpec.__dataclass_fields__[name].default:
+            del spec[name]
+    stamp = {"arch": arch, "size": size, "seed": seed, "builder_version": BUILDER_VERSION, "spec": spec}
     return stamp if corpus_name == DEFAULT_CORPUS else {**stamp, "corpus": corpus_name}
 
 
@@ -466,8 +449,8 @@ def build_tiny_model(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
-        _repair_degenerate_init(model, std=1.0 / math.sqrt(SIZES[size].vision_hidden))
-        _geometric_position_init(model)
+        repair_degenerate_init(model, std=1.0 / math.sqrt(SIZES[size].vision_hidden))
+        geometric_position_init(model)
     model.generation_config = generation_config(tok, arch)
     model.save_pretrained(out)
     processor.save_pretrained(out)

@@ -1,0 +1,199 @@
+"""Per-token log-probs (and entropies) straight from hidden states, the vocabulary in chunks.
+
+A causal language model's logits for N scored tokens are an ``(N, V)`` tensor: with a real
+vocabulary (Qwen: V = 151,936) and a float32 log-softmax, it and the copies that autograd keeps
+(the float logits, the log-softmax output, their gradients) are the largest tensors of a
+preference or RL step. :func:`head_logprobs` never holds them: it applies the LM head to one
+block of ``block_rows`` vocabulary rows at a time (default :data:`BLOCK_ROWS`), for all N tokens
+at once. The blocks depend on the vocabulary alone, never on N (the order of the sums over the
+vocabulary is then the same whatever N is; the matrix product itself may still round a lone row
+differently from a batch on a CPU). The forward keeps, per
+token and block, the maximum, the sum of exponentials and (for the entropy) their first moment,
+and combines the blocks at the end; only the log-probs, the log-sum-exp and the entropies
+(``(N,)`` each) are saved. The backward recomputes the logits block by block from the saved
+hidden states, turns them into the logits' gradient, writes that block of the head's weight (and
+bias) gradient once and adds its share to the hidden states' gradient. Peak memory for the head
+is then a few ``N x block_rows`` tensors instead of ``N x V``; the price is one more
+``(N, H) x (H, V)`` product in the backward pass (the recomputation). Blocking by vocabulary
+rows rather than by tokens keeps every product as wide as N: with token chunks, every chunk
+re-reads the whole ``(V, H)`` weight (and in the backward re-writes its gradient), a memory-bound
+sweep that cost more than the products on a CPU.
+
+The math, for one token with logits ``y = h W^T + b`` (in the weights' dtype), optional
+soft-capping ``y <- c tanh(y / c)`` (Gemma-style, in the same dtype), and temperature ``T``:
+``z = float(y) / T``, ``lse = log sum_v exp(z_v)``, ``log p_v = z_v - lse``,
+
+- log-prob of target ``t``: ``z_t - lse``;
+- entropy: ``H = -sum_v p_v log p_v``;
+- gradients: ``dlogp_t / dz_v = [v = t] - p_v``, ``dH / dz_v = -p_v (log p_v + H)``; then
+  ``dz/dy = 1 / T`` (times ``1 - tanh^2(y_raw / c)`` when capped), ``dL/dh = dL/dy W``,
+  ``dL/dW = (dL/dy)^T h``, ``dL/db = sum over tokens of dL/dy``.
+
+Every step is the same operation, in the same dtype, as autograd's for
+``log_softmax(float(linear(h)) / T)`` followed by a gather (the "full" path of
+:mod:`vlalign.models.logprobs`); only the order of the sums over the vocabulary differs (by
+block), so the two agree to float rounding (tested in ``tests/models/test_head_logprobs.py``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+BLOCK_ROWS = 8192
+"""Default vocabulary rows per block: 19 blocks for Qwen's 151,936 tokens; 32 MiB of float32
+logits per block for 1,024 scored tokens (the full path holds 594 MiB for them)."""
+
+
+def _chunk_logits(
+    hidden: Tensor, weight: Tensor, bias: Tensor | None, softcap: float | None
+) -> tuple[Tensor, Tensor | None]:
+    """Logits of a chunk in the weights' dtype (soft-capped) and, when capped, ``tanh(y / c)``."""
+    y = F.linear(hidden, weight, bias)  # (C, V)
+    if softcap is None:
+        return y, None
+    squashed = torch.tanh(y / softcap)
+    return squashed * softcap, squashed
+
+
+def _blocked_forward(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    targets: Tensor,
+    temperature: float,
+    softcap: float | None,
+    rows: int,
+    return_entropy: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Log-probs, log-sum-exp and entropies ``(N,)`` from blocks of vocabulary rows.
+
+    Per block b: its maximum ``m_b``, ``s_b = sum exp(z - m_b)`` and ``u_b = sum exp(z - m_b) z``;
+    then ``lse = M + log S`` with ``M = max_b m_b``, ``S = sum_b s_b exp(m_b - M)``, and
+    ``H = lse - U / S`` with ``U = sum_b u_b exp(m_b - M)`` (``sum_v p_v z_v = U / S``).
+    """
+    n, vocab = hidden.shape[0], weight.shape[0]
+    f32 = {"dtype": torch.float32, "device": hidden.device}
+    starts = list(range(0, vocab, rows))
+    maxes, sums = torch.empty((n, len(starts)), **f32), torch.empty((n, len(starts)), **f32)
+    moments = torch.empty((n, len(starts)), **f32) if return_entropy else None
+    target_logits = torch.empty(n, **f32)
+    for i, v0 in enumerate(starts):
+        v1 = min(v0 + rows, vocab)
+        y, _ = _chunk_logits(hidden, weight[v0:v1], bias[v0:v1] if bias is not None else None, softcap)
+        z = y.float().div_(temperature)  # (N, V_b); y is ours to overwrite
+        del y
+        maxes[:, i] = z.max(dim=-1).values
+        e = (z - maxes[:, i, None]).exp_()
+        sums[:, i] = e.sum(-1)
+        if moments is not None:
+            moments[:, i] = (e * z).sum(-1)
+        hit = ((targets >= v0) & (targets < v1)).nonzero().squeeze(-1)
+        target_logits[hit] = z[hit, targets[hit] - v0]
+        del z, e
+    top = maxes.max(dim=-1).values  # (N,)
+    scale = (maxes - top[:, None]).exp_()
+    total = (sums * scale).sum(-1)
+    lse = top + total.log()
+    entropy = lse - (moments * scale).sum(-1) / total if moments is not None else torch.zeros(0, **f32)
+    return target_logits - lse, lse, entropy
+
+
+class _HeadLogprobs(torch.autograd.Function):
+    """Autograd of :func:`head_logprobs`: saves the hidden states and the per-token log-sum-exp only."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        hidden: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        targets: Tensor,
+        temperature: float,
+        softcap: float | None,
+        block_rows: int,
+        return_entropy: bool,
+    ) -> tuple[Tensor, Tensor]:
+        logps, lse, entropy = _blocked_forward(
+            hidden, weight, bias, targets, temperature, softcap, block_rows, return_entropy
+        )
+        ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
+        ctx.temperature, ctx.softcap, ctx.block_rows, ctx.return_entropy = (
+            temperature,
+            softcap,
+            block_rows,
+            return_entropy,
+        )
+        return logps, entropy
+
+    @staticmethod
+    def backward(ctx: Any, grad_logps: Tensor, grad_entropy: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        vocab, temperature = weight.shape[0], ctx.temperature
+        grad_h = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if need_h else None
+        grad_w = torch.empty_like(weight) if need_w else None
+        grad_b = torch.empty_like(bias) if need_b and bias is not None else None
+        rows = ctx.block_rows
+        g_logp = grad_logps[:, None].float()
+        for v0 in range(0, vocab, rows):
+            v1 = min(v0 + rows, vocab)
+            w = weight[v0:v1]
+            y, squashed = _chunk_logits(hidden, w, bias[v0:v1] if bias is not None else None, ctx.softcap)
+            logp = y.float().div_(temperature).sub_(lse[:, None])  # (N, V_b) log p
+            del y
+            p = logp.exp()
+            # dL/dz = g_logp ([v = t] - p) + g_ent (-p (log p + H))
+            if ctx.return_entropy:
+                grad_z = logp.add_(entropy[:, None]).mul_(p).mul_(-grad_entropy[:, None])
+                grad_z.sub_(p.mul_(g_logp))
+            else:
+                grad_z = p.mul_(-g_logp)
+            hit = ((targets >= v0) & (targets < v1)).nonzero().squeeze(-1)
+            grad_z.index_put_((hit, targets[hit] - v0), g_logp[hit, 0], accumulate=True)
+            grad_y = grad_z.div_(temperature).to(weight.dtype)
+            del grad_z, logp, p
+            if squashed is not None:
+                grad_y = grad_y * (1 - squashed * squashed)
+            if grad_h is not None:
+                grad_h += grad_y @ w
+            if grad_w is not None:
+                grad_w[v0:v1] = grad_y.t() @ hidden
+            if grad_b is not None:
+                grad_b[v0:v1] = grad_y.sum(0)
+        return (grad_h.to(hidden.dtype) if grad_h is not None else None), grad_w, grad_b, None, None, None, None, None
+
+
+def head_logprobs(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    *,
+    bias: Tensor | None = None,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    block_rows: int | None = None,
+    return_entropy: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """Log-probs of ``targets`` under ``softmax(LM head(hidden) / temperature)``, chunk by chunk.
+
+    ``hidden`` ``(N, H)`` are the last hidden states of the positions predicting each target,
+    ``weight`` ``(V, H)`` (and ``bias`` ``(V,)``) the LM head, ``targets`` ``(N,)`` token ids.
+    ``softcap`` soft-caps the logits (``c tanh(y / c)``) as Gemma-family heads configured with
+    ``final_logit_softcapping`` do. Returns float32 log-probs ``(N,)`` and, with
+    ``return_entropy``, entropies ``(N,)`` (else None). ``block_rows`` vocabulary rows are
+    computed at a time (default :data:`BLOCK_ROWS`). Differentiable in ``hidden``, ``weight``
+    and ``bias``; no ``(N, V)`` tensor is kept for the backward pass (see the module doc).
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    size = block_rows if block_rows is not None else BLOCK_ROWS
+    if size < 1:
+        raise ValueError(f"block_rows must be >= 1, got {size}")
+    logps, entropy = _HeadLogprobs.apply(
+        hidden, weight, bias, targets, float(temperature), softcap, int(size), return_entropy
+    )
+    return logps, (entropy if return_entropy else None)
