@@ -9,7 +9,11 @@
 #   (c) benchmarks/logprobs.py --device cuda in bfloat16 and in float32 (speed-ups, peak-memory ratios,
 #       largest shared-vs-naive log-prob difference);
 #   (d) a few fast CPU tests that touch bf16 (tests/models/test_load.py, test_heads.py), with the versions
-#       installed there.
+#       installed there;
+#   (e) FSDP2 through accelerate (GPU only: accelerate applies FSDP to GPU processes only, see
+#       docs/distributed.md): tests/recipes/test_fsdp_gpu.py -- SFT and DPO sharded over min(GPUs, 2)
+#       processes equal one unsharded process, resume exactly after a stop, and save a whole model/
+#       folder -- and the CPU test of the sharded checkpoint code (tests/recipes/test_fsdp_checkpoints.py).
 #
 # Run from the repository root on a machine with a GPU:
 #
@@ -18,7 +22,8 @@
 #
 # The demo's folder is $WORK/demo-quick (default WORK=/tmp/vlalign-gpu-check); only its demo_summary.json
 # and report.html are copied to $OUT. DEVICE=cpu runs the same steps on the CPU (to try the script out);
-# DEMO_TIMEOUT and TEST_TIMEOUT (seconds) bound steps (b) and (d), REPS the benchmark's repetitions.
+# DEMO_TIMEOUT, TEST_TIMEOUT and FSDP_TIMEOUT (seconds) bound steps (b), (d) and (e), REPS the benchmark's
+# repetitions; ONLY=fsdp2 runs step (a) and step (e) alone (about 5 minutes on one GPU, estimated).
 # The exit status is 0 only when every step passed; each step's outcome is listed at the end.
 
 set -u
@@ -95,6 +100,7 @@ if sys.argv[1] != "cpu":
           f"train.mixed_precision=auto -> {resolve_mixed_precision('auto')}")
 EOF
 
+if [ "${ONLY:-}" != fsdp2 ]; then
 # ------------------------------------------------------------------------------ (b) the quick demo
 DEMO="$WORK/demo-quick"
 rm -rf "$DEMO"
@@ -165,6 +171,15 @@ done
 # ------------------------------------------------------------------------------ (d) a few bf16 tests
 step tests "$OUT/pytest.log" timeout "${TEST_TIMEOUT:-600}" "$PY" -m pytest -q -x -p no:cacheprovider -m "not slow" \
     tests/models/test_load.py tests/models/test_heads.py
+fi  # ONLY
+
+# ------------------------------------------------------------------------------ (e) FSDP2 through accelerate
+# Not on CPUs: with ACCELERATE_USE_CPU=true accelerate 1.15 turns an FSDP config into plain DDP, and without
+# it a GPU-less machine starts unconnected processes. -m "" includes the tests marked slow.
+if [ "$DEVICE" != cpu ]; then
+    step fsdp2 "$OUT/fsdp2.log" timeout "${FSDP_TIMEOUT:-1200}" "$PY" -m pytest -q -x -p no:cacheprovider -m "" -rs \
+        tests/recipes/test_fsdp_gpu.py tests/recipes/test_fsdp_checkpoints.py
+fi
 
 say ""
 say "=== summary"

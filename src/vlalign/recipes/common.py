@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import torch
 
-from vlalign.config import StrictFields
+from vlalign.config import ConfigError, StrictFields
 from vlalign.data.io import load_samples_with_report
 from vlalign.data.schema import DataError, DataFileNotFoundError
 from vlalign.data.sources import registered_sources
@@ -26,7 +26,7 @@ from vlalign.models.load import LoraSpec, load_model_and_processor, save_model_a
 from vlalign.models.tiny import resolve_model
 from vlalign.shapes.embedded import resolve_data
 from vlalign.training import Run, check_supported
-from vlalign.training.checkpoints import disk_full, write_error
+from vlalign.training.checkpoints import disk_full, full_state_dict, is_sharded, write_error
 from vlalign.training.options import check_options
 
 logger = logging.getLogger("vlalign")
@@ -219,12 +219,16 @@ def task_suite(cfg: SuiteConfig, tasks: Sequence[str]) -> Suite | None:
 
 
 def save_final_model(run: Run, model: torch.nn.Module, processor: Any, mode: str) -> Path | None:
-    """The trained model in Hugging Face format at ``<run_dir>/model`` (main process; others wait)."""
+    """The trained model in Hugging Face format at ``<run_dir>/model`` (main process; others wait).
+    An FSDP2-sharded model is first gathered whole by every process (:func:`full_state_dict`), then
+    written by the main process: a full folder, or the adapter of a PEFT model."""
     out = None
+    unwrapped = run.accelerator.unwrap_model(model)
+    state = full_state_dict(unwrapped) if is_sharded(unwrapped) else None
     if run.accelerator.is_main_process:
         folder = run.run_dir / "model"
         try:
-            out = save_model_and_processor(run.accelerator.unwrap_model(model), processor, folder, mode=mode)
+            out = _save_model(unwrapped, processor, folder, mode, state)
         except OSError as exc:  # a full disk above all: one line naming the folder
             raise write_error(folder, exc, "the model") from exc
         except RuntimeError as exc:  # safetensors / torch report a full disk as a RuntimeError
@@ -234,3 +238,18 @@ def save_final_model(run: Run, model: torch.nn.Module, processor: Any, mode: str
         run.print(f"saved the model to {out}")
     run.accelerator.wait_for_everyone()
     return out
+
+
+def _save_model(model: torch.nn.Module, processor: Any, folder: Path, mode: str, state: dict | None) -> Path:
+    """:func:`save_model_and_processor`, or, with the gathered ``state`` of a sharded model, its
+    ``save_pretrained(state_dict=state)`` ("merged" would need a whole copy: refused)."""
+    if state is None:
+        return save_model_and_processor(model, processor, folder, mode=mode)
+    if mode == "merged":
+        raise ConfigError(
+            "--save=merged is not supported for a sharded (FSDP) model: save the adapter and merge it later"
+        )
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder, state_dict=state)
+    processor.save_pretrained(folder)
+    return folder

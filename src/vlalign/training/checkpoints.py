@@ -3,6 +3,11 @@ scheduler states and every process's RNG state, written to a temporary folder an
 place, so a run killed while saving leaves the previous checkpoint intact and never a
 half-written one.
 
+Under FSDP2 (parameters as DTensor shards) every process gathers each trainable parameter whole
+and the main process writes it, so ``<module>.safetensors`` loads without FSDP; the optimiser
+state stays sharded, one ``optimizer-<rank>.pt`` per process (resume with the same process count,
+as for the RNG states).
+
 Checkpoints are data, never code: every ``.pt`` file is read with ``torch.load(weights_only=True)``
 (tensors, numbers, strings and containers only), so a crafted file cannot run anything when a
 run is resumed. A file that cannot be read raises :class:`CheckpointError` naming its path (and
@@ -21,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from vlalign.errors import UserError
 
@@ -106,11 +112,16 @@ class Checkpointer:
             tmp.mkdir(parents=True)
         _barrier(accelerator)
         _write(tmp / f"rng-{rank}.pt", lambda f: torch.save(rng_state(), f))
-        if is_main:
-            for name, module in modules.items():
+        sharded = any(is_sharded(module) for module in modules.values())
+        for name, module in modules.items():
+            if is_main or sharded:  # gathering sharded (FSDP2) parameters takes every process
                 state = trainable_state_dict(module, accelerator)
+            if is_main:
                 _write(tmp / f"{name}.safetensors", lambda f, state=state: save_file(state, str(f)))
-            if optimizer is not None:
+        if optimizer is not None and sharded:  # each process's shard of the optimiser state
+            _write(tmp / f"optimizer-{rank}.pt", lambda f: torch.save(local_optimizer_state(optimizer), f))
+        if is_main:
+            if optimizer is not None and not sharded:
                 _write(tmp / "optimizer.pt", lambda f: torch.save(optimizer.state_dict(), f))
             if scheduler is not None:
                 _write(tmp / "scheduler.pt", lambda f: torch.save(scheduler.state_dict(), f))
@@ -134,7 +145,10 @@ class Checkpointer:
         for name, module in modules.items():
             weights = _read(path / f"{name}.safetensors", lambda f: load_file(str(f)))
             load_trainable_state_dict(module, weights, accelerator)
-        if optimizer is not None:
+        if optimizer is not None and any(is_sharded(module) for module in modules.values()):
+            optimizer.load_state_dict(_read(path / f"optimizer-{rank}.pt", _load_data))
+            reshard_optimizer_state(optimizer)
+        elif optimizer is not None:
             optimizer.load_state_dict(_read(path / "optimizer.pt", _load_data))
         if scheduler is not None:
             scheduler.load_state_dict(_read(path / "scheduler.pt", _load_data))
@@ -201,14 +215,33 @@ def _unwrap(module: torch.nn.Module, accelerator) -> torch.nn.Module:
     return accelerator.unwrap_model(module) if accelerator is not None else module
 
 
+def is_sharded(module: torch.nn.Module) -> bool:
+    """Whether any parameter of ``module`` is a :class:`~torch.distributed.tensor.DTensor` (FSDP2 shards)."""
+    return any(isinstance(p, DTensor) for p in module.parameters())
+
+
+def _whole(param: torch.Tensor) -> torch.Tensor:
+    """A parameter's full value: a DTensor is gathered from every process (a collective call)."""
+    param = param.detach()
+    return param.full_tensor() if isinstance(param, DTensor) else param
+
+
+def full_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``module.state_dict()`` with every sharded (FSDP2 DTensor) entry gathered whole, on CPU: what
+    ``save_pretrained(state_dict=...)`` writes. Every process must call it (one all-gather per tensor)."""
+    return {k: _whole(v).to("cpu") for k, v in module.state_dict().items()}
+
+
 def trainable_state_dict(module: torch.nn.Module, accelerator=None) -> dict[str, torch.Tensor]:
-    """The parameters that require gradients (a LoRA adapter, a head, or all weights), on CPU."""
+    """The parameters that require gradients (a LoRA adapter, a head, or all weights), whole and on CPU.
+    Under FSDP2 every process must call it (each parameter is gathered from the shards)."""
     model = _unwrap(module, accelerator)
-    return {n: p.detach().to("cpu").contiguous().clone() for n, p in model.named_parameters() if p.requires_grad}
+    return {n: _whole(p).to("cpu").contiguous().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def load_trainable_state_dict(module: torch.nn.Module, state: dict[str, torch.Tensor], accelerator=None) -> None:
-    """Copy ``state`` into the module's trainable parameters; every one must be present."""
+    """Copy ``state`` into the module's trainable parameters; every one must be present. A sharded
+    (DTensor) parameter takes its own shard of the whole tensor, without communication."""
     model = _unwrap(module, accelerator)
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     missing = sorted(set(params) - set(state))
@@ -220,4 +253,32 @@ def load_trainable_state_dict(module: torch.nn.Module, state: dict[str, torch.Te
         )
     with torch.no_grad():
         for name, param in params.items():
-            param.copy_(state[name].to(param.device, param.dtype))
+            value = state[name].to(param.device, param.dtype)
+            if isinstance(param, DTensor):
+                value = distribute_tensor(value, param.device_mesh, param.placements, src_data_rank=None)
+            param.copy_(value)
+
+
+def local_optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """``optimizer.state_dict()`` with each DTensor replaced by this process's shard (a plain tensor),
+    loadable with ``weights_only``; :func:`reshard_optimizer_state` turns them back after loading."""
+    state = optimizer.state_dict()
+    local = {
+        i: {k: v.to_local() if isinstance(v, DTensor) else v for k, v in per_param.items()}
+        for i, per_param in state["state"].items()
+    }
+    return {**state, "state": local}
+
+
+def reshard_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """After loading :func:`local_optimizer_state`: every per-parameter tensor shaped like the local
+    shard of a DTensor parameter becomes a DTensor with that parameter's mesh and placements."""
+    for param, per_param in optimizer.state.items():
+        if not isinstance(param, DTensor):
+            continue
+        shard = param.to_local()
+        for key, value in per_param.items():
+            if isinstance(value, torch.Tensor) and not isinstance(value, DTensor) and value.shape == shard.shape:
+                per_param[key] = DTensor.from_local(
+                    value, param.device_mesh, param.placements, shape=param.shape, stride=param.stride()
+                )
