@@ -62,6 +62,7 @@ def test_wrong_column_fails_before_the_model_and_keeps_the_output(
             f"--pope.dir={files['pope']}",
             f"--images={files['coco_images']}",
             f"--output_dir={out}",
+            "--overwrite=true",  # the earlier eval.json may be replaced, but only by a run that succeeds
         ]
     )
     elapsed = time.perf_counter() - start

@@ -206,7 +206,10 @@ def test_vlalign_compare_command(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert saved["pope/adversarial/yes_ratio"]["difference"] == -0.5
     assert "each run against its counterpart" not in text  # one run a side: nothing per run
     # two runs a side: pooled, and each pair alone (the second pair: a's answers on both sides, 0)
-    assert main(["compare", f"--a={a},{a}", f"--b={b},{a}", shown, f"--out={out}"]) == 0
+    # the file is kept unless asked: refused before anything is read, then replaced with --overwrite
+    assert main(["compare", f"--a={a},{a}", f"--b={b},{a}", shown, f"--out={out}"]) == 2
+    assert f"{out} already exists; pass --overwrite=true" in capsys.readouterr().err
+    assert main(["compare", f"--a={a},{a}", f"--b={b},{a}", shown, f"--out={out}", "--overwrite=true"]) == 0
     text = capsys.readouterr().out
     assert "each run against its counterpart" in text and re.search(
         r"pope/adversarial/f1 +\+0\.333\* / \+0\.000\n", text

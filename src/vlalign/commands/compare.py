@@ -57,6 +57,8 @@ class Config(StrictFields):
     """Seed of the draws."""
     out: str = ""
     """A JSON file for the intervals ('' for none)."""
+    overwrite: bool = False
+    """Replace an existing ``out`` file (else the command refuses before reading anything)."""
 
 
 def _read(path: str) -> tuple[Path, Any]:
@@ -113,6 +115,12 @@ def run(cfg: Config) -> int:
     if not cfg.a or not cfg.b:
         print(
             "vlalign compare: give both sides: vlalign compare A B (eval.json files or their folders)", file=sys.stderr
+        )
+        return 2
+    if cfg.out and Path(cfg.out).exists() and not cfg.overwrite:
+        print(
+            f"vlalign compare: {cfg.out} already exists; pass --overwrite=true to replace it, or choose another --out",
+            file=sys.stderr,
         )
         return 2
     try:

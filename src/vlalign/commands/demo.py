@@ -315,6 +315,7 @@ def _eval_action(cfg: Config, suite: dict[str, Any], base: Path, model: Path) ->
             {"device": cfg.device, **{f"suite.{k}": v for k, v in suite.items()}},
             model=str(model),
             output_dir=str(folder),
+            overwrite=True,  # a stage run again replaces its own evaluation
             **reference,
         )
 

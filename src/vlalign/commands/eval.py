@@ -76,6 +76,8 @@ class Config(StrictFields):
     """A model for the KL only, not evaluated itself ('' for none; the baseline, when given, is the reference)."""
     output_dir: str = "runs/eval"
     """Where eval.json is written."""
+    overwrite: bool = False
+    """Replace an eval.json already in output_dir (else the command refuses, before loading anything)."""
     suite: SuiteConfig = field(default_factory=SuiteConfig)
     """Which prompts, and how many."""
     scorer: str = "claims"
@@ -187,10 +189,13 @@ def format_table(
 def run(cfg: Config) -> dict[str, Any]:
     """Evaluate, print the table, write eval.json; returns what eval.json holds."""
     if not cfg.model:
-        raise SystemExit("vlalign eval: --model is required (a model folder, hub name or tiny:<arch>:<size>)")
+        raise ConfigError("model: required (a model folder, hub name or tiny:<arch>:<size>)")
     if cfg.reference and cfg.baseline:
-        raise SystemExit(
-            "vlalign eval: give --baseline (evaluated, and the KL reference) or --reference (KL only), not both"
+        raise ConfigError("give --baseline (evaluated, and the KL reference) or --reference (KL only), not both")
+    written = Path(cfg.output_dir) / "eval.json"
+    if written.exists() and not cfg.overwrite:
+        raise ConfigError(
+            f"{written} already exists; pass --overwrite=true to replace it, or choose another --output_dir"
         )
     trackers = trackers_in_use(cfg.trackers)
     if cfg.bench:
