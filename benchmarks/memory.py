@@ -4,7 +4,7 @@ For a DPO step (preference pairs, k = 2) and a GRPO step (groups of G = 8), on t
 model (a ~1k-token vocabulary) and the ``bench-vocab`` model (Qwen's 151,936 rows), one
 forward + backward of :func:`vlalign.models.logprobs.completion_logprobs` (shared prefixes, the
 default) with ``logits_mode="full"`` (the kept logits, a float32 log-softmax: the path before
-chunking) and ``logits_mode="chunked"`` (the default now: the head applied a chunk of tokens at
+chunking) and ``logits_mode="chunked"`` (opt-in; the head applied a block of vocabulary rows at
 a time, no ``(tokens, vocabulary)`` tensor kept). Repetitions alternate between the two paths;
 the median time and the largest peak are reported, with the ratios chunked / full.
 

@@ -109,9 +109,13 @@ class DataConfig(StrictFields):
             ],
             values=self,
         )
-        for name in ("train", "eval"):  # a missing file is found before the model loads, not after
+
+    def check_files(self, prefix: str = "data") -> None:
+        """Refuse a data file that is not there, naming its option (called by
+        :class:`~vlalign.training.Run` after the option values, before the model loads)."""
+        for name in ("train", "eval"):
             path = getattr(self, name)
-            named = any(path.startswith(prefix) for prefix in registered_sources())
+            named = any(path.startswith(source) for source in registered_sources())
             if path and path != "auto" and not named and not Path(path).exists():
                 raise DataFileNotFoundError(f"{prefix}.{name}: no file or folder {path!r}")
 

@@ -27,3 +27,14 @@ def validate_config(config: Any, train: Any) -> None:
         section = getattr(config, f.name)
         if section is not train and callable(getattr(section, "validate", None)):
             section.validate(f.name)
+
+
+def check_input_files(config: Any) -> None:
+    """Call ``check_files(prefix)`` of every section of ``config`` that has one: the files a run
+    reads exist (after every option value was checked; ``--print_config`` does not ask)."""
+    if config is None or not dataclasses.is_dataclass(config):
+        return
+    for f in dataclasses.fields(config):
+        section = getattr(config, f.name)
+        if callable(getattr(section, "check_files", None)):
+            section.check_files(f.name)

@@ -29,7 +29,7 @@ from vlalign.errors import UserError
 from vlalign.training.checkpoints import Checkpointer, CheckpointError, seed_everything
 from vlalign.training.launch import apply_threads, check_launch
 from vlalign.training.metrics import MetricsLog, Throughput, to_float
-from vlalign.training.options import check_options, validate_config
+from vlalign.training.options import check_input_files, check_options, validate_config
 from vlalign.training.runfolder import (
     RunFolderError,
     check_resume,
@@ -230,6 +230,7 @@ class Run:
     def __init__(self, cfg: TrainConfig, *, config: Any = None, desc: str = "train", total: int = 0) -> None:
         self.cfg = cfg
         validate_config(config, cfg)
+        check_input_files(config)
         apply_threads(cfg.threads)
         is_main = int(os.environ.get("RANK", "0")) == 0
         self.command = desc.split("[")[0]
