@@ -1,7 +1,12 @@
-"""Fixtures of the recipe tests: a small shapes world, a reward model folder."""
+"""Fixtures of the recipe tests: a small shapes world, a reward model folder, a two-process launch."""
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -28,3 +33,34 @@ def reward_model_dir(tiny_model_dir, tmp_path_factory: pytest.TempPathFactory) -
     rm = RewardModel(model, new_head(model, seed=11))
     info = RewardModelInfo(hidden_size=rm.head.hidden_size, scale=0.1)
     return save_reward_model(rm, processor, tmp_path_factory.mktemp("rl-rm") / "rm", info)
+
+
+DDP_CPU = Path(__file__).resolve().parents[2] / "examples" / "accelerate" / "ddp_cpu.yaml"
+
+
+@pytest.fixture
+def launch_two_processes(tmp_path: Path) -> Callable[..., subprocess.CompletedProcess]:
+    """``launch(command, args, timeout=300)``: ``vlalign <command> <args>`` as two CPU processes
+    (gloo) through ``accelerate launch`` with ``examples/accelerate/ddp_cpu.yaml``, on a free port,
+    one intra-op thread each; fails the test with the end of stderr if the launch fails."""
+
+    def launch(command: str, args: list[str], *, timeout: int = 300) -> subprocess.CompletedProcess:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        env = {
+            **os.environ,
+            "ACCELERATE_USE_CPU": "true",
+            "OMP_NUM_THREADS": "1",
+            "HF_HUB_OFFLINE": "1",
+            "VLALIGN_CACHE": str(tmp_path / "cache"),
+        }
+        accelerate = str(Path(sys.executable).parent / "accelerate")
+        cmd = [accelerate, "launch", "--config_file", str(DDP_CPU), "--main_process_port", str(port)]
+        done = subprocess.run(
+            [*cmd, "-m", "vlalign.cli", command, *args], env=env, capture_output=True, text=True, timeout=timeout
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done
+
+    return launch

@@ -9,10 +9,6 @@ the gradients, so only the order of float32 additions differs between the runs.
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -26,8 +22,6 @@ from vlalign.data.pairs.inject import InjectConfig, inject_pairs
 from vlalign.recipes import dpo, kto
 from vlalign.training.metrics import read_metrics
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
-
 
 @pytest.fixture(scope="module")
 def pair_file(recipe_world: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -38,12 +32,6 @@ def pair_file(recipe_world: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     return out
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 RECIPES = {
     "dpo": (dpo, ["--loss.weights={mdpo: 1.0}"]),
     "kto": (kto, ["--from_pairs=true"]),
@@ -52,7 +40,7 @@ RECIPES = {
 
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe", list(RECIPES))
-def test_two_processes_match_one_process(recipe, tiny_model_dir, pair_file, tmp_path):
+def test_two_processes_match_one_process(recipe, tiny_model_dir, pair_file, tmp_path, launch_two_processes):
     module, extra = RECIPES[recipe]
     common = [
         f"--model.name_or_path={tiny_model_dir('qwen2_vl')}",
@@ -75,30 +63,7 @@ def test_two_processes_match_one_process(recipe, tiny_model_dir, pair_file, tmp_
     module.run(load_config(module.Config, None, [*common, "--train.grad_accum=2", f"--train.output_dir={one}"]))
 
     two = tmp_path / "two"
-    env = {
-        **os.environ,
-        "ACCELERATE_USE_CPU": "true",
-        "OMP_NUM_THREADS": "1",
-        "HF_HUB_OFFLINE": "1",
-        "VLALIGN_CACHE": str(tmp_path / "cache"),
-    }
-    launcher = Path(sys.executable).parent / "accelerate"
-    cmd = [
-        str(launcher),
-        "launch",
-        "--config_file",
-        str(EXAMPLES / "accelerate" / "ddp_cpu.yaml"),
-        "--main_process_port",
-        str(_free_port()),
-        "-m",
-        "vlalign.cli",
-        recipe,
-        *common,
-        "--train.grad_accum=1",
-        f"--train.output_dir={two}",
-    ]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = launch_two_processes(recipe, [*common, "--train.grad_accum=1", f"--train.output_dir={two}"])
     assert "3 steps of 4" in done.stdout  # two processes of one micro-batch of 2: a global batch of 4
 
     a, b = read_metrics(one), read_metrics(two)

@@ -5,10 +5,7 @@ deterministic, every estimator and KL placement runs."""
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -220,7 +217,7 @@ def test_killed_run_resumes_with_the_same_completions(
 
 
 @pytest.mark.slow
-def test_two_processes_match_one_process(tiny_model_dir, recipe_world, reward_file, tmp_path):
+def test_two_processes_match_one_process(tiny_model_dir, recipe_world, reward_file, tmp_path, launch_two_processes):
     """``accelerate launch`` with two CPU processes (gloo), each with one micro-batch of 2 prompts, trains
     like one process with two micro-batches: same completions, metrics and weights (float32 rounding).
     REINFORCE++ whitens over both processes; group filtering may leave a process with fewer groups."""
@@ -248,33 +245,7 @@ def test_two_processes_match_one_process(tiny_model_dir, recipe_world, reward_fi
         )
     )
     two = tmp_path / "two"
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    env = {
-        **os.environ,
-        "ACCELERATE_USE_CPU": "true",
-        "OMP_NUM_THREADS": "1",
-        "HF_HUB_OFFLINE": "1",
-        "VLALIGN_CACHE": str(tmp_path / "cache"),
-    }
-    config = Path(__file__).resolve().parents[2] / "examples" / "accelerate" / "ddp_cpu.yaml"
-    cmd = [
-        str(Path(sys.executable).parent / "accelerate"),
-        "launch",
-        "--config_file",
-        str(config),
-        "--main_process_port",
-        str(port),
-        "-m",
-        "vlalign.cli",
-        "grpo",
-        *common,
-        "--train.grad_accum=1",
-        f"--train.output_dir={two}",
-    ]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = launch_two_processes("grpo", [*common, "--train.grad_accum=1", f"--train.output_dir={two}"])
     assert "3 steps of 4 prompts" in done.stdout
     a, b = read_metrics(one), read_metrics(two)
     assert [r["step"] for r in b] == [1, 2, 3]

@@ -25,10 +25,6 @@ boundary, where one token flipped between the runs (1 of 64) in the measured run
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -39,16 +35,10 @@ from vlalign.config import load_config
 from vlalign.recipes import ppo
 from vlalign.training.metrics import read_metrics
 
-ACCELERATE_CONFIG = Path(__file__).resolve().parents[2] / "examples" / "accelerate" / "ddp_cpu.yaml"
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def test_two_processes_match_one_process(tiny_model_dir, recipe_world, reward_model_dir, tmp_path):
+def test_two_processes_match_one_process(
+    tiny_model_dir, recipe_world, reward_model_dir, tmp_path, launch_two_processes
+):
     """Shared critic, adaptive KL (so β depends on the KL averaged over processes), whitened advantages
     (moments over both processes), 2 epochs of one minibatch per step, 3 steps."""
     common = [
@@ -76,29 +66,7 @@ def test_two_processes_match_one_process(tiny_model_dir, recipe_world, reward_mo
     ppo.run(load_config(ppo.Config, None, [*common, "--train.grad_accum=2", f"--train.output_dir={one}"]))
 
     two = tmp_path / "two"
-    env = {
-        **os.environ,
-        "ACCELERATE_USE_CPU": "true",
-        "OMP_NUM_THREADS": "1",
-        "HF_HUB_OFFLINE": "1",
-        "VLALIGN_CACHE": str(tmp_path / "cache"),
-    }
-    cmd = [
-        str(Path(sys.executable).parent / "accelerate"),
-        "launch",
-        "--config_file",
-        str(ACCELERATE_CONFIG),
-        "--main_process_port",
-        str(_free_port()),
-        "-m",
-        "vlalign.cli",
-        "ppo",
-        *common,
-        "--train.grad_accum=1",
-        f"--train.output_dir={two}",
-    ]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = launch_two_processes("ppo", [*common, "--train.grad_accum=1", f"--train.output_dir={two}"], timeout=600)
     assert "3 steps of 4 prompts" in done.stdout  # two processes of one micro-batch of 2: 4 prompts a step
 
     one_sampled = {r["id"]: r for r in _completions(one)}
