@@ -49,3 +49,27 @@ def test_the_command_and_the_dependency_ranges_are_declared(wheel: zipfile.ZipFi
     version = re.search(r"^Version: (.+)$", meta, re.M).group(1)
     shown = subprocess.run([sys.executable, "-m", "vlalign.cli", "--version"], capture_output=True, text=True)
     assert version in shown.stdout, (version, shown.stdout, shown.stderr)
+
+
+def test_the_wheel_installs_into_an_environment_that_has_the_dependencies(
+    wheel: zipfile.ZipFile, tmp_path: Path
+) -> None:
+    """`pip install` of the wheel into a folder of its own (the dependencies come from the running
+    environment, as a user's own CUDA torch would): the installed package, not this checkout,
+    answers `python -m vlalign.cli`, finds its data files and lists the commands."""
+    target = tmp_path / "site"
+    cmd = [sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "-q", "--target", str(target)]
+    done = subprocess.run([*cmd, wheel.filename], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    probe = (
+        "import vlalign, vlalign.eval.benchmarks.chair_coco as c, pathlib; "
+        "print(pathlib.Path(vlalign.__file__).parent); "
+        "print((pathlib.Path(c.__file__).parent / 'data' / 'coco_synonyms.txt').is_file())"
+    )
+    env = {"PYTHONPATH": str(target), "PATH": "", "HF_HUB_OFFLINE": "1"}
+    shown = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert shown.stdout.split() == [str(target / "vlalign"), "True"], shown.stderr[-2000:]
+    listed = subprocess.run(
+        [sys.executable, "-m", "vlalign.cli", "--help"], capture_output=True, text=True, env=env, cwd=tmp_path
+    )
+    assert listed.returncode == 0 and "dpo" in listed.stdout and "report" in listed.stdout
