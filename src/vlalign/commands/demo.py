@@ -40,6 +40,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from vlalign.commands import eval as eval_cli
 from vlalign.commands import pairs as pairs_cli
 from vlalign.commands.pipeline import STAGE_FILE as STAGE_FILE  # re-exported: the demo's tests read it
@@ -52,7 +54,7 @@ from vlalign.report.html import write_report
 from vlalign.shapes.embedded import SHAPES_PREFIX, world_folder
 from vlalign.shapes.tasks import write_world
 from vlalign.shapes.world import DEMO_WORLD, WorldConfig
-from vlalign.training.launch import apply_threads
+from vlalign.training.launch import threads_for
 
 SUMMARY_FILE = "demo_summary.json"
 FULL_DIR = "runs/demo"
@@ -382,12 +384,17 @@ def build_stages(cfg: Config) -> list[Stage]:
 
 
 def run(cfg: Config) -> dict[str, Any]:
-    """Run (or reuse) every stage, print the summary table, write demo_summary.json and the report."""
+    """Run (or reuse) every stage, print the summary table, write demo_summary.json and the report;
+    with ``cfg.threads`` CPU threads (the caller's count restored afterwards)."""
+    with threads_for(cfg.threads):
+        return _run(cfg)
+
+
+def _run(cfg: Config) -> dict[str, Any]:
     root = demo_dir(cfg)
     cfg = replace(cfg, output_dir=str(root))
     if cfg.quick:
         print(f"[demo] {SMOKE_TEST}")
-    apply_threads(cfg.threads)
     root.mkdir(parents=True, exist_ok=True)
     (root / "demo_config.json").write_text(json.dumps(to_dict(cfg), indent=1, default=str) + "\n")
     stages = build_stages(cfg)
@@ -407,6 +414,7 @@ def run(cfg: Config) -> dict[str, Any]:
             ran.add(stage.name)
     summary = summarise(stages, records)
     summary["quick"] = cfg.quick
+    summary["threads"] = torch.get_num_threads()
     summary["intervals"] = {k: asdict(v) for k, v in stage_intervals(root, summary).items()}
     summary["total_seconds"] = time.perf_counter() - total
     (root / SUMMARY_FILE).write_text(json.dumps(summary, indent=1) + "\n")

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 
 import torch
 
@@ -60,3 +61,15 @@ def apply_threads(threads: int) -> None:
     """``torch.set_num_threads(threads)`` when ``threads`` > 0 (0 keeps torch's default)."""
     if threads > 0:
         torch.set_num_threads(threads)
+
+
+@contextmanager
+def threads_for(threads: int) -> Iterator[None]:
+    """:func:`apply_threads` for the block; the thread count before it is restored afterwards (a
+    caller in the same process, a test session or a notebook, keeps its own)."""
+    before = torch.get_num_threads()
+    apply_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
