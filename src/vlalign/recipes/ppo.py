@@ -67,7 +67,6 @@ Examples::
 
 from __future__ import annotations
 
-import itertools
 import json
 import time
 from dataclasses import replace
@@ -116,9 +115,7 @@ from vlalign.recipes.rl_common import (
 from vlalign.recipes.rl_defaults import checked_reward, suite_and_reference
 from vlalign.recipes.rl_update import (
     UpdateContext,
-    UpdateStats,
-    global_normalisers,
-    optimiser_steps,
+    optimise,
     surrogate_loss,
     update_context,
 )
@@ -131,9 +128,7 @@ from vlalign.training import (
     build_scheduler,
     check_finite,
     mean_over_processes,
-    micro_step_context,
     total_steps,
-    zero_loss,
 )
 
 # ----------------------------------------------------------------------------- set-up
@@ -351,21 +346,12 @@ def ppo_update(
     batch (β times the KL in the loss when ``update.kl_in`` is "loss"); policy and critic are clipped together.
     Returns token-weighted means of the metrics and the mean loss and gradient norm."""
     loss_cfg = replace(cfg.update, kl_coef=beta if cfg.update.kl_in == "loss" else 0.0)
-    stats = UpdateStats(run)
-    for parts in optimiser_steps(ro, loss_cfg, ctx):
-        norms = global_normalisers(run, parts)
-        for i, part in enumerate(parts):
-            with micro_step_context(run, model, i == len(parts) - 1), run.accelerator.autocast():
-                if len(part) == 0:  # nothing to train on here: keep processes in step
-                    loss, metrics, tokens = zero_loss(model), {}, 0
-                else:
-                    loss, metrics, tokens = ppo_loss(run, model, critic, part, cfg, loss_cfg, ctx, norms)
-                run.accelerator.backward(loss)
-            stats.add(loss, metrics, tokens)
-        stats.end_step()
-        parameters = itertools.chain(model.parameters(), critic.parameters())
-        stats.add_grad_norm(run.clip_and_step(parameters, optimizer, scheduler))
-    return stats.means()
+
+    def loss_of(part: Rollouts, norms: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor], int]:
+        return ppo_loss(run, model, critic, part, cfg, loss_cfg, ctx, norms)
+
+    parameters = [*model.parameters(), *critic.parameters()]
+    return optimise(run, model, optimizer, scheduler, ro, loss_cfg, ctx, loss_of, parameters)
 
 
 # ----------------------------------------------------------------------------- the loop

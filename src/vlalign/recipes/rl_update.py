@@ -16,7 +16,7 @@ which adds the value loss in its own loop):
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -217,6 +217,40 @@ def policy_loss(
     return loss * run.num_processes, metrics, int(out.mask.sum())
 
 
+MicroLoss = Callable[[Rollouts, dict[str, Tensor]], tuple[Tensor, dict[str, Tensor], int]]
+"""``(micro-batch, step normalisers) -> (loss to backward, metrics, tokens)``: one recipe's loss."""
+
+
+def optimise(
+    run: Run,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    rollouts: Rollouts,
+    cfg: PolicyUpdateConfig,
+    ctx: UpdateContext,
+    loss_of: MicroLoss,
+    parameters: Sequence[Tensor],
+) -> dict[str, float]:
+    """The optimiser steps of an update (:func:`optimiser_steps`): per step, the global normalisers,
+    ``loss_of`` and a backward per micro-batch (a zero loss where a process has nothing, to keep
+    processes in step), then clipping of ``parameters`` and the step. Returns :meth:`UpdateStats.means`."""
+    stats = UpdateStats(run)
+    for parts in optimiser_steps(rollouts, cfg, ctx):
+        norms = global_normalisers(run, parts)
+        for i, part in enumerate(parts):
+            with micro_step_context(run, model, i == len(parts) - 1), run.accelerator.autocast():
+                if len(part) == 0:  # nothing to train on here: keep processes in step
+                    loss, metrics, tokens = zero_loss(model), {}, 0
+                else:
+                    loss, metrics, tokens = loss_of(part, norms)
+                run.accelerator.backward(loss)
+            stats.add(loss, metrics, tokens)
+        stats.end_step()
+        stats.add_grad_norm(run.clip_and_step(parameters, optimizer, scheduler))
+    return stats.means()
+
+
 def update(
     run: Run,
     model: nn.Module,
@@ -226,23 +260,14 @@ def update(
     cfg: PolicyUpdateConfig,
     ctx: UpdateContext,
 ) -> dict[str, float]:
-    """``cfg.epochs`` passes of ``cfg.minibatches`` optimiser steps of the clipped surrogate over the
-    rollout batch (:func:`optimiser_steps`). Returns token-weighted means of the metrics and the mean
-    loss and gradient norm (:class:`UpdateStats`)."""
-    stats = UpdateStats(run)
-    for parts in optimiser_steps(rollouts, cfg, ctx):
-        norms = global_normalisers(run, parts)
-        for i, part in enumerate(parts):
-            with micro_step_context(run, model, i == len(parts) - 1), run.accelerator.autocast():
-                if len(part) == 0:  # nothing to train on here: keep processes in step
-                    loss, metrics, tokens = zero_loss(model), {}, 0
-                else:
-                    loss, metrics, tokens = policy_loss(run, model, part, cfg, ctx, norms)
-                run.accelerator.backward(loss)
-            stats.add(loss, metrics, tokens)
-        stats.end_step()
-        stats.add_grad_norm(run.clip_and_step(model.parameters(), optimizer, scheduler))
-    return stats.means()
+    """GRPO's update: ``cfg.epochs`` passes of ``cfg.minibatches`` optimiser steps of the clipped
+    surrogate (:func:`policy_loss`) over the rollout batch. Returns token-weighted means of the
+    metrics and the mean loss and gradient norm (:class:`UpdateStats`)."""
+
+    def loss_of(part: Rollouts, norms: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor], int]:
+        return policy_loss(run, model, part, cfg, ctx, norms)
+
+    return optimise(run, model, optimizer, scheduler, rollouts, cfg, ctx, loss_of, list(model.parameters()))
 
 
 __all__ = [
@@ -250,6 +275,7 @@ __all__ = [
     "UpdateStats",
     "global_normalisers",
     "micro_batch_groups",
+    "optimise",
     "optimiser_steps",
     "policy_loss",
     "policy_loss_terms",
