@@ -283,6 +283,20 @@ def reference_point(run: Run, kl_terms: Sequence[Tensor]) -> Tensor:
     return (run.accelerator.reduce(local.to(run.device), reduction="sum") / count.double()).clamp(min=0.0)
 
 
+def _kto_terms(cfg: Config, sums: Tensor, ref_sums: Tensor, desirable: Tensor, z0: Tensor) -> tuple[UnpairedLogps, Any]:
+    """The KTO loss of a micro-batch (training and held-out evaluation alike): the policy's summed
+    log-probs against the reference's, with the configured weights and reference point ``z0``."""
+    logps = UnpairedLogps(sums, ref_sums.to(sums.device), desirable.to(sums.device))
+    out = kto_loss(
+        logps,
+        beta=cfg.loss.beta,
+        desirable_weight=cfg.loss.desirable_weight,
+        undesirable_weight=cfg.loss.undesirable_weight,
+        reference_point=z0.to(sums.dtype),
+    )
+    return logps, out
+
+
 def kto_step(
     run: Run,
     model: nn.Module,
@@ -314,14 +328,7 @@ def kto_step(
                     mode=cfg.logprob_mode,
                     pad_token_id=pad_token_id,
                 )
-                logps = UnpairedLogps(own.sums, ref[0].to(own.sums.device), ub.desirable.to(own.sums.device))
-                out = kto_loss(
-                    logps,
-                    beta=cfg.loss.beta,
-                    desirable_weight=cfg.loss.desirable_weight,
-                    undesirable_weight=cfg.loss.undesirable_weight,
-                    reference_point=z0.to(own.sums.dtype),
-                )
+                logps, out = _kto_terms(cfg, own.sums, ref[0], ub.desirable, z0)
                 loss = out.losses.sum() / total * run.num_processes
                 sums.add(out.losses, (cfg.loss.beta * (logps.logps - logps.ref_logps)).detach(), own.sums, ub.desirable)
                 tokens += own.num_tokens
@@ -358,14 +365,7 @@ def heldout_metrics(
         own = completion_logprobs(
             inner, ub.prompts, [[g[0]] for g in ub.completions], mode=cfg.logprob_mode, pad_token_id=pad_token_id
         )
-        logps = UnpairedLogps(own.sums, ref[0].to(own.sums.device), ub.desirable.to(own.sums.device))
-        out = kto_loss(
-            logps,
-            beta=cfg.loss.beta,
-            desirable_weight=cfg.loss.desirable_weight,
-            undesirable_weight=cfg.loss.undesirable_weight,
-            reference_point=z0.to(own.sums.dtype),
-        )
+        logps, out = _kto_terms(cfg, own.sums, ref[0], ub.desirable, z0)
         sums.add(out.losses, cfg.loss.beta * (logps.logps - logps.ref_logps), own.sums, ub.desirable)
     inner.train(was_training)
     metrics = {("loss" if k == "train/loss" else k): float(v) for k, v in sums.metrics(run).items()}
