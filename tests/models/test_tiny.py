@@ -21,9 +21,10 @@ from vlalign.models.tiny import (
     image_tokens,
     make_config,
     make_processor,
+    tokenizer_spec,
 )
 from vlalign.models.tiny_init import sincos_2d
-from vlalign.models.tiny_tokenizer import FAMILY_OF_ARCH, train_tokenizer
+from vlalign.models.tiny_tokenizer import train_tokenizer
 
 EXPECTED_CLASSES = {
     "qwen2_vl": ("Qwen2VLForConditionalGeneration", "Qwen2VLProcessor"),
@@ -56,14 +57,11 @@ def test_reloads_offline_as_the_real_classes(arch, tiny_model_dir, monkeypatch):
     n_params = sum(p.numel() for p in model.parameters())
     assert 3e5 < n_params < 1.5e6, n_params
     # generation stops on the end-of-turn token as well as on eos
-    eot = FAMILY_OF_ARCH[arch]
-    stops = model.generation_config.eos_token_id
-    assert (
-        processor.tokenizer.convert_tokens_to_ids(
-            {"chatml": "<|im_end|>", "llava": "</s>", "idefics3": "<end_of_utterance>", "gemma3": "<end_of_turn>"}[eot]
-        )
-        in stops
+    end_of_turn = tokenizer_spec(arch).end_of_turn
+    assert end_of_turn in processor.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yes"}], tokenize=False
     )
+    assert processor.tokenizer.convert_tokens_to_ids(end_of_turn) in model.generation_config.eos_token_id
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
@@ -171,7 +169,7 @@ def test_image_token_count_per_size(arch, size, shape_images):
     assert image_tokens(arch, size) == expected
     spec = SIZES[size]
     assert (spec.image_px // spec.patch // spec.merge) ** 2 == expected
-    processor = make_processor(arch, size, train_tokenizer(FAMILY_OF_ARCH[arch], tokenizer_corpus()))
+    processor = make_processor(arch, size, train_tokenizer(tokenizer_spec(arch), tokenizer_corpus()))
     text = processor.apply_chat_template(
         [{"role": "user", "content": [{"type": "image"}]}], add_generation_prompt=True, tokenize=False
     )
@@ -186,7 +184,7 @@ def test_bench_vocab_config_has_qwens_vocabulary(arch):
     heads per key head; ``bench`` keeps the tokenizer's size."""
     from vlalign.shapes.world import tokenizer_corpus
 
-    tok = train_tokenizer(FAMILY_OF_ARCH[arch], tokenizer_corpus())
+    tok = train_tokenizer(tokenizer_spec(arch), tokenizer_corpus())
     text = make_config(arch, "bench-vocab", tok).get_text_config()
     assert text.vocab_size == QWEN_VOCAB_SIZE == 151_936 and len(tok) < 2000
     assert (text.intermediate_size, text.num_attention_heads // text.num_key_value_heads) == (2560, 4)

@@ -165,14 +165,6 @@ SPECS: dict[str, TokenizerSpec] = {
     ),
 }
 
-FAMILY_OF_ARCH: dict[str, str] = {
-    "qwen2_vl": "chatml",
-    "qwen2_5_vl": "chatml",
-    "llava": "llava",
-    "idefics3": "idefics3",
-    "gemma3": "gemma3",
-}
-
 
 def _all_special_tokens(spec: TokenizerSpec) -> list[str]:
     """Special tokens in a fixed order (pad first, so that it gets id 0)."""
@@ -203,16 +195,22 @@ def corpus_sentences(name: str = DEFAULT_CORPUS) -> list[str]:
     return _CORPORA[name]()
 
 
-def train_tokenizer(family: str, corpus: list[str], *, vocab_size: int = 1024) -> PreTrainedTokenizerFast:
+def train_tokenizer(
+    family: str | TokenizerSpec, corpus: list[str], *, vocab_size: int = 1024
+) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE tokenizer for ``family`` on ``corpus`` (deterministic, offline).
 
     ``vocab_size`` is an upper bound: on the small world corpus the trainer runs out of merges
     first (about 600 entries). The result is a ``transformers`` fast tokenizer carrying the
     family's special tokens, chat template and named tokens, ready for ``save_pretrained``.
+    ``family`` is a name in :data:`SPECS` or a :class:`TokenizerSpec` of its own.
     """
-    if family not in SPECS:
+    if isinstance(family, TokenizerSpec):
+        spec = family
+    elif family in SPECS:
+        spec = SPECS[family]
+    else:
         raise ValueError(f"unknown tokenizer family {family!r}; expected one of {sorted(SPECS)}")
-    spec = SPECS[family]
     specials = _all_special_tokens(spec)
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -243,9 +241,8 @@ def train_tokenizer(family: str, corpus: list[str], *, vocab_size: int = 1024) -
     return tokenizer
 
 
-def generation_config(tok: PreTrainedTokenizerFast, arch: str) -> GenerationConfig:
+def generation_config(tok: PreTrainedTokenizerFast, spec: TokenizerSpec) -> GenerationConfig:
     """Greedy decoding that stops at the end of text or the end of the turn (the family's stop tokens)."""
-    spec = SPECS[FAMILY_OF_ARCH[arch]]
     stops = sorted({tok.convert_tokens_to_ids(spec.eos), tok.convert_tokens_to_ids(spec.end_of_turn)})
     return GenerationConfig(
         bos_token_id=tok.bos_token_id,
