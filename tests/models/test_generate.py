@@ -22,8 +22,8 @@ from vlalign.models.generate import (
     stream_seed,
 )
 from vlalign.models.load import find_parts
+from vlalign.models.tiny import ARCHITECTURES as ARCHS
 
-ARCHS = ("qwen2_vl", "qwen2_5_vl", "llava", "idefics3", "gemma3")
 QUESTIONS = (
     "Describe the image.",
     "How many squares are there?",

@@ -30,6 +30,11 @@ from vlalign.models.packing import block_attention_mask, concat_prompts, mrope_p
 from vlalign.models.preference_batch import preference_batch, preference_logprobs
 from vlalign.models.tiny import ARCHITECTURES
 
+SHARED = tuple(a for a in ARCHITECTURES if a in support.ARCHITECTURES)
+"""Tiny architectures the packed layout is verified on (a tiny arch's name is its ``model_type``)."""
+UNSHARED = tuple(a for a in ARCHITECTURES if a not in support.ARCHITECTURES)
+"""Tiny architectures scored the naive way, with a reason."""
+
 TOL = 1e-5
 QUESTIONS = ["Is there a red circle?", "Describe every shape in the image, from left to right, with its colour."]
 PAIRS = [["Yes.", "No, there is a blue square."], ["A red disc and a green triangle.", "Nothing."]]
@@ -124,7 +129,7 @@ def _perturb_lora(model, seed=0):
                 p.copy_(0.05 * torch.randn(p.shape, generator=g))
 
 
-@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("arch", SHARED)
 @pytest.mark.parametrize(
     "lora,checkpointing",
     [(False, False), (True, False), (False, True), (True, True)],
@@ -150,7 +155,7 @@ def test_shared_equals_naive_logps_and_gradients(arch, lora, checkpointing, tiny
         assert shared.num_tokens < naive.num_tokens
 
 
-@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("arch", SHARED)
 def test_eager_attention_and_the_model_own_logits(arch, tiny_model, shape_images):
     """Eager attention (additive float mask); naive and shared both equal log_softmax of the
     model's full logits; the scored tokens equal the labels of the naive rows; entropies at
@@ -224,6 +229,24 @@ def test_sliding_window_layers_get_their_own_mask(tiny_model_dir, shape_images):
         unwindowed = completion_logprobs(model, prompts, completions, mode="naive", pad_token_id=pad)
     _assert_same(shared, naive)
     assert (unwindowed.logps - naive.logps).abs().max() > 1e-3  # the window changes the result
+
+
+@pytest.mark.parametrize("arch", UNSHARED)
+def test_unshared_architectures_fall_back_with_a_reason(arch, tiny_model, shape_images):
+    """An architecture the packed layout is not verified on is scored the naive way (one row per
+    completion), says why, and its log-probs equal log_softmax of the model's own full logits."""
+    model, processor = tiny_model(arch)
+    model.eval()
+    reason = sharing_unsupported(model)
+    assert reason is not None and repr(arch) in reason and "naive" in reason
+    pad = pad_token_id_of(processor)
+    prompts = _prompts(processor, shape_images)
+    completions = encode_completions(processor, PAIRS)
+    with torch.no_grad():
+        reference, _ = _full_forward_logps(model, prompts, completions, pad)
+        scored = completion_logprobs(model, prompts, completions, pad_token_id=pad)
+    assert scored.mode == "naive"
+    torch.testing.assert_close(scored.logps, reference, atol=TOL, rtol=0)
 
 
 def test_fallback_to_naive_is_logged_once(tiny_model, shape_images, monkeypatch, caplog):
