@@ -52,3 +52,15 @@ bench: $(STAMP)
 
 clean-venv:
 	rm -rf $(VENV)
+
+# The vLLM rollout engine's tests, in a second environment with the CPU build of vLLM (created on
+# first use by tests/vllm_rollout/make_env.sh; about 4 minutes), then `pytest -m vllm` there.
+VLLM_VENV ?= .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.vlalign-vllm-installed
+.PHONY: test-vllm
+
+$(VLLM_STAMP): tests/vllm_rollout/make_env.sh tests/vllm_rollout/torchvision_cpu_ops.py
+	VLLM_VENV=$(VLLM_VENV) PYTHON=$(PYTHON) bash tests/vllm_rollout/make_env.sh
+
+test-vllm: $(VLLM_STAMP)
+	HF_HUB_OFFLINE=1 $(VLLM_VENV)/bin/python -m pytest -q -m vllm tests/vllm_rollout

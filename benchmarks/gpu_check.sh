@@ -11,7 +11,7 @@
 #   (d) a few fast CPU tests that touch bf16 (tests/models/test_load.py, test_heads.py), with the versions
 #       installed there;
 #   (e) FSDP2 through accelerate (GPU only: accelerate applies FSDP to GPU processes only, see
-#       docs/distributed.md): tests/recipes/test_fsdp_gpu.py -- SFT and DPO sharded over min(GPUs, 2)
+#       docs/distributed.md): tests/recipes/test_fsdp_gpu.py -- SFT, DPO and KTO sharded over min(GPUs, 2)
 #       processes equal one unsharded process, resume exactly after a stop, and save a whole model/
 #       folder -- and the CPU test of the sharded checkpoint code (tests/recipes/test_fsdp_checkpoints.py).
 #
@@ -23,7 +23,10 @@
 # The demo's folder is $WORK/demo-quick (default WORK=/tmp/vlalign-gpu-check); only its demo_summary.json
 # and report.html are copied to $OUT. DEVICE=cpu runs the same steps on the CPU (to try the script out);
 # DEMO_TIMEOUT, TEST_TIMEOUT and FSDP_TIMEOUT (seconds) bound steps (b), (d) and (e), REPS the benchmark's
-# repetitions; ONLY=fsdp2 runs step (a) and step (e) alone (about 5 minutes on one GPU, estimated).
+# repetitions; ONLY=fsdp2 runs step (a) and step (e) alone (about 5 minutes on one GPU, estimated);
+# ONLY=zero2 or ONLY=zero3 runs step (a) and step (f), DeepSpeed ZeRO through accelerate (tests/recipes/
+# test_deepspeed_gpu.py: DPO equals one process and resumes, GRPO's decode under ZeRO-3; DS_TIMEOUT bounds it).
+# ONLY=vllm runs step (a) and step (g), vLLM as the rollout engine (VLLM_PYTHON: a Python with vLLM installed).
 # The exit status is 0 only when every step passed; each step's outcome is listed at the end.
 
 set -u
@@ -80,7 +83,7 @@ step versions "$LOG" "$PY" - "$DEVICE" <<'EOF'
 import importlib, importlib.metadata, platform, sys
 import torch
 print(f"python {platform.python_version()}  torch {torch.__version__}  CUDA {torch.version.cuda}")
-for name in ("transformers", "tokenizers", "huggingface_hub", "accelerate", "peft", "datasets", "num2words", "numpy"):
+for name in ("transformers", "tokenizers", "huggingface_hub", "accelerate", "peft", "datasets", "num2words", "numpy", "deepspeed", "bitsandbytes"):
     try:
         module = importlib.import_module(name)
         print(f"{name} {getattr(module, '__version__', None) or importlib.metadata.version(name)}")
@@ -100,7 +103,7 @@ if sys.argv[1] != "cpu":
           f"train.mixed_precision=auto -> {resolve_mixed_precision('auto')}")
 EOF
 
-if [ "${ONLY:-}" != fsdp2 ]; then
+if [ -z "${ONLY:-}" ]; then
 # ------------------------------------------------------------------------------ (b) the quick demo
 DEMO="$WORK/demo-quick"
 rm -rf "$DEMO"
@@ -176,9 +179,38 @@ fi  # ONLY
 # ------------------------------------------------------------------------------ (e) FSDP2 through accelerate
 # Not on CPUs: with ACCELERATE_USE_CPU=true accelerate 1.15 turns an FSDP config into plain DDP, and without
 # it a GPU-less machine starts unconnected processes. -m "" includes the tests marked slow.
-if [ "$DEVICE" != cpu ]; then
+if [ "$DEVICE" != cpu ] && { [ -z "${ONLY:-}" ] || [ "$ONLY" = fsdp2 ]; }; then
     step fsdp2 "$OUT/fsdp2.log" timeout "${FSDP_TIMEOUT:-1200}" "$PY" -m pytest -q -x -p no:cacheprovider -m "" -rs \
         tests/recipes/test_fsdp_gpu.py tests/recipes/test_fsdp_checkpoints.py
+fi
+
+# ------------------------------------------------------------------------------ (f) DeepSpeed ZeRO through accelerate
+# Not on CPUs: accelerate 1.15 takes its DeepSpeed branch only for GPU-like processes (docs/distributed.md).
+# deepspeed is not a vlalign dependency: install it first (pip install deepspeed, or carry a wheel built with
+# DS_BUILD_OPS=0 pip wheel --no-deps deepspeed in $VLALIGN_WHEELS). ONLY=zero2 / ONLY=zero3 pick one stage.
+if [ "$DEVICE" != cpu ] && { [ -z "${ONLY:-}" ] || [ "$ONLY" = zero2 ] || [ "$ONLY" = zero3 ]; }; then
+    case "${ONLY:-}" in zero2) STAGES=2 ;; zero3) STAGES=3 ;; *) STAGES=2,3 ;; esac
+    if step deepspeed-import "$LOG" "$PY" -c "import deepspeed; print('deepspeed', deepspeed.__version__)"; then
+        step "zero-$STAGES" "$OUT/deepspeed.log" env VLALIGN_ZERO_STAGES="$STAGES" timeout "${DS_TIMEOUT:-1200}" \
+            "$PY" -m pytest -q -x -p no:cacheprovider -m "" -rs tests/recipes/test_deepspeed_gpu.py
+    fi
+fi
+
+# ------------------------------------------------------------------------------ (g) vLLM as the rollout engine
+# vllm is not a vlalign dependency: install the GPU build first (pip install vllm==0.33.0, which brings its
+# own torch; docs/vllm.md), or point VLLM_PYTHON at an environment that has it. ONLY=vllm runs (a) and (g):
+# the rollout-engine tests (greedy equal to vlalign's loop, log-probs, weight sync, GRPO and PPO end to end)
+# and benchmarks/rollout_engines.py (hf vs vllm completions/s and tokens/s, G = 8) on bench-vocab in bf16.
+if [ -z "${ONLY:-}" ] || [ "$ONLY" = vllm ]; then
+    VPY=${VLLM_PYTHON:-$PY}
+    if step vllm-import "$LOG" "$VPY" -c "import vllm; print('vllm', vllm.__version__)"; then
+        step vllm-tests "$OUT/vllm_tests.log" timeout "${VLLM_TIMEOUT:-1800}" \
+            "$VPY" -m pytest -q -x -p no:cacheprovider -m vllm tests/vllm_rollout
+        vdtype=bfloat16; [ "$DEVICE" = cpu ] && vdtype=float32
+        step vllm-bench "$OUT/vllm_bench.log" timeout "${VLLM_TIMEOUT:-1800}" "$VPY" benchmarks/rollout_engines.py \
+            --device "$DEVICE" --dtype "$vdtype" --size "${VLLM_BENCH_SIZE:-bench-vocab}" --prompts 16 --group-size 8 \
+            --max-new 128 --reps "$REPS"
+    fi
 fi
 
 say ""

@@ -62,6 +62,7 @@ from typing import Any
 import torch
 from PIL import Image, ImageDraw
 
+import vlalign.shapes  # noqa: F401  (registers the tokenizer corpus a fresh bench-model build needs)
 from vlalign.data.collate import encode_prompts, pad_token_id_of
 from vlalign.data.schema import PromptSample, user_prompt
 from vlalign.losses import dpo_loss, ppo_clip_loss

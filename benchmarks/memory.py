@@ -16,6 +16,13 @@ step and zeroed, not freed, between steps (``--free-grads`` frees them, as
 peak above it is the step's activations and temporaries. On a GPU (``--device cuda``) the
 caching allocator's counters are used instead.
 
+Caveat: with gradient buffers allocated before the step (the default here), autograd allocates
+each parameter's new gradient before adding it to ``.grad``, so the LM head's and the embedding's
+``(vocabulary, hidden)`` gradients appear as temporaries in both paths (297 MiB each on
+``bench-vocab``); with ``--free-grads`` they become ``.grad`` but the resident set then counts them.
+``benchmarks/layouts.py`` measures activation memory with torch's memory profiler instead
+(allocated minus parameters and gradients) and is the benchmark of ``docs/performance.md``.
+
 Run: ``python benchmarks/memory.py [--reps 3] [--threads 1] [--arch qwen2_vl]`` (one JSON line
 at the end: the ratios per model and workload).
 """

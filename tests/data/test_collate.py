@@ -25,6 +25,17 @@ END_OF_TURN = {
     "llava": "</s>",
     "idefics3": "<end_of_utterance>",
     "gemma3": "<end_of_turn>",
+    "internvl": "<|im_end|>",
+    "llava_onevision": "<|im_end|>",
+    "llava_next": "</s>",
+    "qwen3_5": "<|im_end|>",
+    "qwen3_5_moe": "<|im_end|>",
+    "mistral3": "</s>",
+    "mllama": "<|eot_id|>",
+    "qwen3_vl": "<|im_end|>",
+    "qwen3_vl_moe": "<|im_end|>",
+    "gemma4": "<turn|>",
+    "paligemma": "<eos>",
 }
 VISION_KEYS = {
     "qwen2_vl": {"pixel_values", "image_grid_thw", "mm_token_type_ids"},
@@ -32,6 +43,17 @@ VISION_KEYS = {
     "llava": {"pixel_values"},
     "idefics3": {"pixel_values", "pixel_attention_mask"},
     "gemma3": {"pixel_values", "token_type_ids"},
+    "internvl": {"pixel_values"},
+    "llava_onevision": {"pixel_values", "image_sizes", "batch_num_images"},
+    "llava_next": {"pixel_values", "image_sizes"},
+    "qwen3_5": {"pixel_values", "image_grid_thw", "mm_token_type_ids"},
+    "qwen3_5_moe": {"pixel_values", "image_grid_thw", "mm_token_type_ids"},
+    "mistral3": {"pixel_values", "image_sizes"},
+    "mllama": {"pixel_values", "aspect_ratio_ids", "aspect_ratio_mask", "cross_attention_mask"},
+    "qwen3_vl": {"pixel_values", "image_grid_thw", "mm_token_type_ids"},
+    "qwen3_vl_moe": {"pixel_values", "image_grid_thw", "mm_token_type_ids"},
+    "gemma4": {"pixel_values", "image_position_ids", "mm_token_type_ids"},
+    "paligemma": {"pixel_values", "token_type_ids"},
 }
 COMPLETIONS = ["Yes", "There are two red squares and a blue circle.", "3"]
 QUESTIONS = ["Is there a red circle in the image?", "Describe the image.", "How many squares are there?"]

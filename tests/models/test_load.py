@@ -29,6 +29,17 @@ LANGUAGE = {
     "llava": "model.language_model",
     "idefics3": "model.text_model",
     "gemma3": "model.language_model",
+    "internvl": "model.language_model",
+    "llava_onevision": "model.language_model",
+    "llava_next": "model.language_model",
+    "qwen3_5": "model.language_model",
+    "qwen3_5_moe": "model.language_model",
+    "qwen3_vl": "model.language_model",
+    "qwen3_vl_moe": "model.language_model",
+    "mistral3": "model.language_model",
+    "mllama": "model.language_model",
+    "gemma4": "model.language_model",
+    "paligemma": "model.language_model",
 }
 VISION = {
     "qwen2_vl": "model.visual",
@@ -36,6 +47,17 @@ VISION = {
     "llava": "model.vision_tower",
     "idefics3": "model.vision_model",
     "gemma3": "model.vision_tower",
+    "internvl": "model.vision_tower",
+    "llava_onevision": "model.vision_tower",
+    "llava_next": "model.vision_tower",
+    "qwen3_5": "model.visual",
+    "qwen3_5_moe": "model.visual",
+    "qwen3_vl": "model.visual",
+    "qwen3_vl_moe": "model.visual",
+    "mistral3": "model.vision_tower",
+    "mllama": "model.vision_model",
+    "gemma4": "model.vision_tower",
+    "paligemma": "model.vision_tower",
 }
 PROJECTOR = {
     "qwen2_vl": "model.visual.merger",
@@ -43,7 +65,39 @@ PROJECTOR = {
     "llava": "model.multi_modal_projector",
     "idefics3": "model.connector",
     "gemma3": "model.multi_modal_projector",
+    "internvl": "model.multi_modal_projector",
+    "llava_onevision": "model.multi_modal_projector",
+    "llava_next": "model.multi_modal_projector",
+    "qwen3_5": "model.visual.merger",
+    "qwen3_5_moe": "model.visual.merger",
+    "qwen3_vl": "model.visual.merger",
+    "qwen3_vl_moe": "model.visual.merger",
+    "mistral3": "model.multi_modal_projector",
+    "mllama": "model.multi_modal_projector",
+    "gemma4": "model.embed_vision",
+    "paligemma": "model.multi_modal_projector",
 }
+EXTRA_PROJECTORS = {  # Qwen3-VL's DeepStack mergers (one per feeding vision layer) project vision features too
+    "qwen3_vl": ["model.visual.deepstack_merger_list.0", "model.visual.deepstack_merger_list.1"],
+    "qwen3_vl_moe": ["model.visual.deepstack_merger_list.0", "model.visual.deepstack_merger_list.1"],
+}
+
+ATTENTION_LEAVES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
+MIXER_LEAVES = {  # token mixers other than attention, by layer type (Qwen3.5's gated delta net)
+    "linear_attention": tuple(
+        f"linear_attn.{n}" for n in ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj")
+    ),
+    "cross_attention": tuple(f"cross_attn.{n}" for n in ("q_proj", "k_proj", "v_proj", "o_proj")),  # Mllama's
+}
+DENSE_MLP_LEAVES = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+MLP_LEAVES = {  # MoE: routed experts are fused 3-D weights (no nn.Linear); the shared expert is linear
+    "qwen3_5_moe": tuple(f"mlp.shared_expert.{n}" for n in ("gate_proj", "up_proj", "down_proj"))
+    + ("mlp.shared_expert_gate",),
+    "qwen3_vl_moe": (),  # no shared expert; the router is not an nn.Linear
+    "gemma4": DENSE_MLP_LEAVES + ("per_layer_input_gate", "per_layer_projection"),  # per-layer embeddings' gates
+}
+LANGUAGE_EXTRAS = {"gemma4": {"model.language_model.per_layer_model_projection"}}
+"""Linear layers of the language model outside its layers (Gemma 4's per-layer-embedding projection)."""
 
 
 def _lora_modules(model: nn.Module) -> set[str]:
@@ -116,19 +170,15 @@ def test_lora_auto_targets_language_model_projections(arch, tiny_model):
     """Default LoRA: exactly the 7 attention/MLP projections of every language-model layer."""
     model, _ = tiny_model(arch, lora=LoraSpec(r=4, alpha=8))
     n_layers = model.config.text_config.num_hidden_layers
+    crosses = getattr(model.config.text_config, "cross_attention_layers", None) or ()  # Mllama
+    kinds = getattr(model.config.text_config, "layer_types", None) or [
+        "cross_attention" if i in crosses else "full_attention" for i in range(n_layers)
+    ]
     expected = {
         f"{LANGUAGE[arch]}.layers.{i}.{leaf}"
         for i in range(n_layers)
-        for leaf in (
-            "self_attn.q_proj",
-            "self_attn.k_proj",
-            "self_attn.v_proj",
-            "self_attn.o_proj",
-            "mlp.gate_proj",
-            "mlp.up_proj",
-            "mlp.down_proj",
-        )
-    }
+        for leaf in MIXER_LEAVES.get(kinds[i], ATTENTION_LEAVES) + MLP_LEAVES.get(arch, DENSE_MLP_LEAVES)
+    } | LANGUAGE_EXTRAS.get(arch, set())
     assert _lora_modules(model) == expected
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
@@ -138,18 +188,22 @@ def test_lora_auto_targets_language_model_projections(arch, tiny_model):
 def test_lora_on_vision_and_trainable_projector(arch, tiny_model):
     plain, _ = tiny_model(arch)
     parts = find_parts(plain)
-    assert (parts.language, parts.vision, parts.projectors) == (LANGUAGE[arch], VISION[arch], [PROJECTOR[arch]])
+    projectors = [PROJECTOR[arch], *EXTRA_PROJECTORS.get(arch, [])]
+    assert (parts.language, parts.vision, parts.projectors) == (LANGUAGE[arch], VISION[arch], projectors)
     vision_linear = {
         n
         for n, m in plain.named_modules()
-        if n.startswith(VISION[arch] + ".") and not n.startswith(PROJECTOR[arch] + ".") and isinstance(m, nn.Linear)
+        if n.startswith(VISION[arch] + ".")
+        and not any(n.startswith(p + ".") for p in projectors)
+        and isinstance(m, nn.Linear)
+        and "patch_embed" not in n  # Gemma 4's patch embedding is linear; a patch embedding is never adapted
     }
     model, _ = tiny_model(arch, lora=LoraSpec(r=4, freeze_vision=False, train_projector=True))
     lora = _lora_modules(model)
     assert {n for n in lora if n.startswith(VISION[arch] + ".")} == vision_linear
     assert not any(re.search(r"patch_embed|lm_head|embed_tokens", n) for n in lora)
     projector_trainable = [n for n, p in model.named_parameters() if p.requires_grad and "modules_to_save" in n]
-    projector_params = [n for n, _ in plain.named_parameters() if n.startswith(PROJECTOR[arch] + ".")]
+    projector_params = [n for n, _ in plain.named_parameters() if any(n.startswith(p + ".") for p in projectors)]
     assert len(projector_trainable) == len(projector_params) > 0
 
 

@@ -138,6 +138,8 @@ def _perturb_lora(model, seed=0):
 def test_shared_equals_naive_logps_and_gradients(arch, lora, checkpointing, tiny_model, shape_images):
     """k = 2 (DPO loss) and k = 8 (GRPO loss), prompts with 1 and 2 images and different questions,
     ragged completions: per-token log-probs and every parameter gradient agree within 1e-5."""
+    if checkpointing and support.ARCHITECTURES[arch].cache_sharing:
+        pytest.skip("checkpointed layers drop the cache: naive, as tests/models/test_prefix_cache.py pins")
     spec = LoraSpec(r=4, alpha=8.0, dropout=0.0, freeze_vision=False) if lora else None
     model, processor = tiny_model(arch, lora=spec, gradient_checkpointing=checkpointing)
     if lora:
@@ -178,7 +180,11 @@ def test_eager_attention_and_the_model_own_logits(arch, tiny_model, shape_images
     assert torch.equal(shared.token_ids[shared.mask], labels)
     assert bool((shared.token_ids[~shared.mask] == IGNORE_INDEX).all())
     # temperature and entropy from the LM head applied to the returned hidden states
-    logits = model.get_output_embeddings()(shared.hidden).float() / 0.7
+    logits = model.get_output_embeddings()(shared.hidden).float()
+    cap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
+    if cap is not None:  # Gemma2 (PaliGemma 2) soft-caps the head's output: cap * tanh(logits / cap)
+        logits = cap * torch.tanh(logits / cap)
+    logits = logits / 0.7
     logp = F.log_softmax(logits, -1)
     ref_tok = logp.gather(-1, shared.token_ids.clamp(min=0)[..., None]).squeeze(-1) * shared.mask
     ref_ent = -(logp.exp() * logp).sum(-1) * shared.mask

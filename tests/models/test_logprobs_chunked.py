@@ -1,6 +1,7 @@
 """The chunked LM head of the log-prob engine equals the full logits, on every architecture.
 
-``logits_mode="chunked"`` (opt-in; ``"full"`` is the default) takes the last hidden states from the model's forward and
+``logits_mode="chunked"`` (what the default ``"auto"`` picks from 32,768 vocabulary rows) takes the last hidden
+states from the model's forward and
 computes the completion tokens' log-probs a chunk at a time
 (:func:`vlalign.models.head_logprobs.head_logprobs`); ``"full"`` is the path before it (the kept
 logits, a float32 log-softmax). Per-token log-probs, entropies and every parameter gradient of a
@@ -20,12 +21,15 @@ import torch
 from test_logprobs import GROUP, PAIRS, _dpo, _grads, _grpo, _perturb_lora, _prompts
 
 from vlalign.data.collate import encode_completions, pad_token_id_of
+from vlalign.models import arch as support
 from vlalign.models import logprobs as engine
 from vlalign.models.load import LoraSpec
 from vlalign.models.logprobs import completion_logprobs
 from vlalign.models.tiny import ARCHITECTURES
 
 LOGP_TOL, ENTROPY_RTOL, GRAD_TOL = 1e-6, 5e-7, 1.2e-6
+GRAD_TOL_BY_ARCH = {"gemma4": 6e-6}
+"""Gemma 4's gradients reach 5 (scaled embeddings, q/k/v norms): 5.0e-6 measured, ~1e-6 of their size."""
 
 
 def _step(model, prompts, completions, loss_fn, pad, **kwargs):
@@ -35,7 +39,7 @@ def _step(model, prompts, completions, loss_fn, pad, **kwargs):
     return result, _grads(model)
 
 
-def _compare(model, prompts, completions, loss_fn, pad, **kwargs):
+def _compare(model, prompts, completions, loss_fn, pad, grad_tol=GRAD_TOL, **kwargs):
     full, g_full = _step(model, prompts, completions, loss_fn, pad, logits_mode="full", **kwargs)
     chunked, g_chunked = _step(model, prompts, completions, loss_fn, pad, logits_mode="chunked", block_rows=5, **kwargs)
     assert (full.logits_mode, chunked.logits_mode) == ("full", "chunked")
@@ -48,7 +52,7 @@ def _compare(model, prompts, completions, loss_fn, pad, **kwargs):
     head = model.get_output_embeddings().weight  # its gradient comes from the chunked backward
     assert (head.grad is not None and bool(head.grad.abs().max() > 0)) or not head.requires_grad
     worst = max((g_chunked[n] - g_full[n]).abs().max().item() for n in g_full)
-    assert worst <= GRAD_TOL, worst
+    assert worst <= grad_tol, worst
     return chunked
 
 
@@ -61,8 +65,9 @@ def test_chunked_equals_full_logits_pairs_and_groups(arch, tiny_model, shape_ima
     pad = pad_token_id_of(processor)
     prompts = _prompts(processor, shape_images)
     for groups, loss_fn in ((PAIRS, _dpo), ([GROUP, GROUP[::-1]], _grpo)):
-        out = _compare(model, prompts, encode_completions(processor, groups), loss_fn, pad)
-        assert out.mode == "shared"
+        tol = GRAD_TOL_BY_ARCH.get(arch, GRAD_TOL)
+        out = _compare(model, prompts, encode_completions(processor, groups), loss_fn, pad, grad_tol=tol)
+        assert out.mode == ("shared" if arch in support.ARCHITECTURES else "naive")  # unshared archs fall back
 
 
 def test_chunked_with_lora_and_naive_rows(tiny_model, shape_images):

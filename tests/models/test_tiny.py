@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 
 import pytest
@@ -32,6 +33,17 @@ EXPECTED_CLASSES = {
     "llava": ("LlavaForConditionalGeneration", "LlavaProcessor"),
     "idefics3": ("Idefics3ForConditionalGeneration", "Idefics3Processor"),
     "gemma3": ("Gemma3ForConditionalGeneration", "Gemma3Processor"),
+    "internvl": ("InternVLForConditionalGeneration", "InternVLProcessor"),
+    "llava_onevision": ("LlavaOnevisionForConditionalGeneration", "LlavaOnevisionProcessor"),
+    "llava_next": ("LlavaNextForConditionalGeneration", "LlavaNextProcessor"),
+    "qwen3_vl": ("Qwen3VLForConditionalGeneration", "Qwen3VLProcessor"),
+    "qwen3_vl_moe": ("Qwen3VLMoeForConditionalGeneration", "Qwen3VLProcessor"),
+    "qwen3_5": ("Qwen3_5ForConditionalGeneration", "Qwen3VLProcessor"),
+    "qwen3_5_moe": ("Qwen3_5MoeForConditionalGeneration", "Qwen3VLProcessor"),
+    "mistral3": ("Mistral3ForConditionalGeneration", "PixtralProcessor"),
+    "mllama": ("MllamaForConditionalGeneration", "MllamaProcessor"),
+    "gemma4": ("Gemma4ForConditionalGeneration", "Gemma4Processor"),
+    "paligemma": ("PaliGemmaForConditionalGeneration", "PaliGemmaProcessor"),
 }
 
 
@@ -159,21 +171,39 @@ def test_unknown_arch_or_size_is_refused(tmp_path):
         build_tiny_model("llava", "huge", tmp_path)
 
 
+IMAGE_TOKENS_BEYOND_THE_RULE = {
+    "internvl": lambda n: n + 2,  # <img>, n context tokens, </img>
+    "llava_onevision": lambda n: 2 * n + math.isqrt(n),  # base tile n, one any-res tile n, a newline per row
+    "llava_next": lambda n: 2 * n + math.isqrt(n),  # as OneVision
+    "mistral3": lambda n: n + math.isqrt(n),  # Pixtral: [IMG_BREAK] closes each row of [IMG], [IMG_END] the last
+    "mllama": lambda n: 1,  # one <|image|>: its features go to cross-attention, not into the sequence
+    "gemma4": lambda n: 256 if n == 256 else 64,  # its processor's smallest budget is 70 soft tokens: 8 x 8
+}
+"""Architectures whose square image is more tokens than its ``n`` merged features (``TinyArch.image_tokens``)."""
+
+
+def _image_tokens_for(arch: str, n: int) -> int:
+    return IMAGE_TOKENS_BEYOND_THE_RULE.get(arch, lambda m: m)(n)
+
+
 @pytest.mark.parametrize("size", ["tiny", "small", "bench"])
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_image_token_count_per_size(arch, size, shape_images):
-    """(image_px / patch / merge)^2 tokens per image: tiny 4, small 9, bench 256 (processor only)."""
+    """(image_px / patch / merge)^2 tokens per image: tiny 4, small 9, bench 256 (processor only);
+    InternVL and LLaVA-OneVision add their delimiters / tiles (:data:`IMAGE_TOKENS_BEYOND_THE_RULE`)."""
     from vlalign.shapes.world import tokenizer_corpus
 
-    expected = {"tiny": 4, "small": 9, "bench": 256}[size]
+    merged = {"tiny": 4, "small": 9, "bench": 256}[size]
+    expected = _image_tokens_for(arch, merged)
     assert image_tokens(arch, size) == expected
     spec = SIZES[size]
-    assert (spec.image_px // spec.patch // spec.merge) ** 2 == expected
+    assert (spec.image_px // spec.patch // spec.merge) ** 2 == merged
     processor = make_processor(arch, size, train_tokenizer(tokenizer_spec(arch), tokenizer_corpus()))
     text = processor.apply_chat_template(
         [{"role": "user", "content": [{"type": "image"}]}], add_generation_prompt=True, tokenize=False
     )
-    out = processor(text=[text], images=[[shape_images[0]]], return_tensors="pt")
+    image = shape_images[0].resize((spec.image_px, spec.image_px))  # Pixtral (Mistral 3) never enlarges an image
+    out = processor(text=[text], images=[[image]], return_tensors="pt")
     ids = set(image_token_ids(processor))
     assert sum(int(t) in ids for t in out["input_ids"][0]) == expected
 
@@ -187,9 +217,11 @@ def test_bench_vocab_config_has_qwens_vocabulary(arch):
     tok = train_tokenizer(tokenizer_spec(arch), tokenizer_corpus())
     text = make_config(arch, "bench-vocab", tok).get_text_config()
     assert text.vocab_size == QWEN_VOCAB_SIZE == 151_936 and len(tok) < 2000
-    assert (text.intermediate_size, text.num_attention_heads // text.num_key_value_heads) == (2560, 4)
+    # an MoE without a dense MLP (Qwen3.5-MoE): its active experts' width
+    width = getattr(text, "intermediate_size", None) or text.moe_intermediate_size * text.num_experts_per_tok
+    assert (width, text.num_attention_heads // text.num_key_value_heads) == (2560, 4)
     assert make_config(arch, "bench", tok).get_text_config().vocab_size == len(tok)
-    assert image_tokens(arch, "bench-vocab") == 256
+    assert image_tokens(arch, "bench-vocab") == _image_tokens_for(arch, 256)
 
 
 @pytest.mark.slow

@@ -43,8 +43,10 @@ def test_why_bf16_weights_lose_small_updates():
 
 
 def _run(distributed_type: DistributedType, device: str = "cuda:1") -> SimpleNamespace:
-    """The two things the guards read of a :class:`vlalign.training.Run`."""
-    return SimpleNamespace(accelerator=SimpleNamespace(distributed_type=distributed_type), device=torch.device(device))
+    """What the guards read of a :class:`vlalign.training.Run` (a DeepSpeed config left at ``auto``)."""
+    plugin = SimpleNamespace(deepspeed_config={"train_micro_batch_size_per_gpu": "auto"})
+    accelerator = SimpleNamespace(distributed_type=distributed_type, state=SimpleNamespace(deepspeed_plugin=plugin))
+    return SimpleNamespace(accelerator=accelerator, device=torch.device(device), cfg=SimpleNamespace(batch_size=4))
 
 
 def test_guard_refuses_accumulation_under_deepspeed_and_gives_each_process_its_device():
@@ -58,6 +60,7 @@ def test_guard_refuses_accumulation_under_deepspeed_and_gives_each_process_its_d
     with pytest.raises(ValueError, match="under DeepSpeed use update.minibatches"):
         guard_distributed(deepspeed, ModelConfig(), micro_batches_per_step=4, hint="update.minibatches")
     assert guard_distributed(deepspeed, ModelConfig(), micro_batches_per_step=1).device == "cuda:1"
+    assert deepspeed.accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] == 4
     assert guard_distributed(ddp, ModelConfig(), micro_batches_per_step=8).device == "cuda:1"
     assert guard_distributed(ddp, ModelConfig(device="cpu"), micro_batches_per_step=8).device == "cpu"
 

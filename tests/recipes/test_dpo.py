@@ -259,7 +259,8 @@ def test_precomputed_reference_equals_the_frozen_copy_and_runs_no_reference_forw
         "--train.save_every=0",
     )
     model_dir = tiny_model_dir("qwen2_vl")
-    dpo.run(load_config(dpo.Config, None, _args(model_dir, pair_file, tmp_path / "copy", *common)))
+    copy_args = _args(model_dir, pair_file, tmp_path / "copy", *common, "--reference.strategy=copy")
+    dpo.run(load_config(dpo.Config, None, copy_args))  # 1.5 passes: auto would pick the cache
     dpo.run(
         load_config(
             dpo.Config,
@@ -541,3 +542,22 @@ def test_iterative_dpo_runs_rounds_and_resumes(tiny_model_dir, recipe_world, tmp
     stamp = (out / "round-2" / "metrics.jsonl").stat().st_mtime
     dpo.run(round2)
     assert (out / "round-2" / "metrics.jsonl").stat().st_mtime == stamp
+
+
+def test_packed_rows_give_the_same_losses_and_log_their_useful_token_fraction(tiny_model_dir, pair_file, tmp_path):
+    """``--logprob_pack_length`` large enough for a whole micro-batch puts its four prompts (each with
+    its pair) in one row: the same losses as one prompt per row (float rounding), and every slot
+    used (``perf/useful_token_fraction`` = 1; below 1 with one prompt per row). Two steps of four
+    pairs over eight pairs is one pass: ``reference.strategy=auto`` keeps the frozen copy, and
+    ``run.json`` says so."""
+    common = ("--data.limit=8", "--train.batch_size=4", "--train.max_steps=2", "--train.save_every=0")
+    model_dir = tiny_model_dir("qwen2_vl")
+    dpo.run(load_config(dpo.Config, None, _args(model_dir, pair_file, tmp_path / "rows", *common)))
+    packed_args = _args(model_dir, pair_file, tmp_path / "packed", *common, "--logprob_pack_length=100000")
+    dpo.run(load_config(dpo.Config, None, packed_args))
+    rows, packed = _records(tmp_path / "rows"), _records(tmp_path / "packed")
+    for a, b in zip(rows, packed, strict=True):
+        assert b["train/loss"] == pytest.approx(a["train/loss"], abs=1e-5)
+        assert b["perf/useful_token_fraction"] == 1.0 and 0.5 < a["perf/useful_token_fraction"] < 1.0
+    record = json.loads((tmp_path / "rows" / "run.json").read_text())
+    assert record["reference"] == {"strategy": "copy", "reason": "auto: 1.00 planned passes over the data"}

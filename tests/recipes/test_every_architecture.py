@@ -8,6 +8,7 @@ file shows that nothing in a recipe is specific to one architecture.
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -99,5 +100,8 @@ def test_one_step_of_every_recipe(arch, recipe, tiny_model_dir, recipe_world, pa
     losses = [r["train/loss"] for r in read_metrics(out) if "train/loss" in r]
     assert len(losses) == 1 and math.isfinite(losses[0]), losses
     assert _changed(start, out / "model"), "the step left every weight as it was"
+    if json.loads((start / "config.json").read_text()).get("text_config", {}).get("output_router_logits"):
+        aux = [r["train/router_aux_loss"] for r in read_metrics(out) if "train/router_aux_loss" in r]
+        assert len(aux) == 1 and aux[0] > 0, aux  # an MoE config asking for the router loss: trained and logged
     if recipe.endswith("-lora"):
         _lora_covers_language_and_vision(out / "model")

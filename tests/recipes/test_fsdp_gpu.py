@@ -1,4 +1,4 @@
-"""FSDP2 through ``accelerate launch`` (``fully_shard``, float32), on GPUs only: SFT and DPO trained
+"""FSDP2 through ``accelerate launch`` (``fully_shard``, float32), on GPUs only: SFT, DPO and KTO trained
 sharded give the losses and final weights of one unsharded process on the same global batch, a
 sharded run killed after 2 steps and resumed with ``--resume`` ends like the uninterrupted one, and
 the final ``model/`` is a whole Hugging Face folder.
@@ -34,7 +34,7 @@ from vlalign.config import load_config
 from vlalign.data.annotations import load_vocabulary
 from vlalign.data.io import load_samples, write_samples
 from vlalign.data.pairs.inject import InjectConfig, inject_pairs
-from vlalign.recipes import dpo, sft
+from vlalign.recipes import dpo, kto, sft
 from vlalign.training.metrics import read_metrics
 
 pytestmark = [
@@ -72,7 +72,7 @@ def pair_file(recipe_world: Path, tmp_path_factory: pytest.TempPathFactory) -> P
 
 
 def _common(model_dir: Path, data: Path, recipe: str) -> list[str]:
-    extra = ["--loss.weights={mdpo: 1.0}"] if recipe == "dpo" else []
+    extra = {"dpo": ["--loss.weights={mdpo: 1.0}"], "kto": ["--from_pairs=true"]}.get(recipe, [])
     return [
         f"--model.name_or_path={model_dir}",
         "--model.device=cuda",
@@ -86,6 +86,7 @@ def _common(model_dir: Path, data: Path, recipe: str) -> list[str]:
         "--train.trackers=[]",
         "--train.progress=false",
         "--train.warmup_ratio=0",
+        "--train.schedule=constant",  # a 2-step run extended to 3 keeps the 3-step run's learning rates
         *extra,
     ]
 
@@ -105,11 +106,11 @@ def _launch(tmp_path: Path, recipe: str, args: list[str]) -> subprocess.Complete
     return done
 
 
-@pytest.mark.parametrize("recipe", ["sft", "dpo"])
+@pytest.mark.parametrize("recipe", ["sft", "dpo", "kto"])
 def test_fsdp2_matches_one_process_resumes_and_saves_a_whole_model(
     recipe, tiny_model_dir, recipe_world, pair_file, tmp_path
 ):
-    module = {"sft": sft, "dpo": dpo}[recipe]
+    module = {"sft": sft, "dpo": dpo, "kto": kto}[recipe]
     data = recipe_world / "train.jsonl" if recipe == "sft" else pair_file
     common = _common(tiny_model_dir("qwen2_vl"), data, recipe)
     one = tmp_path / "one"

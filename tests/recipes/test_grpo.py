@@ -122,6 +122,7 @@ def test_one_step_raises_the_log_prob_of_positive_advantages(tiny_model_dir, rec
         "train/grad_norm",
     ):
         assert key in metrics, key
+    assert 0.5 < metrics["perf/useful_token_fraction"] <= 1.0  # tokens / slots of the update's rows
 
 
 def test_reference_log_probs_are_computed_in_the_update_precision(

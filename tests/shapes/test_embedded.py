@@ -36,3 +36,24 @@ def test_bad_tiny_names_are_refused() -> None:
     with pytest.raises(ValueError, match="tiny:<arch>:<size>"):
         resolve_model("tiny:gemma3")
     assert resolve_model("/models/mine") == "/models/mine"
+
+
+def test_a_cache_entry_being_built_is_waited_for(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """While another process (here: this test) holds a cache entry's lock, resolving that entry waits
+    and writes nothing; once the lock is released it builds the entry and returns."""
+    import threading
+
+    from vlalign.models.tiny import STAMP_FILE, cache_lock
+
+    monkeypatch.setenv("VLALIGN_CACHE", str(tmp_path))
+    folder = tmp_path / "models" / "qwen2_vl-tiny-seed0"
+    result: list[str] = []
+    lock = cache_lock("models/qwen2_vl-tiny-seed0")
+    lock.acquire()
+    waiter = threading.Thread(target=lambda: result.append(resolve_model("tiny:qwen2_vl:tiny")))
+    waiter.start()
+    waiter.join(timeout=1.5)
+    assert waiter.is_alive() and not (folder / STAMP_FILE).exists()  # waiting, nothing written
+    lock.release()
+    waiter.join(timeout=60)
+    assert result == [str(folder)] and (folder / STAMP_FILE).is_file()

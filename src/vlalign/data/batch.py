@@ -24,6 +24,32 @@ IGNORE_INDEX = -100
 
 OnOverflow = Literal["drop", "raise"]
 
+TOKEN_SPAN_KEYS = ("cross_attention_mask",)
+"""Vision tensors laid out along each prompt's tokens, ``(prompts, tokens, ...)``: Mllama's cross-attention
+mask (which images and tiles each token sees). Row ``i`` holds prompt ``i``'s tokens first
+(:func:`vlalign.data.collate.encode_prompts`); every layout copies them to the prompt's tokens and repeats the
+prompt's last entry on the tokens after it (:func:`spread_along_tokens`)."""
+
+
+def spread_along_tokens(
+    prompts: EncodedPrompts, key: str, placements: Sequence[tuple[int, int, int, int]], shape: tuple[int, int]
+) -> Tensor:
+    """The :data:`TOKEN_SPAN_KEYS` tensor ``key`` for rows of ``shape`` ``(rows, width)``, zero where unplaced.
+
+    ``placements`` are ``(row, prompt i, start, stop)``: prompt ``i`` sits at ``[start, start + P_i)`` of
+    ``row`` and the tokens up to ``stop`` continue it (its completions), so they get its last token's entry:
+    the processor marks every token after an image as seeing it, and ``model.generate`` extends the mask
+    the same way.
+    """
+    source = prompts.vision[key]
+    out = source.new_zeros((*shape, *source.shape[2:]))
+    for row, i, start, stop in placements:
+        n = len(prompts.input_ids[i])
+        own = source[prompts.vision_rows[key][i]][0, :n]
+        out[row, start : start + n] = own
+        out[row, start + n : stop] = own[n - 1]
+    return out
+
 
 # ------------------------------------------------------------------------------ batch records
 
@@ -47,6 +73,11 @@ class EncodedPrompts:
     num_images: list[int]
     image_token_count: list[int]
     """Number of image-placeholder tokens in each prompt."""
+    completion_fields: dict[str, int] = field(default_factory=dict)
+    """The value a per-token field takes on completion tokens (0 when absent): PaliGemma's
+    processor marks its suffix (what the model writes) with ``token_type_ids`` 1, the prefix 0."""
+    num_videos: list[int] = field(default_factory=list)
+    """Videos of each prompt (``{"type": "video"}`` parts); empty when the batch has none."""
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -58,10 +89,10 @@ class EncodedPrompts:
     def vision_for(self, order: Sequence[int]) -> dict[str, Tensor]:
         """Vision tensors for a batch whose rows come from prompts ``order`` (repeats allowed).
 
-        When none of those prompts has an image the result is empty, as the processor's output
+        When none of those prompts has an image or a video the result is empty, as the processor's output
         for a batch without images (Idefics3's all-padding image slots are not passed on).
         """
-        if sum(self.num_images[i] for i in order) == 0:
+        if sum(self.num_images[i] + (self.num_videos[i] if self.num_videos else 0) for i in order) == 0:
             return {}
         return {key: torch.cat([t[self.vision_rows[key][i]] for i in order], dim=0) for key, t in self.vision.items()}
 
@@ -84,6 +115,8 @@ class EncodedPrompts:
             vision_rows=rows,
             num_images=[self.num_images[i] for i in keep],
             image_token_count=[self.image_token_count[i] for i in keep],
+            completion_fields=dict(self.completion_fields),
+            num_videos=[self.num_videos[i] for i in keep] if self.num_videos else [],
         )
 
 
@@ -228,12 +261,14 @@ def build_rows(
         labels[r, len(p) : len(p) + len(c)] = target
         for k, rows in prompts.token_fields.items():
             per_token[k][r, : len(p)] = torch.tensor(rows[i], dtype=torch.long)
+            per_token[k][r, len(p) : len(p) + len(c)] = prompts.completion_fields.get(k, 0)
     row_prompt = [i for i, _ in order]
+    placements = [(r, i, 0, len(prompts.input_ids[i]) + len(completions[i][j])) for r, (i, j) in enumerate(order)]
     return SequenceBatch(
         input_ids=input_ids,
         attention_mask=attention,
         labels=labels,
-        vision={**prompts.vision_for(row_prompt), **per_token},
+        vision={**_spread(prompts.vision_for(row_prompt), prompts, placements, input_ids.shape), **per_token},
         prompt_lengths=torch.tensor([len(prompts.input_ids[i]) for i, _ in order], dtype=torch.long),
         completion_lengths=torch.tensor([len(completions[i][j]) for i, j in order], dtype=torch.long),
         row_prompt=torch.tensor(row_prompt, dtype=torch.long),
@@ -241,6 +276,14 @@ def build_rows(
         sample_ids=[prompts.sample_ids[i] for i in row_prompt],
         dropped_ids=list(dropped_ids),
     )
+
+
+def _spread(
+    vision: dict[str, Tensor], prompts: EncodedPrompts, placements: list[tuple[int, int, int, int]], shape: Any
+) -> dict[str, Tensor]:
+    """``vision`` with its :data:`TOKEN_SPAN_KEYS` tensors laid out for rows of ``shape``."""
+    spread = {k: spread_along_tokens(prompts, k, placements, tuple(shape)) for k in TOKEN_SPAN_KEYS if k in vision}
+    return {**vision, **spread}
 
 
 def build_prompt_rows(
@@ -258,10 +301,11 @@ def build_prompt_rows(
         attention[r, start:] = 1
         for k, rows in prompts.token_fields.items():
             per_token[k][r, start:] = torch.tensor(rows[r], dtype=torch.long)
+    placements = [(r, r, width - len(p), width) for r, p in enumerate(prompts.input_ids)]
     return GenerationBatch(
         input_ids=input_ids,
         attention_mask=attention,
-        vision={**prompts.vision_for(range(n)), **per_token},
+        vision={**_spread(prompts.vision_for(range(n)), prompts, placements, input_ids.shape), **per_token},
         prompt_lengths=torch.tensor(prompts.lengths, dtype=torch.long),
         sample_ids=list(prompts.sample_ids),
         dropped_ids=list(dropped_ids),

@@ -11,7 +11,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from vlalign.data.schema import DataError, ImageLike, Message, SupervisedSample, count_image_placeholders
+from vlalign.data.schema import (
+    DataError,
+    ImageLike,
+    Message,
+    SupervisedSample,
+    count_image_placeholders,
+    count_video_placeholders,
+)
 
 _SENTINEL = "@@vlalign-completion@@"
 
@@ -43,12 +50,17 @@ def render_prompt(processor: Any, messages: list[Message]) -> str:
     return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
-def end_of_turn_text(processor: Any) -> str:
+def end_of_turn_text(processor: Any, *, convention: str = "vlalign") -> str:
     """What the chat template writes right after an assistant message's text, minus whitespace.
 
     Rendered from a one-turn conversation whose assistant text is a sentinel; a template that
-    writes nothing there falls back to the tokenizer's ``eos_token``.
+    writes nothing there falls back to the tokenizer's ``eos_token``. ``convention="trl"`` keeps
+    the whitespace after it (Qwen's ``<|im_end|>\n``): TRL scores the whole rendered suffix of
+    prompt + response after the prompt, the newline after the end-of-turn token included
+    (``docs/performance.md``, "Which tokens count as the response").
     """
+    if convention not in ("vlalign", "trl"):
+        raise ValueError(f"convention must be 'vlalign' or 'trl', not {convention!r}")
     conversation = [
         {"role": "user", "content": [{"type": "text", "text": "hi"}]},
         {"role": "assistant", "content": [{"type": "text", "text": _SENTINEL}]},
@@ -56,17 +68,19 @@ def end_of_turn_text(processor: Any) -> str:
     text = processor.apply_chat_template(conversation, add_generation_prompt=False, tokenize=False)
     if _SENTINEL not in text:
         raise ValueError("the chat template does not render the assistant's text; cannot find the end of turn")
-    tail = text.split(_SENTINEL, 1)[1].strip()
-    if not tail:
+    tail = text.split(_SENTINEL, 1)[1]
+    tail = tail if convention == "trl" else tail.strip()
+    if not tail.strip():
         tail = tokenizer_of(processor).eos_token or ""
     if not tail:
         raise ValueError("the chat template ends assistant turns with nothing and the tokenizer has no eos_token")
     return tail
 
 
-def end_of_turn_ids(processor: Any) -> list[int]:
-    """Token ids of :func:`end_of_turn_text`."""
-    return list(tokenizer_of(processor)(end_of_turn_text(processor), add_special_tokens=False)["input_ids"])
+def end_of_turn_ids(processor: Any, *, convention: str = "vlalign") -> list[int]:
+    """Token ids of :func:`end_of_turn_text` (``convention`` as there)."""
+    text = end_of_turn_text(processor, convention=convention)
+    return list(tokenizer_of(processor)(text, add_special_tokens=False)["input_ids"])
 
 
 def _add_special_tokens(processor: Any, texts: Sequence[str]) -> bool:
@@ -128,10 +142,11 @@ def conversation_pieces(processor: Any, sample: SupervisedSample) -> tuple[_Firs
     turns = [k for k, m in enumerate(sample.prompt) if m.get("role") == "assistant"]
     if not turns:
         return _FirstTurn(sample.id, sample.images, sample.prompt), []
-    if count_image_placeholders(sample.prompt[turns[0] :]) > 0:
-        raise DataError(
-            f"sample {sample.id!r}: images after the first assistant turn are not supported in multi-turn training"
-        )
+    for kind, count in (("images", count_image_placeholders), ("videos", count_video_placeholders)):
+        if count(sample.prompt[turns[0] :]) > 0:
+            raise DataError(
+                f"sample {sample.id!r}: {kind} after the first assistant turn are not supported in multi-turn training"
+            )
     eot = end_of_turn_text(processor)
     ends = [*turns, len(sample.prompt)]
     rendered = [render_prompt(processor, sample.prompt[:k]) for k in ends]

@@ -45,17 +45,23 @@ Processor layouts handled (see :func:`_row_unit`): Qwen2-VL / Qwen2.5-VL pack al
 patches in one ``pixel_values`` (rows per image = ``prod(image_grid_thw)``) and need
 ``mm_token_type_ids``; LLaVA and Gemma3 give one ``pixel_values`` row per image (Gemma3 adds
 ``token_type_ids``); Idefics3 / SmolVLM give ``(B, max_images, C, H, W)`` per prompt with a
-``pixel_attention_mask`` of the same layout.
+``pixel_attention_mask`` of the same layout; InternVL stacks each image's tiles (and each video
+frame) as ``pixel_values`` rows, ``image_seq_length`` context tokens per row (:func:`_tiles_per_prompt`);
+LLaVA-OneVision / NeXT give ``(images, max_tiles, C, H, W)`` with ``image_sizes`` per image
+(OneVision adds ``batch_num_images``, made one entry per prompt, zero for a prompt without images).
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
+import torch
 from torch import Tensor
 
 from vlalign.data.batch import IGNORE_INDEX as IGNORE_INDEX  # re-exported: batching is imported from here
+from vlalign.data.batch import TOKEN_SPAN_KEYS as TOKEN_SPAN_KEYS  # re-exported
 from vlalign.data.batch import (
     EncodedPrompts,
     GenerationBatch,
@@ -65,6 +71,7 @@ from vlalign.data.batch import (
     build_rows,
     check_lengths,
 )
+from vlalign.data.batch import spread_along_tokens as spread_along_tokens  # re-exported
 from vlalign.data.chat import (  # the template helpers; several are imported from here by other modules
     _add_special_tokens,
     conversation_pieces,
@@ -75,7 +82,16 @@ from vlalign.data.chat import (  # the template helpers; several are imported fr
     render_prompt,
     tokenizer_of,
 )
-from vlalign.data.schema import DataError, ImageLike, Message, SupervisedSample, count_image_placeholders, load_image
+from vlalign.data.schema import (
+    DataError,
+    ImageLike,
+    Message,
+    SupervisedSample,
+    count_image_placeholders,
+    count_video_placeholders,
+    load_image,
+)
+from vlalign.data.video import check_video_placeholders, is_video_key, processor_video_inputs, video_rows
 
 PER_TOKEN_KEYS = ("mm_token_type_ids", "token_type_ids")
 """Processor outputs laid out along the sequence (one value per token), 0 outside images."""
@@ -107,18 +123,35 @@ def _check_images(sample: PromptLike, text: str, placeholder: str | None) -> Non
         )
 
 
-def _row_unit(key: str, tensor: Tensor, vision: dict[str, Tensor], n_prompts: int, n_images: int) -> str:
+def _tiles_per_prompt(processor: Any, input_ids: list[list[int]]) -> list[int] | None:
+    """Rows of ``pixel_values`` per prompt for a processor that cuts an image (or a video frame) into
+    tiles of ``image_seq_length`` placeholder tokens each (InternVL's ``(tiles, C, H, W)``), else None."""
+    per_tile, token = getattr(processor, "image_seq_length", None), getattr(processor, "image_token_id", None)
+    if not isinstance(per_tile, int) or not isinstance(token, int) or per_tile <= 0:
+        return None
+    return [sum(1 for t in ids if t == token) // per_tile for ids in input_ids]
+
+
+def _row_unit(
+    key: str, tensor: Tensor, vision: dict[str, Tensor], n_prompts: int, n_images: int, n_tiles: int | None = None
+) -> str:
     """How ``tensor``'s first dimension is laid out: ``"patch"``, ``"image"`` or ``"prompt"``."""
+    if key in TOKEN_SPAN_KEYS or vision.get("pixel_values", tensor).ndim == 6:
+        return "prompt"  # Mllama: (B, max_images, max_tiles, C, H, W), and every tensor with it is per prompt
     if key.endswith("_grid_thw") or key == "image_sizes":
         return "image"
+    if key == "batch_num_images":
+        return "prompt"  # LLaVA-OneVision's images per prompt (one entry per prompt: encode_prompts)
     if key in ("pixel_values", "pixel_attention_mask"):
         if "image_grid_thw" in vision:
             return "patch"
         pixel_values = vision.get("pixel_values", tensor)
-        if pixel_values.ndim == 5:
+        if pixel_values.ndim == 5 and "image_sizes" not in vision:
             return "prompt"  # (B, max_images, C, H, W): Idefics3 / SmolVLM
         if tensor.shape[0] == n_images:
-            return "image"
+            return "image"  # LLaVA-OneVision / NeXT: (images, max_tiles, C, H, W), zero tiles pad
+        if tensor.shape[0] == n_tiles:
+            return "patch"  # InternVL: (tiles, C, H, W), each image's tiles in a row
         raise DataError(
             f"the processor returned {key} with {tensor.shape[0]} rows for {n_images} images; image "
             "cropping / splitting (pan-and-scan, image splitting) is not supported, turn it off in the processor"
@@ -132,7 +165,9 @@ def _row_unit(key: str, tensor: Tensor, vision: dict[str, Tensor], n_prompts: in
     )
 
 
-def _vision_rows(vision: dict[str, Tensor], num_images: list[int]) -> dict[str, list[slice]]:
+def _vision_rows(
+    vision: dict[str, Tensor], num_images: list[int], tiles: list[int] | None = None
+) -> dict[str, list[slice]]:
     n_prompts, n_images = len(num_images), sum(num_images)
     image_bounds = [0]
     for n in num_images:
@@ -142,9 +177,12 @@ def _vision_rows(vision: dict[str, Tensor], num_images: list[int]) -> dict[str, 
         per_image = vision["image_grid_thw"].prod(dim=-1).tolist()
         for i in range(n_prompts):
             patch_bounds.append(patch_bounds[-1] + sum(per_image[image_bounds[i] : image_bounds[i + 1]]))
+    elif tiles is not None:
+        for n in tiles:
+            patch_bounds.append(patch_bounds[-1] + n)
     rows: dict[str, list[slice]] = {}
     for key, tensor in vision.items():
-        unit = _row_unit(key, tensor, vision, n_prompts, n_images)
+        unit = _row_unit(key, tensor, vision, n_prompts, n_images, sum(tiles) if tiles is not None else None)
         if unit == "prompt":
             rows[key] = [slice(i, i + 1) for i in range(n_prompts)]
         else:
@@ -163,7 +201,9 @@ def encode_prompts(processor: Any, samples: Sequence[PromptLike]) -> EncodedProm
     texts = [render_prompt(processor, s.prompt) for s in samples]
     for sample, text in zip(samples, texts):
         _check_images(sample, text, placeholder)
+        check_video_placeholders(processor, sample.id, sample.prompt, text)
     num_images = [len(s.images) for s in samples]
+    num_videos = [count_video_placeholders(s.prompt) for s in samples]
     images = [[load_image(im) for im in s.images] for s in samples] if sum(num_images) else None
     try:
         out = processor(
@@ -172,21 +212,31 @@ def encode_prompts(processor: Any, samples: Sequence[PromptLike]) -> EncodedProm
             return_tensors="pt",
             padding=True,
             add_special_tokens=_add_special_tokens(processor, texts),
+            **processor_video_inputs(processor, [s.prompt for s in samples]),
         )
     except (ValueError, TypeError, RuntimeError) as exc:
         ids = [s.id for s in samples]
         raise DataError(f"the processor rejected the batch of samples {ids}: {exc}") from exc
     mask = out["attention_mask"].bool()
     input_ids = [row[m].tolist() for row, m in zip(out["input_ids"], mask)]
+    out.pop("labels", None)  # PaliGemma's processor makes training labels from its suffix: not an input
     token_fields = {
         k: [row[m].tolist() for row, m in zip(out[k], mask)]
         for k in out.keys()
         if k in PER_TOKEN_KEYS or (k not in ("input_ids", "attention_mask") and out[k].shape == mask.shape)
     }
     vision = {k: v for k, v in out.items() if k not in ("input_ids", "attention_mask") and k not in token_fields}
+    videos = {k: v for k, v in vision.items() if is_video_key(k)}
+    for key in TOKEN_SPAN_KEYS:  # each prompt's own tokens first, whichever side the processor padded
+        if key in vision:
+            vision[key] = torch.stack([torch.cat([v[m], v[~m]]) for v, m in zip(vision[key], mask)])
+    if "batch_num_images" in vision:  # LLaVA-OneVision leaves the prompts without images out of it
+        vision["batch_num_images"] = vision["batch_num_images"].new_tensor(num_images)
     img_ids = set(image_token_ids(processor))
     counts = [sum(1 for t in ids if t in img_ids) for ids in input_ids]
-    for sample, n_img, n_tok in zip(samples, num_images, counts):
+    for sample, n_img, n_tok, n_vid in zip(samples, num_images, counts, num_videos):
+        if n_img == 0 and n_tok and n_vid:
+            continue  # InternVL writes video frames with its image tokens
         if (n_img == 0) != (n_tok == 0):
             raise DataError(f"sample {sample.id!r}: {n_img} image(s) but {n_tok} image tokens after processing")
     return EncodedPrompts(
@@ -194,10 +244,27 @@ def encode_prompts(processor: Any, samples: Sequence[PromptLike]) -> EncodedProm
         input_ids=input_ids,
         token_fields=token_fields,
         vision=vision,
-        vision_rows=_vision_rows(vision, num_images),
+        vision_rows={
+            **_vision_rows(
+                {k: v for k, v in vision.items() if k not in videos},
+                num_images,
+                _tiles_per_prompt(processor, input_ids),
+            ),
+            **video_rows(videos, num_videos),
+        },
         num_images=num_images,
+        num_videos=num_videos if sum(num_videos) else [],
         image_token_count=counts,
+        completion_fields=_completion_fields(processor, token_fields),
     )
+
+
+def _completion_fields(processor: Any, token_fields: dict[str, list[list[int]]]) -> dict[str, int]:
+    """Per-token fields whose value on completion tokens is not 0: a processor that builds a
+    prefix and a ``suffix`` itself (PaliGemma) marks the suffix with ``token_type_ids`` 1, and its
+    model attends bidirectionally over every token marked 0 (the completion must not be among them)."""
+    takes_suffix = "suffix" in inspect.signature(type(processor).__call__).parameters
+    return {"token_type_ids": 1} if takes_suffix and "token_type_ids" in token_fields else {}
 
 
 def encode_completions(

@@ -29,6 +29,7 @@ from vlalign.data.schema import (
     data_error,
     prompt_messages,
 )
+from vlalign.data.video import resolve_video_paths
 
 Kind = Literal["supervised", "preference", "unpaired", "prompt"]
 KINDS: tuple[str, ...] = ("supervised", "preference", "unpaired", "prompt")
@@ -192,7 +193,7 @@ def row_to_sample(row: dict[str, Any], kind: Kind, *, where: str, base_dir: str 
         raise DataError(f"{where}: a row must be a JSON object, got {type(row).__name__}")
     images, image_col = _row_images(row, Path(base_dir), where)
     raw_prompt, targets, used, extra = _prompt_and_targets(row, kind, where)
-    prompt = prompt_messages(raw_prompt, len(images), where=where)
+    prompt = resolve_video_paths(prompt_messages(raw_prompt, len(images), where=where), base_dir)
     texts = {name: completion_text(value, field=name, where=where) for name, value in targets.items()}
     used |= {image_col, "id"} if image_col else {"id"}
     meta = {k: v for k, v in row.items() if k not in used and not _is_image_blob(v)}

@@ -59,6 +59,7 @@ import pyarrow.parquet as pq
 from vlalign.data.columns import Kind, row_to_sample, sample_to_row
 from vlalign.data.readers import default_image_root, iter_rows
 from vlalign.data.schema import DataError, Sample, data_error, verify_image
+from vlalign.data.video import verify_videos
 
 logger = logging.getLogger(__name__)
 
@@ -132,6 +133,7 @@ def load_samples_with_report(
             check_numbers(sample, numeric_columns, where=where)
             if check_images:
                 _verify_images(sample, verified, where)
+                verify_videos(sample.prompt, where=where)
         except DataError as exc:
             report.rows += 1
             if not skip_bad_rows:

@@ -163,6 +163,34 @@ def count_image_placeholders(messages: list[Message]) -> int:
     return n
 
 
+def video_part(part: dict[str, Any], where: str) -> dict[str, Any]:
+    """A checked ``{"type": "video", "video": ...}`` part: ``video`` is a list of at least two frame
+    paths (in order) or one video file's path; an optional ``fps`` (frames per second of the given
+    frames, > 0) sets the timestamps of processors that write them (Qwen3-VL)."""
+    video, fps = part.get("video"), part.get("fps")
+    frames_ok = isinstance(video, list) and len(video) >= 2 and all(isinstance(f, str) and f for f in video)
+    if not (frames_ok or (isinstance(video, str) and video)):
+        raise DataError(
+            f"{where} must be {{'type': 'video', 'video': ...}} with a list of at least two frame paths or a "
+            f"video file path, got {video!r:.120}"
+        )
+    if fps is not None and (not isinstance(fps, (int, float)) or isinstance(fps, bool) or fps <= 0):
+        raise DataError(f"{where}: a video's 'fps' must be a positive number, got {fps!r}")
+    out: dict[str, Any] = {"type": "video", "video": list(video) if isinstance(video, list) else video}
+    return out if fps is None else {**out, "fps": float(fps)}
+
+
+def count_video_placeholders(messages: list[Message]) -> int:
+    """Number of ``{"type": "video"}`` parts in a conversation."""
+    return sum(
+        1
+        for m in messages
+        if isinstance(m.get("content"), list)
+        for part in m["content"]
+        if isinstance(part, dict) and part.get("type") == "video"
+    )
+
+
 def user_prompt(text: str, n_images: int = 1) -> list[Message]:
     """A one-turn user prompt with ``n_images`` image placeholders before the text."""
     content: list[dict[str, Any]] = [{"type": "image"} for _ in range(n_images)]
@@ -214,10 +242,12 @@ def _normalise_message(message: Any, where: str, k: int) -> Message:
             parts.append({"type": "image"})
         elif kind == "text" and isinstance(part.get("text"), str):
             parts.extend(_text_to_parts(part["text"]))
+        elif kind == "video":
+            parts.append(video_part(part, f"{where}: message {k} part {j}"))
         else:
             raise DataError(
-                f"{where}: message {k} part {j} must be {{'type': 'image'}} or {{'type': 'text', 'text': str}},"
-                f" got {part!r:.120}"
+                f"{where}: message {k} part {j} must be {{'type': 'image'}}, {{'type': 'text', 'text': str}} or "
+                f"{{'type': 'video', 'video': frame paths or a video file}}, got {part!r:.120}"
             )
     return {"role": role, "content": parts}
 

@@ -77,6 +77,7 @@ from .preference import (
     simpo_loss,
 )
 from .reward_model import REWARD_MODEL_LOSSES, bradley_terry_loss
+from .rollout_correction import truncated_is_weights
 
 ALL_PREFERENCE_LOSSES = {**PREFERENCE_LOSSES, **LVLM_LOSSES}
 """Every paired preference objective by name (text and LVLM), for :func:`combine_losses`."""
@@ -138,5 +139,6 @@ __all__ = [
     "rloo_advantages",
     "robust_dpo_loss",
     "simpo_loss",
+    "truncated_is_weights",
     "value_loss",
 ]

@@ -25,6 +25,18 @@ class ArchSupport:
     """Per-token field marking image tokens (value 1) that attend to each other in both directions."""
     dict_masks: bool = False
     """The forward accepts ``{"full_attention": m, "sliding_attention": m}`` for sliding-window layers."""
+    bidirectional_when: tuple[str, Any] | None = None
+    """``(text-config attribute, value)``: image blocks are bidirectional only when the attribute has
+    that value (Gemma 4: ``use_bidirectional_attention == "vision"``); None: always."""
+    bidirectional_sliding_only: bool = False
+    """Image blocks open on sliding-window layers only; global layers stay causal (Gemma 4)."""
+    bidirectional_prompt: bool = False
+    """Prefix-LM: the whole prompt (image and text) is one bidirectional block, each completion
+    attends to it and causally to itself (PaliGemma)."""
+    cache_sharing: bool = False
+    """Share prompts through the model's cache instead of a packed row (a prompt pass, then the
+    completions continue from its cache): layers a block mask cannot describe, such as Qwen3.5's
+    linear attention (:mod:`vlalign.models.prefix_cache`)."""
 
 
 ARCHITECTURES: dict[str, ArchSupport] = {
@@ -32,7 +44,23 @@ ARCHITECTURES: dict[str, ArchSupport] = {
     "qwen2_5_vl": ArchSupport(mrope=True, dict_masks=True),
     "llava": ArchSupport(),
     "idefics3": ArchSupport(),
+    "internvl": ArchSupport(),  # tiles: each prompt's pixel_values rows (data.collate)
+    "llava_onevision": ArchSupport(),  # any-res: image_sizes and batch_num_images per prompt
+    "llava_next": ArchSupport(),  # any-res: image_sizes per prompt
+    "mistral3": ArchSupport(),
+    "mllama": ArchSupport(),  # cross-attention mask per packed token: vlalign.data.batch.TOKEN_SPAN_KEYS
     "gemma3": ArchSupport(bidirectional_images="token_type_ids", dict_masks=True),
+    "gemma4": ArchSupport(
+        bidirectional_images="mm_token_type_ids",
+        dict_masks=True,
+        bidirectional_when=("use_bidirectional_attention", "vision"),
+        bidirectional_sliding_only=True,
+    ),
+    "paligemma": ArchSupport(bidirectional_prompt=True),
+    "qwen3_vl": ArchSupport(mrope=True),
+    "qwen3_vl_moe": ArchSupport(mrope=True),
+    "qwen3_5": ArchSupport(mrope=True, cache_sharing=True),
+    "qwen3_5_moe": ArchSupport(mrope=True, cache_sharing=True),
 }
 """``config.model_type`` of the architectures the packed layout is verified on."""
 
@@ -59,6 +87,12 @@ def attention_implementation(model: nn.Module) -> str:
     return str(getattr(text, "_attn_implementation", None) or getattr(config, "_attn_implementation", "eager"))
 
 
+def cache_sharing(model: nn.Module) -> bool:
+    """Whether ``model`` shares its prompts through its cache (:attr:`ArchSupport.cache_sharing`)."""
+    support = ARCHITECTURES.get(getattr(unwrap(model).config, "model_type", None))
+    return support is not None and support.cache_sharing
+
+
 def sharing_unsupported(model: nn.Module) -> str | None:
     """Why the packed layout cannot be used with ``model``, or None when it can."""
     model_type = getattr(unwrap(model).config, "model_type", None)
@@ -81,6 +115,15 @@ def text_config(model: nn.Module) -> Any:
     """The language model's config (the text config of a composite vision-language config)."""
     config = unwrap(model).config
     return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+ONE_BASED_POSITIONS = frozenset({"paligemma"})
+"""``config.model_type`` of the architectures whose positions start at 1 (the model's own default)."""
+
+
+def position_base(model: nn.Module) -> int:
+    """The position of a sequence's first token: 1 for :data:`ONE_BASED_POSITIONS`, else 0."""
+    return 1 if getattr(unwrap(model).config, "model_type", None) in ONE_BASED_POSITIONS else 0
 
 
 def image_token_id(model: nn.Module) -> int | None:

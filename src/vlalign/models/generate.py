@@ -37,10 +37,11 @@ padded batches), and the same seed gives the same completions after a resumed ru
 from __future__ import annotations
 
 import hashlib
+import inspect
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -48,6 +49,7 @@ from tqdm.auto import tqdm
 
 from vlalign.config import StrictFields
 from vlalign.data.collate import (
+    TOKEN_SPAN_KEYS,
     EncodedPrompts,
     GenerationBatch,
     PromptLike,
@@ -58,6 +60,8 @@ from vlalign.data.collate import (
     pad_token_id_of,
     tokenizer_of,
 )
+from vlalign.models.arch import position_base
+from vlalign.models.moe import router_logits_off
 
 
 @dataclass
@@ -76,6 +80,18 @@ class GenerationSettings(StrictFields):
     """Longest completion, in tokens (the stop token included)."""
     batch_size: int = 16
     """Prompts per forward pass (each brings its n completions)."""
+    engine: Literal["hf", "vllm"] = "hf"
+    """What generates: hf (vlalign's decode loop on the policy itself) or vllm (a vLLM engine beside the
+    policy, given its weights after every update; GRPO, PPO and iterative DPO; docs/vllm.md)."""
+    vllm_gpu_memory_utilization: float = 0.3
+    """engine = vllm: share of the GPU's memory vLLM may take (weights + KV cache); the trainer needs the rest."""
+    vllm_max_model_len: int = 4096
+    """engine = vllm: longest prompt + completion, in tokens (sizes vLLM's KV cache)."""
+    vllm_tensor_parallel: int = 1
+    """engine = vllm: GPUs one engine spans (tensor parallel)."""
+    vllm_sleep: bool = False
+    """engine = vllm: free the engine's weights and KV cache during the update and wake it for the next
+    rollout (GPU only; vLLM's CPU build has no sleep mode)."""
 
 
 @dataclass
@@ -204,6 +220,9 @@ class _Decoding:
     next_pos: Tensor  # (R,) long: 1-D position of the next token
     deltas: Tensor | None  # (R, 1) long: multimodal RoPE offset, or None
     cache: Any
+    step: dict[str, Tensor] = field(default_factory=dict)
+    """Per-token vision inputs of each new token, ``(R, 1, ...)``: the prompt's last entry (Mllama's
+    cross-attention mask: the answer sees the prompt's images), as ``model.generate`` extends them."""
 
     def keep(self, live: Tensor) -> None:
         """Drop the rows where ``live`` is False (and their cache rows)."""
@@ -211,7 +230,8 @@ class _Decoding:
         self.rows, self.mask, self.next_pos = self.rows[index], self.mask[index], self.next_pos[index]
         if self.deltas is not None:
             self.deltas = self.deltas[index]
-        self.cache.batch_select_indices(index)
+        self.step = {k: v[index] for k, v in self.step.items()}
+        self.cache.reorder_cache(index)  # index_select: every cache layer has it (linear-attention ones too)
 
 
 def _prefill(model: nn.Module, batch: GenerationBatch, n: int, device: torch.device) -> tuple[Tensor, _Decoding]:
@@ -227,24 +247,43 @@ def _prefill(model: nn.Module, batch: GenerationBatch, n: int, device: torch.dev
             input_ids, mm_token_type_ids=vision["mm_token_type_ids"], attention_mask=mask, **grid
         )
     else:
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, P)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0) + position_base(model)  # (B, P); PaliGemma's start at 1
     out = model(
-        input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1, **vision
+        input_ids=input_ids,
+        attention_mask=mask,
+        position_ids=positions,
+        use_cache=True,
+        logits_to_keep=1,
+        **vision,
+        **router_logits_off(model),
     )
     logits = out.logits[:, -1]  # (B, V)
     cache = _cache_of(out)
+    step = {k: vision[k][:, -1:] for k in TOKEN_SPAN_KEYS if k in vision}  # left padding: the last is the prompt's
     if n > 1:
-        cache.batch_repeat_interleave(n)
+        cache.reorder_cache(torch.arange(logits.shape[0], device=device).repeat_interleave(n))  # as above
         logits, mask = logits.repeat_interleave(n, 0), mask.repeat_interleave(n, 0)
         deltas = deltas.repeat_interleave(n, 0) if deltas is not None else None
+        step = {k: v.repeat_interleave(n, 0) for k, v in step.items()}
     state = _Decoding(
         rows=torch.arange(logits.shape[0], device=device),
         mask=mask,
-        next_pos=mask.sum(-1),
+        next_pos=mask.sum(-1) + (position_base(model) if deltas is None else 0),
         deltas=deltas.to(device) if deltas is not None else None,
         cache=cache,
+        step=step,
     )
     return logits, state
+
+
+def _cache_kwarg(model: nn.Module) -> str:
+    """The forward's name for the KV cache: ``cache`` (transformers >= 5.20), else ``past_key_values``
+    (the vLLM test environment's transformers 5.19 ignores an unknown ``cache`` and decodes without it)."""
+    for module in model.modules():  # the outermost forward that names its cache (PEFT wrappers take **kwargs)
+        forward = inspect.signature(type(module).forward).parameters
+        if "cache" in forward or "past_key_values" in forward:
+            return "cache" if "cache" in forward else "past_key_values"
+    return "cache"
 
 
 def _decode_step(model: nn.Module, tokens: Tensor, state: _Decoding) -> Tensor:
@@ -257,9 +296,11 @@ def _decode_step(model: nn.Module, tokens: Tensor, state: _Decoding) -> Tensor:
         input_ids=tokens.unsqueeze(-1),
         attention_mask=state.mask,
         position_ids=pos,
-        cache=state.cache,
+        **{_cache_kwarg(model): state.cache},
         use_cache=True,
         logits_to_keep=1,
+        **state.step,
+        **router_logits_off(model),
     )
     state.cache = _cache_of(out)
     state.next_pos = state.next_pos + 1

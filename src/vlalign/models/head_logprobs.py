@@ -41,11 +41,20 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
+
+from vlalign.models.arch import text_config, unwrap
+from vlalign.models.packing import Layout
 
 BLOCK_ROWS = 8192
 """Default vocabulary rows per block: 19 blocks for Qwen's 151,936 tokens; 32 MiB of float32
 logits per block for 1,024 scored tokens (the full path holds 594 MiB for them)."""
+
+CHUNKED_MIN_VOCAB = 32_768
+"""``logits_mode="auto"`` picks the chunked path from this many vocabulary rows up (Qwen's 151,936,
+Gemma3's 262,208, Idefics3's 49,152; LLaVA-1.5's 32,000 and the tiny test models stay on the full
+path). Below it, the logits of a step are small next to the model's own activations and the
+chunked path saves nothing worth its extra matrix product."""
 
 
 def _chunk_logits(
@@ -197,3 +206,71 @@ def head_logprobs(
         hidden, weight, bias, targets, float(temperature), softcap, int(size), return_entropy
     )
     return logps, (entropy if return_entropy else None)
+
+
+# ------------------------------------------------------- the engine's chunked path (models.logprobs)
+
+
+def plain_head(model: nn.Module) -> tuple[nn.Linear | None, str | None]:
+    """The LM head when the chunked path can apply it by hand; else None and the reason."""
+    head = unwrap(model).get_output_embeddings()
+    if type(head) is not nn.Linear:
+        return None, f"the LM head is a {type(head).__name__}, not a plain nn.Linear (an adapter on the head?)"
+    weight = head.weight
+    if weight.ndim != 2 or weight.numel() == 0 or hasattr(weight, "ds_id") or "DTensor" in type(weight.data).__name__:
+        return None, "the LM head's weight is sharded (DeepSpeed ZeRO-3 or FSDP)"
+    return head, None
+
+
+def probe_softcap(model: nn.Module, head: nn.Linear, states: Tensor, probe: Tensor) -> tuple[bool, float | None]:
+    """Whether the model's logits at the probe are the head applied by hand, and the soft-cap it applied."""
+    with torch.no_grad():
+        bias = head.bias.to(probe.dtype) if head.bias is not None else None
+        by_hand = F.linear(states[:1, :1].to(probe.dtype), head.weight.to(probe.dtype), bias)
+        if by_hand.shape == probe.shape and torch.equal(by_hand, probe):
+            return True, None
+        cap = getattr(text_config(model), "final_logit_softcapping", None)
+        if cap is not None and by_hand.shape == probe.shape:
+            capped = torch.tanh(by_hand / cap) * cap
+            if torch.equal(capped, probe):
+                return True, float(cap)
+    return False, None
+
+
+def chunked_outputs(
+    states: Tensor,
+    head: nn.Linear,
+    dtype: torch.dtype,
+    layout: Layout,
+    token_ids: Tensor,
+    *,
+    softcap: float | None,
+    temperature: float,
+    block_rows: int | None,
+    return_entropy: bool,
+) -> dict[str, Tensor | None]:
+    """Log-probs (and entropies) ``(R, L)`` of a layout's completion tokens from the kept hidden states.
+
+    ``states`` ``(rows, K, H)`` are the last hidden states at the kept positions (the LM head's
+    input that :mod:`vlalign.models.logprobs` captures); zeros on padding entries.
+    """
+    device = states.device
+    mask = layout.mask.to(device)
+    rows = layout.source.to(device)[mask]  # (N,): index of the kept position predicting each real token
+    flat = states.reshape(-1, states.shape[-1])[rows].to(dtype)  # (N, H)
+    bias = head.bias.to(dtype) if head.bias is not None else None
+    logps, entropy = head_logprobs(
+        flat,
+        head.weight.to(dtype),
+        token_ids.to(device)[mask],
+        bias=bias,
+        temperature=temperature,
+        softcap=softcap,
+        block_rows=block_rows,
+        return_entropy=return_entropy,
+    )
+    zeros = torch.zeros(mask.shape, dtype=torch.float32, device=device)
+    return {
+        "logps": zeros.masked_scatter(mask, logps),
+        "entropy": zeros.masked_scatter(mask, entropy) if entropy is not None else None,
+    }

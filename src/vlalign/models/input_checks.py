@@ -53,7 +53,8 @@ def _check_image_tokens(model: nn.Module, prompts: EncodedPrompts) -> None:
 
     The model checks the batch total; a prompt with too few image tokens next to one with too many
     would pass that check and shift image features across samples. Qwen-style grids give the exact
-    count per prompt; fixed-size architectures must give every image the same number of tokens.
+    count per prompt; tiled and any-resolution ones (InternVL, LLaVA-OneVision / NeXT) what
+    :func:`_check_size_dependent` can tell; fixed-size ones must give every image the same number of tokens.
     """
     token_id = image_token_id(model)
     if token_id is None:
@@ -76,6 +77,9 @@ def _check_image_tokens(model: nn.Module, prompts: EncodedPrompts) -> None:
                     f"{prompts.num_images[i]} image(s) give {want} features; {advice}"
                 )
         return
+    if _size_dependent(prompts):
+        _check_size_dependent(model, prompts, counts, advice)
+        return
     for i, (count, n) in enumerate(zip(counts, prompts.num_images)):
         if (count == 0) != (n == 0) or (n and count % n):
             raise DataError(
@@ -90,3 +94,31 @@ def _check_image_tokens(model: nn.Module, prompts: EncodedPrompts) -> None:
             f"image tokens per image differ across the batch (samples {detail} image(s)), but every "
             f"image of this architecture gives the same number of features; {advice}"
         )
+
+
+def _size_dependent(prompts: EncodedPrompts) -> bool:
+    """Whether an image's token count depends on its size: any-resolution tiles with ``image_sizes``
+    (LLaVA-OneVision / NeXT) or more ``pixel_values`` tiles than images (InternVL)."""
+    pixel_values = prompts.vision.get("pixel_values")
+    tiled = pixel_values is not None and pixel_values.ndim == 4 and pixel_values.shape[0] != sum(prompts.num_images)
+    return "image_sizes" in prompts.vision or tiled
+
+
+def _check_size_dependent(model: nn.Module, prompts: EncodedPrompts, counts: list[int], advice: str) -> None:
+    """Tiles of ``image_seq_length`` tokens each (InternVL): a prompt's tokens are its own ``pixel_values``
+    rows times that. Any-resolution grids (LLaVA-OneVision / NeXT): image tokens exactly when images
+    (the batch total is the model's own check)."""
+    per_tile = getattr(unwrap(model).config, "image_seq_length", None)
+    pixel_values, rows = prompts.vision.get("pixel_values"), prompts.vision_rows.get("pixel_values")
+    tiled = isinstance(per_tile, int) and pixel_values is not None and pixel_values.ndim == 4 and rows is not None
+    videos = prompts.num_videos or [0] * len(prompts)
+    for i, (count, n) in enumerate(zip(counts, prompts.num_images)):
+        expected = ""
+        if tiled and rows is not None and isinstance(per_tile, int):
+            n_tiles = rows[i].stop - rows[i].start
+            expected = f" ({n_tiles * per_tile} for its {n_tiles} tile(s))" if count != n_tiles * per_tile else ""
+        if (count == 0 and n > 0) or (count > 0 and n == 0 and videos[i] == 0) or expected:  # InternVL: frames
+            raise DataError(
+                f"sample {prompts.sample_ids[i]!r}: its prompt holds {count} image tokens for {n} image(s){expected}; "
+                f"{advice}"
+            )

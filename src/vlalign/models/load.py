@@ -36,15 +36,24 @@ from huggingface_hub.errors import GatedRepoError
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors import SafetensorError
 from torch import nn
-from transformers import AutoModelForImageTextToText, AutoProcessor, PreTrainedModel
+from transformers import AutoProcessor, PreTrainedModel
 
 from vlalign.config import StrictFields
 from vlalign.data.chat import tokenizer_of
 from vlalign.errors import UserError
+from vlalign.models.load_checks import from_pretrained, missing_pieces
 
 LANGUAGE_NAMES = ("language_model", "text_model")
 VISION_NAMES = ("visual", "vision_tower", "vision_model")
-PROJECTOR_NAMES = ("multi_modal_projector", "connector", "merger", "mm_projector")
+PROJECTOR_NAMES = (
+    "multi_modal_projector",
+    "connector",
+    "merger",
+    "mm_projector",
+    "deepstack_merger_list",
+    "embed_vision",
+)
+"""Projectors from vision to text features; ``deepstack_merger_list``: Qwen3-VL's DeepStack mergers."""
 
 _DTYPES = {
     "float32": torch.float32,
@@ -107,6 +116,9 @@ def find_parts(model: nn.Module) -> ModelParts:
         )
     projectors = [n for n in names if n.rsplit(".", 1)[-1] in PROJECTOR_NAMES]
     projectors = [p for p in projectors if not any(p.startswith(q + ".") for q in projectors)]
+    lists = {n: m for n, m in model.named_modules() if n in projectors and isinstance(m, nn.ModuleList)}
+    # a list of projectors (Qwen3-VL's DeepStack mergers) is its members: PEFT saves modules, not lists
+    projectors = [q for p in projectors for q in ([f"{p}.{i}" for i in range(len(lists[p]))] if p in lists else [p])]
     return ModelParts(language=language, vision=first(VISION_NAMES), projectors=projectors)
 
 
@@ -128,7 +140,7 @@ def auto_target_modules(model: nn.Module, *, include_vision: bool) -> str:
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear) or not any(_under(name, p) for p in prefixes):
             continue
-        if any(_under(name, p) for p in parts.projectors):
+        if any(_under(name, p) for p in parts.projectors) or "patch_embed" in name:  # Gemma 4's is linear
             continue
         pattern = r"\.".join(r"\d+" if piece.isdigit() else re.escape(piece) for piece in name.split("."))
         if pattern not in patterns:
@@ -284,6 +296,7 @@ def load_model_and_processor(
     trust_remote_code: bool = False,
     adapter_trainable: bool = True,
     probe_timeout: float = 3.0,
+    quantization: str = "none",
 ) -> tuple[nn.Module, Any]:
     """Load an image-text-to-text model and its processor, set up for training.
 
@@ -292,7 +305,8 @@ def load_model_and_processor(
     when available; ``None`` leaves the model on the CPU for accelerate to place.
     ``freeze_vision`` freezes the vision tower for full fine-tuning (``lora=None``); with LoRA,
     ``lora.freeze_vision`` decides. An adapter folder loads with its adapter trainable when
-    ``adapter_trainable``, and then ``lora`` must be None.
+    ``adapter_trainable``, and then ``lora`` must be None. ``quantization="nf4"`` (QLoRA, with
+    ``lora`` only) loads the language model's linear layers in 4-bit NF4 (:func:`nf4_config`).
     """
     source, local_only = resolve_source(name_or_path, probe_timeout=probe_timeout)
     adapter_dir = Path(source) / "adapter_config.json" if local_only else None
@@ -316,18 +330,77 @@ def load_model_and_processor(
     }
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
+    if quantization != "none":
+        kwargs.update(quantization_config=nf4_config(quantization, kwargs["dtype"], lora), device_map={"": dev})
     try:
         processor = AutoProcessor.from_pretrained(
             source, trust_remote_code=trust_remote_code, local_files_only=local_only
         )
-        model = AutoModelForImageTextToText.from_pretrained(source, **kwargs)
+        model = from_pretrained(source, kwargs)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot load an image-text-to-text model from {source!r}: {exc}") from exc
     except SafetensorError as exc:  # a truncated or corrupt weights file
         raise ModelLoadError(
             f"cannot read the weights of {source!r} ({exc}): a *.safetensors file there is truncated or corrupt"
         ) from exc
+    if quantization != "none":  # placed by device_map; frozen, norms and embeddings in float32 (PEFT)
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        _keep_training_layout(model)
+        device = None
+    missing = missing_pieces(model, processor)
+    if missing:
+        raise ModelLoadError(f"{source!r} cannot be trained by vlalign; it lacks " + "; ".join(missing))
     return _set_up(model, dev if device is not None else None, gradient_checkpointing, lora, freeze_vision), processor
+
+
+# Kept in full precision under nf4 (as LLaVA's QLoRA does): vision tower, projector(s), LM head;
+# transformers matches each as a regex at a module-name boundary.
+NF4_SKIPPED = (r"(?:.*\.)?(?:" + "|".join((*VISION_NAMES, *PROJECTOR_NAMES, "lm_head")) + ")",)
+
+
+def nf4_config(quantization: str, compute_dtype: torch.dtype, lora: LoraSpec | None) -> Any:
+    """transformers' ``BitsAndBytesConfig`` for a QLoRA base: NF4 weights with double quantisation
+    (the QLoRA paper's set-up), matmuls in ``compute_dtype``, :data:`NF4_SKIPPED` left unquantized.
+    Refuses anything but ``"nf4"``, a model without LoRA (4-bit weights cannot train) and a
+    missing ``bitsandbytes``."""
+    if quantization != "nf4":
+        raise ModelLoadError(f"quantization={quantization!r} is not one of 'none', 'nf4'")
+    if lora is None:
+        raise ModelLoadError("quantization='nf4' (QLoRA) needs LoRA: 4-bit weights cannot train (set use_lora)")
+    try:
+        import bitsandbytes  # noqa: F401  (transformers imports it too; checked here for a one-line error)
+    except ImportError as exc:
+        raise ModelLoadError("quantization='nf4' needs the bitsandbytes package: pip install 'vlalign[qlora]'") from exc
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+        llm_int8_skip_modules=list(NF4_SKIPPED),
+    )
+
+
+def _keep_training_layout(model: nn.Module) -> None:
+    """Keep every 4-bit layer on its training kernel in eval mode too.
+
+    bitsandbytes 0.50 repacks a ``Linear4bit``'s weight, on a CPU with AVX512-BF16, into an
+    inference-only layout at its first eval-mode forward without gradients (a reference or rollout
+    pass); every training forward after that fails (``result += bias`` on a leaf view) and the
+    eval-mode log-probs come from another kernel than the training ones. The module's own
+    ``support_avx512bf16_for_cpu`` flag switches that repacking off.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
+def is_quantized(model: nn.Module) -> bool:
+    """Whether ``model`` (or the base of a PEFT model) was loaded in 4-bit (:func:`nf4_config`)."""
+    return any(type(m).__name__ == "Linear4bit" for m in model.modules())
 
 
 def _set_up(
@@ -410,6 +483,11 @@ def save_model_and_processor(
         mode = "adapter" if is_peft else "full"
     if mode in ("adapter", "merged") and not is_peft:
         raise ValueError(f"mode={mode!r} needs a PEFT model; this is a {type(model).__name__}")
+    if mode == "merged" and is_quantized(model):
+        raise ModelLoadError(
+            "--save=merged on a 4-bit (nf4) base would round the merged weights to 4 bits: save the "
+            "adapter (it loads on the full-precision base) and merge it there"
+        )
     if mode == "merged":
         copy.deepcopy(model).merge_and_unload().save_pretrained(out)
     elif mode == "full" and is_peft:

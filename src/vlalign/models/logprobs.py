@@ -14,6 +14,9 @@ restart after the prompt (:mod:`vlalign.models.packing`). It is ONE ordinary for
 (``model(**inputs)``), so LoRA (PEFT), gradient checkpointing and data parallel wrappers work
 unchanged, and gradients reach every parameter the naive computation reaches, the vision tower
 included. Each image goes through the vision tower once per prompt instead of once per completion.
+Architectures with layers no mask describes (Qwen3.5's linear attention; ``ArchSupport.cache_sharing``)
+share through the cache instead: a prompt pass, its completions continuing from the expanded cache
+(:mod:`vlalign.models.prefix_cache`).
 
 ``"naive"``: one row per (prompt, completion), the image repeated (what TRL, LLaMA-Factory,
 ms-swift, verl and EasyR1 do); kept as the reference and as the fallback.
@@ -23,9 +26,11 @@ Both modes run the vocabulary projection on completion positions alone; the spee
 
 The LM head: ``logits_mode``
 ----------------------------
-``"chunked"`` (opt-in): the model's forward runs with its LM head computing ONE position (a
-forward pre-hook on the head keeps the last hidden states of the scored positions and hands the
-head a single row), and the log-probs (and entropies) of the completion tokens are computed from
+``"chunked"`` (what the default ``"auto"`` picks for a head of at least
+:data:`~vlalign.models.head_logprobs.CHUNKED_MIN_VOCAB` rows, e.g. Qwen's 151,936): the model's
+forward runs with its LM head computing ONE position (a forward pre-hook on the head keeps the
+last hidden states of the scored positions and hands the head a single row), and the log-probs
+(and entropies) of the completion tokens are computed from
 those hidden states by :func:`vlalign.models.head_logprobs.head_logprobs`: the head applied to
 one block of vocabulary rows at a time, the backward recomputing each block's logits, so no
 ``(tokens, vocabulary)`` tensor is ever held (with Qwen's 151,936-token vocabulary, the full
@@ -36,12 +41,12 @@ which catches a model that changes its logits after the head; the dtype of that 
 under autocast) is the dtype the chunks compute in, so autocast runs stay as exact as the full
 path.
 
-``"full"`` (the default): the model computes the kept logits (``logits_to_keep``), then a float32
-log-softmax and a gather: the path before chunking, the reference and the fallback. It stays the
-default because the chunked path, exact to float rounding, is not batch-invariant on a CPU
-(a matrix product of one row and of many round differently), so a reference scored in other
-batches than the policy differs from it by ~1e-7 where the full path gives exactly 0, and its
-memory and time targets were not met (``docs/performance.md``).
+``"full"`` (what ``"auto"`` picks below that size, the tiny test models included): the model
+computes the kept logits (``logits_to_keep``), then a float32 log-softmax and a gather: the path
+before chunking, the reference and the fallback. Below the threshold the logits are small next to
+the model's own activations and the chunked path saves nothing worth its extra product. The two
+paths agree to float rounding, not bit for bit: a reference scored with one path and a policy
+with the other differ by ~1e-7 where two runs of the same path on the same batch give exactly 0.
 ``"chunked"`` falls back to it (logged once, with the reason) when the LM head is not a plain
 ``nn.Linear`` (LoRA on the head), when its weight is sharded (DeepSpeed ZeRO-3, FSDP2) or when
 the probe disagrees. :attr:`CompletionLogprobs.logits_mode` says which path ran. The two paths
@@ -94,24 +99,26 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlalign.data.collate import EncodedPrompts, build_rows
-from vlalign.models.arch import sharing_unsupported, text_config, unwrap
-from vlalign.models.head_logprobs import head_logprobs
+from vlalign.models.arch import cache_sharing, sharing_unsupported, text_config, unwrap
+from vlalign.models.head_logprobs import CHUNKED_MIN_VOCAB, chunked_outputs, plain_head, probe_softcap
 from vlalign.models.input_checks import check_inputs
-from vlalign.models.packed_inputs import shared_inputs, sliding_window_problem
+from vlalign.models.moe import RouterCapture, layout_tokens, router_logits_off
+from vlalign.models.packed_inputs import packing_problem, shared_inputs, sliding_window_problem
 from vlalign.models.packing import Completions, Layout, gather_tokens, naive_layout, packed_layout
+from vlalign.models.prefix_cache import cache_sharing_problem, keep_cache_copies, prompt_cache_inputs
 
 logger = logging.getLogger(__name__)
 
 Mode = Literal["shared", "naive"]
-LogitsMode = Literal["chunked", "full"]
+LogitsMode = Literal["auto", "chunked", "full"]
 
 _logged: set[str] = set()
 
 
-def _log_once(message: str) -> None:
+def _log_once(message: str, *, info: bool = False) -> None:
     if message not in _logged:
         _logged.add(message)
-        logger.warning(message)
+        (logger.info if info else logger.warning)(message)
 
 
 # ------------------------------------------------------------------------------------ result
@@ -142,6 +149,8 @@ class CompletionLogprobs:
     last_hidden: Tensor | None = None  # (R, H): last hidden state at each completion's last token
     logits_mode: str = ""
     """The LM-head path that ran (``"chunked"`` or ``"full"``); empty where none ran (a cache)."""
+    router_aux_loss: Tensor | None = None  # MoE: the forward(s)' router loss, None unless the config asks
+    router_aux_coef: float | None = None  # its ``router_aux_loss_coef`` (a recipe adds coef * loss: vlalign.models.moe)
 
     def __len__(self) -> int:
         return int(self.logps.shape[0])
@@ -189,7 +198,7 @@ class CompletionLogprobs:
         changes = {
             f.name: getattr(self, f.name)[index.to(getattr(self, f.name).device)]
             for f in fields(self)
-            if isinstance(getattr(self, f.name), Tensor)
+            if isinstance(getattr(self, f.name), Tensor) and getattr(self, f.name).ndim  # not the batch's aux loss
         }
         return replace(self, **changes)
 
@@ -202,12 +211,14 @@ def _run(
 ) -> tuple[Tensor, Tensor | None]:
     """One forward: the kept logits ``(rows, K, V)`` and, on request, the last hidden states ``(rows, T, H)``."""
     device = inputs["input_ids"].device
-    out = model(
-        **inputs,
-        logits_to_keep=layout.keep.to(device),
-        use_cache=False,
-        output_hidden_states=True if want_hidden else None,
-    )
+    with keep_cache_copies(inputs.get("cache")):  # the cache path's prompt cache (vlalign.models.prefix_cache)
+        out = model(
+            **inputs,
+            logits_to_keep=layout.keep.to(device),
+            use_cache="cache" in inputs,
+            output_hidden_states=True if want_hidden else None,
+            **router_logits_off(model),
+        )
     hidden = out.hidden_states[-1] if want_hidden else None
     return out.logits, hidden
 
@@ -248,17 +259,6 @@ def _token_outputs(
 # ------------------------------------------------------------------------------ the chunked head
 
 
-def _plain_head(model: nn.Module) -> tuple[nn.Linear | None, str | None]:
-    """The LM head when the chunked path can apply it by hand; else None and the reason."""
-    head = unwrap(model).get_output_embeddings()
-    if type(head) is not nn.Linear:
-        return None, f"the LM head is a {type(head).__name__}, not a plain nn.Linear (an adapter on the head?)"
-    weight = head.weight
-    if weight.ndim != 2 or weight.numel() == 0 or hasattr(weight, "ds_id") or "DTensor" in type(weight.data).__name__:
-        return None, "the LM head's weight is sharded (DeepSpeed ZeRO-3 or FSDP)"
-    return head, None
-
-
 def _run_chunked(
     model: nn.Module, inputs: dict[str, Any], layout: Layout, head: nn.Linear, *, want_hidden: bool
 ) -> tuple[Tensor | None, Tensor, Tensor | None]:
@@ -284,56 +284,6 @@ def _run_chunked(
     return (captured[0] if len(captured) == 1 else None), logits, hidden
 
 
-def _probe_softcap(model: nn.Module, head: nn.Linear, states: Tensor, probe: Tensor) -> tuple[bool, float | None]:
-    """Whether the model's logits at the probe are the head applied by hand, and the soft-cap it applied."""
-    with torch.no_grad():
-        bias = head.bias.to(probe.dtype) if head.bias is not None else None
-        by_hand = F.linear(states[:1, :1].to(probe.dtype), head.weight.to(probe.dtype), bias)
-        if by_hand.shape == probe.shape and torch.equal(by_hand, probe):
-            return True, None
-        cap = getattr(text_config(model), "final_logit_softcapping", None)
-        if cap is not None and by_hand.shape == probe.shape:
-            capped = torch.tanh(by_hand / cap) * cap
-            if torch.equal(capped, probe):
-                return True, float(cap)
-    return False, None
-
-
-def _chunked_outputs(
-    states: Tensor,
-    head: nn.Linear,
-    dtype: torch.dtype,
-    layout: Layout,
-    token_ids: Tensor,
-    *,
-    softcap: float | None,
-    temperature: float,
-    block_rows: int | None,
-    return_entropy: bool,
-) -> dict[str, Tensor | None]:
-    """Log-probs (and entropies) of the completion tokens from the kept hidden states, in chunks."""
-    device = states.device
-    mask = layout.mask.to(device)
-    rows = layout.source.to(device)[mask]  # (N,): index of the kept position predicting each real token
-    flat = states.reshape(-1, states.shape[-1])[rows].to(dtype)  # (N, H)
-    bias = head.bias.to(dtype) if head.bias is not None else None
-    logps, entropy = head_logprobs(
-        flat,
-        head.weight.to(dtype),
-        token_ids.to(device)[mask],
-        bias=bias,
-        temperature=temperature,
-        softcap=softcap,
-        block_rows=block_rows,
-        return_entropy=return_entropy,
-    )
-    zeros = torch.zeros(mask.shape, dtype=torch.float32, device=device)
-    return {
-        "logps": zeros.masked_scatter(mask, logps),
-        "entropy": zeros.masked_scatter(mask, entropy) if entropy is not None else None,
-    }
-
-
 def _score(
     model: nn.Module,
     inputs: dict[str, Any],
@@ -350,13 +300,13 @@ def _score(
     outs: dict[str, Tensor | None] = {}
     hidden: Tensor | None = None
     if logits_mode == "chunked":
-        head, reason = _plain_head(model)
+        head, reason = plain_head(model)
         if head is not None:
             states, probe, hidden = _run_chunked(model, inputs, layout, head, want_hidden=return_hidden)
-            agrees, softcap = _probe_softcap(model, head, states, probe) if states is not None else (False, None)
+            agrees, softcap = probe_softcap(model, head, states, probe) if states is not None else (False, None)
             if agrees:
                 assert states is not None
-                outs = _chunked_outputs(
+                outs = chunked_outputs(
                     states,
                     head,
                     probe.dtype,
@@ -380,6 +330,17 @@ def _score(
     return outs, logits_mode
 
 
+def resolve_logits_mode(model: nn.Module, logits_mode: LogitsMode) -> LogitsMode:
+    """``"auto"`` as the path it means for ``model`` (logged once); other modes unchanged."""
+    if logits_mode != "auto":
+        return logits_mode
+    head = unwrap(model).get_output_embeddings()
+    rows = int(getattr(head, "out_features", 0) or getattr(text_config(model), "vocab_size", 0) or 0)
+    chosen: LogitsMode = "chunked" if rows >= CHUNKED_MIN_VOCAB else "full"
+    _log_once(f"LM head: logits_mode='auto' -> {chosen!r} ({rows:,} rows, chunked from {CHUNKED_MIN_VOCAB})", info=True)
+    return chosen
+
+
 def _layout_and_inputs(
     model: nn.Module,
     prompts: EncodedPrompts,
@@ -387,11 +348,24 @@ def _layout_and_inputs(
     mode: Mode,
     pad_token_id: int,
     device: torch.device,
+    pack_length: int | None = None,
 ) -> tuple[Mode, Layout, dict[str, Any]]:
     """The mode that runs (``"shared"`` falls back to ``"naive"``, logged once), its layout and the forward's inputs."""
     if mode == "shared":
         reason = sharing_unsupported(model)
-        packed = packed_layout(prompts, completions, pad_token_id=pad_token_id) if reason is None else None
+        if reason is None and cache_sharing(model):  # through the cache (vlalign.models.prefix_cache)
+            reason = cache_sharing_problem(model, prompts)
+            if reason is None:
+                cached = prompt_cache_inputs(model, prompts, completions, pad_token_id=pad_token_id, device=device)
+                return mode, cached.layout, cached.inputs
+        if pack_length is not None and reason is None and (why := packing_problem(model, prompts)) is not None:
+            _log_once(why)
+            pack_length = None
+        packed = (
+            packed_layout(prompts, completions, pad_token_id=pad_token_id, pack_length=pack_length)
+            if reason is None
+            else None
+        )
         if packed is not None:
             reason = sliding_window_problem(model, packed)
         if reason is None:
@@ -413,8 +387,9 @@ def completion_logprobs(
     return_hidden: bool = False,
     pad_token_id: int = 0,
     max_length: int | None = None,
-    logits_mode: LogitsMode = "full",
+    logits_mode: LogitsMode = "auto",
     block_rows: int | None = None,
+    pack_length: int | None = None,
 ) -> CompletionLogprobs:
     """Per-token log-probs of ``completions[i][j]`` given prompt ``i``, for every (i, j).
 
@@ -428,7 +403,12 @@ def completion_logprobs(
 
     ``logits_mode`` picks the LM-head path (module doc): ``"chunked"`` holds the logits of
     ``block_rows`` vocabulary rows at a time (default :data:`~vlalign.models.head_logprobs.BLOCK_ROWS`),
-    ``"full"`` materialises the kept logits.
+    ``"full"`` materialises the kept logits; ``"auto"`` (the default) is ``"chunked"`` when the
+    LM head has at least :data:`~vlalign.models.head_logprobs.CHUNKED_MIN_VOCAB` rows, else
+    ``"full"`` (:func:`resolve_logits_mode`).
+
+    ``pack_length``: consecutive prompts with their completions share rows of at most that many
+    tokens (:func:`~vlalign.models.packing.pack_prompts`); useful-token fraction = num_tokens / num_slots.
 
     Gradients flow; wrap the call in ``torch.no_grad()`` for a reference or a rollout score.
     ``mode="shared"`` falls back to ``"naive"`` (logged once, with the reason) for an
@@ -438,24 +418,28 @@ def completion_logprobs(
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if mode not in ("shared", "naive"):
         raise ValueError(f"mode must be 'shared' or 'naive', not {mode!r}")
-    if logits_mode not in ("chunked", "full"):
-        raise ValueError(f"logits_mode must be 'chunked' or 'full', not {logits_mode!r}")
+    if logits_mode not in ("chunked", "full", "auto"):
+        raise ValueError(f"logits_mode must be 'chunked' or 'full' (or 'auto'), not {logits_mode!r}")
+    logits_mode = resolve_logits_mode(model, logits_mode)
     check_inputs(model, prompts, completions, max_length)
     device = next(model.parameters()).device
-    mode, layout, inputs = _layout_and_inputs(model, prompts, completions, mode, pad_token_id, device)
-    token_ids = gather_tokens(layout.input_ids, layout)
-    outs, ran = _score(
-        model,
-        inputs,
-        layout,
-        token_ids,
-        logits_mode=logits_mode,
-        block_rows=block_rows,
-        temperature=temperature,
-        return_entropy=return_entropy,
-        return_hidden=return_hidden,
-    )
+    with RouterCapture(model) as routers:  # MoE: the router logits of the forward(s) (vlalign.models.moe)
+        mode, layout, inputs = _layout_and_inputs(model, prompts, completions, mode, pad_token_id, device, pack_length)
+        token_ids = gather_tokens(layout.input_ids, layout)
+        outs, ran = _score(
+            model,
+            inputs,
+            layout,
+            token_ids,
+            logits_mode=logits_mode,
+            block_rows=block_rows,
+            temperature=temperature,
+            return_entropy=return_entropy,
+            return_hidden=return_hidden,
+        )
     rows, width = layout.input_ids.shape
+    routed = routers.result(layout_tokens(layout).to(device))
+    prompt_slots = len(prompts) * (inputs["attention_mask"].shape[1] - width) if "cache" in inputs else 0  # its pass
     return CompletionLogprobs(
         logps=outs["logps"],
         mask=layout.mask.to(device),
@@ -464,9 +448,11 @@ def completion_logprobs(
         row_completion=layout.row_completion.to(device),
         mode=mode,
         num_tokens=layout.num_tokens,
-        num_slots=rows * width,
+        num_slots=rows * width + prompt_slots,
         entropy=outs.get("entropy"),
         hidden=outs.get("hidden"),
         last_hidden=outs.get("last_hidden"),
         logits_mode=ran,
+        router_aux_loss=routed.router_aux_loss,
+        router_aux_coef=routed.router_aux_coef,
     )

@@ -27,6 +27,18 @@ Three extra rules keep it exact (each was silently wrong when missing; the traps
   blocks (``image_blocks``), and sliding-window layers get their own mask, the window measured in
   logical positions (which equal the indices of the naive row).
 
+**Several prompts per row** (``pack_length``, :func:`pack_prompts`): consecutive prompts, each
+followed by its completions, share a row while it stays within ``pack_length`` tokens::
+
+    row:      [ p_0 | c_0,1 | c_0,2 | p_1 | c_1,1 | c_1,2 | padding ]
+    samples:    0 0   0 0     0 0     1 1   1 1     1 1     -1 -1
+    position:   0 ..  P_0 ..  P_0 ..  0 ..  P_1 ..  P_1 ..
+
+``samples`` (the prompt of each token) joins the visibility rule: a key must be in the query's
+own prompt, so each completion still sees exactly what it sees in a row of its own; positions
+(mRoPE's too) restart at each prompt. Prompts keep their order, so the vision inputs stay in the
+order the model matches them to image tokens.
+
 **Naive layout**: one row per (prompt, completion), the image repeated, built by
 :func:`vlalign.data.collate.build_rows`; :func:`naive_layout` only adds the gather indices.
 
@@ -100,63 +112,149 @@ def _completion_tensors(completions: Completions, order: list[tuple[int, int]]) 
 
 @dataclass
 class PackedRows:
-    """The packed batch: one row per prompt; ``layout`` says where each completion is."""
+    """The packed batch: one row per prompt, or several prompts per row (``pack_length``);
+    ``layout`` says where each completion is."""
 
     layout: Layout
     segments: Tensor  # (B, T) long: 0 prompt, j + 1 completion j, -1 padding
-    positions: Tensor  # (B, T) long: logical (1-D) positions; completions restart after the prompt
+    positions: Tensor  # (B, T) long: logical (1-D) positions; restart per prompt and after each prompt
     token_fields: dict[str, Tensor]  # (B, T) long each: per-token processor outputs, 0 past the prompt
-    prompt_lengths: Tensor  # (B,) long
+    prompt_lengths: Tensor  # (N,) long: per prompt
+    samples: Tensor  # (B, T) long: the prompt each token belongs to, -1 on padding
+    prompt_rows: Tensor  # (N,) long: the row of each prompt
+    prompt_starts: Tensor  # (N,) long: where each prompt starts in its row
 
 
-def packed_layout(prompts: EncodedPrompts, completions: Completions, *, pad_token_id: int) -> PackedRows:
-    """Lay out each prompt followed by all of its completions in one row (see the module doc)."""
+def pack_prompts(totals: Sequence[int], pack_length: int | None) -> list[list[int]]:
+    """Consecutive prompts grouped into rows: ``totals[i]`` tokens of prompt i with its completions.
+
+    ``None``: one prompt per row. Otherwise prompts are added to a row, in order, while its total
+    stays within ``pack_length``; a prompt longer than that alone gets a row of its own. Keeping
+    the order keeps each prompt's vision inputs in the order the model matches them to image
+    tokens (row by row, left to right).
+    """
+    if pack_length is None:
+        return [[i] for i in range(len(totals))]
+    rows: list[list[int]] = []
+    used = 0
+    for i, n in enumerate(totals):
+        if rows and used + n <= pack_length:
+            rows[-1].append(i)
+            used += n
+        else:
+            rows.append([i])
+            used = n
+    return rows
+
+
+def useful_token_counts(
+    prompt_lengths: Sequence[int], completions: Completions, pack_length: int | None = None
+) -> tuple[int, int]:
+    """``(tokens, slots)`` of :func:`packed_layout`'s rows for these prompts, without building them.
+
+    ``tokens`` = every prompt once plus its completions; ``slots`` = rows x row width. Their
+    ratio is the useful-token fraction (1 = no padding).
+    """
+    totals = [n + sum(len(c) for c in group) for n, group in zip(prompt_lengths, completions)]
+    groups = pack_prompts(totals, pack_length)
+    return sum(totals), len(groups) * max((sum(totals[i] for i in g) for g in groups), default=0)
+
+
+@dataclass
+class _Rows:
+    """The tensors :func:`packed_layout` fills."""
+
+    input_ids: Tensor
+    segments: Tensor
+    positions: Tensor
+    samples: Tensor
+    fields: dict[str, Tensor]
+    keep: Tensor
+    source: Tensor
+    predictor: Tensor
+    target: Tensor
+    last: Tensor
+
+
+def _place(out: _Rows, b: int, start: int, kept: int, i: int, prompt: Sequence[int], group: Any, r: int) -> int:
+    """Prompt ``i`` and its completions at ``start`` of row ``b``, its kept logits from ``kept``; the next flat index."""
+    seq, keep_width = out.input_ids.shape[1], out.keep.shape[1]
+    n_prompt = len(prompt)
+    end = start + n_prompt
+    out.input_ids[b, start:end] = torch.tensor(prompt, dtype=torch.long)
+    out.segments[b, start:end] = PROMPT_SEGMENT
+    out.positions[b, start:end] = torch.arange(n_prompt)
+    out.samples[b, start : end + sum(len(c) for c in group)] = i
+    first = start + n_prompt - 1  # the last prompt token: the first kept position of this prompt
+    for j, tokens in enumerate(group):
+        n = len(tokens)
+        out.predictor[r] = out.target[r] = b * seq + first  # padding entries: the last prompt token
+        span = torch.arange(end, end + n)
+        out.input_ids[b, span] = torch.tensor(tokens, dtype=torch.long)
+        out.segments[b, span] = j + 1
+        out.positions[b, span] = torch.arange(n_prompt, n_prompt + n)
+        pred = torch.cat([torch.tensor([first]), span[:-1]])  # (n,)
+        out.source[r, :n] = b * keep_width + kept + (pred - first)
+        out.predictor[r, :n] = b * seq + pred
+        out.target[r, :n] = b * seq + span
+        out.last[r] = b * seq + end + n - 1
+        end += n
+        r += 1
+    return r
+
+
+def packed_layout(
+    prompts: EncodedPrompts, completions: Completions, *, pad_token_id: int, pack_length: int | None = None
+) -> PackedRows:
+    """Lay out each prompt followed by all of its completions (see the module doc).
+
+    ``pack_length``: put consecutive prompts (each with its completions) in one row while the row
+    stays within that many tokens (:func:`pack_prompts`); the ``samples`` ids keep them apart in
+    the attention masks and positions restart at 0 for each prompt. None: one prompt per row.
+    """
     order = flat_order(completions)
-    mask, lengths, width = _completion_tensors(completions, order)
-    totals = [len(p) + sum(len(c) for c in group) for p, group in zip(prompts.input_ids, completions)]
-    n_rows, seq = len(prompts), max(totals, default=0)
-    input_ids = torch.full((n_rows, seq), pad_token_id, dtype=torch.long)
-    segments = torch.full((n_rows, seq), PAD_SEGMENT, dtype=torch.long)
-    positions = torch.zeros((n_rows, seq), dtype=torch.long)
-    fields = {k: torch.zeros((n_rows, seq), dtype=torch.long) for k in prompts.token_fields}
-    keep_width = max((t - len(p) for t, p in zip(totals, prompts.input_ids)), default=1)
-    keep = torch.zeros((n_rows, keep_width), dtype=torch.long)
-    source = torch.zeros((len(order), width), dtype=torch.long)
-    predictor = torch.zeros((len(order), width), dtype=torch.long)
-    target = torch.zeros((len(order), width), dtype=torch.long)
-    last = torch.zeros(len(order), dtype=torch.long)
+    mask, _, width = _completion_tensors(completions, order)
+    n_prompts = [len(p) for p in prompts.input_ids]
+    totals = [n + sum(len(c) for c in group) for n, group in zip(n_prompts, completions)]
+    groups = pack_prompts(totals, pack_length)
+    n_rows, seq = len(groups), max((sum(totals[i] for i in g) for g in groups), default=0)
+    keep_width = max((sum(totals[i] - n_prompts[i] for i in g) for g in groups), default=1)
+    out = _Rows(
+        input_ids=torch.full((n_rows, seq), pad_token_id, dtype=torch.long),
+        segments=torch.full((n_rows, seq), PAD_SEGMENT, dtype=torch.long),
+        positions=torch.zeros((n_rows, seq), dtype=torch.long),
+        samples=torch.full((n_rows, seq), PAD_SEGMENT, dtype=torch.long),
+        fields={k: torch.zeros((n_rows, seq), dtype=torch.long) for k in prompts.token_fields},
+        keep=torch.zeros((n_rows, keep_width), dtype=torch.long),
+        source=torch.zeros((len(order), width), dtype=torch.long),
+        predictor=torch.zeros((len(order), width), dtype=torch.long),
+        target=torch.zeros((len(order), width), dtype=torch.long),
+        last=torch.zeros(len(order), dtype=torch.long),
+    )
+    rows, starts = torch.zeros(len(totals), dtype=torch.long), torch.zeros(len(totals), dtype=torch.long)
     r = 0
-    for b, (prompt, group) in enumerate(zip(prompts.input_ids, completions)):
-        n_prompt = len(prompt)
-        input_ids[b, :n_prompt] = torch.tensor(prompt, dtype=torch.long)
-        segments[b, :n_prompt] = PROMPT_SEGMENT
-        positions[b, :n_prompt] = torch.arange(n_prompt)
-        for key, rows in prompts.token_fields.items():
-            fields[key][b, :n_prompt] = torch.tensor(rows[b], dtype=torch.long)
-        # kept logits of row b: positions [P - 1, P - 1 + keep_width), clamped inside the row
-        keep[b] = torch.clamp(torch.arange(n_prompt - 1, n_prompt - 1 + keep_width), max=max(seq - 1, 0))
-        start = n_prompt
-        for j, tokens in enumerate(group):
-            n = len(tokens)
-            predictor[r] = target[r] = b * seq + n_prompt - 1  # padding entries: the last prompt token
-            span = torch.arange(start, start + n)
-            input_ids[b, span] = torch.tensor(tokens, dtype=torch.long)
-            segments[b, span] = j + 1
-            positions[b, span] = torch.arange(n_prompt, n_prompt + n)
-            pred = torch.cat([torch.tensor([n_prompt - 1]), span[:-1]])  # (n,)
-            source[r, :n] = b * keep_width + (pred - (n_prompt - 1))
-            predictor[r, :n] = b * seq + pred
-            target[r, :n] = b * seq + span
-            last[r] = b * seq + start + n - 1
-            start += n
-            r += 1
+    for b, group_ids in enumerate(groups):
+        start = kept = nxt = 0
+        pieces = []
+        for i in group_ids:
+            rows[i], starts[i] = b, start
+            for key, values in prompts.token_fields.items():
+                out.fields[key][b, start : start + n_prompts[i]] = torch.tensor(values[i], dtype=torch.long)
+            r = _place(out, b, start, kept, i, prompts.input_ids[i], completions[i], r)
+            n_kept = totals[i] - n_prompts[i]
+            nxt = start + n_prompts[i] - 1 + n_kept
+            pieces.append(torch.arange(nxt - n_kept, nxt))
+            start, kept = start + totals[i], kept + n_kept
+        # unused kept entries continue after the last prompt's, clamped inside the row
+        pieces.append(torch.arange(nxt, nxt + keep_width - kept))
+        out.keep[b] = torch.clamp(torch.cat(pieces), max=max(seq - 1, 0))
     layout = Layout(
-        input_ids=input_ids,
-        keep=keep,
-        source=source,
-        predictor=predictor,
-        target=target,
-        last=last,
+        input_ids=out.input_ids,
+        keep=out.keep,
+        source=out.source,
+        predictor=out.predictor,
+        target=out.target,
+        last=out.last,
         mask=mask,
         row_prompt=torch.tensor([i for i, _ in order], dtype=torch.long),
         row_completion=torch.tensor([j for _, j in order], dtype=torch.long),
@@ -164,10 +262,13 @@ def packed_layout(prompts: EncodedPrompts, completions: Completions, *, pad_toke
     )
     return PackedRows(
         layout=layout,
-        segments=segments,
-        positions=positions,
-        token_fields=fields,
+        segments=out.segments,
+        positions=out.positions,
+        token_fields=out.fields,
         prompt_lengths=torch.tensor(prompts.lengths, dtype=torch.long),
+        samples=out.samples,
+        prompt_rows=rows,
+        prompt_starts=starts,
     )
 
 
@@ -238,6 +339,10 @@ def concat_prompts(first: EncodedPrompts, second: EncodedPrompts) -> EncodedProm
         vision_rows=rows,
         num_images=first.num_images + second.num_images,
         image_token_count=first.image_token_count + second.image_token_count,
+        completion_fields={**second.completion_fields, **first.completion_fields},
+        num_videos=(first.num_videos or [0] * len(first)) + (second.num_videos or [0] * len(second))
+        if first.num_videos or second.num_videos
+        else [],
     )
 
 
@@ -256,6 +361,7 @@ def image_blocks(token_type: Tensor) -> Tensor:
 def block_attention_mask(
     segments: Tensor,
     *,
+    samples: Tensor | None = None,
     positions: Tensor | None = None,
     blocks: Tensor | None = None,
     sliding_window: int | None = None,
@@ -266,6 +372,8 @@ def block_attention_mask(
     themselves. ``blocks`` (image-block ids, -1 elsewhere) additionally opens each image block
     to itself in both directions; ``sliding_window`` keeps only keys with
     ``positions[q] - positions[kv] < sliding_window`` (logical distance, as in the naive row).
+    ``samples`` (the prompt of each token, for rows that hold several) keeps every key in the
+    query's own prompt.
     """
     n = segments.shape[1]
     idx = torch.arange(n, device=segments.device)
@@ -273,6 +381,8 @@ def block_attention_mask(
     seg_q, seg_k = segments[:, :, None], segments[:, None, :]  # (B, T, 1), (B, 1, T)
     real = (seg_q != PAD_SEGMENT) & (seg_k != PAD_SEGMENT)
     visible = causal & real & ((seg_k == PROMPT_SEGMENT) | (seg_k == seg_q))
+    if samples is not None:
+        visible = visible & (samples[:, :, None] == samples[:, None, :])
     if blocks is not None:
         visible = visible | ((blocks[:, :, None] == blocks[:, None, :]) & (blocks[:, :, None] >= 0))
     if sliding_window is not None:
@@ -293,17 +403,19 @@ def additive_mask(visible: Tensor, dtype: torch.dtype) -> Tensor:
 def flex_mask_mod(
     segments: Tensor,
     *,
+    samples: Tensor | None = None,
     positions: Tensor,
     blocks: Tensor | None = None,
     sliding_window: int | None = None,
 ) -> Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]:
     """The visibility rule of :func:`block_attention_mask` as a FlexAttention ``mask_mod``."""
     blocks_ = blocks if blocks is not None else torch.full_like(segments, -1)
+    samples_ = samples if samples is not None else torch.zeros_like(segments)
 
     def mask_mod(b: Tensor, h: Tensor, q: Tensor, kv: Tensor) -> Tensor:
         seg_q, seg_k = segments[b, q], segments[b, kv]
         real = (seg_q != PAD_SEGMENT) & (seg_k != PAD_SEGMENT)
-        ok = (kv <= q) & real & ((seg_k == PROMPT_SEGMENT) | (seg_k == seg_q))
+        ok = (kv <= q) & real & ((seg_k == PROMPT_SEGMENT) | (seg_k == seg_q)) & (samples_[b, q] == samples_[b, kv])
         ok = ok | ((blocks_[b, q] == blocks_[b, kv]) & (blocks_[b, q] >= 0))
         if sliding_window is not None:
             ok = ok & ((positions[b, q] - positions[b, kv]) < sliding_window)
@@ -315,6 +427,7 @@ def flex_mask_mod(
 def flex_block_mask(
     segments: Tensor,
     *,
+    samples: Tensor | None = None,
     positions: Tensor,
     blocks: Tensor | None = None,
     sliding_window: int | None = None,
@@ -328,7 +441,7 @@ def flex_block_mask(
     from torch.nn.attention.flex_attention import create_block_mask
 
     n_rows, n = segments.shape
-    mod = flex_mask_mod(segments, positions=positions, blocks=blocks, sliding_window=sliding_window)
+    mod = flex_mask_mod(segments, samples=samples, positions=positions, blocks=blocks, sliding_window=sliding_window)
     return create_block_mask(mod, n_rows, None, n, n, device=segments.device)
 
 
@@ -336,18 +449,19 @@ def flex_block_mask(
 
 
 def mrope_positions(prompt_positions: Sequence[Tensor], packed: PackedRows) -> Tensor:
-    """3-row positions of packed rows: each prompt's (``(3, P_b)``), completions from max + 1.
+    """3-row positions of packed rows: each prompt's (``(3, P_i)``), its completions from max + 1.
 
-    ``prompt_positions[b]`` are the positions the model's ``get_rope_index`` gives prompt ``b``;
-    completion tokens continue from ``max(prompt positions) + 1`` on all three rows, exactly as
-    the text that follows a prompt does in a row of its own.
+    ``prompt_positions[i]`` are the positions the model's ``get_rope_index`` gives prompt ``i``
+    alone; completion tokens continue from ``max(prompt positions) + 1`` on all three rows,
+    exactly as the text that follows a prompt does in a row of its own. Several prompts in one
+    row each get their own (starting at 0 again).
     """
     n_rows, seq = packed.segments.shape
     out = torch.zeros((3, n_rows, seq), dtype=torch.long)
-    for b, pos in enumerate(prompt_positions):
-        n_prompt = pos.shape[1]
-        out[:, b, :n_prompt] = pos
+    for i, pos in enumerate(prompt_positions):
+        b, start, n_prompt = int(packed.prompt_rows[i]), int(packed.prompt_starts[i]), pos.shape[1]
+        out[:, b, start : start + n_prompt] = pos
         offset = pos.max() + 1 - n_prompt  # completion position = offset + logical position
-        comp = packed.segments[b] > PROMPT_SEGMENT
+        comp = (packed.samples[b] == i) & (packed.segments[b] > PROMPT_SEGMENT)
         out[:, b, comp] = (packed.positions[b, comp] + offset)[None, :].expand(3, -1)
     return out

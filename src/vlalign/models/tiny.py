@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from filelock import FileLock
 from transformers import AutoModelForImageTextToText, PretrainedConfig, PreTrainedTokenizerFast, ProcessorMixin
 
 from vlalign.models.tiny_archs import REGISTRY
@@ -66,6 +67,7 @@ __all__ = [
     "SizeSpec",
     "build_tiny_model",
     "cache_dir",
+    "cache_lock",
     "image_tokens",
     "make_config",
     "make_processor",
@@ -174,6 +176,15 @@ def cache_dir() -> Path:
     return Path(os.environ.get("VLALIGN_CACHE") or Path.home() / ".cache" / "vlalign")
 
 
+def cache_lock(name: str) -> FileLock:
+    """An inter-process lock on the cache entry ``name`` (a file ``<cache>/<name>.lock``): two runs
+    that build the same model or world at once wait for each other instead of writing one folder
+    together."""
+    path = cache_dir() / f"{name}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(path))
+
+
 def resolve_model(name_or_path: str, *, seed: int = 0) -> str:
     """A loadable model source: ``tiny:<arch>:<size>`` is built (once) and its folder returned."""
     if not name_or_path.startswith(TINY_PREFIX):
@@ -185,4 +196,6 @@ def resolve_model(name_or_path: str, *, seed: int = 0) -> str:
             f"and size in {', '.join(SIZES)}"
         )
     arch, size = parts
-    return str(build_tiny_model(arch, size, cache_dir() / "models" / f"{arch}-{size}-seed{seed}", seed=seed))
+    name = f"{arch}-{size}-seed{seed}"
+    with cache_lock(f"models/{name}"):
+        return str(build_tiny_model(arch, size, cache_dir() / "models" / name, seed=seed))

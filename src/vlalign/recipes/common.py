@@ -8,6 +8,7 @@ The builders here turn config sections into plain arguments for :mod:`vlalign.mo
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -59,10 +60,25 @@ class ModelConfig(StrictFields):
     """Allow a hub model's own Python code to run (off unless you trust the model's authors)."""
     tiny_seed: int = 0
     """Seed of the random initialisation when name_or_path is tiny:<arch>:<size>."""
+    quantization: str = "none"
+    """none, or nf4 (QLoRA, with use_lora only; needs bitsandbytes: pip install 'vlalign[qlora]'): the
+    language model's linear layers load in 4-bit NF4 with double quantisation and compute in
+    model.dtype; the vision tower, projector and LM head stay in full precision. The saved adapter
+    loads on the full-precision base."""
 
     def validate(self, prefix: str = "model") -> None:
         """Refuse unusable values (called by :class:`~vlalign.training.Run` before the model loads)."""
-        check_options(prefix, [("name_or_path", bool(self.name_or_path), "must name a model")], values=self)
+        check_options(
+            prefix,
+            [
+                ("name_or_path", bool(self.name_or_path), "must name a model"),
+                ("quantization", self.quantization in ("none", "nf4"), "must be none or nf4"),
+                ("quantization", self.quantization == "none" or self.use_lora, "nf4 (QLoRA) needs use_lora: true"),
+            ],
+            values=self,
+        )
+        if self.quantization == "nf4" and importlib.util.find_spec("bitsandbytes") is None:
+            raise ConfigError(f"{prefix}.quantization=nf4 needs the bitsandbytes package: pip install 'vlalign[qlora]'")
         if self.use_lora:
             lora = self.lora
             check_options(
@@ -150,6 +166,7 @@ def load_policy(cfg: ModelConfig, *, lora: bool | None = None) -> tuple[torch.nn
         lora=cfg.lora if use_lora else None,
         freeze_vision=cfg.freeze_vision,
         trust_remote_code=cfg.trust_remote_code,
+        quantization=cfg.quantization if use_lora else "none",
     )
 
 

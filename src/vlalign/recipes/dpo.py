@@ -56,6 +56,7 @@ from vlalign.losses import (
     combine_losses,
     implicit_reward_metrics,
 )
+from vlalign.models.moe import add_router_aux_loss
 from vlalign.models.preference_batch import PreferenceLogprobs, preference_logprobs
 from vlalign.models.reference import PrecomputedReference, ReferencePolicy
 from vlalign.recipes.common import DataConfig, ModelConfig, guard_distributed, load_policy, save_final_model
@@ -84,6 +85,7 @@ from vlalign.training import (
     total_steps,
     zero_loss,
 )
+from vlalign.training.distributed import backward
 from vlalign.training.options import check_options, validate_config
 
 PRESETS: dict[str, dict[str, float]] = {**LOSS_PRESETS, "ha_dpo": {"sigmoid": 1.0, "nll": 1.0}}
@@ -163,6 +165,8 @@ class Config(StrictFields):
     """The training loop."""
     logprob_mode: Literal["shared", "naive"] = "shared"
     """shared: each prompt and image encoded once per pair (default); naive: one row per completion."""
+    logprob_pack_length: int = 0
+    """shared: pack consecutive prompts (each with its pair) into rows of at most this many tokens; 0: one per row."""
     eval_suite: Literal["none", "end", "every"] = "none"
     """Run the evaluation suite (POPE, CHAIR, task accuracy) at the end, or also every train.eval_every steps."""
     suite: SuiteConfig = field(default_factory=SuiteConfig)
@@ -217,9 +221,9 @@ def make_encoder(processor: Any, cfg: Config, weights: dict[str, float], *, cont
 # ----------------------------------------------------------------------------- phases: log-probs and loss
 
 
-def policy_logprobs(model: nn.Module, pb: PairBatch, *, mode: str, pad_token_id: int) -> PreferenceLogprobs:
+def policy_logprobs(model: nn.Module, pb: PairBatch, *, mode: str, pad_token_id: int, **kw: Any) -> PreferenceLogprobs:
     """Per-sequence policy log-probs of the micro-batch (one forward; gradients flow)."""
-    return preference_logprobs(model, pb.batch, mode=mode, pad_token_id=pad_token_id)
+    return preference_logprobs(model, pb.batch, mode=mode, pad_token_id=pad_token_id, **kw)
 
 
 def reference_logprobs(reference: ReferencePolicy, pb: PairBatch) -> PreferenceLogprobs:
@@ -286,15 +290,17 @@ class StepSettings:
     weights: dict[str, float]
     mode: str
     pad_token_id: int
+    pack_length: int = 0
 
 
 def micro_batch_loss(
     model: nn.Module, reference: ReferencePolicy | None, pb: PairBatch, s: StepSettings
-) -> tuple[LossOutput, int]:
-    """Policy log-probs -> reference log-probs -> per-pair losses for one micro-batch (and tokens processed)."""
-    policy = policy_logprobs(model, pb, mode=s.mode, pad_token_id=s.pad_token_id)
+) -> tuple[LossOutput, Any]:
+    """Policy log-probs -> reference log-probs -> per-pair losses for one micro-batch (and the policy's log-probs)."""
+    policy = policy_logprobs(model, pb, mode=s.mode, pad_token_id=s.pad_token_id, pack_length=s.pack_length or None)
     ref = reference_logprobs(reference, pb) if reference is not None else None
-    return pair_losses(preference_record(policy, ref, pb, s.loss), pb, s.loss, s.weights), policy.tokens.num_tokens
+    out = pair_losses(preference_record(policy, ref, pb, s.loss), pb, s.loss, s.weights)
+    return out._replace(losses=add_router_aux_loss(out.losses, policy.tokens, out.metrics)), policy.tokens  # MoE
 
 
 def dpo_step(
@@ -310,20 +316,21 @@ def dpo_step(
     total = global_count(run, sum(len(b) for b in batches)).clamp(min=1.0)
     sums = MetricSums(run.device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=run.device)
-    tokens = 0
+    tokens = slots = 0
     for i, pb in enumerate(batches):
         with micro_step_context(run, model, i == len(batches) - 1), run.accelerator.autocast():
             if len(pb) == 0:  # every pair dropped as over-long: keep processes in step
                 loss = zero_loss(model)
             else:
-                out, n_tokens = micro_batch_loss(model, reference, pb, s)
+                out, lp = micro_batch_loss(model, reference, pb, s)
                 loss = out.losses.sum() / total * run.num_processes
                 loss_sum = loss_sum + out.losses.detach().double().sum()
                 sums.add(out.metrics, len(pb))
-                tokens += n_tokens
-            run.accelerator.backward(loss)
+                tokens, slots = tokens + lp.num_tokens, slots + lp.num_slots
+            backward(run, model, loss)
     metrics = {"train/loss": run.accelerator.reduce(loss_sum, reduction="sum") / total.double(), "train/pairs": total}
     metrics.update(sums.means(run, total))
+    metrics["perf/useful_token_fraction"] = torch.tensor(tokens / max(slots, 1))  # this process's tokens / slots
     return metrics, tokens
 
 
@@ -377,7 +384,7 @@ def load_pair_splits(
 
 
 def dpo_reference(
-    run: Run, cfg: Config, weights: dict[str, float], model: nn.Module, processor: Any, pad_token_id: int
+    run: Run, cfg: Config, weights: dict[str, float], model: nn.Module, processor: Any, pad_token_id: int, n: int = 0
 ) -> ReferencePolicy | None:
     """The reference policy of the objective (None when every term is reference-free), built from the
     starting weights before any checkpoint is restored."""
@@ -392,6 +399,7 @@ def dpo_reference(
         run=run,
         mode=cfg.logprob_mode,
         pad_token_id=pad_token_id,
+        num_samples=n,
     )
 
 
@@ -427,8 +435,8 @@ def train(cfg: Config) -> RunResult:
     run = Run(cfg.train, config=cfg, desc="dpo")
     model, processor = load_policy(guard_distributed(run, cfg.model, micro_batches_per_step=cfg.train.grad_accum))
     train_set, skipped, eval_set = load_pair_splits(cfg, weights)
-    settings = StepSettings(cfg.loss, weights, cfg.logprob_mode, pad_token_id_of(processor))
-    reference = dpo_reference(run, cfg, weights, model, processor, settings.pad_token_id)
+    settings = StepSettings(cfg.loss, weights, cfg.logprob_mode, pad_token_id_of(processor), cfg.logprob_pack_length)
+    reference = dpo_reference(run, cfg, weights, model, processor, settings.pad_token_id, len(train_set))
     encoder = make_encoder(processor, cfg, weights, content_keys=isinstance(reference, PrecomputedReference))
     check_some_fit(encoder, train_set, max_length=cfg.data.max_length)  # before the reference runs
     if reference is not None:

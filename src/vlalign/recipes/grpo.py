@@ -67,7 +67,9 @@ from vlalign.eval.suite import SuiteConfig
 from vlalign.eval.tasks import filter_tasks
 from vlalign.losses import dapo_group_filter
 from vlalign.models.generate import GenerationSettings
+from vlalign.models.packing import useful_token_counts
 from vlalign.models.reference import ReferencePolicy
+from vlalign.models.vllm_engine import VLLMEngine
 from vlalign.recipes.common import (
     DataConfig,
     ModelConfig,
@@ -93,8 +95,15 @@ from vlalign.recipes.rl_common import (
     token_kl,
 )
 from vlalign.recipes.rl_defaults import checked_reward, suite_and_reference
-from vlalign.recipes.rl_update import update, update_context
-from vlalign.recipes.rollouts import Rollouts, rollout, rollout_seed
+from vlalign.recipes.rl_update import optimiser_steps, update, update_context
+from vlalign.recipes.rollouts import (
+    Rollouts,
+    check_rollout_engine,
+    close_rollout_engines,
+    rollout,
+    rollout_engine,
+    rollout_seed,
+)
 from vlalign.rewards import RewardsConfig, RewardScores
 from vlalign.training import (
     BatchPlan,
@@ -107,6 +116,7 @@ from vlalign.training import (
     mean_over_processes,
     total_steps,
 )
+from vlalign.training.distributed import whole_weights
 from vlalign.training.options import check_options, validate_config
 
 
@@ -267,16 +277,19 @@ def collect(
     plan: BatchPlan,
     step: int,
     cfg: Config,
+    engine: VLLMEngine | None = None,
 ) -> tuple[Rollouts, dict[str, Any]]:
     """Rollout and score the step's prompts (refilling filtered groups if configured); returns the
-    rollouts to train on and the metrics of the step's own prompts (round 0)."""
+    rollouts to train on and the metrics of the step's own prompts (round 0). ``engine``: the vLLM
+    rollout engine (rollout.engine = vllm), else the policy generates."""
     target = plan.batch_size * plan.grad_accum
     rounds = 1 + (cfg.grpo.resample_rounds if cfg.grpo.filter_groups else 0)
     kept: list[Rollouts] = []
     metrics: dict[str, Any] = {}
     for round_ in range(rounds):
         samples = step_prompts(train_set, plan, step, round_, seed=cfg.train.seed, process_index=run.process_index)
-        ro = rollout(policy, processor, samples, settings=cfg.rollout, seed=rollout_seed(cfg.train.seed, step, round_))
+        seed = rollout_seed(cfg.train.seed, step, round_)
+        ro = rollout(policy, processor, samples, settings=cfg.rollout, seed=seed, engine=engine)
         t0 = time.perf_counter()
         scores = score(ro, reward, step=step + 1)
         ro.rewards = scores.total.to(torch.float32)
@@ -366,6 +379,7 @@ def run(cfg: Config) -> RunResult:
     """Train with the configured estimator, evaluate, save the model; returns the run's folder, model and
     numbers. The prompts are read and every reward is called once on them before the policy loads."""
     check_config(cfg)
+    check_rollout_engine(cfg.rollout, cfg.model)
     train_set = load_prompts(cfg)
     reward = checked_reward(cfg, train_set)
     run = Run(cfg.train, config=cfg, desc=f"grpo[{cfg.advantage}]")
@@ -382,6 +396,7 @@ def run(cfg: Config) -> RunResult:
     modules, optimizer = run.prepare({"model": model}, optimizer, scheduler, total=steps)
     model = modules["model"]
     policy = run.accelerator.unwrap_model(model)
+    engine = rollout_engine(cfg.rollout, cfg.model, processor, policy)
     model.train()
     run.print(
         f"grpo[{cfg.advantage}]: {len(train_set)} prompts, {steps} steps of {plan.global_batch} prompts x "
@@ -398,11 +413,16 @@ def run(cfg: Config) -> RunResult:
 
     for step in range(run.start_step, steps):
         t_start = time.perf_counter()
-        with run.accelerator.autocast():  # the precision the update computes its log-probs in
-            ro, metrics = collect(run, policy, processor, reward, train_set, plan, step, cfg)
+        # autocast: the precision the update computes its log-probs in; whole_weights: a sharded
+        # policy decodes with local forwards (processes stop after different numbers of tokens)
+        with run.accelerator.autocast(), whole_weights(policy):
+            ro, metrics = collect(run, policy, processor, reward, train_set, plan, step, cfg, engine)
             t_update = time.perf_counter()
             metrics.update(prepare_update(policy, reference, ro, cfg, pad_token_id=pad, reduce_sum=reduce_sum))
         ctx = update_context(cfg.rollout, cfg.train, cfg.update, step=step, pad_token_id=pad)
+        parts = [p for s in optimiser_steps(ro, cfg.update, ctx) for p in s]  # the update's forwards
+        counts = [useful_token_counts(p.prompts.lengths, p.token_ids) for p in parts]
+        metrics["perf/useful_token_fraction"] = sum(c[0] for c in counts) / max(sum(c[1] for c in counts), 1)
         metrics.update(update(run, model, optimizer, scheduler, ro, cfg.update, ctx))
         log.write(completion_records(step + 1, ro))
         check_finite(
@@ -420,6 +440,7 @@ def run(cfg: Config) -> RunResult:
         prompt_tokens = sum(len(p) for p in ro.prompts.input_ids)
         run.end_step(done, metrics, samples=ro.num_rows, tokens=prompt_tokens + ro.num_tokens)
 
+    close_rollout_engines()  # before run.finish() ends the process group vLLM uses
     final, _ = run_eval(run, policy, processor, suite, reference, step=steps)
     if final:
         run.log(steps, final)

@@ -46,6 +46,7 @@ from vlalign.eval.scorers import build_scorer
 from vlalign.models.generate import GenerationSettings, generate, settings_kwargs
 from vlalign.models.load import load_model_and_processor
 from vlalign.models.tiny import resolve_model
+from vlalign.models.vllm_engine import check_vllm, generate_once, options_of
 from vlalign.recipes.common import DataConfig, ModelConfig
 from vlalign.shapes.embedded import resolve_data
 from vlalign.shapes.vocabulary import find_vocabulary
@@ -136,18 +137,15 @@ def sample_and_rank_round(policy_path: str, cfg: RoundsConfig, out_dir: Path, ro
     data_path = resolve_data(o.prompts)
     prompts = round_prompts(load_samples(data_path, "prompt"), o, seed=cfg.train.seed, round_=round_)
     scorer = build_scorer(o.scorer, find_vocabulary(o.vocabulary, data_path))
-    model, processor = load_model_and_processor(
-        resolve_model(policy_path, seed=cfg.model.tiny_seed), dtype=cfg.model.dtype, device=cfg.model.device
-    )
-    gens = generate(
-        model,
-        processor,
-        prompts,
-        seed=cfg.train.seed * 1000 + round_,
-        progress=cfg.train.progress,
-        desc=f"round {round_}: sampling",
-        **settings_kwargs(o.generation),
-    )
+    path = resolve_model(policy_path, seed=cfg.model.tiny_seed)
+    model, processor = load_model_and_processor(path, dtype=cfg.model.dtype, device=cfg.model.device)
+    kwargs = {"seed": cfg.train.seed * 1000 + round_, **settings_kwargs(o.generation)}
+    if o.generation.engine == "vllm":  # an engine for this round's saved policy (docs/vllm.md)
+        gens = generate_once(path, model, processor, prompts, options=options_of(o.generation), **kwargs)
+    else:
+        gens = generate(
+            model, processor, prompts, progress=cfg.train.progress, desc=f"round {round_}: sampling", **kwargs
+        )
     del model
     pairs, stats = sample_and_rank(
         prompts,
@@ -191,6 +189,8 @@ def run_rounds(cfg: C, train: Callable[[C], dict[str, Any]]) -> dict[str, Any]:
     root = Path(cfg.train.output_dir)
     if cfg.online.rounds < 1:
         raise ValueError("online.rounds must be >= 1 for iterative DPO")
+    if cfg.online.generation.engine == "vllm":  # fail before the first round when vLLM cannot run it
+        check_vllm(resolve_model(cfg.model.name_or_path, seed=cfg.model.tiny_seed))
     results: list[RoundResult] = []
     summary_path = root / "rounds.json"
     previous = {r["round"]: r for r in json.loads(summary_path.read_text())} if summary_path.exists() else {}

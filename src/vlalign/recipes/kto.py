@@ -50,6 +50,7 @@ from vlalign.data.schema import UnpairedSample
 from vlalign.eval.suite import SuiteConfig
 from vlalign.losses import UnpairedLogps, kto_loss
 from vlalign.models.logprobs import completion_logprobs
+from vlalign.models.moe import add_router_aux_loss
 from vlalign.models.reference import PrecomputedReference, ReferencePolicy, sample_content_hash
 from vlalign.recipes.common import DataConfig, ModelConfig, guard_distributed, load_policy, load_split, save_final_model
 from vlalign.recipes.preference_common import (
@@ -74,6 +75,7 @@ from vlalign.training import (
     total_steps,
     zero_loss,
 )
+from vlalign.training.distributed import backward
 from vlalign.training.options import check_options
 
 
@@ -315,7 +317,7 @@ def kto_step(
         if r is not None and cfg.loss.kl_estimate
     ]
     z0 = reference_point(run, kl_terms) if cfg.loss.kl_estimate else torch.zeros((), device=run.device)
-    sums, tokens = KTOSums.zeros(run.device), 0
+    sums, tokens, routed = KTOSums.zeros(run.device), 0, {}  # routed: the MoE router loss (last micro-batch)
     for i, (ub, ref) in enumerate(zip(batches, refs)):
         with micro_step_context(run, model, i == len(batches) - 1), run.accelerator.autocast():
             if ref is None:  # every sample dropped as over-long: keep processes in step
@@ -329,11 +331,12 @@ def kto_step(
                     pad_token_id=pad_token_id,
                 )
                 logps, out = _kto_terms(cfg, own.sums, ref[0], ub.desirable, z0)
+                out = out._replace(losses=add_router_aux_loss(out.losses, own, routed))  # MoE
                 loss = out.losses.sum() / total * run.num_processes
                 sums.add(out.losses, (cfg.loss.beta * (logps.logps - logps.ref_logps)).detach(), own.sums, ub.desirable)
                 tokens += own.num_tokens
-            run.accelerator.backward(loss)
-    metrics = sums.metrics(run)
+            backward(run, model, loss)
+    metrics = {**sums.metrics(run), **routed}
     metrics["kl/reference_point"] = z0.detach()
     return metrics, tokens
 

@@ -70,6 +70,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +93,7 @@ from vlalign.losses import (
 )
 from vlalign.models.heads import token_scores
 from vlalign.models.logprobs import CompletionLogprobs
+from vlalign.models.vllm_engine import VLLMEngine
 from vlalign.recipes.common import (
     guard_distributed,
     load_policy,
@@ -119,7 +121,7 @@ from vlalign.recipes.rl_update import (
     surrogate_loss,
     update_context,
 )
-from vlalign.recipes.rollouts import Rollouts, pad_width, rollout, rollout_seed
+from vlalign.recipes.rollouts import Rollouts, close_rollout_engines, pad_width, rollout, rollout_engine, rollout_seed
 from vlalign.training import (
     BatchPlan,
     Run,
@@ -130,6 +132,7 @@ from vlalign.training import (
     mean_over_processes,
     total_steps,
 )
+from vlalign.training.distributed import whole_weights
 
 # ----------------------------------------------------------------------------- set-up
 
@@ -183,9 +186,12 @@ def collect(
     cfg: Config,
     *,
     pad: int,
+    vllm: VLLMEngine | None = None,
 ) -> tuple[Rollouts, dict[str, Any]]:
-    """Rollout, score, old log-probs, values and reference log-probs of the step's prompts."""
-    ro = rollout(policy, processor, samples, settings=cfg.rollout, seed=rollout_seed(cfg.train.seed, step))
+    """Rollout, score, old log-probs, values and reference log-probs of the step's prompts (``vllm``: the
+    rollout engine with rollout.engine = vllm, else the policy generates)."""
+    seed = rollout_seed(cfg.train.seed, step)
+    ro = rollout(policy, processor, samples, settings=cfg.rollout, seed=seed, engine=vllm)
     t0 = time.perf_counter()
     scores = score(ro, reward, step=step + 1)
     ro.rewards = scores.total.to(torch.float32)
@@ -379,6 +385,7 @@ def run(cfg: Config) -> RunResult:
     modules, optimizer = run.prepare({"model": model, "critic": critic}, optimizer, scheduler, total=steps)
     model, critic = modules["model"], modules["critic"]
     policy = run.accelerator.unwrap_model(model)
+    gather = partial(collect, pad=pad, vllm=rollout_engine(cfg.rollout, cfg.model, processor, policy))
     controller = kl_controller(cfg, _resumed_kl_coef(run, cfg.update.kl_coef))
     model.train()
     critic.train()
@@ -398,9 +405,9 @@ def run(cfg: Config) -> RunResult:
     for step in range(run.start_step, steps):
         t_start = time.perf_counter()
         samples = [train_set[i] for mb in plan.micro_batches(step, run.process_index) for i in mb]
-        with run.accelerator.autocast():  # the precision the update computes its log-probs and values in
-            value_fn = run.accelerator.unwrap_model(critic)
-            ro, metrics = collect(run, policy, value_fn, processor, reward, reference, samples, step, cfg, pad=pad)
+        value_fn = run.accelerator.unwrap_model(critic)  # autocast: the update's precision; whole_weights: local decode
+        with run.accelerator.autocast(), whole_weights(policy), whole_weights(value_fn):
+            ro, metrics = gather(run, policy, value_fn, processor, reward, reference, samples, step, cfg)
         t_update = time.perf_counter()
         beta = controller.value
         metrics.update(ppo_advantages(ro, kl_coef=beta, cfg=cfg, reduce_sum=reduce_sum))
@@ -426,7 +433,7 @@ def run(cfg: Config) -> RunResult:
             metrics.update(found)
         tokens = sum(len(p) for p in ro.prompts.input_ids) + ro.num_tokens
         run.end_step(done, metrics, samples=ro.num_rows, tokens=tokens, extra_state={"kl_coef": controller.value})
-
+    close_rollout_engines()  # before run.finish() ends the process group vLLM uses
     final, _ = run_eval(run, policy, processor, suite, reference, step=steps, scorer=scorer, baseline=baseline)
     if final:
         run.log(steps, final)

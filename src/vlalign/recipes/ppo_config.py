@@ -11,6 +11,7 @@ from vlalign.models.generate import GenerationSettings
 from vlalign.recipes.common import DataConfig, ModelConfig
 from vlalign.recipes.critic import CriticConfig
 from vlalign.recipes.rl_common import PolicyUpdateConfig, require_reward_model
+from vlalign.recipes.rollouts import check_rollout_engine
 from vlalign.rewards import RewardsConfig
 from vlalign.training import TrainConfig
 from vlalign.training.options import check_options, validate_config
@@ -143,3 +144,4 @@ def check_config(cfg: Config) -> None:
         raise ConfigError(str(exc)) from None
     if cfg.ppo.kl_target > 0 and cfg.update.kl_coef <= 0:
         raise ConfigError("ppo.kl_target > 0 adapts update.kl_coef: give it a positive starting value")
+    check_rollout_engine(cfg.rollout, cfg.model)  # vLLM there?

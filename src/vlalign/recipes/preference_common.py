@@ -46,6 +46,7 @@ from vlalign.models.reference import (
 from vlalign.models.tiny import resolve_model
 from vlalign.recipes.common import DataConfig, ModelConfig, process_model_config, resolve_data_option
 from vlalign.training import Run, union_of_keys
+from vlalign.training.distributed import sharding_of
 from vlalign.training.trackers import log_samples, samples_from_records
 
 logger = logging.getLogger("vlalign")
@@ -59,9 +60,11 @@ class ReferenceConfig(StrictFields):
     """The reference policy of the implicit rewards r(y) = log pi(y|x) - log pi_ref(y|x)."""
 
     strategy: Literal["auto", "copy", "adapter", "precomputed"] = "auto"
-    """auto (adapter for LoRA, copy otherwise), copy (a frozen copy in memory), adapter (the LoRA
-    policy with its adapter switched off), precomputed (log-probs computed once before training and
-    cached on disk; no reference model in memory while training)."""
+    """auto (precomputed when the run passes over its data more than once and the recipe can cache
+    every reference log-prob it needs, as DPO can; else adapter for LoRA, copy otherwise), copy (a
+    frozen copy in memory), adapter (the LoRA policy with its adapter switched off), precomputed
+    (log-probs computed once before training and cached on disk; no reference model in memory
+    while training)."""
     cache_dir: str = ""
     """precomputed: folder of the cached log-probs ('' = <output_dir>/reference_cache). Entries are
     keyed by the reference weights, each sample's content (images included) and its completions."""
@@ -70,9 +73,25 @@ class ReferenceConfig(StrictFields):
 # ----------------------------------------------------------------------------- model and reference
 
 
-def resolved_strategy(strategy: str, *, lora: bool, ref_model: str) -> str:
-    """The reference strategy that ``strategy`` means for this run (auto resolved, combinations checked)."""
+def planned_passes(train: Any, num_samples: int, num_processes: int = 1) -> float:
+    """Passes over ``num_samples`` training samples that the run's plan makes (0 when unknown)."""
+    if train.max_steps <= 0:
+        return float(train.epochs)
+    per_step = train.batch_size * train.grad_accum * num_processes
+    return train.max_steps * per_step / num_samples if num_samples > 0 else 0.0
+
+
+def resolved_strategy(strategy: str, *, lora: bool, ref_model: str, passes: float = 0.0) -> str:
+    """The reference strategy that ``strategy`` means for this run (auto resolved, combinations checked).
+
+    ``auto`` caches the reference log-probs (``precomputed``) when the run passes over its data
+    more than once (``passes`` > 1: each sample's reference forward then runs once instead of once
+    per pass, and the reference model is freed before training); otherwise a copy, or the
+    adapter-disabled policy for LoRA. ``passes`` = 0: the caller cannot use a cache (auto as before).
+    """
     if strategy == "auto":
+        if passes > 1.0:
+            return "precomputed"
         return "copy" if ref_model or not lora else "adapter"
     if strategy == "adapter" and ref_model:
         raise ValueError(
@@ -94,13 +113,25 @@ def build_reference(
     run: Run,
     mode: Mode,
     pad_token_id: int,
+    num_samples: int = 0,
 ) -> ReferencePolicy:
     """The reference policy (build it BEFORE training starts and before a checkpoint is restored).
 
     ``ref_model`` (a folder, hub name or ``tiny:...``) replaces the starting policy as the
     reference; it must tokenize like the policy, since rewards compare the same token ids.
+    ``num_samples`` (training samples; 0 = this recipe cannot cache every reference log-prob it
+    needs) lets ``auto`` pick the cache when the run passes over them more than once. The
+    strategy and the reason are printed and recorded in ``run.json`` (``reference``).
     """
-    strategy = resolved_strategy(cfg.strategy, lora=model_cfg.use_lora, ref_model=ref_model)
+    passes = planned_passes(run.cfg, num_samples, run.num_processes) if num_samples else 0.0
+    strategy = resolved_strategy(cfg.strategy, lora=model_cfg.use_lora, ref_model=ref_model, passes=passes)
+    why = "set by reference.strategy" if cfg.strategy != "auto" else f"auto: {passes:.2f} planned passes over the data"
+    sharded = sharding_of(run)
+    if cfg.strategy == "auto" and num_samples and strategy == "copy" and sharded:  # no whole copy per process
+        strategy, why = "precomputed", f"auto: the policy is sharded ({sharded}): no whole copy on every process"
+    run.print(f"reference: {strategy} ({why})")
+    if getattr(run, "record", None) is not None:
+        run.record["reference"] = {"strategy": strategy, "reason": why}
     if ref_model:
         other, other_processor = load_model_and_processor(
             resolve_model(ref_model, seed=model_cfg.tiny_seed),

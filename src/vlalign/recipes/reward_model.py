@@ -57,6 +57,7 @@ from vlalign.data.collate import (
 from vlalign.data.schema import PreferenceSample
 from vlalign.losses import bradley_terry_loss
 from vlalign.models.heads import RewardModel, RewardModelInfo, hidden_size_of, new_head, save_reward_model
+from vlalign.models.moe import RouterCapture, add_router_aux_loss
 from vlalign.models.reference import eval_mode
 from vlalign.recipes.common import DataConfig, ModelConfig, guard_distributed, load_policy, load_split
 from vlalign.recipes.result import RunResult, run_result
@@ -73,6 +74,7 @@ from vlalign.training import (
     total_steps,
     zero_loss,
 )
+from vlalign.training.distributed import backward
 from vlalign.training.options import check_options
 
 
@@ -220,22 +222,26 @@ def rm_step(
     total_pairs = global_count(run, sum(len(b) for b in batches)).clamp(min=1.0)
     loss_sum = torch.zeros((), device=run.device)
     sums: dict[str, Tensor] = {}
+    routed: dict[str, Tensor] = {}  # the MoE router loss (last micro-batch)
     for i, batch in enumerate(batches):
         with micro_step_context(run, model, i == len(batches) - 1), run.accelerator.autocast():
             if len(batch) == 0:  # every pair dropped as over-long: keep processes in step
                 loss = zero_loss(model)
             else:
-                chosen, rejected = pair_rewards(model, batch, pad_token_id=pad_token_id)
+                with RouterCapture(model) as routers:
+                    chosen, rejected = pair_rewards(model, batch, pad_token_id=pad_token_id)
                 margin = pair_margins(batch.samples, cfg.loss.margin_column)
                 out = bradley_terry_loss(
                     chosen, rejected, margin=margin, center_coef=cfg.loss.center_coef, center_mode=cfg.loss.center_mode
                 )
                 loss = out.losses.sum() / total_pairs * run.num_processes  # DDP averages gradients over processes
+                share = len(batch) / total_pairs * run.num_processes
+                loss = add_router_aux_loss(loss, routers.result(), routed, weight=share)
                 loss_sum = loss_sum + out.losses.sum().detach()
                 for key, value in out.metrics.items():
                     sums[key] = sums.get(key, 0.0) + value.detach().float() * len(batch)
-            run.accelerator.backward(loss)
-    metrics = {"train/loss": run.accelerator.reduce(loss_sum, "sum") / total_pairs}
+            backward(run, model, loss)
+    metrics = {"train/loss": run.accelerator.reduce(loss_sum, "sum") / total_pairs, **routed}
     metrics.update({k: run.accelerator.reduce(v.to(run.device), "sum") / total_pairs for k, v in sums.items()})
     return metrics
 

@@ -107,6 +107,10 @@ class PolicyUpdateConfig(StrictFields):
     (the sequence sum for outcome estimators; per token for REINFORCE++)."""
     entropy_coef: float = 0.0
     """Weight of an entropy bonus in the loss (0: entropy is only logged)."""
+    rollout_is_cap: float = 0.0
+    """Truncated importance sampling for the rollout engine / trainer mismatch (verl's and TRL's TIS):
+    with rollout.engine = vllm, each token's loss is multiplied by min(pi_old / pi_engine, cap), pi_engine
+    the engine's reported log-prob (:func:`vlalign.losses.truncated_is_weights`); 0 = off (2 is usual)."""
     reference: Literal["auto", "copy", "adapter", "none"] = "auto"
     """Reference policy, the starting model: auto (the adapter-disabled model with LoRA, else a frozen copy),
     copy, adapter, or none (then kl_coef must be 0 and no KL is logged). A frozen copy also gives the
@@ -133,6 +137,7 @@ class PolicyUpdateConfig(StrictFields):
                 ("norm_length", self.norm_length >= 0, "must be >= 0 (0: the rollout's max_new_tokens)"),
                 ("kl_coef", self.kl_coef >= 0, "must be >= 0"),
                 ("entropy_coef", self.entropy_coef >= 0, "must be >= 0"),
+                ("rollout_is_cap", self.rollout_is_cap >= 0, "must be >= 0 (0: off)"),
             ],
             values=self,
         )

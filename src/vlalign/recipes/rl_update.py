@@ -24,12 +24,14 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from vlalign.losses import aggregate, entropy_bonus, masked_mean, ppo_clip_loss
+from vlalign.losses import aggregate, entropy_bonus, masked_mean, ppo_clip_loss, truncated_is_weights
 from vlalign.models.generate import GenerationSettings
 from vlalign.models.logprobs import CompletionLogprobs
+from vlalign.models.moe import add_router_aux_loss
 from vlalign.recipes.rl_common import PolicyUpdateConfig, policy_logprobs, token_kl
 from vlalign.recipes.rollouts import Rollouts
 from vlalign.training import Run, TrainConfig, micro_step_context, union_of_keys, zero_loss
+from vlalign.training.distributed import backward
 
 
 def policy_loss_terms(
@@ -151,6 +153,10 @@ def surrogate_loss(
     ref = part.ref_logps.to(device) if part.ref_logps is not None else None
     adv = part.advantages.to(device, out.logps.dtype)  # type: ignore[union-attr]
     per_token, metrics = policy_loss_terms(out.logps, old, adv, mask, cfg=cfg, ref_logps=ref, entropy=out.entropy)
+    if cfg.rollout_is_cap > 0 and part.engine_logps is not None:  # engine / trainer mismatch (TIS)
+        weights, is_metrics = truncated_is_weights(old, part.engine_logps.to(device), mask, cap=cfg.rollout_is_cap)
+        per_token = per_token * weights
+        metrics.update(is_metrics)
     loss = aggregate(
         per_token,
         mask,
@@ -159,6 +165,7 @@ def surrogate_loss(
         num_tokens=norms["num_tokens"],
         num_sequences=norms["num_sequences"],
     )
+    loss = add_router_aux_loss(loss, out, metrics, weight=len(out) / norms["num_sequences"])  # MoE: this share
     return loss, metrics
 
 
@@ -244,7 +251,7 @@ def optimise(
                     loss, metrics, tokens = zero_loss(model), {}, 0
                 else:
                     loss, metrics, tokens = loss_of(part, norms)
-                run.accelerator.backward(loss)
+                backward(run, model, loss)
             stats.add(loss, metrics, tokens)
         stats.end_step()
         stats.add_grad_norm(run.clip_and_step(parameters, optimizer, scheduler))

@@ -27,6 +27,9 @@ from vlalign.data.collate import EncodedPrompts
 from vlalign.data.schema import PromptSample
 from vlalign.models.generate import GenerationSettings, generate
 from vlalign.models.packing import concat_prompts
+from vlalign.models.tiny import resolve_model
+from vlalign.models.vllm_engine import EngineGenerations, VLLMEngine, check_vllm, close_engines, options_of
+from vlalign.recipes.common import ModelConfig
 
 # ----------------------------------------------------------------------------- the batch
 
@@ -56,6 +59,7 @@ class Rollouts:
     old_logps: Tensor | None = None  # (R, L): log-probs under the rollout policy (None: on-policy update)
     ref_logps: Tensor | None = None  # (R, L): log-probs under the reference policy
     advantages: Tensor | None = None  # (R,) outcome or (R, L) per-token advantages
+    engine_logps: Tensor | None = None  # (R, L): log-probs the rollout engine reported (vLLM), for rollout_is_cap
     extras: dict[str, Tensor] = field(default_factory=dict)
     """Other per-row tensors a recipe attaches (PPO: old values, returns). Tensors of one dimension are
     ``(R,)``; those of two or more are per-token ``(R, L, ...)`` (cut and padded along L with the rest)."""
@@ -172,22 +176,53 @@ def rollout_seed(seed: int, step: int, round_: int = 0) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 62) - 1)
 
 
+def check_rollout_engine(settings: GenerationSettings, model: ModelConfig) -> None:
+    """Start-up check of ``rollout.engine`` (before the policy loads): one-line error when vLLM is asked
+    for and missing or unable to load the model (:class:`~vlalign.models.vllm_engine.VLLMError`)."""
+    if settings.engine == "vllm":
+        check_vllm(resolve_model(model.name_or_path, seed=model.tiny_seed))
+
+
+def rollout_engine(
+    settings: GenerationSettings, model: ModelConfig, processor: Any, policy: nn.Module
+) -> VLLMEngine | None:
+    """The rollout engine ``settings.engine`` names: None for ``hf`` (the policy generates), else a
+    vLLM engine beside the policy, holding the policy's current weights (a resumed run's included)."""
+    if settings.engine != "vllm":
+        return None
+    path = resolve_model(model.name_or_path, seed=model.tiny_seed)
+    engine = VLLMEngine(path, processor, dtype=next(policy.parameters()).dtype, options=options_of(settings))
+    engine.load_weights(policy)
+    return engine
+
+
+def close_rollout_engines() -> None:
+    """Shut down the vLLM engines :func:`rollout_engine` started (before the run's end tears down the
+    process group vLLM uses); nothing to do with the ``hf`` engine."""
+    close_engines()
+
+
 @torch.no_grad()
 def rollout(
-    model: nn.Module, processor: Any, samples: Sequence[PromptSample], *, settings: GenerationSettings, seed: int
+    model: nn.Module,
+    processor: Any,
+    samples: Sequence[PromptSample],
+    *,
+    settings: GenerationSettings,
+    seed: int,
+    engine: VLLMEngine | None = None,
 ) -> Rollouts:
     """Sample ``settings.n`` completions per prompt (G); each prompt is processed and prefilled once.
 
     ``model`` should be the unwrapped policy (no DDP wrapper: generation needs no gradient sync).
+    With an ``engine`` (:func:`rollout_engine`), it generates, and its log-probs of the sampled tokens
+    are kept as :attr:`Rollouts.engine_logps`.
     """
     if settings.n < 1:
         raise ValueError(f"rollout.n (completions per prompt) must be >= 1, got {settings.n}")
     if not samples:
         raise ValueError("rollout: no prompts given")
-    gens = generate(
-        model,
-        processor,
-        list(samples),
+    kwargs = dict(
         n=settings.n,
         temperature=settings.temperature,
         top_p=settings.top_p,
@@ -195,9 +230,12 @@ def rollout(
         max_new_tokens=settings.max_new_tokens,
         seed=seed,
         batch_size=settings.batch_size,
-        keep_prompts=True,
     )
-    return Rollouts(
+    if engine is not None:
+        gens = engine.generate(model, list(samples), **kwargs)
+    else:
+        gens = generate(model, processor, list(samples), keep_prompts=True, **kwargs)
+    out = Rollouts(
         samples=list(samples),
         prompts=reduce(concat_prompts, gens.encoded),
         token_ids=gens.token_ids,
@@ -206,3 +244,8 @@ def rollout(
         group_size=settings.n,
         seconds=gens.seconds,
     )
+    if isinstance(gens, EngineGenerations):
+        out.engine_logps = torch.zeros(out.num_rows, out.width)
+        for r, lp in enumerate(lp for group in gens.logps for lp in group):
+            out.engine_logps[r, : len(lp)] = torch.tensor(lp)
+    return out

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from vlalign.config import StrictFields
 from vlalign.data.collate import IGNORE_INDEX, SequenceBatch, SupervisedCollator, check_some_fit
+from vlalign.models.moe import RouterCapture, add_router_aux_loss
 from vlalign.recipes.common import DataConfig, ModelConfig, guard_distributed, load_policy, load_split, save_final_model
 from vlalign.recipes.result import RunResult, run_result
 from vlalign.training import (
@@ -39,6 +40,7 @@ from vlalign.training import (
     total_steps,
     zero_loss,
 )
+from vlalign.training.distributed import backward
 
 
 def _sft_train_defaults() -> TrainConfig:
@@ -82,18 +84,22 @@ def sft_step(run: Run, model: torch.nn.Module, batches: Sequence[SequenceBatch])
     """Forward and backward over the micro-batches of one optimiser step; returns its metrics."""
     tokens = sum(int(b.completion_mask.sum()) for b in batches)
     total_tokens = global_count(run, tokens).clamp(min=1.0)
-    total_nll = torch.zeros((), device=run.device)
+    total_nll, routed = torch.zeros((), device=run.device), {}  # routed: the MoE router loss (last micro-batch)
     for i, batch in enumerate(batches):
         with micro_step_context(run, model, i == len(batches) - 1), run.accelerator.autocast():
             if len(batch) == 0:  # every sample dropped as over-long: keep processes in step
                 loss = zero_loss(model)
             else:
-                nll = token_nll_sum(model, batch)
+                with RouterCapture(model) as routers:
+                    nll = token_nll_sum(model, batch)
                 # DDP averages gradients over processes, hence the factor num_processes.
                 loss = nll / total_tokens * run.num_processes
+                share = batch.completion_mask.sum() / total_tokens * run.num_processes
+                loss = add_router_aux_loss(loss, routers.result(), routed, weight=share)
                 total_nll = total_nll + nll.detach()
-            run.accelerator.backward(loss)
-    return {"train/loss": run.accelerator.reduce(total_nll, "sum") / total_tokens, "train/tokens": total_tokens}
+            backward(run, model, loss)
+    metrics = {"train/loss": run.accelerator.reduce(total_nll, "sum") / total_tokens, "train/tokens": total_tokens}
+    return {**metrics, **routed}
 
 
 @torch.no_grad()

@@ -22,9 +22,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from vlalign.config import to_dict
-from vlalign.models.tiny import cache_dir
-from vlalign.shapes.tasks import write_world
+from vlalign.models.tiny import cache_dir, cache_lock
+from vlalign.shapes.tasks import manifest_config, write_world
 from vlalign.shapes.world import DEMO_WORLD, WorldConfig
 
 SHAPES_PREFIX = "shapes:"
@@ -42,9 +41,10 @@ def resolve_data(path: str) -> str:
     folder = world_folder()
     target = folder / path[len(SHAPES_PREFIX) :]
     cfg = WorldConfig(**DEMO_WORLD)
-    if not target.exists() or _cached_config(folder) != json.loads(json.dumps(to_dict(cfg))):
-        # first use, or a world cached by an older vlalign (another world, or without this file)
-        write_world(cfg, str(folder), overwrite=True)
+    with cache_lock(folder.name):  # another process writing the same world: wait for it, then reuse it
+        if not target.exists() or _cached_config(folder) != json.loads(json.dumps(manifest_config(cfg))):
+            # first use, or a world cached by an older vlalign (another world, or without this file)
+            write_world(cfg, str(folder), overwrite=True)
     if not target.exists():
         available = sorted(p.name for p in folder.glob("*.jsonl"))
         raise FileNotFoundError(

@@ -53,11 +53,23 @@ def object_f1(completion: str, sample: PromptSample) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
+def moved_match(completion: str, sample: PromptSample) -> float:
+    """1 when the answer names exactly the object that moved (the video task), else 0.
+
+    Reads ``meta["moved_object"]`` (``"red circle"``); mentions are parsed as in :func:`object_f1`, so
+    "The red circle moved." scores 1 and "the red circle and the blue square" 0.
+    """
+    moved = require_meta(sample, "moved_object", "moved_match", "the name of the object that moved")
+    answer = extract_answer(completion)
+    return float(answer is not None and set(mentioned_objects(answer)) == {str(moved).lower()})
+
+
 SHAPES_TASK_REWARDS: dict[str, RewardFn] = {
     "counting": count_match,
     "colour": colour_match,
     "existence": yes_no_match,
     "describe": object_f1,
+    "moved": moved_match,
 }
 """Shapes-world task -> the reward that checks its answer."""
 
@@ -67,7 +79,8 @@ def shapes_answer(completion: str, sample: PromptSample) -> float:
 
     Reads ``meta["task"]`` then: counting -> :func:`~vlalign.rewards.verifiable.count_match`, colour ->
     :func:`~vlalign.rewards.verifiable.colour_match`,
-    existence -> :func:`~vlalign.rewards.verifiable.yes_no_match`, describe -> :func:`object_f1`.
+    existence -> :func:`~vlalign.rewards.verifiable.yes_no_match`, describe -> :func:`object_f1`,
+    moved (the video task) -> :func:`moved_match`.
     """
     task = require_meta(sample, "task", "shapes_answer", "the shapes-world task")
     if task not in SHAPES_TASK_REWARDS:

@@ -8,6 +8,8 @@
                                         multi-turn conversation of its short-answer questions
     <split>_prompts.jsonl               the same questions as prompt-only rows (evaluation, RL)
     pope_<split>_<mode>.jsonl           POPE rows, mode in random / popular / adversarial
+    <split>_video[_prompts].jsonl       with ``video_clips`` > 0 only: "Which shape moved?" clips
+                                        (frames under videos/<split>/; :mod:`vlalign.shapes.video`)
     manifest.json                       config, files (rows, sha256), object vocabulary, statistics
                                         (train object frequency, co-occurrence, partner rates)
 
@@ -43,6 +45,7 @@ from typing import Any
 from vlalign.config import to_dict
 from vlalign.data.io import write_jsonl
 from vlalign.shapes.render import render_scene
+from vlalign.shapes.video import supervised_clip_row, write_clips
 from vlalign.shapes.vocabulary import DESCRIBE_PROMPT, NO, YES, colour_question, counting_question, existence_question
 from vlalign.shapes.world import SPLITS, Scene, WorldConfig, allowed_objects, generate_split, object_vocabulary
 
@@ -260,6 +263,15 @@ def _split_size(cfg: WorldConfig, split: str) -> int:
     }[split]
 
 
+def manifest_config(cfg: WorldConfig) -> dict[str, Any]:
+    """The config as the manifest records it: ``video_clips`` is left out at 0 (its default), so that
+    worlds without videos keep the manifest they had before the video task existed."""
+    config = to_dict(cfg)
+    if not cfg.video_clips:
+        del config["video_clips"]
+    return config
+
+
 def write_world(cfg: WorldConfig, out_dir: str | Path, *, overwrite: bool = False) -> dict[str, Any]:
     """Render every split of ``cfg`` and write its datasets under ``out_dir``; return the manifest.
 
@@ -297,9 +309,13 @@ def write_world(cfg: WorldConfig, out_dir: str | Path, *, overwrite: bool = Fals
         if split in cfg.pope_splits:
             for mode in POPE_MODES:
                 record(f"pope_{split}_{mode}.jsonl", [r for sc in scenes for r in pope_rows(sc, cfg, mode, freq, cooc)])
+        if cfg.video_clips:
+            clips = write_clips(cfg, scenes, out)
+            record(f"{split}_video.jsonl", [supervised_clip_row(r) for r in clips])
+            record(f"{split}_video_prompts.jsonl", clips)
     manifest = {
         "format": "vlalign-shapes-world/1",
-        "config": to_dict(cfg),
+        "config": manifest_config(cfg),
         "scenes": {split: len(scenes) for split, scenes in splits.items()},
         "files": files,
         "object_vocabulary": object_vocabulary(cfg),

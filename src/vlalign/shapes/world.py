@@ -110,6 +110,9 @@ class WorldConfig(StrictFields):
     """Splits for which POPE files are written (one file per negative-sampling mode)."""
     pope_per_scene: int = 3
     """POPE questions per scene and answer: up to this many present objects and as many absent."""
+    video_clips: int = 0
+    """Clips of the video task ("Which shape moved?", :mod:`vlalign.shapes.video`) per split, from
+    the split's first scenes; 0 (the default) writes none and leaves the world's files as they were."""
 
     def __post_init__(self) -> None:
         validate_config(self)
@@ -161,6 +164,8 @@ def validate_config(cfg: WorldConfig) -> None:
     lo, hi = cfg.object_size
     if not 0.1 <= lo <= hi <= 1.0:
         raise ValueError(f"WorldConfig.object_size: need 0.1 <= low <= high <= 1, got {cfg.object_size}")
+    if cfg.video_clips < 0:
+        raise ValueError(f"WorldConfig.video_clips: must be >= 0, got {cfg.video_clips}")
     if cfg.image_size < 16 or cfg.supersample < 1:
         raise ValueError("WorldConfig: image_size must be >= 16 and supersample >= 1")
     if not 0.0 <= cfg.cooccurrence_strength <= 1.0:

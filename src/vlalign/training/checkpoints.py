@@ -216,12 +216,19 @@ def _unwrap(module: torch.nn.Module, accelerator) -> torch.nn.Module:
 
 
 def is_sharded(module: torch.nn.Module) -> bool:
-    """Whether any parameter of ``module`` is a :class:`~torch.distributed.tensor.DTensor` (FSDP2 shards)."""
-    return any(isinstance(p, DTensor) for p in module.parameters())
+    """Whether any parameter of ``module`` is a :class:`~torch.distributed.tensor.DTensor` (FSDP2 shards)
+    or a DeepSpeed ZeRO-3 partition (it carries ``ds_id``)."""
+    return any(isinstance(p, DTensor) or hasattr(p, "ds_id") for p in module.parameters())
 
 
 def _whole(param: torch.Tensor) -> torch.Tensor:
-    """A parameter's full value: a DTensor is gathered from every process (a collective call)."""
+    """A parameter's full value: a DTensor or a ZeRO-3 partition is gathered from every process (a
+    collective call)."""
+    if hasattr(param, "ds_id"):
+        import deepspeed  # optional: only reached under DeepSpeed ZeRO-3
+
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+            return param.detach().clone()
     param = param.detach()
     return param.full_tensor() if isinstance(param, DTensor) else param
 
@@ -229,7 +236,8 @@ def _whole(param: torch.Tensor) -> torch.Tensor:
 def full_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """``module.state_dict()`` with every sharded (FSDP2 DTensor) entry gathered whole, on CPU: what
     ``save_pretrained(state_dict=...)`` writes. Every process must call it (one all-gather per tensor)."""
-    return {k: _whole(v).to("cpu") for k, v in module.state_dict().items()}
+    params = dict(module.named_parameters())  # ZeRO-3 marks the parameters, not state_dict()'s tensors
+    return {k: _whole(params.get(k, v)).to("cpu") for k, v in module.state_dict().items()}
 
 
 def trainable_state_dict(module: torch.nn.Module, accelerator=None) -> dict[str, torch.Tensor]:
@@ -256,6 +264,12 @@ def load_trainable_state_dict(module: torch.nn.Module, state: dict[str, torch.Te
             value = state[name].to(param.device, param.dtype)
             if isinstance(param, DTensor):
                 value = distribute_tensor(value, param.device_mesh, param.placements, src_data_rank=None)
+            if hasattr(param, "ds_id"):  # a ZeRO-3 partition: whole while copied, then each keeps its part
+                import deepspeed
+
+                with deepspeed.zero.GatheredParameters([param], modifier_rank=0):  # rank 0's copy re-partitioned
+                    param.copy_(value)
+                continue
             param.copy_(value)
 
 

@@ -7,19 +7,30 @@
 * :func:`micro_step_context` skips the gradient all-reduce before the last micro-batch of a step;
 * :func:`zero_loss` lets a process with nothing to train on (every sample dropped, every group
   filtered out) still join the gradient all-reduce that the others wait for;
-* :func:`mean_over_processes` averages metrics that processes may hold under different keys.
+* :func:`mean_over_processes` averages metrics that processes may hold under different keys;
+* :func:`whole_weights` holds a sharded policy's weights whole on every process for a decode loop
+  (FSDP2 or DeepSpeed ZeRO-3), so that processes generating different numbers of tokens never
+  wait for each other's parameter gathers;
+* :func:`sharding_of` says whether the run shards the policy's parameters (FSDP, ZeRO-3);
+* :func:`backward` is the recipes' backward pass: under DDP it joins the vision tower and projector
+  to every process's graph (:func:`vision_touch`), so a step where one process holds text-only
+  samples and another images does not break the gradient all-reduce.
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
 from accelerate.utils import DistributedType, gather_object
 from torch import Tensor, nn
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
 
 from vlalign.config import ConfigError
+from vlalign.models.load import ModelLoadError, find_parts
 
 if TYPE_CHECKING:
     from vlalign.training.run import Run
@@ -32,11 +43,24 @@ def check_supported(run: Run, *, micro_batches_per_step: int, hint: str = "train
     accumulation (``micro_batches_per_step`` backwards per optimiser step) would step it too often:
     accumulate with more processes or a larger batch instead. ``hint`` names the setting to change.
     """
-    if run.accelerator.distributed_type == DistributedType.DEEPSPEED and micro_batches_per_step > 1:
+    if run.accelerator.distributed_type != DistributedType.DEEPSPEED:
+        return
+    if micro_batches_per_step > 1:
         raise ConfigError(
             f"under DeepSpeed use {hint} (one micro-batch per optimiser step; raise train.batch_size or "
             "the number of processes instead), and set gradient_clipping in the DeepSpeed config"
         )
+    fill_deepspeed_batch(run.accelerator.state.deepspeed_plugin, run.cfg.batch_size)
+
+
+def fill_deepspeed_batch(plugin: Any, batch_size: int) -> None:
+    """Give DeepSpeed the micro-batch size it cannot infer: accelerate reads an ``auto``
+    ``train_micro_batch_size_per_gpu`` from the data loaders passed to ``prepare``, and the
+    recipes pass none (their batch plan owns the data order), so ``prepare`` would refuse. A value
+    set in the DeepSpeed config is kept."""
+    config = plugin.deepspeed_config
+    if config.get("train_micro_batch_size_per_gpu", "auto") == "auto":
+        config["train_micro_batch_size_per_gpu"] = batch_size
 
 
 def global_count(run: Run, local: int) -> Tensor:
@@ -74,3 +98,86 @@ def mean_over_processes(run: Run, metrics: dict[str, Any]) -> dict[str, float]:
     ).reshape(-1, 2)
     total = run.accelerator.reduce(local, "sum")
     return {k: v / max(n, 1.0) for k, (v, n) in zip(keys, total.tolist())}
+
+
+def vision_touch(model: nn.Module) -> Tensor:
+    """``0 * sum`` of every trainable parameter of the vision tower and projector(s): exactly zero,
+    but their gradients exist (zeros) even when the batch held no image.
+
+    DDP all-reduces gradients bucket by bucket, every bucket once all its parameters have a
+    gradient: a process whose micro-batch is text-only never runs the vision tower, its vision
+    buckets never become ready, and the processes' all-reduces stop matching (gloo: "Received data
+    size doesn't match expected size"; NCCL: a hang). With this term added to the loss the text-only
+    process contributes zero gradients, which is what it holds: the averaged gradient is the
+    one-process gradient on the global batch, unchanged. Sharded parameters (FSDP2's DTensors) are
+    skipped: FSDP gathers a module's weights in its forward, so there every process must run the
+    vision tower itself (see docs/distributed.md).
+    """
+    try:
+        parts = find_parts(model)
+    except ModelLoadError:  # not an image-text model (no language model found): nothing to join
+        return torch.zeros(())
+    prefixes = [p for p in (parts.vision, *parts.projectors) if p]
+    terms = [
+        p.sum() * 0.0
+        for n, p in model.named_parameters()
+        if p.requires_grad and not isinstance(p, DTensor) and any(n == q or n.startswith(q + ".") for q in prefixes)
+    ]
+    return sum(terms, torch.zeros((), device=terms[0].device)) if terms else torch.zeros(())
+
+
+def backward(run: Run, model: nn.Module, loss: Tensor) -> None:
+    """``run.accelerator.backward(loss)``; under DDP (``model`` wrapped in
+    ``DistributedDataParallel``) with :func:`vision_touch` of the unwrapped model added first."""
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        loss = loss + vision_touch(run.accelerator.unwrap_model(model)).to(loss.device, loss.dtype)
+    run.accelerator.backward(loss)
+
+
+def sharding_of(run: Run) -> str | None:
+    """``"FSDP"`` or ``"DeepSpeed ZeRO-3"`` when the run shards the policy's parameters across
+    processes (a forward then gathers them: every process must run it), None otherwise (DDP, ZeRO-1/2)."""
+    kind = run.accelerator.distributed_type
+    if kind == DistributedType.FSDP:
+        return "FSDP"
+    if kind == DistributedType.DEEPSPEED and getattr(run.accelerator.state.deepspeed_plugin, "zero_stage", 0) == 3:
+        return "DeepSpeed ZeRO-3"
+    return None
+
+
+@contextlib.contextmanager
+def whole_weights(model: nn.Module) -> Iterator[None]:
+    """Every parameter of a sharded ``model`` whole on this process for the block: a decode loop.
+
+    A sharded forward gathers each layer's weights from every process (an all-gather per layer).
+    Processes whose completions stop after different numbers of tokens (or that hold different
+    numbers of prompts, or text-only prompts that skip the vision tower) would then wait on gathers
+    that the others never join: a hang. Inside this block the weights are gathered once, up front,
+    and every forward is local. Costs one whole copy of the weights per process while the block
+    runs. Every process must enter it (the gather is a collective).
+
+    * FSDP2 (``fully_shard``; accelerate's FSDP with ``fsdp_version: 2``): each FSDP module is
+      unsharded and kept so (``set_reshard_after_forward(False)``), then resharded on exit and set
+      back to resharding after forward (vlalign's configs use ``fsdp_reshard_after_forward: true``);
+    * DeepSpeed ZeRO-3 (parameters carrying ``ds_id``): ``deepspeed.zero.GatheredParameters``;
+    * otherwise (one process, DDP, ZeRO-1/2): nothing to do.
+    """
+    fsdp = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    zero3 = [p for p in model.parameters() if hasattr(p, "ds_id")]
+    if fsdp:
+        for module in fsdp:
+            module.set_reshard_after_forward(False, recurse=False)
+            module.unshard()
+        try:
+            yield
+        finally:
+            for module in fsdp:
+                module.reshard()
+                module.set_reshard_after_forward(True, recurse=False)
+    elif zero3:
+        import deepspeed  # optional: only reached under DeepSpeed
+
+        with deepspeed.zero.GatheredParameters(zero3, modifier_rank=None):
+            yield
+    else:
+        yield

@@ -1,0 +1,392 @@
+"""vLLM as the rollout engine (``rollout.engine: vllm``): generation in vLLM, training in the policy.
+
+The engine lives in the trainer's process ("colocated", as verl's and TRL's colocate modes): one
+:class:`VLLMEngine` per process, built from the policy's model folder at start-up and handed the
+policy's weights after every update (:meth:`VLLMEngine.load_weights`: an in-memory iterator of
+``(name, tensor)``, LoRA merged, no file written; :meth:`VLLMEngine.generate` does it itself when the
+policy's parameters changed since the last load), then its prefix and encoder caches are reset
+(stale KV from the old weights would otherwise be reused). On a GPU the engine can sleep during the
+update (``rollout.vllm_sleep``: weights and KV cache freed, woken for the next rollout); vLLM's
+CPU build has no sleep mode.
+
+What the engine returns is what :func:`vlalign.models.generate.generate` returns
+(:class:`EngineGenerations`: the prompts' one processor call, the generated token ids with the
+stop token, stop flags, texts) plus vLLM's log-probability of every sampled token (at the sampling
+temperature, after top-k / top-p: ``logprobs_mode="processed_logprobs"``), which the truncated
+importance-sampling correction uses (:func:`vlalign.losses.truncated_is_weights`). The trainer
+scores the token ids with its own shared-prefix forward, as with the ``hf`` engine.
+
+Prompts reach vLLM as the rendered chat text and the images (vLLM runs the processor itself); the
+token ids it makes of them are checked against ours, so the engine and the trainer condition on the
+same prompt. Sampling: every completion is its own request seeded by
+:func:`~vlalign.models.generate.stream_seed` ``(seed, sample id, k)``, so completions do not depend on
+the batch and a resumed run samples the same ones (vLLM's own random stream, not the ``hf`` engine's:
+sampled completions differ between the engines; greedy ones are equal).
+
+vLLM is optional and imported inside the functions that need it. :func:`check_vllm` fails at
+start-up with one line (:class:`VLLMError`) when vLLM is not installed or cannot load the model.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import time
+import weakref
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from vlalign.data.collate import PromptLike, encode_prompts, image_token_ids, load_image, render_prompt, tokenizer_of
+from vlalign.errors import UserError
+from vlalign.models.generate import Generations, GenerationSettings, _decode_text, stop_token_ids, stream_seed
+
+SUPPORTED = ("qwen2_vl", "qwen2_5_vl", "llava", "idefics3")
+"""``model_type`` values vLLM loads and the equivalence tests cover (tests/vllm_rollout)."""
+
+NEWLINES = ("\n", "\n\n", "\n\n\n", "\n\n\n\n")
+"""Gemma3 in vLLM looks these up as single tokens (its image placeholder is built from them)."""
+
+EXPORT_DIR = "vllm-export"
+"""Sub-folder of a model folder holding its vLLM-ready copy (renamed weight keys), when one is needed."""
+
+
+class VLLMError(UserError, RuntimeError):
+    """rollout.engine = vllm cannot be used here (vLLM missing, model it cannot load, server down)."""
+
+
+# ----------------------------------------------------------------------------- start-up checks
+
+
+def _config(model_path: str | Path) -> dict[str, Any]:
+    return json.loads((Path(model_path) / "config.json").read_text())
+
+
+def unsupported_reason(model_path: str | Path) -> str | None:
+    """Why vLLM cannot load the model folder here, or None when it can."""
+    cfg = _config(model_path)
+    kind = cfg.get("model_type", "?")
+    if kind == "gemma3":
+        tok = json.loads((Path(model_path) / "tokenizer.json").read_text()).get("model", {}).get("vocab", {})
+        missing = [repr(s) for s in NEWLINES if s.replace("\n", "Ċ") not in tok and s not in tok]
+        if missing:
+            return f"vLLM's Gemma3 needs single tokens for {', '.join(missing)}, which this tokenizer lacks"
+    if kind not in SUPPORTED and kind != "gemma3":
+        return f"model_type {kind!r} is not one vlalign runs in vLLM (supported: {', '.join(SUPPORTED)})"
+    if kind in ("qwen2_vl", "qwen2_5_vl") and cfg.get("vision_config", {}).get("spatial_merge_size", 2) < 2:
+        return "vLLM's Qwen2-VL ignores spatial_merge_size 1 (tiny:*:small); use a model with merge 2 (tiny, bench)"
+    return None
+
+
+def check_vllm(model_path: str | Path) -> None:
+    """Raise :class:`VLLMError` (one line: what to do) unless vLLM is importable and can load the model."""
+    try:
+        import vllm  # noqa: F401
+    except ImportError as exc:
+        raise VLLMError(
+            f"rollout.engine=vllm needs vLLM ({exc.__class__.__name__}: {exc}); install it (GPU: pip install "
+            "vllm; CPU test environment: make test-vllm) or set rollout.engine=hf"
+        ) from None
+    reason = unsupported_reason(model_path)
+    if reason:
+        raise VLLMError(f"rollout.engine=vllm cannot load {model_path}: {reason}; set rollout.engine=hf")
+
+
+# ----------------------------------------------------------------------------- weight names
+
+
+def vllm_weight_name(model_type: str, name: str) -> str:
+    """The checkpoint name vLLM's ``load_weights`` expects for the policy's weight ``name``.
+
+    LLaVA: transformers 5 keeps the CLIP tower's modules directly under ``vision_tower``; vLLM's
+    CLIP has them under ``vision_tower.vision_model``. Every other supported model: unchanged.
+    """
+    if model_type == "llava":
+        for prefix in ("model.vision_tower.", "vision_tower."):
+            if name.startswith(prefix) and not name.startswith(prefix + "vision_model."):
+                return prefix + "vision_model." + name[len(prefix) :]
+    return name
+
+
+def vllm_model_folder(model_path: str | Path) -> Path:
+    """``model_path`` itself when vLLM reads it as saved, else its vLLM-ready copy (written once, under
+    :data:`EXPORT_DIR`: weights with :func:`vllm_weight_name` keys, the other files linked)."""
+    src = Path(model_path)
+    kind = _config(src).get("model_type", "")
+    weights = sorted(src.glob("*.safetensors"))
+    if kind != "llava" or not weights:
+        return src
+    out = src / EXPORT_DIR
+    if (out / "config.json").exists():
+        return out
+    tmp = src / f".{EXPORT_DIR}.{os.getpid()}"
+    tmp.mkdir(parents=True, exist_ok=True)
+    for item in src.iterdir():
+        if item.is_file() and item.suffix != ".safetensors":
+            (tmp / item.name).symlink_to(item.resolve())
+    for path in weights:
+        tensors = {vllm_weight_name(kind, k): v for k, v in load_file(path).items()}
+        save_file(tensors, tmp / path.name, metadata={"format": "pt"})
+    tmp.rename(out) if not out.exists() else None
+    return out
+
+
+def merged_weights(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
+    """The policy's weights as a plain model's names and values, LoRA merged (W + scale * B A, computed
+    out of place: the policy is untouched). PEFT's ``base_model.model.`` / ``.base_layer`` wrappers
+    are removed; a ``modules_to_save`` copy replaces its original."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    lora = {n: m for n, m in base.named_modules() if hasattr(m, "get_delta_weight") and hasattr(m, "base_layer")}
+    for name, param in base.named_parameters():
+        if ".lora_" in name or ".original_module." in name:
+            continue
+        value = param.detach()
+        owner, _, leaf = name.rpartition(".")
+        if owner.endswith(".base_layer"):
+            layer = lora.get(owner[: -len(".base_layer")])
+            if layer is not None and leaf == "weight" and not getattr(layer, "merged", False):
+                for adapter in layer.active_adapters:
+                    if adapter in getattr(layer, "lora_A", {}):
+                        value = value + layer.get_delta_weight(adapter).to(value.dtype)
+            name = name.replace(".base_layer", "")
+        yield name.replace(".modules_to_save.default", ""), value
+
+
+def weights_version(model: nn.Module) -> tuple[int, int]:
+    """Changes whenever a parameter of ``model`` is changed in place (torch's per-tensor version
+    counters only grow) or the parameters are replaced."""
+    params = list(model.parameters())
+    return sum(id(p) for p in params), sum(p._version for p in params)
+
+
+# ----------------------------------------------------------------------------- the engine
+
+
+OPEN: weakref.WeakSet[VLLMEngine] = weakref.WeakSet()
+"""The engines of this process not closed yet (:func:`close_engines`)."""
+
+
+def close_engines() -> None:
+    """Close every open engine of this process (a recipe calls this before its run ends)."""
+    for engine in list(OPEN):
+        engine.close()
+
+
+@dataclass
+class EngineGenerations(Generations):
+    """:class:`Generations` plus the engine's log-prob of each generated token (``logps[i][k][t]``)."""
+
+    logps: list[list[list[float]]] = field(default_factory=list)
+
+
+@dataclass
+class VLLMOptions:
+    """How the vLLM engine is built (the recipe fills this from ``rollout.vllm_*``)."""
+
+    gpu_memory_utilization: float = 0.3
+    max_model_len: int = 2048
+    tensor_parallel_size: int = 1
+    sleep: bool = False
+    cpu_kv_cache_gb: int = 1
+    prefix_caching: bool = True
+
+
+def options_of(settings: GenerationSettings) -> VLLMOptions:
+    """The engine options a :class:`~vlalign.models.generate.GenerationSettings` holds (``vllm_*``)."""
+    return VLLMOptions(
+        gpu_memory_utilization=settings.vllm_gpu_memory_utilization,
+        max_model_len=settings.vllm_max_model_len,
+        tensor_parallel_size=settings.vllm_tensor_parallel,
+        sleep=settings.vllm_sleep,
+    )
+
+
+def generate_once(
+    model_path: str | Path, model: nn.Module, processor: Any, samples: Sequence[PromptLike], **kwargs: Any
+) -> EngineGenerations:
+    """One generation by a vLLM engine started for it and closed after (iterative DPO's sampling of a
+    saved policy); ``kwargs``: ``options`` (:class:`VLLMOptions`) and those of :meth:`VLLMEngine.generate`."""
+    options = kwargs.pop("options", VLLMOptions())
+    engine = VLLMEngine(model_path, processor, dtype=next(model.parameters()).dtype, options=options)
+    try:
+        return engine.generate(model, samples, **kwargs)
+    finally:
+        engine.close()
+
+
+class VLLMEngine:
+    """A vLLM ``LLM`` in this process for one model folder (see the module doc)."""
+
+    def __init__(self, model_path: str | Path, processor: Any, *, dtype: torch.dtype, options: VLLMOptions) -> None:
+        check_vllm(model_path)
+        # in-process engine core (weights can be handed over as tensors); CPU build: bounded KV cache
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(options.cpu_kv_cache_gb))
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+        from vllm import LLM
+
+        self.model_type = _config(model_path)["model_type"]
+        self.processor = processor
+        self.options = options
+        self.llm = LLM(
+            model=str(vllm_model_folder(model_path)),
+            dtype=str(dtype).removeprefix("torch."),
+            seed=0,
+            max_model_len=options.max_model_len,
+            gpu_memory_utilization=options.gpu_memory_utilization,
+            tensor_parallel_size=options.tensor_parallel_size,
+            enable_sleep_mode=options.sleep,
+            enforce_eager=not torch.cuda.is_available(),
+            enable_prefix_caching=options.prefix_caching,
+            logprobs_mode="processed_logprobs",
+            limit_mm_per_prompt={"image": 4},
+        )
+        vocab = self.llm.llm_engine.model_config.get_vocab_size()
+        banned = set(image_token_ids(processor))
+        self.allowed = [i for i in range(vocab) if i not in banned]
+        self.asleep = False
+        self.stop_ids: list[int] = []
+        self.synced: tuple[int, int] | None = None
+        OPEN.add(self)
+
+    def close(self) -> None:
+        """Shut the engine down (its memory and the torch.distributed state vLLM set up in this process).
+        Call before anything else tears that state down (the run's end does): afterwards vLLM could
+        neither shut down cleanly nor start another engine in this process."""
+        if self.llm is not None:
+            self.llm.llm_engine.engine_core.shutdown()
+            self.llm = None
+            OPEN.discard(self)
+            gc.collect()
+
+    # -- weights
+
+    def load_weights(self, model: nn.Module) -> None:
+        """Hand the policy's current weights to the engine (in memory, LoRA merged), then drop the
+        prefix and encoder caches computed with the old weights."""
+        self.wake_up()
+        weights = ((vllm_weight_name(self.model_type, n), t) for n, t in merged_weights(model))
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+        self.llm.llm_engine.reset_encoder_cache()
+        self.llm.reset_prefix_cache()
+        self.synced = weights_version(model)
+
+    def sync(self, model: nn.Module) -> None:
+        """:meth:`load_weights` when the policy changed since the last load (an optimiser step, a loaded
+        checkpoint: every in-place change of a parameter bumps its version counter)."""
+        if self.synced != weights_version(model):
+            self.load_weights(model)
+
+    def sleep(self) -> None:
+        """Free the engine's weights and KV cache during the update (GPU with ``rollout.vllm_sleep``)."""
+        if self.options.sleep and not self.asleep:
+            self.llm.sleep(level=1)
+            self.asleep = True
+
+    def wake_up(self) -> None:
+        if self.asleep:
+            self.llm.wake_up()
+            self.asleep = False
+
+    # -- generation
+
+    def _params(self, *, temperature: float, top_p: float, top_k: int, max_new_tokens: int, seed: int | None) -> Any:
+        from vllm import SamplingParams
+
+        return SamplingParams(
+            n=1,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            max_tokens=max_new_tokens,
+            seed=seed,
+            stop_token_ids=self.stop_ids,
+            logprobs=0,
+            allowed_token_ids=self.allowed,
+            detokenize=False,
+        )
+
+    def generate(
+        self,
+        model: nn.Module,
+        samples: Sequence[PromptLike],
+        *,
+        n: int = 1,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        max_new_tokens: int = 64,
+        seed: int = 0,
+        batch_size: int = 16,
+    ) -> EngineGenerations:
+        """``n`` completions per sample (greedy when ``temperature == 0``: decoded once, repeated), as
+        :func:`vlalign.models.generate.generate` with ``keep_prompts=True``. ``model`` is the policy:
+        its weights are loaded first if they changed since the engine last took them (:meth:`sync`)."""
+        start = time.perf_counter()
+        self.sync(model)
+        self.wake_up()
+        self.stop_ids = stop_token_ids(model, self.processor)
+        tok = tokenizer_of(self.processor)
+        rows = n if temperature > 0 else 1
+        result = EngineGenerations(sample_ids=[s.id for s in samples], texts=[], token_ids=[], stopped=[])
+        for lo in range(0, len(samples), batch_size):
+            chunk = list(samples[lo : lo + batch_size])
+            encoded = encode_prompts(self.processor, chunk)
+            result.encoded.append(encoded)
+            requests, params = [], []
+            for sample in chunk:
+                prompt = {"prompt": render_prompt(self.processor, sample.prompt)}
+                if sample.images:
+                    prompt["multi_modal_data"] = {"image": [load_image(im) for im in sample.images]}
+                for k in range(rows):
+                    requests.append(prompt)
+                    seed_k = stream_seed(seed, sample.id, k) if temperature > 0 else None
+                    params.append(self._params(temperature=temperature, top_p=top_p, top_k=top_k,
+                                               max_new_tokens=max_new_tokens, seed=seed_k))  # fmt: skip
+            outputs = self.llm.generate(requests, params, use_tqdm=False)
+            self._collect(result, outputs, encoded, rows, n, tok)
+        self.sleep()  # until the next rollout (rollout.vllm_sleep, GPU)
+        result.seconds = time.perf_counter() - start
+        return result
+
+    def _collect(self, result: EngineGenerations, outputs: list, encoded: Any, rows: int, n: int, tok: Any) -> None:
+        for i, ids in enumerate(encoded.input_ids):
+            group = outputs[i * rows : (i + 1) * rows]
+            if list(group[0].prompt_token_ids) != list(ids):
+                raise VLLMError(
+                    f"sample {encoded.sample_ids[i]!r}: vLLM tokenised the prompt differently from the trainer "
+                    f"({len(group[0].prompt_token_ids)} vs {len(ids)} tokens); set rollout.engine=hf"
+                )
+            g_ids = [list(o.outputs[0].token_ids) for o in group] * (n // rows)
+            g_stop = [o.outputs[0].finish_reason == "stop" for o in group] * (n // rows)
+            g_logp = [[d[t].logprob for t, d in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)] for o in group]
+            g_logp = g_logp * (n // rows)
+            result.token_ids.append(g_ids)
+            result.stopped.append(g_stop)
+            result.logps.append(g_logp)
+            result.texts.append([_decode_text(tok, x, s) for x, s in zip(g_ids, g_stop)])
+            result.new_tokens += sum(len(x) for x in g_ids)
+            result.prompt_tokens += len(ids)
+
+
+__all__ = [
+    "EngineGenerations",
+    "SUPPORTED",
+    "VLLMEngine",
+    "VLLMError",
+    "VLLMOptions",
+    "check_vllm",
+    "close_engines",
+    "generate_once",
+    "options_of",
+    "merged_weights",
+    "unsupported_reason",
+    "vllm_model_folder",
+    "vllm_weight_name",
+]
