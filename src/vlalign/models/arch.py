@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
 
 @dataclass(frozen=True)
@@ -124,6 +124,27 @@ ONE_BASED_POSITIONS = frozenset({"paligemma"})
 def position_base(model: nn.Module) -> int:
     """The position of a sequence's first token: 1 for :data:`ONE_BASED_POSITIONS`, else 0."""
     return 1 if getattr(unwrap(model).config, "model_type", None) in ONE_BASED_POSITIONS else 0
+
+
+def cache_of(output: Any) -> Any:
+    """The cache a forward returned (``output.cache`` in newer ``transformers``, else ``past_key_values``)."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
+
+
+def left_padded_positions(
+    model: nn.Module, input_ids: Tensor, attention_mask: Tensor, vision: dict[str, Tensor]
+) -> tuple[Tensor, Tensor | None]:
+    """Positions of left-padded prompt rows ``(B, P)`` (``(3, B, P)`` with multimodal RoPE) and the
+    multimodal RoPE offset of each row (None without it): the model's own ``get_rope_index`` for the
+    Qwen2-VL family, else positions counted from the first real token (from 1 for PaliGemma)."""
+    rope = next((m for m in model.modules() if hasattr(type(m), "get_rope_index")), None)
+    if rope is not None and "mm_token_type_ids" in vision:
+        grid = {k: vision[k] for k in ("image_grid_thw", "video_grid_thw") if k in vision}
+        return rope.get_rope_index(
+            input_ids, mm_token_type_ids=vision["mm_token_type_ids"], attention_mask=attention_mask, **grid
+        )
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0) + position_base(model), None
 
 
 def image_token_id(model: nn.Module) -> int | None:

@@ -60,7 +60,7 @@ from vlalign.data.collate import (
     pad_token_id_of,
     tokenizer_of,
 )
-from vlalign.models.arch import position_base
+from vlalign.models.arch import cache_of, left_padded_positions, position_base
 from vlalign.models.moe import router_logits_off
 
 
@@ -183,11 +183,6 @@ def sample_tokens(logp: Tensor, uniforms: Tensor) -> Tensor:
 # --------------------------------------------------------------------------------- the model
 
 
-def _rope_index_module(model: nn.Module) -> nn.Module | None:
-    """The submodule computing multimodal RoPE positions (Qwen2-VL family), if the model has one."""
-    return next((m for m in model.modules() if hasattr(type(m), "get_rope_index")), None)
-
-
 def stop_token_ids(model: nn.Module, processor: Any) -> list[int]:
     """Token ids that end a completion: the generation config's eos ids and the end-of-turn token."""
     ids: set[int] = set()
@@ -204,11 +199,6 @@ def stop_token_ids(model: nn.Module, processor: Any) -> list[int]:
     if not ids:
         raise ValueError("the model has no eos token and the chat template no one-token end of turn; cannot stop")
     return sorted(ids)
-
-
-def _cache_of(output: Any) -> Any:
-    cache = getattr(output, "cache", None)
-    return cache if cache is not None else output.past_key_values
 
 
 @dataclass
@@ -239,15 +229,7 @@ def _prefill(model: nn.Module, batch: GenerationBatch, n: int, device: torch.dev
     dtype = next(model.parameters()).dtype
     vision = {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in batch.vision.items()}
     input_ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device)
-    rope = _rope_index_module(model)
-    deltas = None
-    if rope is not None and "mm_token_type_ids" in vision:
-        grid = {k: vision[k] for k in ("image_grid_thw", "video_grid_thw") if k in vision}
-        positions, deltas = rope.get_rope_index(
-            input_ids, mm_token_type_ids=vision["mm_token_type_ids"], attention_mask=mask, **grid
-        )
-    else:
-        positions = (mask.cumsum(-1) - 1).clamp(min=0) + position_base(model)  # (B, P); PaliGemma's start at 1
+    positions, deltas = left_padded_positions(model, input_ids, mask, vision)
     out = model(
         input_ids=input_ids,
         attention_mask=mask,
@@ -258,7 +240,7 @@ def _prefill(model: nn.Module, batch: GenerationBatch, n: int, device: torch.dev
         **router_logits_off(model),
     )
     logits = out.logits[:, -1]  # (B, V)
-    cache = _cache_of(out)
+    cache = cache_of(out)
     step = {k: vision[k][:, -1:] for k in TOKEN_SPAN_KEYS if k in vision}  # left padding: the last is the prompt's
     if n > 1:
         cache.reorder_cache(torch.arange(logits.shape[0], device=device).repeat_interleave(n))  # as above
@@ -302,7 +284,7 @@ def _decode_step(model: nn.Module, tokens: Tensor, state: _Decoding) -> Tensor:
         **state.step,
         **router_logits_off(model),
     )
-    state.cache = _cache_of(out)
+    state.cache = cache_of(out)
     state.next_pos = state.next_pos + 1
     return out.logits[:, -1]
 

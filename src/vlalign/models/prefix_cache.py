@@ -50,7 +50,7 @@ from torch import Tensor, nn
 
 from vlalign.data.batch import TOKEN_SPAN_KEYS, EncodedPrompts, build_prompt_rows, build_rows
 from vlalign.data.collate import PER_TOKEN_KEYS
-from vlalign.models.arch import position_base, unwrap
+from vlalign.models.arch import cache_of, left_padded_positions, position_base
 from vlalign.models.load import checkpointing_enabled
 from vlalign.models.moe import router_logits_off
 from vlalign.models.packing import Completions, Layout, naive_layout
@@ -85,20 +85,6 @@ def cache_sharing_problem(model: nn.Module, prompts: EncodedPrompts) -> str | No
     return None
 
 
-def _cache_of(output: Any) -> Any:
-    cache = getattr(output, "cache", None)
-    return cache if cache is not None else output.past_key_values
-
-
-def _prompt_positions(model: nn.Module, ids: Tensor, mask: Tensor, vision: dict[str, Tensor]) -> tuple[Tensor, Any]:
-    """Positions of the left-padded prompt rows and the multimodal RoPE offsets (None without mRoPE)."""
-    inner = getattr(unwrap(model), "model", None)
-    if inner is not None and hasattr(type(inner), "get_rope_index") and "mm_token_type_ids" in vision:
-        grid = {k: vision[k] for k in ("image_grid_thw", "video_grid_thw") if k in vision}
-        return inner.get_rope_index(ids, mm_token_type_ids=vision["mm_token_type_ids"], attention_mask=mask, **grid)
-    return (mask.cumsum(-1) - 1).clamp(min=0) + position_base(model), None
-
-
 def _last_tokens(prompts: EncodedPrompts) -> EncodedPrompts:
     """Each prompt's last token alone (no images): the prompt part of a completion row."""
     n = len(prompts)
@@ -127,7 +113,7 @@ def prompt_cache_inputs(
     per_token = set(PER_TOKEN_KEYS) | set(TOKEN_SPAN_KEYS)
     head = {k: (v[:, :-1] if k in per_token else v) for k, v in vision.items()}
     ids, mask = full.input_ids[:, :-1].to(device), full.attention_mask[:, :-1].to(device)
-    positions, deltas = _prompt_positions(model, ids, mask, head)
+    positions, deltas = left_padded_positions(model, ids, mask, head)
     out = model(
         input_ids=ids,
         attention_mask=mask,
@@ -140,7 +126,7 @@ def prompt_cache_inputs(
     rows = build_rows(_last_tokens(prompts), completions, pad_token_id=pad_token_id)
     layout = naive_layout(rows)
     index = rows.row_prompt.to(device)
-    cache = _cache_of(out)
+    cache = cache_of(out)
     cache.reorder_cache(index)
     row_mask = rows.attention_mask.to(device)
     steps = torch.arange(row_mask.shape[1], device=device)[None, :]
