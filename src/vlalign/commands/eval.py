@@ -28,6 +28,9 @@ With ``--bench``, ``eval.json`` also holds ``benchmark`` (name, sha256 of each i
 settings: answer rule, prompt, generation) and ``official`` (the numbers as the benchmark's own
 script prints them), and ``answers/`` the answers in the benchmark's own format.
 
+``--engine=vllm`` generates the answers (and the KL's samples) with vLLM instead of vlalign's decode loop
+(same greedy answers; docs/vllm.md).
+
 The metrics (``eval/...``; the baseline's as ``baseline/...``) and the first few held-out
 descriptions with their images also go to the experiment trackers of ``trackers`` (default:
 TensorBoard, under ``<output_dir>/logs/eval``; see :mod:`vlalign.training.trackers`), at step 0.
@@ -54,10 +57,12 @@ from vlalign.eval.official import (
     run_benchmark,
 )
 from vlalign.eval.paired import Interval, paired_bootstrap
+from vlalign.eval.policy import generation_engine
 from vlalign.eval.scorers import build_scorer
 from vlalign.eval.suite import EvalResult, SuiteConfig, build_suite, compare, evaluate
 from vlalign.models.load import load_model_and_processor, same_tokenizer
 from vlalign.models.tiny import resolve_model
+from vlalign.models.vllm_engine import check_vllm
 from vlalign.training.trackers import finish_trackers, log_evaluation, start_trackers
 
 
@@ -99,6 +104,9 @@ class Config(StrictFields):
     """--bench=chair: the COCO annotation files, the sample, the prompt, the generation settings."""
     amber: AmberBenchConfig = field(default_factory=AmberBenchConfig)
     """--bench=amber: the annotation and query files, the answer rule, the generation settings."""
+    engine: Literal["hf", "vllm"] = "hf"
+    """What generates the answers (and the KL's samples): hf (vlalign's decode loop) or vllm (a vLLM engine
+    on each evaluated model's folder; greedy answers equal hf's; docs/vllm.md)."""
     trackers: list[str] = field(default_factory=lambda: ["tensorboard"])
     """Experiment trackers that receive the metrics and a few descriptions: tensorboard (default, under
     <output_dir>/logs/eval), wandb, mlflow, trackio ...; [] for none. One not installed is skipped."""
@@ -135,6 +143,20 @@ def send_to_trackers(cfg: Config, names: Sequence[str], model: Any, base: Any | 
 
 def _load(name: str, cfg: Config) -> tuple[Any, Any]:
     return load_model_and_processor(resolve_model(name), dtype=cfg.dtype, device=cfg.device)
+
+
+def check_engine(cfg: Config) -> None:
+    """``engine=vllm``: fail before any model loads, in one line, when vLLM is missing or cannot load the
+    model or the baseline (:class:`~vlalign.models.vllm_engine.VLLMError`)."""
+    if cfg.engine == "vllm":
+        for name in (cfg.model, cfg.baseline):
+            if name:
+                check_vllm(resolve_model(name), option="engine")
+
+
+def _engine(cfg: Config, name: str, loaded: tuple[Any, Any]) -> Any:
+    """The context in which ``name`` (loaded: model, processor) generates with ``cfg.engine``."""
+    return generation_engine(cfg.engine, resolve_model(name), *loaded)
 
 
 def _fmt(value: float | None) -> str:
@@ -198,6 +220,7 @@ def run(cfg: Config) -> dict[str, Any]:
             f"{written} already exists; pass --overwrite=true to replace it, or choose another --output_dir"
         )
     trackers = trackers_in_use(cfg.trackers)
+    check_engine(cfg)
     if cfg.bench:
         return run_bench(cfg, trackers)
     suite = build_suite(cfg.suite)
@@ -209,13 +232,17 @@ def run(cfg: Config) -> dict[str, Any]:
     if cfg.baseline:
         scorer = build_scorer(cfg.scorer, suite.vocabulary)
         base_model, base_processor = _load(cfg.baseline, cfg)
-        base = evaluate(base_model, base_processor, suite, progress=cfg.progress)
+        with _engine(cfg, cfg.baseline, (base_model, base_processor)):
+            base = evaluate(base_model, base_processor, suite, progress=cfg.progress)
     if cfg.reference:
         base_model, base_processor = _load(cfg.reference, cfg)
     reference = base_model if base_model is not None and same_tokenizer(processor, base_processor) else None
     if base_model is not None and reference is None:
         print(f"the {'baseline' if cfg.baseline else 'reference'} has another tokenizer: no KL from it")
-    result = evaluate(model, processor, suite, reference=reference, baseline=base, scorer=scorer, progress=cfg.progress)
+    with _engine(cfg, cfg.model, (model, processor)):
+        result = evaluate(
+            model, processor, suite, reference=reference, baseline=base, scorer=scorer, progress=cfg.progress
+        )
     columns = {"model": result.metrics} | ({"baseline": base.metrics} if base is not None else {})
     intervals = paired_bootstrap([result.records], [base.records]) if base is not None else None
     print(format_table(columns, intervals=intervals))
@@ -245,12 +272,14 @@ def run_bench(cfg: Config, trackers: Sequence[str] = ()) -> dict[str, Any]:
     bench = prepare_benchmark(cfg.bench, cfg.images, pope=cfg.pope, chair=cfg.chair, amber=cfg.amber)
     print(f"benchmark {bench.name}: {len(bench)} questions; every file and image checked")
     model, processor = _load(cfg.model, cfg)
-    result = run_benchmark(model, processor, bench, progress=cfg.progress)
+    with _engine(cfg, cfg.model, (model, processor)):
+        result = run_benchmark(model, processor, bench, progress=cfg.progress)
     del model
     base: BenchResult | None = None
     if cfg.baseline:
         base_model, base_processor = _load(cfg.baseline, cfg)
-        base = run_benchmark(base_model, base_processor, bench, progress=cfg.progress)
+        with _engine(cfg, cfg.baseline, (base_model, base_processor)):
+            base = run_benchmark(base_model, base_processor, bench, progress=cfg.progress)
         del base_model
     print(f"\n{bench.name}, model:\n{result.table}")
     if base is not None:

@@ -1,7 +1,8 @@
 """``vlalign pairs``: build a preference dataset by hallucination injection, image corruption,
 sampling and ranking a policy's responses, or POVID's two negatives; writes ``<out>`` (JSONL or
 Parquet) and ``<out stem>.stats.json`` (pairs made, dropped and why, margin distribution). An
-existing ``<out>`` is replaced only with ``--overwrite=true``.
+existing ``<out>`` is replaced only with ``--overwrite=true``. Sampling (rank, povid) runs in vlalign's
+decode loop, or in vLLM with ``--rank.engine=vllm`` / ``--povid.engine=vllm`` (docs/vllm.md).
 
 Examples::
 
@@ -46,6 +47,7 @@ from vlalign.eval.tasks import has_task, require_rows
 from vlalign.models.generate import generate
 from vlalign.models.load import load_model_and_processor
 from vlalign.models.tiny import resolve_model
+from vlalign.models.vllm_engine import VLLMEngine, VLLMOptions, check_vllm, generate_once
 from vlalign.shapes.embedded import resolve_data
 from vlalign.shapes.vocabulary import find_vocabulary
 
@@ -81,6 +83,10 @@ class RankConfig(StrictFields):
     """Policy weights dtype (auto: bf16 on capable GPUs, else float32)."""
     seed: int = 0
     """Sampling seed."""
+    engine: Literal["hf", "vllm"] = "hf"
+    """What samples the responses: hf (vlalign's decode loop) or vllm (a vLLM engine on the model's folder,
+    started for the sampling and closed after; its own random stream, so sampled responses differ from
+    hf's, greedy ones are equal; docs/vllm.md)."""
 
 
 def _noise() -> CorruptConfig:
@@ -114,6 +120,9 @@ class PovidConfig(StrictFields):
     """Sampling seed."""
     distortion: CorruptConfig = field(default_factory=_noise)
     """How the images are distorted (POVID: diffusion noise, method=noise)."""
+    engine: Literal["hf", "vllm"] = "hf"
+    """What answers the distorted images: hf (vlalign's decode loop) or vllm (a vLLM engine on the model's
+    folder, started with the policy and closed when the rows are made; docs/vllm.md)."""
 
 
 @dataclass
@@ -170,24 +179,40 @@ def _load_policy(policy: Policy) -> tuple[Any, Any]:
     return load_model_and_processor(resolve_model(policy.model), dtype=policy.dtype, device=policy.device)
 
 
-def _generate(
-    loaded: tuple[Any, Any], policy: Policy, samples: list[Any], *, n: int, progress: bool, desc: str
+def check_engine(policy: Policy, section: str) -> None:
+    """``<section>.engine=vllm``: fail before anything loads, in one line, when vLLM is missing or cannot
+    load the policy (:class:`~vlalign.models.vllm_engine.VLLMError`)."""
+    if policy.engine == "vllm":
+        check_vllm(resolve_model(policy.model), option=f"{section}.engine")
+
+
+def policy_responses(
+    loaded: tuple[Any, Any],
+    policy: Policy,
+    samples: list[Any],
+    *,
+    n: int,
+    progress: bool,
+    desc: str,
+    engine: VLLMEngine | None = None,
 ) -> list[list[str]]:
-    """``n`` responses of the loaded policy to each sample, with ``policy``'s sampling settings."""
+    """``n`` responses of the loaded policy to each sample, with ``policy``'s sampling settings and engine
+    (``engine=vllm``: ``engine`` when given, else one started for this call and closed after)."""
     model, processor = loaded
-    gens = generate(
-        model,
-        processor,
-        samples,
-        n=n,
-        temperature=policy.temperature,
-        top_p=policy.top_p,
-        max_new_tokens=policy.max_new_tokens,
-        seed=policy.seed,
-        batch_size=policy.batch_size,
-        progress=progress,
-        desc=desc,
-    )
+    settings = {
+        "n": n,
+        "temperature": policy.temperature,
+        "top_p": policy.top_p,
+        "max_new_tokens": policy.max_new_tokens,
+        "seed": policy.seed,
+        "batch_size": policy.batch_size,
+    }
+    if engine is not None:
+        gens = engine.generate(model, samples, **settings)
+    elif policy.engine == "vllm":
+        gens = generate_once(resolve_model(policy.model), model, processor, samples, **settings)
+    else:
+        gens = generate(model, processor, samples, progress=progress, desc=desc, **settings)
     print(f"sampled {gens.new_tokens} tokens in {gens.seconds:.1f} s ({gens.tokens_per_s:.0f} tokens/s)")
     return gens.texts
 
@@ -197,19 +222,36 @@ def _povid(cfg: Config, data_path: str, vocab: ObjectVocabulary | None) -> tuple
     p = cfg.povid
     if not p.model:
         raise SystemExit("vlalign pairs: method=povid needs --povid.model (the policy that answers distorted images)")
+    check_engine(p, "povid")
     samples = _load(cfg, data_path, "supervised")
     vocab = _require_vocabulary(vocab, "povid")
     loaded: list[tuple[Any, Any]] = []  # the policy, loaded at the first call
+    engines: list[VLLMEngine] = []  # engine=vllm: one engine for every chunk, started with the policy
 
     def respond(prompts: Sequence[PromptSample]) -> list[str]:
         if not loaded:
             loaded.append(_load_policy(p))
-        texts = _generate(loaded[0], p, list(prompts), n=1, progress=cfg.progress, desc="distorted images")
+            if p.engine == "vllm":
+                dtype = next(loaded[0][0].parameters()).dtype
+                engines.append(VLLMEngine(resolve_model(p.model), loaded[0][1], dtype=dtype, options=VLLMOptions()))
+        texts = policy_responses(
+            loaded[0],
+            p,
+            list(prompts),
+            n=1,
+            progress=cfg.progress,
+            desc="distorted images",
+            engine=next(iter(engines), None),
+        )
         return [group[0] for group in texts]
 
-    return povid_pairs(
-        samples, vocab, respond, inject=cfg.inject, distortion=p.distortion, require_worse=p.require_worse
-    )
+    try:
+        return povid_pairs(
+            samples, vocab, respond, inject=cfg.inject, distortion=p.distortion, require_worse=p.require_worse
+        )
+    finally:
+        for engine in engines:
+            engine.close()
 
 
 def build_pairs(cfg: Config, data_path: str, out_dir: Path) -> tuple[list[Any], PairStats]:
@@ -225,10 +267,11 @@ def build_pairs(cfg: Config, data_path: str, out_dir: Path) -> tuple[list[Any], 
         return _povid(cfg, data_path, vocab)
     if not cfg.rank.model:
         raise SystemExit("vlalign pairs: method=rank needs --rank.model (the policy whose responses are ranked)")
+    check_engine(cfg.rank, "rank")
     samples = _load(cfg, data_path, "prompt")
     scorer = build_scorer(cfg.rank.scorer, vocab)
     r = cfg.rank
-    texts = _generate(_load_policy(r), r, samples, n=r.n, progress=cfg.progress, desc="sampling")
+    texts = policy_responses(_load_policy(r), r, samples, n=r.n, progress=cfg.progress, desc="sampling")
     return sample_and_rank(
         samples,
         texts,

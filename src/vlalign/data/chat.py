@@ -83,6 +83,26 @@ def end_of_turn_ids(processor: Any, *, convention: str = "vlalign") -> list[int]
     return list(tokenizer_of(processor)(text, add_special_tokens=False)["input_ids"])
 
 
+def response_affixes(processor: Any) -> tuple[str, str]:
+    """TRL's response text around a completion: ``(lead, tail)``, so that ``lead + text + tail`` is
+    what the chat template writes after the generation prompt for an assistant message ``text``.
+
+    ``lead`` is the separator some templates put before the answer (LLaVA's and Idefics3's space,
+    PaliGemma's newline; often ''), ``tail`` is :func:`end_of_turn_text` with ``convention="trl"``
+    (Qwen's ``<|im_end|>\n``).
+    """
+    user = [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]
+    reply = [{"role": "assistant", "content": [{"type": "text", "text": _SENTINEL}]}]
+    prompt = processor.apply_chat_template(user, add_generation_prompt=True, tokenize=False)
+    full = processor.apply_chat_template(user + reply, add_generation_prompt=False, tokenize=False)
+    if not full.startswith(prompt) or _SENTINEL not in full[len(prompt) :]:
+        raise ValueError(
+            "the chat template's prompt is not a prefix of its prompt + response; cannot split TRL's response"
+        )
+    lead = full[len(prompt) :].split(_SENTINEL, 1)[0]
+    return lead, end_of_turn_text(processor, convention="trl")
+
+
 def _add_special_tokens(processor: Any, texts: Sequence[str]) -> bool:
     """Whether to let the tokenizer add its special tokens to rendered prompts.
 

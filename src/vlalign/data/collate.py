@@ -268,15 +268,23 @@ def _completion_fields(processor: Any, token_fields: dict[str, list[list[int]]])
 
 
 def encode_completions(
-    processor: Any, completions: Sequence[Sequence[str]], *, eot_ids: Sequence[int] | None = None
+    processor: Any,
+    completions: Sequence[Sequence[str]],
+    *,
+    eot_ids: Sequence[int] | None = None,
+    affixes: tuple[str, str] | None = None,
 ) -> list[list[list[int]]]:
     """Token ids of k completions per prompt (ragged), each followed by the end-of-turn ids.
 
     One tokenizer call for the whole batch. ``eot_ids`` defaults to :func:`end_of_turn_ids`
-    (pass it when calling often, to skip re-rendering the template).
+    (pass it when calling often, to skip re-rendering the template). With ``affixes=(lead, tail)``
+    (TRL's convention, :func:`~vlalign.data.chat.response_affixes`) each completion is the one text
+    ``lead + completion + tail``, tokenized whole, and ``eot_ids`` is unused.
     """
-    eot = list(end_of_turn_ids(processor) if eot_ids is None else eot_ids)
     flat = [text for group in completions for text in group]
+    if affixes is not None:
+        flat = [affixes[0] + text + affixes[1] for text in flat]
+    eot = [] if affixes is not None else list(end_of_turn_ids(processor) if eot_ids is None else eot_ids)
     encoded = tokenizer_of(processor)(flat, add_special_tokens=False)["input_ids"] if flat else []
     out: list[list[list[int]]] = []
     pos = 0

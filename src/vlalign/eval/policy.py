@@ -17,11 +17,19 @@ function should call it instead (the numbers are the same; it only saves compute
 **Win rate** of responses A over responses B to the same prompts under a scorer (a reward
 model, the ground truth, a claim verifier: any ``(samples, completions) -> scores``):
 ``mean(1 if s_A > s_B, 1/2 if equal, 0 otherwise)``.
+
+**Which engine generates** (``vlalign eval --engine``): every answer and KL rollout of the evaluation
+goes through :func:`generate_answers`, vlalign's decode loop by default; inside
+:func:`generation_engine` with ``engine="vllm"`` a vLLM engine on the model's folder generates
+instead (greedy answers equal the ``hf`` engine's; docs/vllm.md).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,8 +37,41 @@ from torch import Tensor, nn
 
 from vlalign.data.collate import IGNORE_INDEX, build_rows, encode_prompts, pad_token_id_of
 from vlalign.data.schema import PromptSample
-from vlalign.models.generate import generate
+from vlalign.models.generate import Generations, generate
+from vlalign.models.vllm_engine import VLLMEngine, VLLMOptions
 from vlalign.rewards.combine import BatchScorer
+
+_ENGINE: ContextVar[VLLMEngine | None] = ContextVar("vlalign_eval_engine", default=None)
+"""The vLLM engine :func:`generate_answers` uses (set by :func:`generation_engine`), None: the hf engine."""
+
+
+@contextmanager
+def generation_engine(
+    engine: str, model_path: str | Path, model: nn.Module, processor: Any, *, options: VLLMOptions | None = None
+) -> Iterator[None]:
+    """Within the block, :func:`generate_answers` generates with ``engine``: ``hf`` (vlalign's loop on
+    ``model``) or ``vllm`` (an engine started on ``model_path``, ``model``'s folder, closed on exit)."""
+    if engine != "vllm":
+        yield
+        return
+    vllm = VLLMEngine(model_path, processor, dtype=next(model.parameters()).dtype, options=options or VLLMOptions())
+    token = _ENGINE.set(vllm)
+    try:
+        yield
+    finally:
+        _ENGINE.reset(token)
+        vllm.close()
+
+
+def generate_answers(model: nn.Module, processor: Any, samples: Sequence[Any], **kwargs: Any) -> Generations:
+    """:func:`vlalign.models.generate.generate` (same arguments), or the vLLM engine of the enclosing
+    :func:`generation_engine` (``progress`` and ``desc`` do not apply to it)."""
+    engine = _ENGINE.get()
+    if engine is None:
+        return generate(model, processor, samples, **kwargs)
+    kwargs.pop("progress", None)
+    kwargs.pop("desc", None)
+    return engine.generate(model, list(samples), **kwargs)
 
 
 @torch.no_grad()
@@ -91,7 +132,7 @@ def kl_divergence(
 ) -> dict[str, float]:
     """KL(policy || reference) on ``samples``' prompts (see the module doc); both models share
     ``processor``. Also returns ``kl_n`` (completions) and ``kl_tokens`` (tokens scored)."""
-    gens = generate(
+    gens = generate_answers(
         policy,
         processor,
         samples,

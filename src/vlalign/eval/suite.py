@@ -57,10 +57,9 @@ from vlalign.data.schema import DataError, PromptSample, data_error
 from vlalign.data.sources import registered_sources, resolve
 from vlalign.eval.chair import caption_report, chair
 from vlalign.eval.parsing import pope_says_yes
-from vlalign.eval.policy import kl_divergence, scored_win_rate
+from vlalign.eval.policy import generate_answers, kl_divergence, scored_win_rate
 from vlalign.eval.pope import pope_label, pope_metrics
 from vlalign.eval.tasks import DESCRIBE, answer_correct, task_accuracy, task_of
-from vlalign.models.generate import generate
 from vlalign.rewards.combine import BatchScorer
 
 POPE_MODES: tuple[str, ...] = ("random", "popular", "adversarial")
@@ -270,7 +269,7 @@ def answer_all(model: nn.Module, processor: Any, suite: Suite, *, progress: bool
         if _key(s) not in unique:
             unique[_key(s)] = len(order)
             order.append(s)
-    gens = generate(
+    gens = generate_answers(
         model,
         processor,
         order,

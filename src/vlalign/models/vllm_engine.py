@@ -33,6 +33,8 @@ import gc
 import json
 import os
 import time
+import urllib.error
+import urllib.request
 import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -84,18 +86,59 @@ def unsupported_reason(model_path: str | Path) -> str | None:
     return None
 
 
-def check_vllm(model_path: str | Path) -> None:
-    """Raise :class:`VLLMError` (one line: what to do) unless vLLM is importable and can load the model."""
+def check_vllm(model_path: str | Path, option: str = "rollout.engine") -> None:
+    """Raise :class:`VLLMError` (one line: what to do) unless vLLM is importable and can load the model;
+    ``option`` names the setting that asked for vLLM (``engine`` for ``vlalign eval`` ...)."""
     try:
         import vllm  # noqa: F401
     except ImportError as exc:
         raise VLLMError(
-            f"rollout.engine=vllm needs vLLM ({exc.__class__.__name__}: {exc}); install it (GPU: pip install "
-            "vllm; CPU test environment: make test-vllm) or set rollout.engine=hf"
+            f"{option}=vllm needs vLLM ({exc.__class__.__name__}: {exc}); install it (GPU: pip install "
+            f"vllm; CPU test environment: make test-vllm) or set {option}=hf"
         ) from None
     reason = unsupported_reason(model_path)
     if reason:
-        raise VLLMError(f"rollout.engine=vllm cannot load {model_path}: {reason}; set rollout.engine=hf")
+        raise VLLMError(f"{option}=vllm cannot load {model_path}: {reason}; set {option}=hf")
+
+
+def served_models(url: str, *, timeout: float = 5.0) -> list[dict[str, Any]]:
+    """The models a vLLM OpenAI-compatible server at ``url`` serves (its ``GET /v1/models``), or
+    :class:`VLLMError` (one line naming ``url``) when it cannot be reached or answers something else."""
+    endpoint = url.rstrip("/").removesuffix("/v1") + "/v1/models"
+    try:
+        with urllib.request.urlopen(endpoint, timeout=timeout) as response:
+            body = json.loads(response.read().decode())
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise VLLMError(
+            f"rollout.vllm_server={url} is not reachable ({endpoint}: {reason}); start it (python -m "
+            "vllm.entrypoints.openai.api_server --model <folder>) or leave rollout.vllm_server empty"
+        ) from None
+    if not isinstance(body, dict) or not isinstance(body.get("data"), list):
+        raise VLLMError(f"rollout.vllm_server={url}: {endpoint} did not answer as a vLLM server (no model list)")
+    return [m for m in body["data"] if isinstance(m, dict)]
+
+
+def _same_model(served: dict[str, Any], model_path: Path) -> bool:
+    for name in (served.get("id"), served.get("root")):
+        if isinstance(name, str) and name:
+            if name == str(model_path) or (Path(name).exists() and Path(name).resolve() == model_path.resolve()):
+                return True
+    return False
+
+
+def check_server(url: str, model_path: str | Path, *, timeout: float = 5.0) -> None:
+    """Start-up check of server mode: the server at ``url`` answers and serves ``model_path`` (the
+    policy's folder, or its vLLM-ready copy: a served model's ``id`` or ``root`` names it); else
+    :class:`VLLMError`, one line naming the URL and what it serves."""
+    wanted = Path(model_path)
+    served = served_models(url, timeout=timeout)
+    accepted = (wanted, wanted / EXPORT_DIR)
+    if not any(_same_model(m, p) for m in served for p in accepted):
+        names = ", ".join(str(m.get("root") or m.get("id")) for m in served) or "nothing"
+        raise VLLMError(
+            f"rollout.vllm_server={url} serves {names}, not the policy {wanted}; start it with --model {wanted}"
+        )
 
 
 # ----------------------------------------------------------------------------- weight names
@@ -381,10 +424,12 @@ __all__ = [
     "VLLMEngine",
     "VLLMError",
     "VLLMOptions",
+    "check_server",
     "check_vllm",
     "close_engines",
     "generate_once",
     "options_of",
+    "served_models",
     "merged_weights",
     "unsupported_reason",
     "vllm_model_folder",

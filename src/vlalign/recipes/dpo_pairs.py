@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from vlalign.data.chat import response_affixes
 from vlalign.data.collate import (
     EncodedPrompts,
     check_lengths,
@@ -64,7 +65,9 @@ class PairEncoder:
     With ``corruption`` (mDPO), each sample's images are corrupted (or its ``rejected_images`` read)
     and the corrupted prompts go through the same processor call as the originals. Pairs longer
     than ``max_length`` (prompt + longest completion, under either image) are dropped and counted
-    in ``num_dropped``, or refused with ``on_overflow="raise"``.
+    in ``num_dropped``, or refused with ``on_overflow="raise"``. ``response_tokens="trl"`` scores
+    what TRL scores: everything the chat template writes after the prompt (the separator before the
+    response, the response, the end of turn and the whitespace after it; ``response_affixes``).
     """
 
     def __init__(
@@ -78,6 +81,7 @@ class PairEncoder:
         severity_column: str | None = None,
         ddpo_min_match: int | None = None,
         content_keys: bool = False,
+        response_tokens: Literal["vlalign", "trl"] = "vlalign",
     ) -> None:
         self.processor = processor
         self.max_length = max_length
@@ -88,6 +92,9 @@ class PairEncoder:
         self.ddpo_min_match = ddpo_min_match
         self.content_keys = content_keys
         self.eot_ids = end_of_turn_ids(processor)
+        if response_tokens not in ("vlalign", "trl"):
+            raise ValueError(f"response_tokens must be 'vlalign' or 'trl', not {response_tokens!r}")
+        self.affixes = response_affixes(processor) if response_tokens == "trl" else None
         self.pad_token_id = pad_token_id_of(processor)
         self.num_dropped = 0
 
@@ -123,7 +130,9 @@ class PairEncoder:
         encoded = encode_prompts(self.processor, views)  # the micro-batch's one processor call
         n = len(samples)
         prompts = encoded.select(range(n))
-        completions = encode_completions(self.processor, self._texts(samples), eot_ids=self.eot_ids)
+        completions = encode_completions(
+            self.processor, self._texts(samples), eot_ids=self.eot_ids, affixes=self.affixes
+        )
         keep, _ = check_lengths(prompts, completions, max_length=self.max_length, on_overflow=self.on_overflow)
         corrupted = encoded.select(range(n, 2 * n)) if self.corruption is not None else None
         if corrupted is not None:

@@ -421,7 +421,7 @@ def run(cfg: Config) -> RunResult:
             metrics.update(prepare_update(policy, reference, ro, cfg, pad_token_id=pad, reduce_sum=reduce_sum))
         ctx = update_context(cfg.rollout, cfg.train, cfg.update, step=step, pad_token_id=pad)
         parts = [p for s in optimiser_steps(ro, cfg.update, ctx) for p in s]  # the update's forwards
-        counts = [useful_token_counts(p.prompts.lengths, p.token_ids) for p in parts]
+        counts = [useful_token_counts(p.prompts.lengths, p.token_ids, ctx.pack_length or None) for p in parts]
         metrics["perf/useful_token_fraction"] = sum(c[0] for c in counts) / max(sum(c[1] for c in counts), 1)
         metrics.update(update(run, model, optimizer, scheduler, ro, cfg.update, ctx))
         log.write(completion_records(step + 1, ro))

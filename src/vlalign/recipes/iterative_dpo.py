@@ -190,7 +190,7 @@ def run_rounds(cfg: C, train: Callable[[C], dict[str, Any]]) -> dict[str, Any]:
     if cfg.online.rounds < 1:
         raise ValueError("online.rounds must be >= 1 for iterative DPO")
     if cfg.online.generation.engine == "vllm":  # fail before the first round when vLLM cannot run it
-        check_vllm(resolve_model(cfg.model.name_or_path, seed=cfg.model.tiny_seed))
+        check_vllm(resolve_model(cfg.model.name_or_path, seed=cfg.model.tiny_seed), option="online.generation.engine")
     results: list[RoundResult] = []
     summary_path = root / "rounds.json"
     previous = {r["round"]: r for r in json.loads(summary_path.read_text())} if summary_path.exists() else {}

@@ -329,6 +329,7 @@ def ppo_loss(
         pad_token_id=ctx.pad_token_id,
         return_entropy=True,
         return_hidden=cfg.critic.shared,
+        pack_length=ctx.pack_length,
     )
     loss, metrics = surrogate_loss(out, part, loss_cfg, ctx, norms)
     value, value_metrics = value_term(critic, part, out, cfg, norms, pad_token_id=ctx.pad_token_id)

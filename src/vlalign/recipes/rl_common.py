@@ -119,6 +119,11 @@ class PolicyUpdateConfig(StrictFields):
     """Log the KL to the reference every step when kl_coef is 0: auto (when the run has a reference anyway,
     because the held-out evaluation measures the KL from the start), true (always; keeps a reference and
     runs one reference forward per step) or false."""
+    logprob_pack_length: int = 0
+    """The update's policy forwards pack consecutive prompts, each with its group of completions, into
+    rows of at most this many tokens (block-diagonal attention, positions restarted per prompt; a group
+    longer than this gets a row of its own): less padding, the same loss and gradients; 0 = one prompt
+    per row (off). perf/useful_token_fraction reports the packed layout."""
 
     def __post_init__(self) -> None:
         self.validate("update")
@@ -138,6 +143,7 @@ class PolicyUpdateConfig(StrictFields):
                 ("kl_coef", self.kl_coef >= 0, "must be >= 0"),
                 ("entropy_coef", self.entropy_coef >= 0, "must be >= 0"),
                 ("rollout_is_cap", self.rollout_is_cap >= 0, "must be >= 0 (0: off)"),
+                ("logprob_pack_length", self.logprob_pack_length >= 0, "must be >= 0 (0: off)"),
             ],
             values=self,
         )
@@ -192,9 +198,12 @@ def policy_logprobs(
     pad_token_id: int,
     return_entropy: bool = False,
     return_hidden: bool = False,
+    pack_length: int | None = None,
 ) -> CompletionLogprobs:
     """Per-token log-probs of the sampled completions under ``model`` at the sampling temperature
-    (gradients flow; wrap in ``torch.no_grad()`` for old log-probs). Rows are in rollout order."""
+    (gradients flow; wrap in ``torch.no_grad()`` for old log-probs). Rows are in rollout order.
+    ``pack_length``: several prompts with their completions per row of at most that many tokens
+    (``completion_logprobs``'s packing; ``None`` or 0: one prompt per row)."""
     return completion_logprobs(
         model,
         rollouts.prompts,
@@ -203,6 +212,7 @@ def policy_logprobs(
         pad_token_id=pad_token_id,
         return_entropy=return_entropy,
         return_hidden=return_hidden,
+        pack_length=pack_length or None,
     )
 
 

@@ -94,6 +94,8 @@ class UpdateContext:
     """L of seq-mean-token-sum-norm."""
     seed: int
     step: int
+    pack_length: int = 0
+    """Pack the policy forwards' prompts into rows of at most this many tokens (0: one per row)."""
 
 
 def update_context(
@@ -107,6 +109,7 @@ def update_context(
         norm_length=cfg.norm_length or rollout.max_new_tokens,
         seed=train.seed,
         step=step,
+        pack_length=cfg.logprob_pack_length,
     )
 
 
@@ -219,7 +222,14 @@ def policy_loss(
 ) -> tuple[Tensor, dict[str, Tensor], int]:
     """One micro-batch of the GRPO family: forward, clipped surrogate; returns the loss scaled for DDP's
     gradient averaging (the normalisers are global, hence the factor), its metrics and token count."""
-    out = policy_logprobs(model, part, temperature=ctx.temperature, pad_token_id=ctx.pad_token_id, return_entropy=True)
+    out = policy_logprobs(
+        model,
+        part,
+        temperature=ctx.temperature,
+        pad_token_id=ctx.pad_token_id,
+        return_entropy=True,
+        pack_length=ctx.pack_length,
+    )
     loss, metrics = surrogate_loss(out, part, cfg, ctx, norms)
     return loss * run.num_processes, metrics, int(out.mask.sum())
 

@@ -30,7 +30,7 @@ from torch import nn
 
 from vlalign.data.schema import PromptSample, user_prompt
 from vlalign.eval.benchmarks import BenchmarkFileError
-from vlalign.models.generate import generate
+from vlalign.eval.policy import generate_answers
 
 
 @dataclass
@@ -176,7 +176,7 @@ def answer_items(
     new_tokens, seconds = 0, 0.0
     for length in sorted({item.max_new_tokens for item in order}):
         chosen = [i for i, item in enumerate(order) if item.max_new_tokens == length]
-        gens = generate(
+        gens = generate_answers(
             model,
             processor,
             [order[i].sample for i in chosen],
