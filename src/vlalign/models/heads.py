@@ -185,12 +185,19 @@ class CriticModel(_Headed):
 # ------------------------------------------------------------------------------ saving and loading
 
 
-def save_head(head: ScalarHead, path: str | Path) -> Path:
-    """Write the head's weights (safetensors); its width is read back from the weight's shape."""
+def save_head(head: ScalarHead, path: str | Path, *, state: dict[str, Tensor] | None = None) -> Path:
+    """Write the head's weights (safetensors); its width is read back from the weight's shape.
+    ``state``: the head's weights gathered whole beforehand (a sharded head cannot be read here)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in head.state_dict().items()}, str(path))
+    weights = head.state_dict() if state is None else state
+    save_file({k: v.detach().to("cpu", torch.float32).contiguous() for k, v in weights.items()}, str(path))
     return path
+
+
+def split_state(state: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    """The entries of ``state`` under ``prefix.``, with the prefix removed (a submodule's state)."""
+    return {k[len(prefix) + 1 :]: v for k, v in state.items() if k.startswith(prefix + ".")}
 
 
 def load_head(path: str | Path, *, dropout: float = 0.0, device: str | torch.device = "cpu") -> ScalarHead:
@@ -261,10 +268,23 @@ def save_reward_model(
     info: RewardModelInfo,
     *,
     mode: Literal["auto", "adapter", "merged", "full"] = "auto",
+    state: dict[str, Tensor] | None = None,
 ) -> Path:
-    """Write a reward model folder: backbone (full or adapter, by ``mode``), head and info."""
-    out = save_model_and_processor(model.backbone, processor, out_dir, mode=mode)
-    save_head(model.head, out / HEAD_FILE)
+    """Write a reward model folder: backbone (full or adapter, by ``mode``), head and info.
+
+    ``state``: the whole model's weights gathered beforehand by every process (an FSDP2-sharded
+    model, :func:`vlalign.training.checkpoints.full_state_dict`); the backbone is then written
+    whole with ``save_pretrained(state_dict=...)``."""
+    if state is None:
+        out = save_model_and_processor(model.backbone, processor, out_dir, mode=mode)
+    else:
+        if mode == "merged":
+            raise ValueError("--save=merged is not supported for a sharded (FSDP) model: save the adapter")
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        model.backbone.save_pretrained(out, state_dict=split_state(state, "backbone"))
+        processor.save_pretrained(out)
+    save_head(model.head, out / HEAD_FILE, state=None if state is None else split_state(state, "head"))
     (out / INFO_FILE).write_text(json.dumps(asdict(info), indent=1) + "\n")
     return out
 

@@ -16,11 +16,12 @@ from typing import Any
 from torch import nn
 
 from vlalign.config import StrictFields
-from vlalign.models.heads import INFO_FILE, CriticModel, load_reward_model, new_head, save_head
+from vlalign.models.heads import INFO_FILE, CriticModel, load_reward_model, new_head, save_head, split_state
 from vlalign.models.load import LoraSpec, apply_lora, load_model_and_processor, same_tokenizer, save_model_and_processor
 from vlalign.models.tiny import resolve_model
 from vlalign.recipes.common import ModelConfig, load_policy, trained_weights_dtype
 from vlalign.training import Run
+from vlalign.training.checkpoints import full_state_dict, is_sharded
 from vlalign.training.options import check_options
 
 
@@ -100,13 +101,22 @@ def _load_backbone(source: str, model: ModelConfig, lora: LoraSpec | None) -> tu
 
 def save_critic(run: Run, critic: nn.Module, processor: Any, policy_dir: Path | None) -> None:
     """The value head beside the saved policy (``value_head.safetensors`` in ``policy_dir``), or a separate
-    critic in ``<run_dir>/critic`` with its head (main process)."""
-    if not run.accelerator.is_main_process:
-        return
+    critic in ``<run_dir>/critic`` with its head (main process; a sharded critic is first gathered whole
+    by every process)."""
     critic = run.accelerator.unwrap_model(critic)
-    if isinstance(critic, CriticModel):
-        folder = save_model_and_processor(critic.backbone, processor, run.run_dir / "critic")
-        save_head(critic.head, folder / "value_head.safetensors")
-    else:
-        assert policy_dir is not None
-        save_head(critic, policy_dir / "value_head.safetensors")
+    state = full_state_dict(critic) if is_sharded(critic) else None
+    if run.accelerator.is_main_process:
+        if isinstance(critic, CriticModel):
+            folder = run.run_dir / "critic"
+            if state is None:
+                save_model_and_processor(critic.backbone, processor, folder)
+            else:
+                folder.mkdir(parents=True, exist_ok=True)
+                critic.backbone.save_pretrained(folder, state_dict=split_state(state, "backbone"))
+                processor.save_pretrained(folder)
+            head_state = None if state is None else split_state(state, "head")
+            save_head(critic.head, folder / "value_head.safetensors", state=head_state)
+        else:
+            assert policy_dir is not None
+            save_head(critic, policy_dir / "value_head.safetensors", state=state)
+    run.accelerator.wait_for_everyone()

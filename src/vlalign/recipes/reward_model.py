@@ -74,6 +74,7 @@ from vlalign.training import (
     total_steps,
     zero_loss,
 )
+from vlalign.training.checkpoints import full_state_dict, is_sharded
 from vlalign.training.distributed import backward
 from vlalign.training.options import check_options
 
@@ -384,10 +385,11 @@ def run(cfg: Config) -> RunResult:
             f"held-out pairwise accuracy {final['eval/accuracy']:.4f} ({per_source}); loss {final['eval/loss']:.4f}"
         )
     info.extra = {"train": cfg.data.train, "eval": cfg.data.eval, "steps": steps, "base": cfg.model.name_or_path}
+    unwrapped = run.accelerator.unwrap_model(model)
+    state = full_state_dict(unwrapped) if is_sharded(unwrapped) else None  # every process gathers
     if run.accelerator.is_main_process:
-        out = save_reward_model(
-            run.accelerator.unwrap_model(model), processor, run.run_dir / "model", info, mode=cfg.save
-        )
+        out = save_reward_model(unwrapped, processor, run.run_dir / "model", info, mode=cfg.save, state=state)
         run.print(f"saved the reward model to {out}")
+    run.accelerator.wait_for_everyone()
     run.finish()
     return run_result(run.run_dir, final, run.run_dir / "model")

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from vlalign.errors import UserError
@@ -235,7 +236,14 @@ def _whole(param: torch.Tensor) -> torch.Tensor:
 
 def full_state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """``module.state_dict()`` with every sharded (FSDP2 DTensor) entry gathered whole, on CPU: what
-    ``save_pretrained(state_dict=...)`` writes. Every process must call it (one all-gather per tensor)."""
+    ``save_pretrained(state_dict=...)`` writes. Every process must call it (one all-gather per tensor).
+
+    FSDP2 modules are resharded first (local, no communication): a root module keeps its weights
+    unsharded after a forward without backward (an evaluation), and ``state_dict()`` would then hold
+    views of the gather buffer, which the next reshard frees."""
+    for sub in module.modules():
+        if isinstance(sub, FSDPModule):
+            sub.reshard()
     params = dict(module.named_parameters())  # ZeRO-3 marks the parameters, not state_dict()'s tensors
     return {k: _whole(params.get(k, v)).to("cpu") for k, v in module.state_dict().items()}
 

@@ -12,6 +12,9 @@
   (FSDP2 or DeepSpeed ZeRO-3), so that processes generating different numbers of tokens never
   wait for each other's parameter gathers;
 * :func:`sharding_of` says whether the run shards the policy's parameters (FSDP, ZeRO-3);
+* :func:`fsdp2_on_cpu` and :func:`shard_on_cpu`: the opt-in (``VLALIGN_FSDP2_CPU=1``) that shards
+  the trained modules with torch's ``fully_shard`` on CPU processes (gloo), where accelerate
+  applies no FSDP; for testing FSDP2 without GPUs;
 * :func:`backward` is the recipes' backward pass: under DDP it joins the vision tower and projector
   to every process's graph (:func:`vision_touch`), so a step where one process holds text-only
   samples and another images does not break the gradient all-reduce.
@@ -20,13 +23,14 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
 from accelerate.utils import DistributedType, gather_object
 from torch import Tensor, nn
-from torch.distributed.fsdp import FSDPModule
+from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
 
 from vlalign.config import ConfigError
@@ -138,11 +142,43 @@ def sharding_of(run: Run) -> str | None:
     """``"FSDP"`` or ``"DeepSpeed ZeRO-3"`` when the run shards the policy's parameters across
     processes (a forward then gathers them: every process must run it), None otherwise (DDP, ZeRO-1/2)."""
     kind = run.accelerator.distributed_type
-    if kind == DistributedType.FSDP:
+    if kind == DistributedType.FSDP or fsdp2_on_cpu(run.accelerator):
         return "FSDP"
     if kind == DistributedType.DEEPSPEED and getattr(run.accelerator.state.deepspeed_plugin, "zero_stage", 0) == 3:
         return "DeepSpeed ZeRO-3"
     return None
+
+
+FSDP2_CPU = "VLALIGN_FSDP2_CPU"
+"""Environment variable: ``1`` shards the trained modules with torch's ``fully_shard`` on CPU
+processes (gloo), as accelerate does on GPUs under ``fsdp_version: 2``; for testing FSDP2 without
+GPUs. An environment variable, not a config field: like ``ACCELERATE_USE_FSDP`` it says how the
+processes are launched, not what is trained, so it stays out of ``run.json`` and the config."""
+
+
+def fsdp2_on_cpu(accelerator: Any) -> bool:
+    """Whether ``VLALIGN_FSDP2_CPU=1`` asks for ``fully_shard`` and the run has several CPU
+    processes (accelerate's MULTI_CPU, where it would otherwise wrap the model in DDP)."""
+    return os.environ.get(FSDP2_CPU, "") == "1" and accelerator.distributed_type == DistributedType.MULTI_CPU
+
+
+def shard_on_cpu(accelerator: Any, modules: dict[str, nn.Module], optimizer: torch.optim.Optimizer):
+    """``fully_shard`` each module's layers (the classes named in any ``_no_split_modules`` inside
+    it, innermost first), then the module itself; point the optimiser at the new (DTensor)
+    parameters; prepare both without a DDP wrapper. Returns the modules (same keys) and optimiser.
+    The optimiser must be fresh (no state yet): its parameter groups are re-pointed by name."""
+    before = {id(p): (key, n) for key, m in modules.items() for n, p in m.named_parameters()}
+    for module in modules.values():
+        layers = {c for m in module.modules() for c in (getattr(m, "_no_split_modules", None) or [])}
+        for sub in reversed(list(module.modules())):
+            if sub is not module and type(sub).__name__ in layers and not isinstance(sub, FSDPModule):
+                fully_shard(sub)  # a layer already sharded through another module (PPO's shared critic) is kept
+        fully_shard(module)
+    after = {(key, n): p for key, m in modules.items() for n, p in m.named_parameters()}
+    for group in optimizer.param_groups:
+        group["params"] = [after[before[id(p)]] for p in group["params"]]
+    wrapped = {key: accelerator.prepare_model(m, evaluation_mode=True) for key, m in modules.items()}
+    return wrapped, accelerator.prepare_optimizer(optimizer)
 
 
 @contextlib.contextmanager

@@ -27,6 +27,7 @@ from transformers import get_scheduler
 from vlalign.config import ConfigError, StrictFields, save_config, to_dict
 from vlalign.errors import UserError
 from vlalign.training.checkpoints import Checkpointer, CheckpointError, seed_everything
+from vlalign.training.distributed import fsdp2_on_cpu, shard_on_cpu
 from vlalign.training.launch import apply_threads, check_launch
 from vlalign.training.metrics import MetricsLog, Throughput, to_float
 from vlalign.training.options import check_input_files, check_options, validate_config
@@ -275,10 +276,16 @@ class Run:
         """Wrap modules and optimiser for the accelerator, then restore the newest checkpoint if
         resuming. Returns the prepared modules (same keys) and optimiser; the scheduler is kept as
         is (one scheduler step per optimiser step, whatever the number of processes)."""
-        names = list(modules)
-        prepared = self.accelerator.prepare(*modules.values(), optimizer)
-        wrapped = dict(zip(names, prepared[:-1]))
-        optimizer = prepared[-1]
+        if fsdp2_on_cpu(self.accelerator):  # opt-in: FSDP2 on CPU processes (VLALIGN_FSDP2_CPU=1)
+            wrapped, optimizer = shard_on_cpu(self.accelerator, modules, optimizer)
+            self.print(
+                f"FSDP2 on CPU: {', '.join(wrapped)} sharded with fully_shard over {self.num_processes} processes"
+            )
+        else:
+            names = list(modules)
+            prepared = self.accelerator.prepare(*modules.values(), optimizer)
+            wrapped = dict(zip(names, prepared[:-1]))
+            optimizer = prepared[-1]
         self._modules, self._optimizer, self._scheduler = wrapped, optimizer, scheduler
         self.total = total
         if self.resume_from is not None:
