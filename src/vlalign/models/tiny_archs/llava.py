@@ -8,8 +8,9 @@ from vlalign.models.tiny_spec import SizeSpec, TinyArch, llama_text
 from vlalign.models.tiny_tokenizer import SPECS
 
 
-def _config(spec: SizeSpec, tok: PreTrainedTokenizerFast, n_tokens: int) -> LlavaConfig:
-    vision = CLIPVisionConfig(
+def clip_vision(spec: SizeSpec) -> CLIPVisionConfig:
+    """A CLIP vision tower at ``spec``: patches of ``patch * merge`` pixels (LLaVA has no token merge)."""
+    return CLIPVisionConfig(
         hidden_size=spec.vision_hidden,
         intermediate_size=spec.vision_intermediate,
         num_hidden_layers=spec.vision_layers,
@@ -18,8 +19,11 @@ def _config(spec: SizeSpec, tok: PreTrainedTokenizerFast, n_tokens: int) -> Llav
         patch_size=spec.patch * spec.merge,
         projection_dim=spec.vision_hidden,
     )
+
+
+def _config(spec: SizeSpec, tok: PreTrainedTokenizerFast, n_tokens: int) -> LlavaConfig:
     return LlavaConfig(
-        vision_config=vision,
+        vision_config=clip_vision(spec),
         text_config=llama_text(spec, tok),
         image_token_index=tok.convert_tokens_to_ids("<image>"),
         image_seq_length=n_tokens,

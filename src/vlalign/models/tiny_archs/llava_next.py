@@ -13,30 +13,21 @@ tiles when its prompt holds several images. No video.
 from __future__ import annotations
 
 from transformers import (
-    CLIPVisionConfig,
     LlavaNextConfig,
     LlavaNextImageProcessor,
     LlavaNextProcessor,
     PreTrainedTokenizerFast,
 )
 
+from vlalign.models.tiny_archs.llava import clip_vision
 from vlalign.models.tiny_archs.llava_onevision import image_tokens_anyres, pinpoints
 from vlalign.models.tiny_spec import SizeSpec, TinyArch, llama_text, merged_tokens
 from vlalign.models.tiny_tokenizer import SPECS
 
 
 def _config(spec: SizeSpec, tok: PreTrainedTokenizerFast, n_tokens: int) -> LlavaNextConfig:
-    vision = CLIPVisionConfig(
-        hidden_size=spec.vision_hidden,
-        intermediate_size=spec.vision_intermediate,
-        num_hidden_layers=spec.vision_layers,
-        num_attention_heads=spec.vision_heads,
-        image_size=spec.image_px,
-        patch_size=spec.patch * spec.merge,
-        projection_dim=spec.vision_hidden,
-    )
     return LlavaNextConfig(
-        vision_config=vision,
+        vision_config=clip_vision(spec),
         text_config=llama_text(spec, tok),
         image_token_index=tok.convert_tokens_to_ids("<image>"),
         image_seq_length=merged_tokens(spec),
