@@ -15,6 +15,19 @@ from vlalign.models.tiny_spec import SizeSpec, TinyArch, vocab_rows
 from vlalign.models.tiny_tokenizer import SPECS
 
 
+def siglip_vision(spec: SizeSpec, patch: int) -> SiglipVisionConfig:
+    """A SigLIP vision tower at ``spec`` with ``patch``-pixel patches and no pooling head."""
+    return SiglipVisionConfig(
+        hidden_size=spec.vision_hidden,
+        intermediate_size=spec.vision_intermediate,
+        num_hidden_layers=spec.vision_layers,
+        num_attention_heads=spec.vision_heads,
+        image_size=spec.image_px,
+        patch_size=patch,
+        vision_use_head=False,
+    )
+
+
 def _config(spec: SizeSpec, tok: PreTrainedTokenizerFast, n_tokens: int) -> Gemma3Config:
     head_dim = spec.text_hidden // spec.text_heads
     layer_types = ["sliding_attention"] * (spec.text_layers - 1) + ["full_attention"]
@@ -34,15 +47,7 @@ def _config(spec: SizeSpec, tok: PreTrainedTokenizerFast, n_tokens: int) -> Gemm
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
     )
-    vision = SiglipVisionConfig(
-        hidden_size=spec.vision_hidden,
-        intermediate_size=spec.vision_intermediate,
-        num_hidden_layers=spec.vision_layers,
-        num_attention_heads=spec.vision_heads,
-        image_size=spec.image_px,
-        patch_size=spec.patch,
-        vision_use_head=False,
-    )
+    vision = siglip_vision(spec, spec.patch)
     return Gemma3Config(
         text_config=text,
         vision_config=vision,

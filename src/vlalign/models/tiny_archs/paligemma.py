@@ -27,9 +27,9 @@ from transformers import (
     PaliGemmaProcessor,
     PreTrainedTokenizerFast,
     SiglipImageProcessor,
-    SiglipVisionConfig,
 )
 
+from vlalign.models.tiny_archs.gemma3 import siglip_vision
 from vlalign.models.tiny_spec import SizeSpec, TinyArch, vocab_rows
 from vlalign.models.tiny_tokenizer import TokenizerSpec
 
@@ -89,15 +89,7 @@ def _config(spec: SizeSpec, tok: PreTrainedTokenizerFast, n_tokens: int) -> Pali
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
     )
-    vision = SiglipVisionConfig(
-        hidden_size=spec.vision_hidden,
-        intermediate_size=spec.vision_intermediate,
-        num_hidden_layers=spec.vision_layers,
-        num_attention_heads=spec.vision_heads,
-        image_size=spec.image_px,
-        patch_size=_patch(spec),
-        vision_use_head=False,
-    )
+    vision = siglip_vision(spec, _patch(spec))
     return PaliGemmaConfig(
         text_config=text,
         vision_config=vision,
