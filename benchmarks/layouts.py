@@ -30,7 +30,8 @@ produced by the backward becomes ``.grad`` and counts as steady state, not as ac
 profiled step is the warm-up (profiling slows it; it is not timed).
 
 Run: ``python benchmarks/layouts.py [--reps 3] [--threads 1] [--gradient-checkpointing]``
-(a table, then one JSON line with the ratios).
+(a table, then one JSON line with the ratios). ``--clock process`` times the process's CPU time
+instead of the wall clock: on a CPU shared with other jobs, the step's own cost.
 """
 
 from __future__ import annotations
@@ -129,20 +130,27 @@ def _profiled_peak_mb(model: torch.nn.Module, work: Workload, setup: Setup, pad:
     return max((sum(row) - sum(row[i] for i in steady) for row in sizes), default=0) / 2**20
 
 
-def _timed(model: torch.nn.Module, work: Workload, setup: Setup, pad: int, cached: torch.Tensor) -> tuple[float, Any]:
+CLOCKS = {"wall": time.perf_counter, "process": time.process_time}
+"""``--clock``: wall-clock time (the default), or the CPU time of this process (on a CPU shared with
+other jobs, what the step itself costs, whatever share of the cores the scheduler gives it)."""
+
+
+def _timed(
+    model: torch.nn.Module, work: Workload, setup: Setup, pad: int, cached: torch.Tensor, clock: str = "wall"
+) -> tuple[float, Any]:
     model.zero_grad(set_to_none=True)
     gc.collect()
     device = next(model.parameters()).device
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    start = time.perf_counter()
+    start = CLOCKS[clock]()
     result = _step(model, work, setup, pad, cached)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return time.perf_counter() - start, result
+    return CLOCKS[clock]() - start, result
 
 
-def _measure(model: torch.nn.Module, work: Workload, reps: int, pad: int) -> dict[str, Any]:
+def _measure(model: torch.nn.Module, work: Workload, reps: int, pad: int, clock: str = "wall") -> dict[str, Any]:
     cached = _reference_sums(model, work, pad)
     out: dict[str, Any] = {}
     for s in SETUPS:
@@ -150,7 +158,7 @@ def _measure(model: torch.nn.Module, work: Workload, reps: int, pad: int) -> dic
         out[s.name] = {"peak_mb": peak, "times_s": []}
     for _ in range(reps):
         for s in SETUPS:
-            elapsed, result = _timed(model, work, s, pad, cached)
+            elapsed, result = _timed(model, work, s, pad, cached, clock)
             row = out[s.name]
             row["times_s"].append(elapsed)
             row.update(
@@ -170,7 +178,7 @@ def _measure(model: torch.nn.Module, work: Workload, reps: int, pad: int) -> dic
 def _table(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> str:
     lines = [
         f"vlalign layouts benchmark: {args.arch}, device={args.device}, dtype={args.dtype}, threads={args.threads}, "
-        f"median of {args.reps} alternating repetitions, gradient checkpointing "
+        f"{args.clock} time, median of {args.reps} alternating repetitions, gradient checkpointing "
         f"{'on' if args.gradient_checkpointing else 'off'}; peak = activation memory (torch memory profiler: "
         "allocated minus parameters and gradients); ratios to naive",
         f"{'model':<13}{'workload':<12}{'config':<13}{'ran':<16}{'time (s)':>9}{'x naive':>9}{'speed-up':>9}"
@@ -223,6 +231,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--clock", default="wall", choices=sorted(CLOCKS), help="step time: wall or process CPU time")
     parser.add_argument("--model-dir", default=os.path.join(tempfile.gettempdir(), "vlalign-bench-models"))
     args = parser.parse_args(argv)
     torch.manual_seed(0)
@@ -241,12 +250,22 @@ def main(argv: list[str] | None = None) -> None:
         pad = pad_token_id_of(processor)
         for work in _workloads(processor, args, SIZES[size].image_px):
             label = f"DPO {args.pair_batch}x2" if work.k == 2 else f"GRPO {args.group_batch}x{work.k}"
-            results[f"{size}/{label}"] = _measure(model, work, args.reps, pad)
+            results[f"{size}/{label}"] = _measure(model, work, args.reps, pad, args.clock)
             print(f"done: {size} {label}", flush=True)
         del model
         gc.collect()
     print(_table(results, args))
-    print(json.dumps({**_summary(results), "device": args.device, "dtype": args.dtype, "threads": args.threads}))
+    print(
+        json.dumps(
+            {
+                **_summary(results),
+                "device": args.device,
+                "dtype": args.dtype,
+                "threads": args.threads,
+                "clock": args.clock,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -4,8 +4,9 @@ For a DPO step (preference pairs, k = 2) and a GRPO step (groups of G = 8), on t
 model (a ~1k-token vocabulary) and the ``bench-vocab`` model (Qwen's 151,936 rows), one
 forward + backward of :func:`vlalign.models.logprobs.completion_logprobs` (shared prefixes, the
 default) with ``logits_mode="full"`` (the kept logits, a float32 log-softmax: the path before
-chunking) and ``logits_mode="chunked"`` (opt-in; the head applied a block of vocabulary rows at
-a time, no ``(tokens, vocabulary)`` tensor kept). Repetitions alternate between the two paths;
+chunking) and ``logits_mode="chunked"`` (what ``"auto"`` picks on a CPU from 32,768 rows, and on
+a GPU when the full logits would not fit; the head applied a block of vocabulary rows at a time,
+no ``(tokens, vocabulary)`` tensor kept). Repetitions alternate between the two paths;
 the median time and the largest peak are reported, with the ratios chunked / full.
 
 Peak activation memory: the per-step high-water mark of the resident set above its level before

@@ -6,6 +6,7 @@ table gives the best repetition's completions/s and generated tokens/s. Needs vL
 environment of ``make test-vllm``, or vLLM's GPU build):
 
     .venv-vllm/bin/python benchmarks/rollout_engines.py                 # bench size, G = 8, CPU
+    .venv-vllm/bin/python benchmarks/rollout_engines.py --server        # + a rollout-server row
     python benchmarks/rollout_engines.py --device cuda --dtype bfloat16 --size bench-vocab
 
 On a CPU at tiny sizes vLLM is not expected to win (no paged-attention or CUDA-graph gains); the
@@ -45,6 +46,30 @@ def _time(fn: Any, reps: int) -> tuple[float, Any]:
     return best, result
 
 
+def _start_server(path: str, args: argparse.Namespace) -> tuple[Any, str]:
+    """``vlalign rollout-server`` on ``path`` in a subprocess (same Python), once it answers: (process, URL)."""
+    import socket
+    import subprocess
+    import sys
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "vlalign.cli", "rollout-server", f"--model={path}", f"--port={port}"]
+    cmd += [f"--dtype={args.dtype}", f"--gpu_memory_utilization={args.gpu_memory}", "--max_model_len=2048"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2):
+                return proc, url
+        except OSError:
+            if proc.poll() is not None:
+                raise SystemExit(f"the rollout server exited with status {proc.returncode}: {' '.join(cmd)}") from None
+            time.sleep(0.5)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", default="qwen2_vl")
@@ -56,6 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--gpu-memory", type=float, default=0.3, help="vLLM's gpu_memory_utilization")
+    parser.add_argument("--server", action="store_true", help="add a row: vLLM behind vlalign rollout-server")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -73,14 +99,26 @@ def main(argv: list[str] | None = None) -> None:
     options = VLLMOptions(gpu_memory_utilization=args.gpu_memory, max_model_len=2048)
     engine = VLLMEngine(path, processor, dtype=getattr(torch, args.dtype), options=options)
     engine.load_weights(model)
-    rows = []
-    for name, fn in [
+    engines = [
         ("hf", lambda: generate(model, processor, prompts, **kw)),
         ("vllm", lambda: engine.generate(model, prompts, **kw)),
-    ]:
+    ]
+    server = None
+    if args.server:
+        from vlalign.models.vllm_client import ServerEngine
+
+        server, url = _start_server(path, args)
+        client = ServerEngine(url, path, processor)
+        client.load_weights(model)
+        engines.append(("server", lambda: client.generate(model, prompts, **kw)))
+    rows = []
+    for name, fn in engines:
         seconds, gens = _time(fn, args.reps)
         completions = args.prompts * args.group_size
         rows.append((name, seconds, completions / seconds, gens.new_tokens / seconds, gens.new_tokens))
+    if server is not None:
+        server.terminate()
+        server.wait(timeout=60)
     device = (
         torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU ({torch.get_num_threads()} threads)"
     )

@@ -29,6 +29,7 @@ import yaml
 from vlalign import __version__
 from vlalign.config import format_help, load_config, to_dict
 from vlalign.errors import UserError
+from vlalign.models.quantization import hold_kernel_notice
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "world": ("vlalign.commands.world", "build the shapes world (images + JSONL datasets) on disk"),
@@ -46,6 +47,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "compare": (
         "vlalign.commands.compare",
         "the difference between two evaluations, with its paired-bootstrap interval",
+    ),
+    "rollout-server": (
+        "vlalign.commands.rollout_server",
+        "a vLLM engine behind HTTP for the rollouts of trainers on other devices (rollout.vllm_server)",
     ),
     "demo": ("vlalign.commands.demo", "the whole pipeline on the shapes world, with a table and a report"),
     "report": ("vlalign.commands.report", "an HTML report (plots, gallery) of a run folder"),
@@ -105,6 +110,7 @@ def _dispatch(args: list[str]) -> int:
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         print(f"vlalign: unknown command '{name}'{hint}\n\n{_usage()}", file=sys.stderr)
         return 2
+    hold_kernel_notice()  # before bitsandbytes can be imported (PEFT imports it): see its docstring
     module = importlib.import_module(COMMANDS[name][0])
     if "-h" in rest or "--help" in rest:
         print(f"vlalign {name}: {COMMANDS[name][1]}\n")

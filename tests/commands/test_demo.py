@@ -18,11 +18,12 @@ from vlalign.config import load_config
 
 pytestmark = pytest.mark.slow
 
-STAGES = ["world", "sft", "eval-base", "pairs", "dpo", "eval-dpo", "grpo", "eval-grpo"]
+STAGES = ["world", "sft", "eval-base", "pairs", "dpo", "eval-dpo", "grpo", "eval-grpo", *demo.VIDEO_STAGES]
+VIDEO_MODEL = "--video_model=tiny:qwen2_vl:tiny"
 
 
 def _demo(out: Path, *extra: str) -> dict:
-    args = ["--quick", "--model=tiny:gemma3:tiny", f"--output_dir={out}", *extra]
+    args = ["--quick", "--model=tiny:gemma3:tiny", VIDEO_MODEL, f"--output_dir={out}", *extra]
     return demo.run(load_config(demo.Config, None, args))
 
 
@@ -88,6 +89,31 @@ def test_every_stage_runs_and_the_summary_holds_the_table(quick_demo: Path) -> N
     assert str(quick_demo / "dpo" / "model") in (quick_demo / "grpo" / "config.yaml").read_text()
 
 
+def test_the_video_task_is_trained_and_evaluated(quick_demo: Path) -> None:
+    """The world holds the clips (its other files as without them); the video model learns the moved
+    task by SFT on the clips' answers, then GRPO from it on their prompts; both are evaluated on the
+    held-out clips, the GRPO model with its KL from the video SFT model, in a table of their own."""
+    world = quick_demo / "world"
+    assert json.loads((world / "manifest.json").read_text())["config"]["video_clips"] == 40
+    rows = [json.loads(line) for line in (world / "train_video.jsonl").read_text().splitlines()]
+    assert len(rows) == 40 and all(r["task"] == "moved" for r in rows)
+    assert "train_video.jsonl" in (quick_demo / "video-sft" / "config.yaml").read_text()
+    assert "tiny:qwen2_vl:tiny" in (quick_demo / "video-sft" / "config.yaml").read_text()
+    grpo_cfg = (quick_demo / "video-grpo" / "config.yaml").read_text()
+    assert "train_video_prompts.jsonl" in grpo_cfg and str(quick_demo / "video-sft" / "model") in grpo_cfg
+    summary = json.loads((quick_demo / demo.SUMMARY_FILE).read_text())
+    video = summary["video"]
+    assert video["model"] == "tiny:qwen2_vl:tiny" and [s["stage"] for s in video["stages"]] == ["sft", "grpo"]
+    for stage in video["stages"]:
+        metrics = json.loads((quick_demo / stage["eval"] / "eval.json").read_text())["metrics"]
+        assert stage["metrics"]["task/moved"] == metrics["task/moved"] and 0 <= metrics["task/moved"] <= 1
+        assert metrics["task/moved_n"] == 20  # the quick demo's video_suite.questions_per_task
+    assert "kl/seq" in video["stages"][1]["metrics"] and "kl/seq" not in video["stages"][0]["metrics"]
+    table = demo.format_summary(summary)
+    assert "Which shape moved?" in table and "moved accuracy" in table
+    assert [s["stage"] for s in summary["stages"]] == ["base", "dpo", "grpo"]  # the image table as before
+
+
 def test_demo_check_prints_each_target_with_its_paired_interval(quick_demo: Path) -> None:
     """benchmarks/demo_check.py: one row per target, its verdict and the interval of aligned - base
     from the two stages' answers (exit 0 only if every target is met: the quick demo need not)."""
@@ -135,7 +161,7 @@ def test_a_killed_demo_resumes_from_the_sft_checkpoint(tmp_path: Path, capsys, v
     """SIGKILL during the SFT stage (after its step-30 checkpoint), then the demo again: the world
     is reused, SFT resumes from its checkpoint (no step logged twice) and every stage finishes."""
     out = tmp_path / "demo"
-    args = ["--quick", "--model=tiny:gemma3:tiny", f"--output_dir={out}", "--report=false"]
+    args = ["--quick", "--model=tiny:gemma3:tiny", VIDEO_MODEL, f"--output_dir={out}", "--report=false"]
     proc = vlalign_process(["demo", *args], tmp_path / "cache", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     kill_after(proc, out / "sft" / "checkpoints" / "step-0000030" / "state.json")
     assert not (out / "sft" / demo.STAGE_FILE).exists()  # killed inside the stage

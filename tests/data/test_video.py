@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
+from vlalign.data.chat import feature_token_ids
 from vlalign.data.collate import (
     PromptCollator,
     SupervisedCollator,
@@ -49,18 +50,7 @@ def video_prompt(frames: list[str], text: str = "Which shape moved?", **extra) -
 
 
 VIDEO_ARCHS = ("qwen3_vl", "qwen2_vl", "qwen2_5_vl")
-"""Tiny architectures whose processors take videos (Qwen2-VL's and Qwen2.5-VL's with a video-rendering template)."""
-
-
-def video_model(tiny_model, arch: str):
-    """The tiny model and a processor whose chat template renders video parts. The tiny Qwen2-VL
-    family's ChatML template writes none; this test-only template adds Qwen2-VL's own video markup."""
-    model, processor = tiny_model(arch)
-    if arch != ARCH:
-        processor.chat_template = QWEN3_VL_TEMPLATE.replace(
-            "{{ '<|video_pad|>' }}", "{{ '<|vision_start|><|video_pad|><|vision_end|>' }}"
-        )
-    return model, processor
+"""Tiny architectures whose processors take videos."""
 
 
 @pytest.fixture(scope="module")
@@ -144,10 +134,36 @@ def test_video_rows_without_a_grid_are_per_video():
         video_rows({"pixel_values_videos": torch.zeros(5, 2)}, [2, 0, 1])
 
 
-def test_a_template_without_video_parts_is_refused(tiny_processor, frames):
-    """Qwen2-VL's tiny ChatML template renders no video part: named, not passed on silently."""
+def test_chatml_renders_video_parts_as_qwen2_vl_does(tiny_processor):
+    """The tiny Qwen2-VL / Qwen2.5-VL template writes a video part as the real Qwen2-VL template
+    does, ``<|vision_start|><|video_pad|><|vision_end|>``, and an image part as before."""
+    prompt = [{"role": "user", "content": [{"type": "image"}, *video_prompt(["a.png", "b.png"])[0]["content"]]}]
+    for arch in ("qwen2_vl", "qwen2_5_vl"):
+        text = tiny_processor(arch).apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        assert text == (
+            "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>"
+            "<|vision_start|><|video_pad|><|vision_end|>Which shape moved?<|im_end|>\n<|im_start|>assistant\n"
+        )
+
+
+def test_feature_tokens_add_the_video_token_of_video_processors(tiny_processor):
+    """What generation must not write: the image feature tokens, and the video token where the
+    processor takes videos (a generated ``<|video_pad|>`` fed back would be one video token too many)."""
+    tok = tiny_processor("qwen2_vl").tokenizer
+    assert feature_token_ids(tiny_processor("qwen2_vl")) == tok.convert_tokens_to_ids(
+        ["<|image_pad|>", "<|video_pad|>"]
+    )
+    gemma3 = tiny_processor("gemma3")
+    assert feature_token_ids(gemma3) == image_token_ids(gemma3)  # no video processor: the image tokens only
+
+
+def test_a_template_without_video_parts_is_refused(tiny_model, frames):
+    """A chat template that renders no video part (Qwen3-VL's with its video branch removed): named,
+    not passed on silently."""
+    _, processor = tiny_model(ARCH)
+    processor.chat_template = QWEN3_VL_TEMPLATE.replace("{{ '<|video_pad|>' }}", "")
     with pytest.raises(DataError, match="0 video token"):
-        encode_prompts(tiny_processor("qwen2_vl"), [PromptSample("v", [], video_prompt(frames))])
+        encode_prompts(processor, [PromptSample("v", [], video_prompt(frames))])
 
 
 def test_videos_after_the_first_answer_are_refused(tiny_processor, frames):
@@ -181,7 +197,7 @@ def test_shared_equals_naive_with_videos(arch, tiny_model, frames, shape_images)
     (each video through the vision tower once, Qwen3-VL's DeepStack features at the video tokens, mRoPE
     from ``get_rope_index`` with ``video_grid_thw`` and Qwen2.5-VL's ``second_per_grid_ts``) gives the
     naive rows' per-token log-probs and gradients."""
-    model, processor = video_model(tiny_model, arch)
+    model, processor = tiny_model(arch)
     model.train()
     pad = pad_token_id_of(processor)
     samples = [
@@ -216,7 +232,7 @@ def test_shared_equals_naive_with_videos(arch, tiny_model, frames, shape_images)
 
 @pytest.mark.parametrize("arch", VIDEO_ARCHS)
 def test_greedy_generation_with_videos_equals_model_generate(arch, tiny_model, frames, shape_images):
-    model, processor = video_model(tiny_model, arch)
+    model, processor = tiny_model(arch)
     prompts = [
         PromptSample("v", [], video_prompt(frames)),
         PromptSample(

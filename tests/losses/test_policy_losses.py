@@ -69,6 +69,19 @@ def test_ppo_sequence_advantages_broadcast() -> None:
     torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def test_value_loss_counts_no_clipping_inside_the_range() -> None:
+    """V_old = 0.1, V = 1e-9, R = 2e-9 (float32): |V − V_old| < ε = 0.2, so nothing is clipped and the
+    loss is ½(V − R)² = ½·1e-18. Written as V_old + clamp(V − V_old), the clipped V rounds to 0 (V − V_old
+    = −0.1 in float32), its error 4e-18 > 1e-18 would be taken and the token counted as clipped."""
+    values, old, returns = (torch.tensor([[x]]) for x in (1e-9, 0.1, 2e-9))
+    mask = torch.ones_like(values, dtype=torch.bool)
+    out = value_loss(values, old, returns, mask, clip_range=0.2)
+    assert out.metrics["value/clip_frac"].item() == 0.0
+    torch.testing.assert_close(out.losses, 0.5 * (values - returns) ** 2, rtol=0, atol=0)
+    rounded = old + (values - old).clamp(-0.2, 0.2)
+    assert rounded.item() == 0.0 and ((rounded - returns) ** 2 > (values - returns) ** 2).item()
+
+
 def test_value_loss_hand_values() -> None:
     """V = 1.5, V_old = 1, R = 2, ε = 0.2: (V − R)² = 0.25, clipped V = 1.2 ⇒ 0.64 ⇒ ½·0.64 = 0.32.
     V = 1.1 (inside the range): ½·max(0.81, 0.81) = 0.405. Unclipped: ½·0.25 = 0.125."""

@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 import torch
 
-from vlalign.data.collate import PromptCollator, image_token_ids
+from vlalign.data.chat import feature_token_ids
+from vlalign.data.collate import PromptCollator
 from vlalign.data.schema import PromptSample, user_prompt
 from vlalign.models.generate import (
     completion_uniforms,
@@ -103,7 +104,7 @@ def test_greedy_equals_model_generate(arch: str, tiny_model: Callable[..., Any],
             **batch.model_inputs(),
             do_sample=False,
             max_new_tokens=8,
-            suppress_tokens=image_token_ids(processor),
+            suppress_tokens=feature_token_ids(processor),
             **router_logits_off(model),
         )
     ref = ref[:, batch.input_ids.shape[1] :].tolist()

@@ -41,9 +41,11 @@ def _reference(hidden, weight, bias, targets, temperature, softcap):
 
 @pytest.mark.parametrize("block_rows", [1, 3, 7, None])
 @pytest.mark.parametrize("softcap,bias", [(None, False), (5.0, True)], ids=["plain", "softcap-bias"])
-def test_equals_full_logits_with_gradients(block_rows, softcap, bias):
+@pytest.mark.parametrize("temperature,entropy", [(0.7, True), (1.0, True), (0.7, False), (1.0, False)])
+def test_equals_full_logits_with_gradients(block_rows, softcap, bias, temperature, entropy):
     """N = 7 tokens, V = 50, H = 8, temperature 0.7: log-probs, entropies and the gradients of
-    hidden states, weight and bias of a loss using both equal the full computation (float32)."""
+    hidden states, weight and bias of a loss using both equal the full computation (float32).
+    Also at temperature 1 (no division) and without the entropy (the exponentials in place)."""
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(7, 8, generator=g)
     weight = torch.randn(50, 8, generator=g)
@@ -60,13 +62,15 @@ def test_equals_full_logits_with_gradients(block_rows, softcap, bias):
                 params[1],
                 targets,
                 bias=bias_,
-                temperature=0.7,
+                temperature=temperature,
                 softcap=softcap,
                 block_rows=block_rows,
-                return_entropy=True,
+                return_entropy=entropy,
             )
+            assert (ent is not None) == entropy
         else:
-            lp, ent = _reference(params[0], params[1], bias_, targets, 0.7, softcap)
+            lp, ent = _reference(params[0], params[1], bias_, targets, temperature, softcap)
+        ent = ent if entropy else torch.zeros(7)
         ((coef_lp * lp).sum() + (coef_ent * ent).sum()).backward()
         grads.append((lp.detach(), ent.detach(), [p.grad for p in params]))
     (lp_c, ent_c, g_c), (lp_f, ent_f, g_f) = grads

@@ -7,7 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from vlalign.data.collate import PromptCollator, image_token_ids
+from vlalign.data.chat import feature_token_ids
+from vlalign.data.collate import PromptCollator
 from vlalign.data.schema import PromptSample, user_prompt
 from vlalign.models.generate import generate
 from vlalign.models.moe import router_logits_off
@@ -59,7 +60,7 @@ def test_greedy_groups_through_the_hybrid_cache(arch, tiny_model, shape_images):
             **batch.model_inputs(),
             do_sample=False,
             max_new_tokens=8,
-            suppress_tokens=image_token_ids(processor),
+            suppress_tokens=feature_token_ids(processor),
             **router_logits_off(model),
         )
     ref = ref[:, batch.input_ids.shape[1] :].tolist()

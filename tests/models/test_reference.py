@@ -12,6 +12,7 @@ from torch import nn
 
 from vlalign.data.collate import encode_completions, encode_prompts, pad_token_id_of
 from vlalign.data.schema import PromptSample, user_prompt
+from vlalign.models.fingerprints import model_fingerprint, prompt_content_hash, sample_content_hash
 from vlalign.models.load import LoraSpec
 from vlalign.models.logprobs import completion_logprobs
 from vlalign.models.reference import (
@@ -20,9 +21,6 @@ from vlalign.models.reference import (
     PrecomputedReference,
     ReferenceCacheMiss,
     make_reference,
-    model_fingerprint,
-    prompt_content_hash,
-    sample_content_hash,
 )
 
 COMPLETIONS = [["Yes.", "No, a blue square."], ["A red disc and a bar.", "Nothing.", "Two shapes."]]

@@ -16,7 +16,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from vlalign.data.collate import PromptCollator, SupervisedCollator, encode_completions, encode_prompts, image_token_ids
+from vlalign.data.chat import feature_token_ids
+from vlalign.data.collate import PromptCollator, SupervisedCollator, encode_completions, encode_prompts
 from vlalign.data.schema import DataError, PromptSample, SupervisedSample, user_prompt
 from vlalign.models.generate import generate
 from vlalign.models.load import load_model_and_processor
@@ -141,7 +142,7 @@ def test_greedy_generation_equals_model_generate(arch: str, tiny_model, shape_im
     batch = PromptCollator(processor)(samples)
     with torch.no_grad():
         ref = model.generate(
-            **batch.model_inputs(), do_sample=False, max_new_tokens=6, suppress_tokens=image_token_ids(processor)
+            **batch.model_inputs(), do_sample=False, max_new_tokens=6, suppress_tokens=feature_token_ids(processor)
         )
     ref = ref[:, batch.input_ids.shape[1] :].tolist()
     for i, ids in enumerate(gens.token_ids):

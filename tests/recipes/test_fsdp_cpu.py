@@ -19,10 +19,15 @@ one-process run a frozen copy: both score the starting weights, so the rewards a
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
+from peft import get_peft_model_state_dict
 from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText
 
@@ -30,6 +35,7 @@ from vlalign.config import load_config
 from vlalign.data.annotations import load_vocabulary
 from vlalign.data.io import load_samples, write_samples
 from vlalign.data.pairs.inject import InjectConfig, inject_pairs
+from vlalign.models.load import load_model_and_processor
 from vlalign.recipes import dpo, grpo, kto, ppo, reward_model, sft
 from vlalign.training.distributed import FSDP2_CPU
 from vlalign.training.metrics import read_metrics
@@ -169,3 +175,144 @@ def test_fsdp2_resume_continues_exactly(tiny_model_dir, pair_file, tmp_path, lau
     wb = load_file(str(split / "model" / "model.safetensors"))
     for key in wa:
         torch.testing.assert_close(wb[key], wa[key], rtol=0, atol=2e-5)
+
+
+def _base_args(model_dir: Path) -> list[str]:
+    """The options every run below shares (3 steps of a global batch of 4, lr 1e-3, float32)."""
+    return [
+        f"--model.name_or_path={model_dir}",
+        "--model.device=cpu",
+        "--model.dtype=float32",
+        "--train.batch_size=2",
+        "--train.max_steps=3",
+        "--train.lr=1e-3",
+        "--train.log_every=1",
+        "--train.trackers=[]",
+        "--train.progress=false",
+        "--train.warmup_ratio=0",
+    ]
+
+
+def _one_and_sharded(module, recipe: str, common: list[str], tmp_path: Path, launch, **launch_kw) -> tuple[Path, Path]:
+    """One unsharded process with 2 micro-batches of 2, then two sharded processes with 1 each
+    (``VLALIGN_FSDP2_CPU=1``, set by the caller); every logged number of every step equal (rel
+    1e-5, as above). Returns the two run folders."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    module.run(load_config(module.Config, None, [*common, "--train.grad_accum=2", f"--train.output_dir={one}"]))
+    done = launch(recipe, [*common, "--train.grad_accum=1", f"--train.output_dir={two}"], **launch_kw)
+    assert "sharded with fully_shard over 2 processes" in done.stdout  # FSDP2 ran, not DDP
+    steps_a = [r for r in read_metrics(one) if "train/loss" in r]
+    steps_b = [r for r in read_metrics(two) if "train/loss" in r]
+    assert [r["step"] for r in steps_b] == [1, 2, 3]
+    for ra, rb in zip(steps_a, steps_b, strict=True):
+        assert _compared(rb) == _compared(ra), ra["step"]
+        for key in _compared(ra):
+            assert rb[key] == pytest.approx(ra[key], rel=1e-5, abs=1e-6), (ra["step"], key)
+    return one, two
+
+
+def _same_tensors(a: Path, b: Path) -> dict[str, torch.Tensor]:
+    """The safetensors files ``a`` and ``b`` hold the same keys and tensors (atol 2e-5, as above);
+    returns ``b``'s."""
+    wa, wb = load_file(str(a)), load_file(str(b))
+    assert wa.keys() == wb.keys(), b.name
+    for key in wa:
+        torch.testing.assert_close(wb[key], wa[key], rtol=0, atol=2e-5, msg=f"{b.name}: {key}")
+    return wb
+
+
+@pytest.mark.slow
+def test_fsdp2_dpo_with_lora_matches_one_process_and_saves_an_adapter(
+    tiny_model_dir, pair_file, tmp_path, launch_two_processes, monkeypatch
+):
+    """DPO with LoRA (the adapter-disabled policy as reference) sharded over two processes: the
+    frozen base weights are sharded like the adapters. LoRA dropout off (each process would draw its
+    own masks: another valid run than one process's). The final ``model/`` is a PEFT adapter folder
+    (no full weights) whose adapter loads on the base and holds the saved tensors."""
+    start = tiny_model_dir("qwen2_vl")
+    common = [*_base_args(start), "--model.use_lora=true", "--model.lora.dropout=0"]
+    common += [f"--data.train={pair_file}", "--data.limit=8"]
+    monkeypatch.setenv(FSDP2_CPU, "1")
+    one, two = _one_and_sharded(dpo, "dpo", common, tmp_path, launch_two_processes)
+    assert not (two / "model" / "model.safetensors").exists()
+    saved = _same_tensors(one / "model" / "adapter_model.safetensors", two / "model" / "adapter_model.safetensors")
+    assert saved and any("lora_B" in k and bool(v.any()) for k, v in saved.items())  # the adapter trained
+    loaded, _ = load_model_and_processor(two / "model", device="cpu", dtype="float32")
+    state = get_peft_model_state_dict(loaded)
+    assert state.keys() == saved.keys()
+    for key, value in saved.items():
+        torch.testing.assert_close(state[key], value, rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_fsdp2_ppo_with_a_separate_critic_matches_one_process(
+    tiny_model_dir, recipe_world, pair_file, parity, tmp_path, launch_two_processes, monkeypatch
+):
+    """PPO with a separate critic (``critic.shared=false``: its own backbone, from the policy's
+    starting weights, and value head): both models sharded, the critic's forward in every update
+    micro-batch and in the rollouts' values. Every logged number as above (the explained variance
+    aside: a per-process ratio averaged over processes); the policy, the critic's backbone
+    (``critic/``) and its value head equal one process's; the critic folder reloads."""
+    _, extra = _recipe_args("ppo", recipe_world, pair_file, parity)
+    common = [*_base_args(tiny_model_dir("qwen2_vl")), *extra, "--critic.shared=false"]
+    monkeypatch.setenv(FSDP2_CPU, "1")
+    one, two = _one_and_sharded(ppo, "ppo", common, tmp_path, launch_two_processes)
+    _same_tensors(one / "model" / "model.safetensors", two / "model" / "model.safetensors")
+    backbone = _same_tensors(one / "critic" / "model.safetensors", two / "critic" / "model.safetensors")
+    _same_tensors(one / "critic" / "value_head.safetensors", two / "critic" / "value_head.safetensors")
+    assert not (two / "model" / "value_head.safetensors").exists()
+    start = load_file(str(tiny_model_dir("qwen2_vl") / "model.safetensors"))
+    assert any(not torch.equal(backbone[k], start[k]) for k in start)  # the critic's backbone trained
+    reloaded = AutoModelForImageTextToText.from_pretrained(two / "critic")
+    for name, param in reloaded.state_dict().items():
+        if name in backbone:
+            torch.testing.assert_close(param, backbone[name], rtol=0, atol=0)
+
+
+def _kill_all(proc: subprocess.Popen) -> None:
+    """SIGKILL the launcher ``proc`` and its workers at once, as a machine going down would (torch's
+    elastic launcher starts each worker in a session of its own: killing the launcher's process
+    group would leave them running)."""
+    workers = psutil.Process(proc.pid).children(recursive=True)
+    for worker in workers:
+        worker.send_signal(signal.SIGKILL)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    psutil.wait_procs(workers, timeout=30)
+
+
+@pytest.mark.slow
+def test_fsdp2_killed_run_resumes_exactly(
+    tiny_model_dir, pair_file, tmp_path, launch_two_processes, start_two_processes, monkeypatch
+):
+    """A sharded DPO run of 4 steps whose launcher and both processes are killed (SIGKILL to the
+    process group) once the step-2 checkpoint is complete, then resumed with ``--resume``, logs the
+    numbers and ends with the weights of one unsharded process running the 4 steps uninterrupted
+    (same tolerances as above). The kill lands during step 3 or 4: no step-4 checkpoint, no
+    ``model/``; the rows the killed run logged after step 2 are dropped on resume."""
+    common = [*_base_args(tiny_model_dir("qwen2_vl")), f"--data.train={pair_file}", "--data.limit=8"]
+    common = [a for a in common if a != "--train.max_steps=3"]
+    common += ["--train.max_steps=4", "--train.schedule=constant", "--train.save_every=2"]
+    one, split = tmp_path / "one", tmp_path / "split"
+    dpo.run(load_config(dpo.Config, None, [*common, "--train.grad_accum=2", f"--train.output_dir={one}"]))
+    monkeypatch.setenv(FSDP2_CPU, "1")
+    sharded = [*common, "--train.grad_accum=1", f"--train.output_dir={split}"]
+    proc = start_two_processes("dpo", sharded)
+    marker = split / "checkpoints" / "step-0000002" / "state.json"
+    deadline = time.time() + 300
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    killed = proc.poll() is None
+    _kill_all(proc)
+    assert killed and marker.exists(), (tmp_path / "killed.log").read_text()[-3000:]
+    assert not (split / "checkpoints" / "step-0000004").exists() and not (split / "model").exists()
+    done = launch_two_processes("dpo", [*sharded, "--resume"])
+    assert "resumed from" in done.stdout and "step 2" in done.stdout
+    steps_a = [r for r in read_metrics(one) if "train/loss" in r]
+    steps_b = [r for r in read_metrics(split) if "train/loss" in r]
+    assert [r["step"] for r in steps_b] == [1, 2, 3, 4]
+    for ra, rb in zip(steps_a, steps_b, strict=True):
+        assert _compared(rb) == _compared(ra), ra["step"]
+        for key in _compared(ra):
+            assert rb[key] == pytest.approx(ra[key], rel=1e-5, abs=1e-6), (ra["step"], key)
+    _same_tensors(one / "model" / "model.safetensors", split / "model" / "model.safetensors")

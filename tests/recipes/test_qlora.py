@@ -18,7 +18,9 @@
 
 from __future__ import annotations
 
+import logging
 import math
+import subprocess
 import sys
 from pathlib import Path
 
@@ -37,6 +39,7 @@ from vlalign.data.io import load_samples, write_samples  # noqa: E402
 from vlalign.data.pairs.inject import InjectConfig, inject_pairs  # noqa: E402
 from vlalign.models.load import LoraSpec, ModelLoadError, load_model_and_processor, nf4_config  # noqa: E402
 from vlalign.models.logprobs import completion_logprobs  # noqa: E402
+from vlalign.models.quantization import NOTICE_LOGGER, KernelNotice, report_kernel_notice  # noqa: E402
 from vlalign.recipes import dpo, grpo  # noqa: E402
 from vlalign.recipes.common import ModelConfig  # noqa: E402
 from vlalign.shapes.vocabulary import load_vocabulary  # noqa: E402
@@ -179,3 +182,49 @@ def test_nf4_is_refused_where_it_cannot_work(monkeypatch):
         ModelConfig(quantization="nf4", use_lora=True).validate()
     with pytest.raises(ModelLoadError, match="needs the bitsandbytes package"):
         nf4_config("nf4", torch.float32, SPEC)
+
+
+def test_the_missing_kernel_notice_is_held_until_a_model_is_quantized(caplog):
+    """The filter drops exactly bitsandbytes' missing-kernel warning (logged with its own format
+    string, as bitsandbytes does), passes any other record of that logger, and
+    :func:`report_kernel_notice` logs the held text once, as vlalign's."""
+    bnb_logger = logging.getLogger(NOTICE_LOGGER)
+    earlier = [f for f in bnb_logger.filters if isinstance(f, KernelNotice)]  # a CLI run in this process
+    for f in earlier:
+        bnb_logger.removeFilter(f)
+    notice = KernelNotice()
+    bnb_logger.addFilter(notice)
+    try:
+        with caplog.at_level(logging.WARNING):
+            bnb_logger.warning(
+                "Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please ...", "no kernels"
+            )
+            bnb_logger.warning("another warning")
+            assert [r.getMessage() for r in caplog.records] == ["another warning"]
+            assert notice.held == "Failed to load CPU gemm_4bit_forward from kernels-community: no kernels. Please ..."
+            report_kernel_notice()
+            report_kernel_notice()
+        reported = [r for r in caplog.records if r.name == "vlalign.models.quantization"]
+        assert len(reported) == 1 and "kernels-community: no kernels" in reported[0].getMessage()
+    finally:
+        bnb_logger.removeFilter(notice)
+        for f in earlier:
+            bnb_logger.addFilter(f)
+
+
+def test_importing_bitsandbytes_prints_nothing_once_the_notice_is_held():
+    """In a fresh interpreter (as the CLI does at start-up): the filter installed, then bitsandbytes
+    imported (PEFT imports it): nothing on stderr. On a CPU with AVX512-BF16 bitsandbytes 0.50.2
+    does log the warning there, and the filter must have caught it, by the text it really has."""
+    code = (
+        "from vlalign.models.quantization import hold_kernel_notice\n"
+        "notice = hold_kernel_notice()\n"
+        "import bitsandbytes\n"
+        "from bitsandbytes.functional import has_avx512bf16\n"
+        "print(bool(has_avx512bf16()), notice.held is not None)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
+    avx512bf16, held = done.stdout.split()
+    assert held == avx512bf16  # held exactly where bitsandbytes logs it (no `kernels` package here)

@@ -274,7 +274,8 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
         moved = [dict(r, image=f"/gone/runs/demo/world/{r['image']}") for r in records]
         (root / folder / "eval.json").write_text(eval_json(metrics, moved, data="runs/demo/world"))
     stages = [{"stage": s, "folder": f, "eval": e, "metrics": m, "seconds": t} for s, f, e, m, t in SUMMARY]
-    summary = {"stages": stages, "total_seconds": 274.75}
+    video = {"model": "tiny:qwen2_vl:small", "stages": [{"stage": "video-sft", "metrics": {"eval/moved": 0.375}}]}
+    summary = {"stages": stages, "total_seconds": 274.75, "video": video}
     (root / "demo_summary.json").write_text(json.dumps(summary))
     return root, write_report(root)
 
@@ -325,6 +326,10 @@ def test_demo_report_sections_and_table(demo: tuple[Path, Path]) -> None:
     page = parse(out)
     for section in ("about", "summary", "evaluation", "stage-base", "stage-dpo", "stage-grpo", "gallery", "notes"):
         assert section in page.sections and section in page.links
+    assert "video" in page.sections  # the demo's video task: its own section, not a row of "about"
+    html_text = out.read_text(encoding="utf-8")
+    assert 'eval/moved</th><td class="num">0.375</td>' in html_text  # a sub-row under its stage
+    assert html_text.count("tiny:qwen2_vl:small") == 1
     cells = {(c["data-column"], c["row"]): c for c in page.cells}
     for stage, _, _, metrics, seconds in SUMMARY:
         for key, value in {**metrics, "seconds": seconds}.items():

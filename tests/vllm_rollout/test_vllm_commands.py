@@ -47,6 +47,7 @@ SUITE = [
 def _eval(model: Path, world: Path, out: Path, engine: str) -> dict:
     args = [f"--model={model}", f"--baseline={model}", f"--suite.data={world}", f"--output_dir={out}"]
     args += ["--device=cpu", "--dtype=float32", "--progress=false", "--trackers=[]", f"--engine={engine}", *SUITE]
+    args += ["--vllm_max_model_len=1024"]
     return eval_cmd.run(load_config(eval_cmd.Config, None, args))
 
 
@@ -58,7 +59,9 @@ def test_eval_with_vllm_gives_the_hf_answers_and_metrics(
     hf = _eval(model, world_dir, tmp_path / "hf", "hf")
     assert STARTED not in "".join(capfd.readouterr())
     vllm = _eval(model, world_dir, tmp_path / "vllm", "vllm")
-    assert "".join(capfd.readouterr()).count(STARTED) == 2  # the baseline's engine, then the model's
+    log = "".join(capfd.readouterr())
+    assert log.count(STARTED) == 2  # the baseline's engine, then the model's
+    assert "max_seq_len=1024" in log and "max_seq_len=2048" not in log  # --vllm_max_model_len reached vLLM
     outputs = [r["output"] for r in hf["records"]["model"]]
     assert outputs == [r["output"] for r in vllm["records"]["model"]]
     assert len(set(outputs)) > 1 and any(len(t.split()) > 2 for t in outputs), outputs  # real, varied answers
@@ -113,7 +116,7 @@ def test_rank_with_vllm_ranks_the_hf_greedy_responses_and_repeats_its_pairs(
 
 
 def test_povid_with_vllm_writes_the_hf_rows(
-    tiny_model_dir, world_dir: Path, tmp_path: Path, capfd: pytest.CaptureFixture
+    tiny_model_dir, world_dir: Path, tmp_path: Path, capfd: pytest.CaptureFixture, caplog: pytest.LogCaptureFixture
 ) -> None:
     """POVID's second negatives are greedy responses to the distorted images: the same rows either way."""
     model = tiny_model_dir("qwen2_vl")
@@ -123,8 +126,17 @@ def test_povid_with_vllm_writes_the_hf_rows(
         out = tmp_path / f"povid-{engine}.jsonl"
         args = ["--method=povid", f"--povid.model={model}", f"--povid.engine={engine}", "--povid.device=cpu"]
         args += ["--povid.dtype=float32", "--povid.max_new_tokens=8", f"--data={world_dir / 'train.jsonl'}"]
-        args += ["--tasks=[describe]", "--limit=4", f"--out={out}", "--progress=false"]
+        args += [
+            "--tasks=[describe]",
+            "--limit=4",
+            f"--out={out}",
+            "--progress=false",
+            "--povid.vllm_max_model_len=1024",
+        ]
         assert pairs_cmd.run(load_config(pairs_cmd.Config, None, args)) == 0
         files[engine] = out.read_text()
     assert files["hf"] == files["vllm"] and "rejected_extra" in files["hf"], files
-    assert "".join(capfd.readouterr()).count(STARTED) == 1
+    log = "".join(capfd.readouterr())
+    assert log.count(STARTED) == 1
+    engine_log = log + caplog.text  # a later engine of the process logs through pytest's log capture
+    assert "max_seq_len=1024" in engine_log and "max_seq_len=2048" not in engine_log  # the option reached vLLM

@@ -13,7 +13,7 @@ import torch
 
 pytest.importorskip("vllm", reason="vLLM is not installed (make test-vllm runs these tests in its own environment)")
 
-from vlalign.data.collate import image_token_ids  # noqa: E402
+from vlalign.data.chat import feature_token_ids  # noqa: E402
 from vlalign.models.generate import generate  # noqa: E402
 from vlalign.models.logprobs import completion_logprobs  # noqa: E402
 from vlalign.models.vllm_engine import SUPPORTED as ENGINE_ARCHS  # noqa: E402
@@ -47,7 +47,7 @@ def test_greedy_equals_hf_engine(arch: str, vllm_engine: Any, tiny_model: Any, v
 def test_engine_logprobs_match_the_policy(arch: str, vllm_engine: Any, tiny_model: Any, vllm_prompts: list) -> None:
     """Sampled completions (temperature 0.7): the log-prob vLLM reports for each token equals the
     policy's recomputed one (shared-prefix forward, same temperature) within fp32 rounding (measured:
-    at most 1e-6 here). vLLM samples with the image tokens banned (renormalised over the rest), so
+    at most 1e-6 here). vLLM samples with the image (and video) tokens banned (renormalised over the rest), so
     the policy's log-probs are renormalised the same way: log p - log(1 - sum of the banned p).
     One prompt per forward: under this environment's transformers 5.19, vlalign's multi-prompt
     log-prob forward disagrees for the prompts after the first (docs/vllm.md)."""
@@ -62,7 +62,7 @@ def test_engine_logprobs_match_the_policy(arch: str, vllm_engine: Any, tiny_mode
         with torch.no_grad():
             out = completion_logprobs(model, prompt, [gens.token_ids[i]], temperature=temp, return_hidden=True)
             logits = model.get_output_embeddings()(out.hidden).float() / temp  # (k, L, V)
-        banned = torch.softmax(logits, -1)[..., image_token_ids(processor)].sum(-1)
+        banned = torch.softmax(logits, -1)[..., feature_token_ids(processor)].sum(-1)
         policy = out.logps - torch.log1p(-banned)
         for k, lp in enumerate(gens.logps[i]):
             diff = (torch.tensor(lp) - policy[k, : len(lp)]).abs().max().item()

@@ -14,14 +14,19 @@ Stages, in order (each a folder of the demo folder: ``runs/demo`` unless told ot
                colour questions (colour match) and existence questions (yes/no match), from the
                DPO model
     eval-grpo  the suite on the GRPO model (KL from the base model)
+    video-sft, eval-video-sft, video-grpo, eval-video-grpo
+               the world's video task ("Which shape moved?" over 4-frame clips): the demo model's
+               Gemma3 processor takes no video, so ``video_model`` (default the small Qwen2-VL)
+               learns it from its own start: SFT on the clips' answers, GRPO with the moved reward
+               from it, each evaluated on the held-out clips (``--video_model=''`` skips them)
     report     report.html (curves, before/after bars, a gallery of descriptions)
 
 A stage whose folder holds a ``stage.json`` with the same fingerprint (a hash of its settings
 and of the fingerprints of the stages it reads) is reused; a stage interrupted mid-way resumes
 from its last checkpoint; a stage whose settings changed is run again (and so is everything
 after it). The demo ends by printing one table, the stages side by side with the last stage's
-difference from the base and its 95% paired-bootstrap interval over the test scenes, written also
-as ``demo_summary.json``.
+difference from the base and its 95% paired-bootstrap interval over the test scenes, and the video
+task's accuracy in a table of its own, written also as ``demo_summary.json``.
 
 ``--quick`` runs the same stages on a small world for a few steps each: a smoke test of the
 pipeline (a few minutes on a CPU), whose numbers say nothing about alignment. It says so above its
@@ -44,10 +49,12 @@ import torch
 
 from vlalign.commands import eval as eval_cli
 from vlalign.commands import pairs as pairs_cli
+from vlalign.commands.demo_summary import SMOKE_TEST as SMOKE_TEST  # re-exported: tests and demo_check read them
+from vlalign.commands.demo_summary import TABLE_METRICS as TABLE_METRICS
+from vlalign.commands.demo_summary import format_summary, stage_intervals, summarise, video_summary
 from vlalign.commands.pipeline import STAGE_FILE as STAGE_FILE  # re-exported: the demo's tests read it
 from vlalign.commands.pipeline import Action, Stage, run_stage, stage_fingerprint
 from vlalign.config import StrictFields, load_config, to_dict
-from vlalign.eval.paired import Interval, paired_bootstrap
 from vlalign.models.tiny import BUILDER_VERSION
 from vlalign.recipes import dpo, grpo, sft
 from vlalign.report.html import write_report
@@ -61,35 +68,13 @@ FULL_DIR = "runs/demo"
 """The full demo's folder when ``--output_dir`` is not given."""
 QUICK_DIR = "runs/demo-quick"
 """The quick demo's folder when ``--output_dir`` is not given (never the full demo's)."""
-SMOKE_TEST = (
-    "QUICK DEMO: a smoke test of the pipeline (a small world, a few training steps per stage). "
-    "Its numbers say nothing about alignment; run `vlalign demo` for the full demo's."
-)
-"""What the quick demo prints above its table."""
-
-TABLE_METRICS: tuple[tuple[str, str], ...] = (
-    ("chair/chair_i", "CHAIR_i"),
-    ("chair/chair_s", "CHAIR_s"),
-    ("chair/recall", "object recall"),
-    ("pope/adversarial/f1", "POPE adv F1"),
-    ("pope/adversarial/yes_ratio", "POPE adv yes"),
-    ("pope/popular/f1", "POPE pop F1"),
-    ("pope/popular/yes_ratio", "POPE pop yes"),
-    ("pope/random/f1", "POPE rand F1"),
-    ("pope/random/yes_ratio", "POPE rand yes"),
-    ("task/counting", "counting"),
-    ("task/colour", "colour"),
-    ("task/existence", "existence"),
-    ("compositional/chair/chair_i", "comp. CHAIR_i"),
-    ("compositional/task/counting", "comp. counting"),
-    ("kl/seq", "KL from base (seq)"),
-    ("kl/token_k3", "KL per token (k3)"),
-)
-"""The summary table's rows: suite metric -> label."""
+VIDEO_CLIPS = 1000
+"""Clips of the video task ("Which shape moved?") per split of the demo's world (fewer in splits with
+fewer scenes): DEMO_WORLD writes none, the demo adds them through its own world settings."""
 
 
 def _world_defaults() -> dict[str, Any]:
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in DEMO_WORLD.items()}
+    return {**{k: list(v) if isinstance(v, tuple) else v for k, v in DEMO_WORLD.items()}, "video_clips": VIDEO_CLIPS}
 
 
 def _sft_defaults() -> dict[str, Any]:
@@ -160,8 +145,42 @@ def _suite_defaults() -> dict[str, Any]:
     return {"describe": 500, "questions_per_task": 500, "pope_questions": 1500}
 
 
+def _video_sft_defaults() -> dict[str, Any]:
+    return {
+        "train.max_steps": 150,
+        "train.batch_size": 16,
+        "train.lr": 5e-4,
+        "train.warmup_ratio": 0.03,
+        "train.save_every": 50,
+        "train.log_every": 10,
+        "data.eval_limit": 64,
+    }
+
+
+def _video_grpo_defaults() -> dict[str, Any]:
+    return {
+        "grpo.tasks": ["moved"],
+        "rewards.weights": {"shapes_answer": 1.0},
+        "rollout.n": 8,
+        "rollout.max_new_tokens": 8,
+        "update.kl_coef": 0.1,
+        "train.batch_size": 16,
+        "train.max_steps": 20,
+        "train.lr": 3e-5,
+        "train.schedule": "constant",
+        "train.warmup_ratio": 0.0,
+        "train.save_every": 10,
+        "train.log_every": 5,
+        "eval_tasks": [],
+    }
+
+
+def _video_suite_defaults() -> dict[str, Any]:
+    return {"parts": ["heldout"], "questions_per_task": 500, "kl_prompts": 48, "max_new_tokens": 8}
+
+
 QUICK: dict[str, dict[str, Any]] = {
-    "world": {"n_train": 300, "n_validation": 40, "n_test": 60, "n_compositional": 40},
+    "world": {"n_train": 300, "n_validation": 40, "n_test": 60, "n_compositional": 40, "video_clips": 40},
     "sft": {"train.max_steps": 60, "train.save_every": 30, "data.eval_limit": 32},
     "inject": {"limit": 200},
     "rank": {"limit": 16, "rank.n": 2},
@@ -175,6 +194,9 @@ QUICK: dict[str, dict[str, Any]] = {
         "compositional_questions_per_task": 6,
         "kl_prompts": 8,
     },
+    "video_sft": {"train.max_steps": 10, "train.save_every": 5, "data.eval_limit": 16},
+    "video_grpo": {"train.max_steps": 2, "train.batch_size": 4, "rollout.n": 4, "train.save_every": 1},
+    "video_suite": {"questions_per_task": 20, "kl_prompts": 8},
 }
 """What ``--quick`` changes (merged over the defaults; explicit settings still win)."""
 
@@ -216,6 +238,16 @@ class Config(StrictFields):
     rewards did)."""
     suite: dict[str, Any] = field(default_factory=_suite_defaults)
     """Evaluation-suite settings shared by the three evaluations (see vlalign eval --help)."""
+    video_model: str = "tiny:qwen2_vl:small"
+    """The video task's model ("Which shape moved?" over the world's clips): the demo model's Gemma3
+    processor takes no video, so a family whose processor does, trained on the clips from its own
+    start; '' skips the video stages."""
+    video_sft: dict[str, Any] = field(default_factory=_video_sft_defaults)
+    """vlalign sft settings of the video model on the clips' answers ({train.max_steps: 150 ...})."""
+    video_grpo: dict[str, Any] = field(default_factory=_video_grpo_defaults)
+    """vlalign grpo settings of the video model from its SFT (the moved reward: the moving object named)."""
+    video_suite: dict[str, Any] = field(default_factory=_video_suite_defaults)
+    """Evaluation settings of the video task on the held-out clips (see vlalign eval --help)."""
     report: bool = True
     """Write report.html at the end."""
 
@@ -237,6 +269,9 @@ def _merged(cfg: Config, part: str) -> dict[str, Any]:
         "dpo": _dpo_defaults,
         "grpo": _grpo_defaults,
         "suite": _suite_defaults,
+        "video_sft": _video_sft_defaults,
+        "video_grpo": _video_grpo_defaults,
+        "video_suite": _video_suite_defaults,
     }[part]()
     user = getattr(cfg, part)
     changed = {k: v for k, v in user.items() if base.get(k, object()) != v}
@@ -380,6 +415,38 @@ def build_stages(cfg: Config) -> list[Stage]:
             _train_action(cfg, grpo, "grpo", dpo_model, {"data.train": str(world / "train_prompts.jsonl")}),
         ),
         Stage("eval-grpo", suite, ["grpo"], _eval_action(cfg, suite, base, grpo_model), label="grpo"),
+        *(video_stages(cfg, root) if cfg.video_model else []),
+    ]
+
+
+VIDEO_STAGES = ("video-sft", "eval-video-sft", "video-grpo", "eval-video-grpo")
+"""The video task's stages (after the others; they read only the world)."""
+
+
+def video_stages(cfg: Config, root: Path) -> list[Stage]:
+    """SFT of ``cfg.video_model`` on the world's clips, GRPO from it with the moved reward, and the
+    held-out clips' evaluation of both (the GRPO model's KL from the video SFT model)."""
+    world, common = root / "world", _common(cfg)
+    sft_model, grpo_model = root / "video-sft" / "model", root / "video-grpo" / "model"
+    suite = {"data": str(world / "test_video_prompts.jsonl"), **_merged(cfg, "video_suite")}
+    sft_data = {"data.train": str(world / "train_video.jsonl"), "data.eval": str(world / "validation_video.jsonl")}
+    grpo_data = {"data.train": str(world / "train_video_prompts.jsonl")}
+    model = {"model": cfg.video_model, "tiny_builder": _builder_version(cfg.video_model)}
+    return [
+        Stage(
+            "video-sft",
+            {**model, **common, **_merged(cfg, "video_sft")},
+            ["world"],
+            _train_action(cfg, sft, "video_sft", cfg.video_model, sft_data),
+        ),
+        Stage("eval-video-sft", suite, ["video-sft"], _eval_action(cfg, suite, sft_model, sft_model)),
+        Stage(
+            "video-grpo",
+            {**common, **_merged(cfg, "video_grpo")},
+            ["video-sft"],
+            _train_action(cfg, grpo, "video_grpo", sft_model, grpo_data),
+        ),
+        Stage("eval-video-grpo", suite, ["video-grpo"], _eval_action(cfg, suite, sft_model, grpo_model)),
     ]
 
 
@@ -413,6 +480,7 @@ def _run(cfg: Config) -> dict[str, Any]:
         if did_run:
             ran.add(stage.name)
     summary = summarise(stages, records)
+    summary["video"] = video_summary(stages, records, cfg.video_model)
     summary["quick"] = cfg.quick
     summary["threads"] = torch.get_num_threads()
     summary["intervals"] = {k: asdict(v) for k, v in stage_intervals(root, summary).items()}
@@ -425,60 +493,3 @@ def _run(cfg: Config) -> dict[str, Any]:
         print(f"\nreport: {path}")
     print(f"summary: {root / SUMMARY_FILE}")
     return summary
-
-
-def summarise(stages: list[Stage], records: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """``demo_summary.json``: one object per evaluated stage (metrics by name, wall times)."""
-    out: list[dict[str, Any]] = []
-    for stage in stages:
-        if not stage.label:
-            continue
-        trained = stage.after[0]
-        metrics = dict(records[stage.name].get("result", {}).get("metrics", {}))
-        metrics["seconds/train"] = records[trained]["seconds"]
-        metrics["seconds/eval"] = records[stage.name]["seconds"]
-        out.append({"stage": stage.label, "folder": trained, "eval": stage.name, "metrics": metrics})
-    seconds = {name: rec["seconds"] for name, rec in records.items()}
-    return {"stages": out, "stage_seconds": seconds}
-
-
-def stage_intervals(root: Path, summary: dict[str, Any]) -> dict[str, Interval]:
-    """Last evaluated stage - first, per metric, with its paired 95% interval over the test scenes
-    (:func:`vlalign.eval.paired.paired_bootstrap` on the two stages' answers); {} when either
-    stage's eval.json is missing or they did not answer the same questions."""
-    stages = summary["stages"]
-    files = [root / stages[i]["eval"] / "eval.json" for i in (-1, 0)] if len(stages) >= 2 else []
-    if not files or not all(f.is_file() for f in files):
-        return {}
-    last, first = (json.loads(f.read_text()).get("records", {}).get("model") or [] for f in files)
-    try:
-        return paired_bootstrap([last], [first]) if last and first else {}
-    except ValueError:
-        return {}
-
-
-def format_summary(summary: dict[str, Any]) -> str:
-    """The printed table: one row per metric, one column per evaluated stage, and the last stage's
-    difference from the first with its 95% interval when ``summary["intervals"]`` has it; above it,
-    :data:`SMOKE_TEST` when the summary is the quick demo's."""
-    stages = summary["stages"]
-    intervals = summary.get("intervals") or {}
-    rows = [
-        ["metric", *(s["stage"] for s in stages)]
-        + ([f"{stages[-1]['stage']} - {stages[0]['stage']} [95%]"] if intervals else [])
-    ]
-    for key, label in (*TABLE_METRICS, ("seconds/train", "train seconds"), ("seconds/eval", "eval seconds")):
-        values = [s["metrics"].get(key) for s in stages]
-        if all(v is None for v in values):
-            continue
-        row = [label, *("-" if v is None else f"{v:.0f}" if key.startswith("seconds") else f"{v:.3f}" for v in values)]
-        if intervals:
-            iv = intervals.get(key)
-            row.append(Interval(**iv).text() if iv else "-")
-        rows.append(row)
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    extra = ", ".join(f"{k} {v:.0f}s" for k, v in summary["stage_seconds"].items())
-    banner = [SMOKE_TEST, ""] if summary.get("quick") else []
-    return "\n".join(banner + lines) + f"\n\nstage wall times: {extra}"

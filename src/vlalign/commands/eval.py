@@ -62,7 +62,7 @@ from vlalign.eval.scorers import build_scorer
 from vlalign.eval.suite import EvalResult, SuiteConfig, build_suite, compare, evaluate
 from vlalign.models.load import load_model_and_processor, same_tokenizer
 from vlalign.models.tiny import resolve_model
-from vlalign.models.vllm_engine import check_vllm
+from vlalign.models.vllm_engine import VLLMOptions, check_vllm
 from vlalign.training.trackers import finish_trackers, log_evaluation, start_trackers
 
 
@@ -107,6 +107,10 @@ class Config(StrictFields):
     engine: Literal["hf", "vllm"] = "hf"
     """What generates the answers (and the KL's samples): hf (vlalign's decode loop) or vllm (a vLLM engine
     on each evaluated model's folder; greedy answers equal hf's; docs/vllm.md)."""
+    vllm_gpu_memory_utilization: float = 0.3
+    """engine = vllm: share of the GPU's memory vLLM may take (weights + KV cache); the loaded model needs the rest."""
+    vllm_max_model_len: int = 2048
+    """engine = vllm: longest prompt + answer, in tokens (sizes vLLM's KV cache)."""
     trackers: list[str] = field(default_factory=lambda: ["tensorboard"])
     """Experiment trackers that receive the metrics and a few descriptions: tensorboard (default, under
     <output_dir>/logs/eval), wandb, mlflow, trackio ...; [] for none. One not installed is skipped."""
@@ -156,7 +160,8 @@ def check_engine(cfg: Config) -> None:
 
 def _engine(cfg: Config, name: str, loaded: tuple[Any, Any]) -> Any:
     """The context in which ``name`` (loaded: model, processor) generates with ``cfg.engine``."""
-    return generation_engine(cfg.engine, resolve_model(name), *loaded)
+    options = VLLMOptions(gpu_memory_utilization=cfg.vllm_gpu_memory_utilization, max_model_len=cfg.vllm_max_model_len)
+    return generation_engine(cfg.engine, resolve_model(name), *loaded, options=options)
 
 
 def _fmt(value: float | None) -> str:

@@ -87,6 +87,10 @@ class RankConfig(StrictFields):
     """What samples the responses: hf (vlalign's decode loop) or vllm (a vLLM engine on the model's folder,
     started for the sampling and closed after; its own random stream, so sampled responses differ from
     hf's, greedy ones are equal; docs/vllm.md)."""
+    vllm_gpu_memory_utilization: float = 0.3
+    """engine = vllm: share of the GPU's memory vLLM may take (weights + KV cache); the policy needs the rest."""
+    vllm_max_model_len: int = 2048
+    """engine = vllm: longest prompt + response, in tokens (sizes vLLM's KV cache)."""
 
 
 def _noise() -> CorruptConfig:
@@ -123,6 +127,10 @@ class PovidConfig(StrictFields):
     engine: Literal["hf", "vllm"] = "hf"
     """What answers the distorted images: hf (vlalign's decode loop) or vllm (a vLLM engine on the model's
     folder, started with the policy and closed when the rows are made; docs/vllm.md)."""
+    vllm_gpu_memory_utilization: float = 0.3
+    """engine = vllm: share of the GPU's memory vLLM may take (weights + KV cache); the policy needs the rest."""
+    vllm_max_model_len: int = 2048
+    """engine = vllm: longest prompt + response, in tokens (sizes vLLM's KV cache)."""
 
 
 @dataclass
@@ -179,6 +187,13 @@ def _load_policy(policy: Policy) -> tuple[Any, Any]:
     return load_model_and_processor(resolve_model(policy.model), dtype=policy.dtype, device=policy.device)
 
 
+def vllm_options(policy: Policy) -> VLLMOptions:
+    """The vLLM engine's memory settings of ``policy`` (``vllm_*``)."""
+    return VLLMOptions(
+        gpu_memory_utilization=policy.vllm_gpu_memory_utilization, max_model_len=policy.vllm_max_model_len
+    )
+
+
 def check_engine(policy: Policy, section: str) -> None:
     """``<section>.engine=vllm``: fail before anything loads, in one line, when vLLM is missing or cannot
     load the policy (:class:`~vlalign.models.vllm_engine.VLLMError`)."""
@@ -210,7 +225,8 @@ def policy_responses(
     if engine is not None:
         gens = engine.generate(model, samples, **settings)
     elif policy.engine == "vllm":
-        gens = generate_once(resolve_model(policy.model), model, processor, samples, **settings)
+        options = vllm_options(policy)
+        gens = generate_once(resolve_model(policy.model), model, processor, samples, options=options, **settings)
     else:
         gens = generate(model, processor, samples, progress=progress, desc=desc, **settings)
     print(f"sampled {gens.new_tokens} tokens in {gens.seconds:.1f} s ({gens.tokens_per_s:.0f} tokens/s)")
@@ -233,7 +249,7 @@ def _povid(cfg: Config, data_path: str, vocab: ObjectVocabulary | None) -> tuple
             loaded.append(_load_policy(p))
             if p.engine == "vllm":
                 dtype = next(loaded[0][0].parameters()).dtype
-                engines.append(VLLMEngine(resolve_model(p.model), loaded[0][1], dtype=dtype, options=VLLMOptions()))
+                engines.append(VLLMEngine(resolve_model(p.model), loaded[0][1], dtype=dtype, options=vllm_options(p)))
         texts = policy_responses(
             loaded[0],
             p,

@@ -45,6 +45,14 @@ def image_token_ids(processor: Any) -> list[int]:
     return [int(i) for i in ids if i is not None]
 
 
+def feature_token_ids(processor: Any) -> list[int]:
+    """:func:`image_token_ids` and, for a processor that takes videos, its video token (``<|video_pad|>``):
+    the tokens generation must never write (a completion holding one could not be fed back: the
+    model would find one feature token more than its features)."""
+    video = getattr(processor, "video_token_id", None) if getattr(processor, "video_processor", None) else None
+    return [int(i) for i in dict.fromkeys([*image_token_ids(processor), video]) if i is not None]
+
+
 def render_prompt(processor: Any, messages: list[Message]) -> str:
     """The prompt as text, through the chat template, ending with the generation prompt."""
     return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)

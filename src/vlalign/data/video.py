@@ -1,10 +1,12 @@
 """Videos in prompts: ``{"type": "video", "video": [frame paths] | "clip.mp4", "fps": 2}`` parts.
 
 A video travels inside its prompt part (not in ``images``): a list of frame files (read here with
-:func:`~vlalign.data.schema.load_image`, in order) or one video file (read by the processor's own
-video loader, which needs a video backend such as PyAV or torchcodec). ``fps`` (optional) is the
-frame rate of the given frames; processors that write timestamps into the prompt (Qwen3-VL's
-``<1.5 seconds>``) use it, and a frame list without it counts as :data:`DEFAULT_FRAME_FPS`.
+:func:`~vlalign.data.schema.load_image`, in order) or one video file (mp4, webm, ...: every frame,
+decoded here with PyAV, ``pip install av``, at the file's own frame rate; without PyAV the path goes
+to the processor, whose loader in transformers 5 is torchcodec alone, which needs FFmpeg's shared
+libraries on the system). ``fps`` (optional) is the frame rate of a frame list; processors that
+write timestamps into the prompt (Qwen3-VL's ``<1.5 seconds>``) use it, and a frame list without it
+counts as :data:`DEFAULT_FRAME_FPS`.
 
 :func:`processor_video_inputs` gives the processor's ``videos=`` (and ``video_metadata=``)
 arguments for a batch of prompts; :func:`video_rows` says which rows of the processor's video
@@ -14,11 +16,13 @@ tensors (``pixel_values_videos``, ``video_grid_thw``) belong to which prompt, as
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from torch import Tensor
 
 from vlalign.data.schema import DataError, Message, count_video_placeholders, data_error, load_image, verify_image
@@ -76,13 +80,39 @@ def verify_videos(messages: list[Message], *, where: str) -> None:
             )
 
 
+def read_video_file(path: str) -> tuple[Any, dict[str, Any] | None]:
+    """A video file's frames ``(T, H, W, 3)`` uint8 and metadata, decoded with PyAV when it is installed
+    (every frame, in order; the stream's average frame rate); without PyAV, the path itself and no
+    metadata (the processor's own loader reads it: torchcodec in transformers 5).
+
+    Decoded here rather than by ``transformers.video_utils.load_video(backend="pyav")``, which
+    needs the frame count in the container's header (absent from Matroska / WebM files).
+    """
+    if not os.path.isfile(path):
+        raise data_error("unreadable video", f"video file {path!r} does not exist")
+    if importlib.util.find_spec("av") is None:
+        return path, None
+    import av  # PyAV: an optional dependency (pip install av), its wheels carry FFmpeg
+
+    try:
+        with av.open(path) as container:
+            stream = container.streams.video[0]
+            frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)]
+            rate = stream.average_rate or stream.guessed_rate
+    except (av.FFmpegError, IndexError, ValueError) as exc:  # not a video, no video stream, corrupt
+        raise data_error("unreadable video", f"video file {path!r} cannot be decoded: {exc}") from None
+    if not frames:
+        raise data_error("unreadable video", f"video file {path!r} holds no frame")
+    fps = float(rate) if rate else DEFAULT_FRAME_FPS
+    meta = {"total_num_frames": len(frames), "fps": fps, "frames_indices": list(range(len(frames)))}
+    return np.stack(frames), meta
+
+
 def _load(part: dict[str, Any]) -> tuple[Any, dict[str, Any] | None]:
-    """A video part as the processor takes it (frames as PIL images, or the file's path) and its metadata."""
+    """A video part as the processor takes it (frames, or a file's path when PyAV is missing) and its metadata."""
     video = part["video"]
     if not isinstance(video, list):
-        if not os.path.isfile(video):
-            raise data_error("unreadable video", f"video file {video!r} does not exist")
-        return video, None
+        return read_video_file(video)
     frames = [load_image(f) for f in video]
     if len({f.size for f in frames}) > 1:
         raise data_error(
@@ -95,7 +125,8 @@ def _load(part: dict[str, Any]) -> tuple[Any, dict[str, Any] | None]:
 def processor_video_inputs(processor: Any, prompts: Sequence[list[Message]]) -> dict[str, Any]:
     """``videos=`` (and ``video_metadata=``) for one processor call over ``prompts``; empty without videos.
 
-    Metadata is passed only when every video is a frame list (a file's metadata is read with it).
+    Metadata is passed only when every video's is known (a file the processor reads itself, without
+    PyAV, has its metadata read with it).
     """
     parts = [part for prompt in prompts for part in prompt_videos(prompt)]
     if not parts:

@@ -187,7 +187,8 @@ def value_loss(
     Paper: as in OpenAI baselines' PPO2 and InstructGPT-style RLHF (Ziegler et al., arXiv
     1909.08593). Equation: ½·max((V − R)², (clip(V, V_old − ε_v, V_old + ε_v) − R)²);
     ``clip_range=None`` gives the unclipped ½(V − R)².
-    Metrics: ``value/clip_frac`` (share of tokens where the clipped error is the larger),
+    Metrics: ``value/clip_frac`` (share of tokens whose V is outside V_old ± ε and whose clipped error
+    is the larger),
     ``value/mean``, ``value/error`` (mean (V − R)²).
     """
     valid = _check_mask(values, mask, "values")
@@ -199,7 +200,10 @@ def value_loss(
         clipped_larger = torch.zeros_like(valid)
     else:
         v_old = masked_fill_zero(old_values, valid)
-        v_clipped = v_old + (v - v_old).clamp(-clip_range, clip_range)
+        # clamp(V, V_old − ε, V_old + ε), not V_old + clamp(V − V_old): inside the range it is V itself,
+        # so the clipped error equals the unclipped one exactly and ``value/clip_frac`` counts clipping,
+        # not the rounding of V_old + (V − V_old).
+        v_clipped = torch.clamp(v, v_old - clip_range, v_old + clip_range)
         clipped_error = (v_clipped - r) ** 2
         per_token = 0.5 * torch.maximum(error, clipped_error)
         clipped_larger = clipped_error > error

@@ -48,6 +48,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from vlalign.config import StrictFields
+from vlalign.data.chat import feature_token_ids
 from vlalign.data.collate import (
     TOKEN_SPAN_KEYS,
     EncodedPrompts,
@@ -56,7 +57,6 @@ from vlalign.data.collate import (
     build_prompt_rows,
     encode_prompts,
     end_of_turn_ids,
-    image_token_ids,
     pad_token_id_of,
     tokenizer_of,
 )
@@ -92,6 +92,10 @@ class GenerationSettings(StrictFields):
     vllm_sleep: bool = False
     """engine = vllm: free the engine's weights and KV cache during the update and wake it for the next
     rollout (GPU only; vLLM's CPU build has no sleep mode)."""
+    vllm_server: str = ""
+    """engine = vllm: URL of a running ``vlalign rollout-server`` (e.g. http://rollout-host:8000) that
+    generates instead of an engine in this process; the policy's weights are pushed to it after every
+    update (docs/vllm.md). Empty: the engine lives beside the policy."""
 
 
 @dataclass
@@ -342,7 +346,8 @@ def generate_batch(
 # ------------------------------------------------------------------------------------ driver
 
 
-def _decode_text(tok: Any, ids: list[int], stopped: bool) -> str:
+def decode_text(tok: Any, ids: list[int], stopped: bool) -> str:
+    """A completion's text: its ids less the stop token (when it stopped), special tokens skipped, stripped."""
     body = ids[:-1] if stopped else ids
     return tok.decode(body, skip_special_tokens=True).strip()
 
@@ -380,7 +385,7 @@ def generate(
     pad = pad_token_id_of(processor)
     tok = tokenizer_of(processor)
     stop_ids = stop_token_ids(model, processor)
-    suppress = image_token_ids(processor)
+    suppress = feature_token_ids(processor)
     rows_per_prompt = n if temperature > 0 else 1
     result = Generations(sample_ids=[s.id for s in samples], texts=[], token_ids=[], stopped=[])
     was_training = model.training
@@ -415,7 +420,7 @@ def generate(
                 g_stop = [stopped[r] for r in group] * (n // rows_per_prompt)
                 result.token_ids.append([list(x) for x in g_ids])
                 result.stopped.append(g_stop)
-                result.texts.append([_decode_text(tok, x, s) for x, s in zip(g_ids, g_stop)])
+                result.texts.append([decode_text(tok, x, s) for x, s in zip(g_ids, g_stop)])
                 result.new_tokens += sum(len(x) for x in g_ids)
             bar.update(len(chunk))
             result.seconds = time.perf_counter() - start
@@ -448,6 +453,7 @@ __all__ = [
     "GenerationSettings",
     "Generations",
     "completion_uniforms",
+    "decode_text",
     "filter_logits",
     "generate",
     "generate_batch",

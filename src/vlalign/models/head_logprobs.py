@@ -37,7 +37,7 @@ block), so the two agree to float rounding (tested in ``tests/models/test_head_l
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -51,10 +51,70 @@ BLOCK_ROWS = 8192
 logits per block for 1,024 scored tokens (the full path holds 594 MiB for them)."""
 
 CHUNKED_MIN_VOCAB = 32_768
-"""``logits_mode="auto"`` picks the chunked path from this many vocabulary rows up (Qwen's 151,936,
-Gemma3's 262,208, Idefics3's 49,152; LLaVA-1.5's 32,000 and the tiny test models stay on the full
-path). Below it, the logits of a step are small next to the model's own activations and the
-chunked path saves nothing worth its extra matrix product."""
+"""Off CUDA, ``logits_mode="auto"`` picks the chunked path from this many vocabulary rows up
+(Qwen's 151,936, Gemma3's 262,208, Idefics3's 49,152; LLaVA-1.5's 32,000 and the tiny test models
+stay on the full path). Below it, the logits of a step are small next to the model's own
+activations and the chunked path saves nothing worth its extra matrix product."""
+
+FULL_LOGITS_MAX_SHARE = 0.25
+"""On CUDA, ``logits_mode="auto"`` keeps the full logits while their estimate
+(:func:`full_logits_bytes`) is at most this share of the device's free memory, and chunks above
+it. A GPU runs the full path's few large kernels faster than the chunked path's many small ones
+(an H100 in bf16: GRPO 2 x 8 on ``bench-vocab`` 1.34x slower chunked), so the chunked head pays
+there only for the memory it saves; the other three quarters are left to the model's own
+activations, which the estimate does not count."""
+
+FULL_LOGITS_BYTES_PER_ENTRY_F32 = 12
+"""Float32 bytes per (position, vocabulary row) entry that the full path holds besides two copies
+in the head's dtype: the float32 copy, its division by the temperature and the log-softmax output
+(saved for the backward). See :func:`full_logits_bytes`."""
+
+
+def full_logits_bytes(positions: int, vocab: int, dtype: torch.dtype) -> int:
+    """An upper bound of the memory the full path's logits take for ``positions`` scored slots.
+
+    The full path (:mod:`vlalign.models.logprobs`) creates, per position and vocabulary row: the
+    model's kept logits and their gathered copy, in ``dtype`` (the head's, or the autocast dtype),
+    then the float32 copy, its division by the temperature and the log-softmax output that
+    autograd keeps: ``positions x vocab x (2 x itemsize + 12)`` bytes, the sum of all of them
+    although not all are alive at once (in float32 the float copy is no copy at all). The DPO
+    step of ``benchmarks/layouts.py`` on ``bench-vocab`` (280 slots, float32: 811 MiB by this
+    bound) peaked at 571 MiB of activations in that forward, the model's own included. The
+    backward's gradients of the same shapes replace these tensors; they do not add to them.
+    """
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return positions * vocab * (2 * itemsize + FULL_LOGITS_BYTES_PER_ENTRY_F32)
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def auto_logits_mode(
+    device_type: str, vocab: int, positions: int, dtype: torch.dtype, free_bytes: int | None
+) -> tuple[Literal["chunked", "full"], str]:
+    """What ``logits_mode="auto"`` means, ``("chunked" | "full", why)``: a pure function of its inputs.
+
+    ``device_type`` the head's device (``"cpu"``, ``"cuda"`` ...), ``vocab`` its rows,
+    ``positions`` the slots the full path would score (``R x L``, padding included), ``dtype``
+    the logits' dtype, ``free_bytes`` the device's free memory (CUDA; None when unknown).
+
+    - Off CUDA: chunked from :data:`CHUNKED_MIN_VOCAB` rows up (on a CPU the chunked head is
+      faster and smaller at every size measured: the full logits' passes are memory-bound).
+    - On CUDA: full while :func:`full_logits_bytes` is at most :data:`FULL_LOGITS_MAX_SHARE` of
+      ``free_bytes``, else chunked; with ``free_bytes`` unknown, the rule off CUDA.
+    """
+    if device_type != "cuda" or free_bytes is None:
+        chosen: Literal["chunked", "full"] = "chunked" if vocab >= CHUNKED_MIN_VOCAB else "full"
+        return chosen, f"{vocab:,} rows, chunked from {CHUNKED_MIN_VOCAB:,} rows on {device_type}"
+    need, limit = full_logits_bytes(positions, vocab, dtype), FULL_LOGITS_MAX_SHARE * free_bytes
+    size = f"{positions:,} positions x {vocab:,} rows in {str(dtype).removeprefix('torch.')}"
+    if need <= limit:
+        return (
+            "full",
+            f"full logits {_gib(need)} ({size}) within {FULL_LOGITS_MAX_SHARE:.0%} of {_gib(free_bytes)} free",
+        )
+    return "chunked", f"full logits {_gib(need)} ({size}) over {FULL_LOGITS_MAX_SHARE:.0%} of {_gib(free_bytes)} free"
 
 
 def _chunk_logits(
@@ -93,15 +153,18 @@ def _blocked_forward(
     for i, v0 in enumerate(starts):
         v1 = min(v0 + rows, vocab)
         y, _ = _chunk_logits(hidden, weight[v0:v1], bias[v0:v1] if bias is not None else None, softcap)
-        z = y.float().div_(temperature)  # (N, V_b); y is ours to overwrite
+        z = y.float()  # (N, V_b); y is ours to overwrite (z is y itself in float32)
         del y
+        if temperature != 1.0:  # x / 1 == x exactly: skip the pass
+            z.div_(temperature)
+        hit = ((targets >= v0) & (targets < v1)).nonzero().squeeze(-1)
+        target_logits[hit] = z[hit, targets[hit] - v0]
         maxes[:, i] = z.max(dim=-1).values
-        e = (z - maxes[:, i, None]).exp_()
+        # without the entropy, z is not needed after its exponentials: compute them in place
+        e = (z - maxes[:, i, None]).exp_() if moments is not None else z.sub_(maxes[:, i, None]).exp_()
         sums[:, i] = e.sum(-1)
         if moments is not None:
             moments[:, i] = (e * z).sum(-1)
-        hit = ((targets >= v0) & (targets < v1)).nonzero().squeeze(-1)
-        target_logits[hit] = z[hit, targets[hit] - v0]
         del z, e
     top = maxes.max(dim=-1).values  # (N,)
     scale = (maxes - top[:, None]).exp_()
@@ -152,9 +215,12 @@ class _HeadLogprobs(torch.autograd.Function):
             v1 = min(v0 + rows, vocab)
             w = weight[v0:v1]
             y, squashed = _chunk_logits(hidden, w, bias[v0:v1] if bias is not None else None, ctx.softcap)
-            logp = y.float().div_(temperature).sub_(lse[:, None])  # (N, V_b) log p
+            logp = y.float()  # (N, V_b), y itself in float32
             del y
-            p = logp.exp()
+            if temperature != 1.0:
+                logp.div_(temperature)
+            logp.sub_(lse[:, None])  # log p
+            p = logp.exp() if ctx.return_entropy else logp.exp_()  # logp is not needed without the entropy
             # dL/dz = g_logp ([v = t] - p) + g_ent (-p (log p + H))
             if ctx.return_entropy:
                 grad_z = logp.add_(entropy[:, None]).mul_(p).mul_(-grad_entropy[:, None])
@@ -163,14 +229,14 @@ class _HeadLogprobs(torch.autograd.Function):
                 grad_z = p.mul_(-g_logp)
             hit = ((targets >= v0) & (targets < v1)).nonzero().squeeze(-1)
             grad_z.index_put_((hit, targets[hit] - v0), g_logp[hit, 0], accumulate=True)
-            grad_y = grad_z.div_(temperature).to(weight.dtype)
+            grad_y = (grad_z.div_(temperature) if temperature != 1.0 else grad_z).to(weight.dtype)
             del grad_z, logp, p
             if squashed is not None:
                 grad_y = grad_y * (1 - squashed * squashed)
             if grad_h is not None:
                 grad_h += grad_y @ w
-            if grad_w is not None:
-                grad_w[v0:v1] = grad_y.t() @ hidden
+            if grad_w is not None:  # written in place: no (V_b, H) temporary and copy per block
+                torch.mm(grad_y.t(), hidden, out=grad_w[v0:v1])
             if grad_b is not None:
                 grad_b[v0:v1] = grad_y.sum(0)
         return (grad_h.to(hidden.dtype) if grad_h is not None else None), grad_w, grad_b, None, None, None, None, None

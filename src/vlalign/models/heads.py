@@ -132,8 +132,10 @@ class _Headed(nn.Module):
         mode: Mode = "shared",
         pad_token_id: int = 0,
         max_length: int | None = None,
+        pack_length: int | None = None,
     ) -> CompletionLogprobs:
-        """The backbone's forward over ``completions[i][j]`` given prompt ``i``, hidden states included."""
+        """The backbone's forward over ``completions[i][j]`` given prompt ``i``, hidden states included
+        (``pack_length``: several prompts per row, as ``completion_logprobs`` packs them)."""
         return completion_logprobs(
             self.backbone,
             prompts,
@@ -142,6 +144,7 @@ class _Headed(nn.Module):
             return_hidden=True,
             pad_token_id=pad_token_id,
             max_length=max_length,
+            pack_length=pack_length,
         )
 
 
@@ -177,8 +180,11 @@ class CriticModel(_Headed):
         mode: Mode = "shared",
         pad_token_id: int = 0,
         max_length: int | None = None,
+        pack_length: int | None = None,
     ) -> Tensor:
-        out = self.hidden(prompts, completions, mode=mode, pad_token_id=pad_token_id, max_length=max_length)
+        out = self.hidden(
+            prompts, completions, mode=mode, pad_token_id=pad_token_id, max_length=max_length, pack_length=pack_length
+        )
         return token_scores(self.head, out)
 
 

@@ -42,6 +42,7 @@ from vlalign.config import StrictFields
 from vlalign.data.chat import tokenizer_of
 from vlalign.errors import UserError
 from vlalign.models.load_checks import from_pretrained, missing_pieces
+from vlalign.models.quantization import is_quantized, keep_training_layout, report_kernel_notice
 
 LANGUAGE_NAMES = ("language_model", "text_model")
 VISION_NAMES = ("visual", "vision_tower", "vision_model")
@@ -347,7 +348,7 @@ def load_model_and_processor(
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-        _keep_training_layout(model)
+        keep_training_layout(model)
         device = None
     missing = missing_pieces(model, processor)
     if missing:
@@ -373,6 +374,7 @@ def nf4_config(quantization: str, compute_dtype: torch.dtype, lora: LoraSpec | N
         import bitsandbytes  # noqa: F401  (transformers imports it too; checked here for a one-line error)
     except ImportError as exc:
         raise ModelLoadError("quantization='nf4' needs the bitsandbytes package: pip install 'vlalign[qlora]'") from exc
+    report_kernel_notice()
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(
@@ -382,25 +384,6 @@ def nf4_config(quantization: str, compute_dtype: torch.dtype, lora: LoraSpec | N
         bnb_4bit_compute_dtype=compute_dtype,
         llm_int8_skip_modules=list(NF4_SKIPPED),
     )
-
-
-def _keep_training_layout(model: nn.Module) -> None:
-    """Keep every 4-bit layer on its training kernel in eval mode too.
-
-    bitsandbytes 0.50 repacks a ``Linear4bit``'s weight, on a CPU with AVX512-BF16, into an
-    inference-only layout at its first eval-mode forward without gradients (a reference or rollout
-    pass); every training forward after that fails (``result += bias`` on a leaf view) and the
-    eval-mode log-probs come from another kernel than the training ones. The module's own
-    ``support_avx512bf16_for_cpu`` flag switches that repacking off.
-    """
-    for module in model.modules():
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
-
-
-def is_quantized(model: nn.Module) -> bool:
-    """Whether ``model`` (or the base of a PEFT model) was loaded in 4-bit (:func:`nf4_config`)."""
-    return any(type(m).__name__ == "Linear4bit" for m in model.modules())
 
 
 def _set_up(

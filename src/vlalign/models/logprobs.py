@@ -26,8 +26,9 @@ Both modes run the vocabulary projection on completion positions alone; the spee
 
 The LM head: ``logits_mode``
 ----------------------------
-``"chunked"`` (what the default ``"auto"`` picks for a head of at least
-:data:`~vlalign.models.head_logprobs.CHUNKED_MIN_VOCAB` rows, e.g. Qwen's 151,936): the model's
+``"chunked"`` (what the default ``"auto"`` picks on a CPU for a head of at least
+:data:`~vlalign.models.head_logprobs.CHUNKED_MIN_VOCAB` rows, e.g. Qwen's 151,936, and on a GPU
+when the full logits would not fit: :func:`~vlalign.models.head_logprobs.auto_logits_mode`): the model's
 forward runs with its LM head computing ONE position (a forward pre-hook on the head keeps the
 last hidden states of the scored positions and hands the head a single row), and the log-probs
 (and entropies) of the completion tokens are computed from
@@ -100,8 +101,9 @@ from torch import Tensor, nn
 
 from vlalign.data.collate import EncodedPrompts, build_rows
 from vlalign.models.arch import cache_sharing, sharing_unsupported, text_config, unwrap
-from vlalign.models.head_logprobs import CHUNKED_MIN_VOCAB, chunked_outputs, plain_head, probe_softcap
+from vlalign.models.head_logprobs import auto_logits_mode, chunked_outputs, plain_head, probe_softcap
 from vlalign.models.input_checks import check_inputs
+from vlalign.models.memory import cuda_free_bytes
 from vlalign.models.moe import RouterCapture, layout_tokens, router_logits_off
 from vlalign.models.packed_inputs import packing_problem, shared_inputs, sliding_window_problem
 from vlalign.models.packing import Completions, Layout, gather_tokens, naive_layout, packed_layout
@@ -115,9 +117,10 @@ LogitsMode = Literal["auto", "chunked", "full"]
 _logged: set[str] = set()
 
 
-def _log_once(message: str, *, info: bool = False) -> None:
-    if message not in _logged:
-        _logged.add(message)
+def _log_once(message: str, *, info: bool = False, key: str | None = None) -> None:
+    """Log ``message`` the first time it (or ``key``, when given) comes."""
+    if (key or message) not in _logged:
+        _logged.add(key or message)
         (logger.info if info else logger.warning)(message)
 
 
@@ -330,14 +333,22 @@ def _score(
     return outs, logits_mode
 
 
-def resolve_logits_mode(model: nn.Module, logits_mode: LogitsMode) -> LogitsMode:
-    """``"auto"`` as the path it means for ``model`` (logged once); other modes unchanged."""
+def resolve_logits_mode(model: nn.Module, logits_mode: LogitsMode, positions: int = 0) -> LogitsMode:
+    """``"auto"`` as the path it means for ``model`` scoring ``positions`` slots
+    (:func:`~vlalign.models.head_logprobs.auto_logits_mode`; logged once per path with its reason);
+    other modes unchanged."""
     if logits_mode != "auto":
         return logits_mode
     head = unwrap(model).get_output_embeddings()
     rows = int(getattr(head, "out_features", 0) or getattr(text_config(model), "vocab_size", 0) or 0)
-    chosen: LogitsMode = "chunked" if rows >= CHUNKED_MIN_VOCAB else "full"
-    _log_once(f"LM head: logits_mode='auto' -> {chosen!r} ({rows:,} rows, chunked from {CHUNKED_MIN_VOCAB})", info=True)
+    weight = getattr(head, "weight", None)
+    device = weight.device if isinstance(weight, Tensor) else torch.device("cpu")
+    dtype = weight.dtype if isinstance(weight, Tensor) else torch.float32
+    if torch.is_autocast_enabled(device.type):
+        dtype = torch.get_autocast_dtype(device.type)
+    free = cuda_free_bytes(device) if device.type == "cuda" else None
+    chosen, why = auto_logits_mode(device.type, rows, positions, dtype, free)
+    _log_once(f"LM head: logits_mode='auto' -> {chosen!r} ({why})", info=True, key=f"logits_mode auto {chosen}")
     return chosen
 
 
@@ -403,9 +414,8 @@ def completion_logprobs(
 
     ``logits_mode`` picks the LM-head path (module doc): ``"chunked"`` holds the logits of
     ``block_rows`` vocabulary rows at a time (default :data:`~vlalign.models.head_logprobs.BLOCK_ROWS`),
-    ``"full"`` materialises the kept logits; ``"auto"`` (the default) is ``"chunked"`` when the
-    LM head has at least :data:`~vlalign.models.head_logprobs.CHUNKED_MIN_VOCAB` rows, else
-    ``"full"`` (:func:`resolve_logits_mode`).
+    ``"full"`` materialises the kept logits; ``"auto"`` (the default) picks one by the device,
+    the head's size and the free memory (:func:`~vlalign.models.head_logprobs.auto_logits_mode`).
 
     ``pack_length``: consecutive prompts with their completions share rows of at most that many
     tokens (:func:`~vlalign.models.packing.pack_prompts`); useful-token fraction = num_tokens / num_slots.
@@ -420,12 +430,12 @@ def completion_logprobs(
         raise ValueError(f"mode must be 'shared' or 'naive', not {mode!r}")
     if logits_mode not in ("chunked", "full", "auto"):
         raise ValueError(f"logits_mode must be 'chunked' or 'full' (or 'auto'), not {logits_mode!r}")
-    logits_mode = resolve_logits_mode(model, logits_mode)
     check_inputs(model, prompts, completions, max_length)
     device = next(model.parameters()).device
     with RouterCapture(model) as routers:  # MoE: the router logits of the forward(s) (vlalign.models.moe)
         mode, layout, inputs = _layout_and_inputs(model, prompts, completions, mode, pad_token_id, device, pack_length)
         token_ids = gather_tokens(layout.input_ids, layout)
+        logits_mode = resolve_logits_mode(model, logits_mode, positions=layout.mask.numel())
         outs, ran = _score(
             model,
             inputs,

@@ -20,12 +20,13 @@ one set of tokens. On a forward with a 2-D mask this is exactly the model's ``au
 :func:`add_router_aux_loss` is what every recipe calls on its loss: ``loss + coef * aux_loss``
 (a no-op for dense models), weighted by the micro-batch's share of the optimiser step, with the
 unweighted aux loss written to the step's metrics (``train/router_aux_loss``).
+:class:`StepRouterLoss` does the same over a step's micro-batches and logs their weighted mean.
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -77,40 +78,67 @@ def _router_class(model: nn.Module) -> tuple[type[nn.Module], int] | None:
     return None
 
 
+@dataclass
+class _Forward:
+    """One recorded forward: each router layer's logits ``(tokens, experts)`` and its real tokens."""
+
+    logits: list[Tensor]
+    mask: Tensor | None
+    """The forward's ``(rows, T)`` 2-D attention mask cut to its own T tokens, or None until a
+    capture's ``default_mask`` fills it in (a forward that took a 4-D block mask)."""
+
+
+_ACTIVE: dict[int, list[RouterCapture]] = {}
+"""The captures active on each model (by ``id`` of its Hugging Face module), outermost first."""
+
+
 class RouterCapture:
     """Records each forward's router logits and real-token mask while active; a no-op for dense models.
 
-    ``forwards[f]`` is ``(logits, mask)`` of the f-th forward of the model run under the capture:
+    ``forwards[f]`` is the f-th forward of the model run under the capture (:class:`_Forward`):
     the per-layer router logits ``(tokens, experts)`` and the forward's ``(rows, T)`` 2-D attention
     mask cut to its own T tokens (a cached forward's mask also covers the cache), or None when the
     forward took another kind of mask (the packed layout's 4-D block mask).
+
+    Captures nest: a recipe's capture around a call that captures again inside (the reward model's
+    forward runs :func:`~vlalign.models.logprobs.completion_logprobs`, which knows the packed
+    layout's real tokens) records the same forwards, and the masks the inner capture's
+    ``default_mask`` fills in serve the outer one too.
     """
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self.active = router_aux_coef(model) is not None
-        self.forwards: list[tuple[list[Tensor], Tensor | None]] = []
+        self.forwards: list[_Forward] = []
         self._handles: list[Any] = []
+        self._key: int | None = None
 
     def __enter__(self) -> RouterCapture:
         found = _router_class(self.model) if self.active else None
         if found is None:
             self.active = False
             return self
-        cls, index = found
         inner = _language_model(self.model)
+        self._key = id(inner)
+        stack = _ACTIVE.setdefault(self._key, [])
+        stack.append(self)
+        if len(stack) > 1:
+            return self  # the outermost capture's hooks record for every capture of this model
+        cls, index = found
 
         def start(module: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
             ids = kwargs.get("input_ids", args[0] if args else None)
             tokens = ids.shape[1] if isinstance(ids, Tensor) else kwargs["inputs_embeds"].shape[1]
             mask = kwargs.get("attention_mask")
             two_d = isinstance(mask, Tensor) and mask.ndim == 2
-            self.forwards.append(([], mask[:, -tokens:] if two_d else None))
+            forward = _Forward([], mask[:, -tokens:] if two_d else None)
+            for capture in stack:
+                capture.forwards.append(forward)
 
         def keep(module: nn.Module, args: Any, output: Any) -> None:
             value = output[index] if isinstance(output, (tuple, list)) else output
-            if self.forwards:
-                self.forwards[-1][0].append(value.reshape(-1, value.shape[-1]))
+            if stack and stack[0].forwards:
+                stack[0].forwards[-1].logits.append(value.reshape(-1, value.shape[-1]))
 
         self._handles = [inner.register_forward_pre_hook(start, with_kwargs=True)]
         self._handles += [m.register_forward_hook(keep) for m in inner.modules() if isinstance(m, cls)]
@@ -120,6 +148,13 @@ class RouterCapture:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        if self._key is not None:
+            stack = _ACTIVE.get(self._key, [])
+            if self in stack:
+                stack.remove(self)
+            if not stack:
+                _ACTIVE.pop(self._key, None)
+            self._key = None
 
     def result(self, default_mask: Tensor | None = None) -> RouterLoss:
         """The recorded forwards' :class:`RouterLoss` (see :meth:`aux_loss`)."""
@@ -132,15 +167,12 @@ class RouterCapture:
         """
         if not self.active or not self.forwards:
             return None
-        logits, masks = [], []
-        for layers, mask in self.forwards:
-            if mask is None:
+        for forward in self.forwards:
+            if forward.mask is None:
                 if default_mask is None:
                     raise ValueError("a forward without a 2-D attention mask needs default_mask")
-                mask = default_mask
-            logits.append(tuple(layers))
-            masks.append(mask)
-        return router_aux_loss(self.model, logits, masks)
+                forward.mask = default_mask  # an enclosing capture of the same forward reads it too
+        return router_aux_loss(self.model, [tuple(f.logits) for f in self.forwards], [f.mask for f in self.forwards])
 
 
 def layout_tokens(layout: Any) -> Tensor:
@@ -205,3 +237,40 @@ def add_router_aux_loss(
     if metrics is not None:
         metrics[ROUTER_METRIC] = aux.detach()
     return loss + (weight * coef) * aux.to(loss.device)
+
+
+class StepRouterLoss:
+    """The router loss of one optimiser step: added to each micro-batch's loss, logged once for the step.
+
+    ``add(loss, scored, weight=share)`` is :func:`add_router_aux_loss` (``loss + share * coef * aux``)
+    that also keeps ``share * aux`` and ``share``; ``metrics(reduce)`` gives ``train/router_aux_loss``
+    as the mean of the step's micro-batches' aux losses weighted by their shares, over every process
+    (``reduce``: a sum over processes, e.g. ``lambda t: accelerator.reduce(t, "sum")``)::
+
+        metric = sum_i share_i * aux_i / sum_i share_i
+
+    ``share`` is the micro-batch's part of the step as its loss counts it (SFT: completion tokens;
+    reward model: pairs), so the step added ``coef * metric * sum_i share_i`` to its loss.
+    A dense model, or a config that asks for no router loss, gives ``{}`` and adds nothing.
+    """
+
+    def __init__(self, model: nn.Module, device: torch.device | str = "cpu") -> None:
+        self.active = router_aux_coef(model) is not None
+        self._sums = torch.zeros(2, dtype=torch.float64, device=device)  # [sum share * aux, sum share]
+
+    def add(self, loss: Tensor, scored: HasRouterLoss, *, weight: Any = 1.0) -> Tensor:
+        """``loss`` with the micro-batch's router loss added (:func:`add_router_aux_loss`); records it."""
+        aux = scored.router_aux_loss
+        if aux is not None and scored.router_aux_coef is not None:
+            share = torch.as_tensor(weight, dtype=torch.float64).detach().to(self._sums.device)
+            self._sums = self._sums + torch.stack([share * aux.detach().to(self._sums), share])
+        return add_router_aux_loss(loss, scored, weight=weight)
+
+    def metrics(self, reduce: Callable[[Tensor], Tensor] | None = None) -> dict[str, Tensor]:
+        """``{ROUTER_METRIC: weighted mean}`` over the step (every process calls it: ``reduce`` is collective)."""
+        if not self.active:
+            return {}
+        sums = reduce(self._sums) if reduce is not None else self._sums
+        if float(sums[1]) <= 0:
+            return {}
+        return {ROUTER_METRIC: (sums[0] / sums[1]).float()}

@@ -161,6 +161,24 @@ def useful_token_counts(
 
 
 @dataclass
+class TokenSlots:
+    """Tokens that forwards processed and the slots of their rows, summed over the forwards added
+    (``CompletionLogprobs.num_tokens`` and ``num_slots``); ``tokens / slots`` is their useful-token
+    fraction (1: no padding)."""
+
+    tokens: int = 0
+    slots: int = 0
+
+    def add(self, num_tokens: int, num_slots: int) -> None:
+        self.tokens += num_tokens
+        self.slots += num_slots
+
+    def fraction(self) -> float | None:
+        """``tokens / slots`` (None when nothing was counted)."""
+        return self.tokens / self.slots if self.slots else None
+
+
+@dataclass
 class _Rows:
     """The tensors :func:`packed_layout` fills."""
 

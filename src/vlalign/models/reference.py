@@ -35,83 +35,19 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
 
 from vlalign.data.collate import IGNORE_INDEX, EncodedPrompts
-from vlalign.data.schema import ImageLike, load_image
-from vlalign.models.arch import unwrap, unwrap_parallel
+from vlalign.models.arch import unwrap_parallel
+from vlalign.models.fingerprints import model_fingerprint, prompt_content_hash
 from vlalign.models.logprobs import CompletionLogprobs, Mode, completion_logprobs
 from vlalign.models.packing import Completions
 
 ReferenceName = Literal["copy", "adapter", "precomputed"]
 CACHE_FORMAT = 1
-
-
-# -------------------------------------------------------------------------------- fingerprints
-
-
-def _normalise_name(name: str) -> str:
-    """Parameter name with PEFT's wrappers removed (so a base model and its LoRA-wrapped self agree)."""
-    for prefix in ("base_model.model.",):
-        if name.startswith(prefix):
-            name = name[len(prefix) :]
-    return name.replace(".base_layer.", ".").replace(".original_module.", ".")
-
-
-def _is_adapter(name: str) -> bool:
-    return "lora_" in name or ".modules_to_save." in name
-
-
-def model_fingerprint(model: nn.Module, *, base_only: bool = False) -> str:
-    """A hash of the model's class, config and every parameter and buffer (names, dtypes, shapes, bytes).
-
-    ``base_only`` skips LoRA weights and PEFT's trainable module copies and strips PEFT's name
-    wrappers, so the adapter-disabled model fingerprints like the plain base model. Hashing reads
-    every weight once (about a second per GB).
-    """
-    inner = unwrap(model)
-    digest = hashlib.blake2b(digest_size=20)
-    config = getattr(inner, "config", None)
-    digest.update(type(inner).__name__.encode())
-    if config is not None:
-        digest.update(config.to_json_string(use_diff=False).encode())
-    tensors = [(n, t) for n, t in model.state_dict().items() if not (base_only and _is_adapter(n))]
-    for name, tensor in sorted(((_normalise_name(n) if base_only else n, t) for n, t in tensors), key=lambda x: x[0]):
-        data = tensor.detach().to("cpu").contiguous()
-        digest.update(f"{name}|{data.dtype}|{tuple(data.shape)}".encode())
-        digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
-def prompt_content_hash(prompts: EncodedPrompts, i: int) -> str:
-    """Hash of prompt ``i`` as the model sees it: token ids, per-token fields and its image tensors.
-
-    The image tensors are the processor's output for this prompt's images, so a changed image
-    (or a changed image processor) gives a different hash.
-    """
-    digest = hashlib.blake2b(digest_size=20)
-    digest.update(torch.tensor(prompts.input_ids[i], dtype=torch.long).numpy().tobytes())
-    for key in sorted(prompts.token_fields):
-        digest.update(key.encode() + torch.tensor(prompts.token_fields[key][i], dtype=torch.long).numpy().tobytes())
-    for key in sorted(prompts.vision):
-        part = prompts.vision[key][prompts.vision_rows[key][i]].detach().to("cpu").contiguous()
-        digest.update(f"{key}|{part.dtype}|{tuple(part.shape)}".encode())
-        digest.update(part.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
-def sample_content_hash(prompt: Any, images: Sequence[ImageLike]) -> str:
-    """Hash of a raw sample: its conversation (as JSON) and its images' decoded pixels."""
-    digest = hashlib.blake2b(digest_size=20)
-    digest.update(json.dumps(prompt, sort_keys=True, default=str).encode())
-    for image in images:
-        img = load_image(image)
-        digest.update(f"{img.mode}|{img.size}".encode())
-        digest.update(img.tobytes())
-    return digest.hexdigest()
 
 
 # ------------------------------------------------------------------------------- the interface
@@ -144,8 +80,11 @@ class ReferencePolicy(ABC):
         *,
         sample_keys: Sequence[str] | None = None,
         temperature: float = 1.0,
+        pack_length: int | None = None,
     ) -> CompletionLogprobs:
-        """Per-token reference log-probs of ``completions[i][j]`` given prompt ``i`` (flat order)."""
+        """Per-token reference log-probs of ``completions[i][j]`` given prompt ``i`` (flat order).
+        ``pack_length``: several prompts per row of at most that many tokens (``completion_logprobs``'s
+        packing: the same log-probs in fewer slots; None: one prompt per row)."""
 
     @abstractmethod
     def fingerprint(self) -> str:
@@ -173,6 +112,7 @@ class _ModelReference(ReferencePolicy):
         *,
         sample_keys: Sequence[str] | None = None,
         temperature: float = 1.0,
+        pack_length: int | None = None,
     ) -> CompletionLogprobs:
         with torch.no_grad(), self._context(), eval_mode(self.model):
             result = completion_logprobs(
@@ -182,6 +122,7 @@ class _ModelReference(ReferencePolicy):
                 mode=self.mode,
                 temperature=temperature,
                 pad_token_id=self.pad_token_id,
+                pack_length=pack_length,
             )
         self.num_forwards += 1
         return result.detach()
@@ -225,6 +166,25 @@ class AdapterDisabledReference(_ModelReference):
     def fingerprint(self) -> str:
         if self._fingerprint is None:
             self._fingerprint = model_fingerprint(unwrap_parallel(self.model), base_only=True)
+        return self._fingerprint
+
+
+class StartingPolicyReference(_ModelReference):
+    """The policy itself, scored before it trains: what a frozen copy computes, without the copy.
+
+    Only as the source of a :class:`PrecomputedReference` filled before the first optimiser step
+    and released after (its fingerprint is taken here, from the starting weights): for a policy
+    whose frozen copy would not fit in memory.
+    """
+
+    name = "policy"
+
+    def __init__(self, model: nn.Module, *, mode: Mode = "shared", pad_token_id: int = 0) -> None:
+        super().__init__(model, mode=mode, pad_token_id=pad_token_id)
+        self._fingerprint = model_fingerprint(unwrap_parallel(model))
+
+    def fingerprint(self) -> str:
+        assert self._fingerprint is not None
         return self._fingerprint
 
 
@@ -326,6 +286,7 @@ class PrecomputedReference(ReferencePolicy):
         *,
         sample_keys: Sequence[str] | None = None,
         temperature: float = 1.0,
+        pack_length: int | None = None,
     ) -> CompletionLogprobs:
         if sample_keys is None:
             sample_keys = [prompt_content_hash(prompts, i) for i in range(len(prompts))]
@@ -339,7 +300,7 @@ class PrecomputedReference(ReferencePolicy):
             for j, k in enumerate(group)
             if k not in entries or entries[k].numel() != len(completions[i][j])
         ]
-        computed = self._compute(prompts, completions, keys, missing, temperature) if missing else 0
+        computed = self._compute(prompts, completions, keys, missing, temperature, pack_length) if missing else 0
         self.num_hits += sum(len(g) for g in keys) - len(missing)
         return self._assemble(completions, keys, computed)
 
@@ -350,6 +311,7 @@ class PrecomputedReference(ReferencePolicy):
         keys: list[list[str]],
         missing: list[tuple[int, int]],
         temperature: float,
+        pack_length: int | None = None,
     ) -> int:
         if self.source is None:
             i, j = missing[0]
@@ -361,7 +323,10 @@ class PrecomputedReference(ReferencePolicy):
         need = sorted({i for i, _ in missing})
         wanted = {i: [j for ii, j in missing if ii == i] for i in need}
         result = self.source.logprobs(
-            prompts.select(need), [[completions[i][j] for j in wanted[i]] for i in need], temperature=temperature
+            prompts.select(need),
+            [[completions[i][j] for j in wanted[i]] for i in need],
+            temperature=temperature,
+            pack_length=pack_length,
         )
         self.num_forwards += 1
         new: dict[str, Tensor] = {}
@@ -440,12 +405,15 @@ def make_reference(
     cache_dir: str | os.PathLike | None = None,
     mode: Mode = "shared",
     pad_token_id: int = 0,
+    copy_policy: bool = True,
 ) -> ReferencePolicy:
     """The reference strategy ``name`` for the policy ``model`` (build it before training starts).
 
     ``"precomputed"`` computes misses with the adapter-disabled model for a PEFT model, with a
     frozen copy otherwise (free it with ``release_source()`` once :meth:`~PrecomputedReference.precompute`
-    has run), and needs ``cache_dir``.
+    has run), or, with ``copy_policy=False``, with the policy itself (:class:`StartingPolicyReference`:
+    no copy in memory; fill the cache and release the source before the first optimiser step),
+    and needs ``cache_dir``.
     """
     if name == "copy":
         return FrozenCopyReference(model, mode=mode, pad_token_id=pad_token_id)
@@ -455,8 +423,7 @@ def make_reference(
         if cache_dir is None:
             raise ValueError("the 'precomputed' reference needs cache_dir (a folder for the cached log-probs)")
         peft = hasattr(unwrap_parallel(model), "disable_adapter")
-        source: ReferencePolicy = (AdapterDisabledReference if peft else FrozenCopyReference)(
-            model, mode=mode, pad_token_id=pad_token_id
-        )
+        kind = AdapterDisabledReference if peft else FrozenCopyReference if copy_policy else StartingPolicyReference
+        source: ReferencePolicy = kind(model, mode=mode, pad_token_id=pad_token_id)
         return PrecomputedReference(source, cache_dir)
     raise ValueError(f"unknown reference strategy {name!r}; choose one of {sorted(REFERENCE_STRATEGIES)}")

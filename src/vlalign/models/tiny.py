@@ -78,8 +78,9 @@ __all__ = [
 ARCHITECTURES: tuple[str, ...] = tuple(REGISTRY)
 """Architectures :func:`build_tiny_model` knows (:mod:`vlalign.models.tiny_archs`)."""
 
-BUILDER_VERSION = 3
-"""Bumped whenever a build's output changes, so that stale cached folders are rebuilt."""
+BUILDER_VERSION = 4
+"""Bumped whenever a build's output changes, so that stale cached folders are rebuilt (4: the ChatML
+template of Qwen2-VL / Qwen2.5-VL renders video parts; every model's weights as in 3)."""
 
 STAMP_FILE = "vlalign_tiny.json"
 

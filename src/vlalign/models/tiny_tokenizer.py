@@ -35,7 +35,9 @@ from transformers import GenerationConfig, PreTrainedTokenizerFast
 
 # ---------------------------------------------------------------------------------------------
 # Chat templates (Jinja). Every template accepts `content` as a string or as a list of parts
-# {"type": "image"} / {"type": "text", "text": ...}, in the Hugging Face conversational layout.
+# {"type": "image"} / {"type": "text", "text": ...}, in the Hugging Face conversational layout;
+# ChatML (Qwen2-VL, Qwen2.5-VL, whose processors take videos) also {"type": "video"}, written as
+# the real Qwen2-VL template writes it: <|vision_start|><|video_pad|><|vision_end|>.
 # ---------------------------------------------------------------------------------------------
 
 _PARTS = (
@@ -47,15 +49,25 @@ _PARTS = (
 )
 
 
-def _parts(image_markup: str) -> str:
-    """The content-rendering snippet with ``image_markup`` emitted for each image part."""
-    return _PARTS.replace("{{ IMAGE }}", image_markup)
+def _parts(image_markup: str, *, video_markup: str | None = None) -> str:
+    """The content-rendering snippet with ``image_markup`` emitted for each image part and, when
+    given, ``video_markup`` for each video part (without it a video part renders as nothing)."""
+    out = _PARTS.replace("{{ IMAGE }}", image_markup)
+    if video_markup is not None:
+        out = out.replace(
+            "{%- elif part['type'] == 'text' -%}",
+            "{%- elif part['type'] == 'video' -%}" + video_markup + "{%- elif part['type'] == 'text' -%}",
+        )
+    return out
 
 
 CHATML_TEMPLATE = (
     "{%- for message in messages -%}"
     "{{ '<|im_start|>' + message['role'] + '\\n' }}"
-    + _parts("{{ '<|vision_start|><|image_pad|><|vision_end|>' }}")
+    + _parts(
+        "{{ '<|vision_start|><|image_pad|><|vision_end|>' }}",
+        video_markup="{{ '<|vision_start|><|video_pad|><|vision_end|>' }}",
+    )
     + "{{ '<|im_end|>\\n' }}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"

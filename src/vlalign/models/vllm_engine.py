@@ -7,7 +7,10 @@ policy's weights after every update (:meth:`VLLMEngine.load_weights`: an in-memo
 policy's parameters changed since the last load), then its prefix and encoder caches are reset
 (stale KV from the old weights would otherwise be reused). On a GPU the engine can sleep during the
 update (``rollout.vllm_sleep``: weights and KV cache freed, woken for the next rollout); vLLM's
-CPU build has no sleep mode.
+CPU build has no sleep mode. On devices of its own, the same engine serves trainers over HTTP
+(``vlalign rollout-server``: :mod:`vlalign.models.rollout_server`, the trainer's side
+:mod:`vlalign.models.vllm_client`); the requests are built and the answers read by the functions of
+:mod:`vlalign.models.vllm_requests` in both cases.
 
 What the engine returns is what :func:`vlalign.models.generate.generate` returns
 (:class:`EngineGenerations`: the prompts' one processor call, the generated token ids with the
@@ -36,8 +39,8 @@ import time
 import urllib.error
 import urllib.request
 import weakref
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,9 +48,15 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from vlalign.data.collate import PromptLike, encode_prompts, image_token_ids, load_image, render_prompt, tokenizer_of
-from vlalign.errors import UserError
-from vlalign.models.generate import Generations, GenerationSettings, _decode_text, stop_token_ids, stream_seed
+from vlalign.data.collate import PromptLike
+from vlalign.models.generate import GenerationSettings
+from vlalign.models.vllm_requests import (
+    EngineGenerations,
+    PromptOutput,
+    RequestBatch,
+    VLLMError,
+    policy_generations,
+)
 
 SUPPORTED = ("qwen2_vl", "qwen2_5_vl", "llava", "idefics3")
 """``model_type`` values vLLM loads and the equivalence tests cover (tests/vllm_rollout)."""
@@ -57,10 +66,6 @@ NEWLINES = ("\n", "\n\n", "\n\n\n", "\n\n\n\n")
 
 EXPORT_DIR = "vllm-export"
 """Sub-folder of a model folder holding its vLLM-ready copy (renamed weight keys), when one is needed."""
-
-
-class VLLMError(UserError, RuntimeError):
-    """rollout.engine = vllm cannot be used here (vLLM missing, model it cannot load, server down)."""
 
 
 # ----------------------------------------------------------------------------- start-up checks
@@ -111,8 +116,8 @@ def served_models(url: str, *, timeout: float = 5.0) -> list[dict[str, Any]]:
     except (urllib.error.URLError, OSError, ValueError) as exc:
         reason = getattr(exc, "reason", exc)
         raise VLLMError(
-            f"rollout.vllm_server={url} is not reachable ({endpoint}: {reason}); start it (python -m "
-            "vllm.entrypoints.openai.api_server --model <folder>) or leave rollout.vllm_server empty"
+            f"rollout.vllm_server={url} is not reachable ({endpoint}: {reason}); start it (vlalign rollout-server "
+            "--model=<folder>; vLLM's own api_server lacks its /generate) or leave rollout.vllm_server empty"
         ) from None
     if not isinstance(body, dict) or not isinstance(body.get("data"), list):
         raise VLLMError(f"rollout.vllm_server={url}: {endpoint} did not answer as a vLLM server (no model list)")
@@ -222,13 +227,6 @@ def close_engines() -> None:
 
 
 @dataclass
-class EngineGenerations(Generations):
-    """:class:`Generations` plus the engine's log-prob of each generated token (``logps[i][k][t]``)."""
-
-    logps: list[list[list[float]]] = field(default_factory=list)
-
-
-@dataclass
 class VLLMOptions:
     """How the vLLM engine is built (the recipe fills this from ``rollout.vllm_*``)."""
 
@@ -290,11 +288,9 @@ class VLLMEngine:
             logprobs_mode="processed_logprobs",
             limit_mm_per_prompt={"image": 4},
         )
-        vocab = self.llm.llm_engine.model_config.get_vocab_size()
-        banned = set(image_token_ids(processor))
-        self.allowed = [i for i in range(vocab) if i not in banned]
+        self.vocab_size = self.llm.llm_engine.model_config.get_vocab_size()
+        self._allowed_ids: dict[tuple[int, ...], list[int]] = {}
         self.asleep = False
-        self.stop_ids: list[int] = []
         self.synced: tuple[int, int] | None = None
         OPEN.add(self)
 
@@ -313,12 +309,16 @@ class VLLMEngine:
     def load_weights(self, model: nn.Module) -> None:
         """Hand the policy's current weights to the engine (in memory, LoRA merged), then drop the
         prefix and encoder caches computed with the old weights."""
+        self.load_tensors((vllm_weight_name(self.model_type, n), t) for n, t in merged_weights(model))
+        self.synced = weights_version(model)
+
+    def load_tensors(self, weights: Iterable[tuple[str, Tensor]]) -> None:
+        """Load ``(name, tensor)`` pairs, vLLM's names (all of the model or whole layers of it: vLLM
+        processes a layer once all its weights arrived), then drop the prefix and encoder caches."""
         self.wake_up()
-        weights = ((vllm_weight_name(self.model_type, n), t) for n, t in merged_weights(model))
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
         self.llm.llm_engine.reset_encoder_cache()
         self.llm.reset_prefix_cache()
-        self.synced = weights_version(model)
 
     def sync(self, model: nn.Module) -> None:
         """:meth:`load_weights` when the policy changed since the last load (an optimiser step, a loaded
@@ -339,83 +339,67 @@ class VLLMEngine:
 
     # -- generation
 
-    def _params(self, *, temperature: float, top_p: float, top_k: int, max_new_tokens: int, seed: int | None) -> Any:
+    def _allowed(self, banned: Sequence[int]) -> list[int]:
+        key = tuple(sorted(set(banned)))
+        if key not in self._allowed_ids:
+            skip = set(key)
+            self._allowed_ids[key] = [i for i in range(self.vocab_size) if i not in skip]
+        return self._allowed_ids[key]
+
+    def run_batch(self, batch: RequestBatch) -> list[PromptOutput]:
+        """Generate the completion requests of ``batch`` (the model's current weights; the rollout
+        server calls this for its clients), one :class:`PromptOutput` per prompt."""
         from vllm import SamplingParams
 
-        return SamplingParams(
-            n=1,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            max_tokens=max_new_tokens,
-            seed=seed,
-            stop_token_ids=self.stop_ids,
-            logprobs=0,
-            allowed_token_ids=self.allowed,
-            detokenize=False,
-        )
-
-    def generate(
-        self,
-        model: nn.Module,
-        samples: Sequence[PromptLike],
-        *,
-        n: int = 1,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        max_new_tokens: int = 64,
-        seed: int = 0,
-        batch_size: int = 16,
-    ) -> EngineGenerations:
-        """``n`` completions per sample (greedy when ``temperature == 0``: decoded once, repeated), as
-        :func:`vlalign.models.generate.generate` with ``keep_prompts=True``. ``model`` is the policy:
-        its weights are loaded first if they changed since the engine last took them (:meth:`sync`)."""
-        start = time.perf_counter()
-        self.sync(model)
         self.wake_up()
-        self.stop_ids = stop_token_ids(model, self.processor)
-        tok = tokenizer_of(self.processor)
-        rows = n if temperature > 0 else 1
-        result = EngineGenerations(sample_ids=[s.id for s in samples], texts=[], token_ids=[], stopped=[])
-        for lo in range(0, len(samples), batch_size):
-            chunk = list(samples[lo : lo + batch_size])
-            encoded = encode_prompts(self.processor, chunk)
-            result.encoded.append(encoded)
-            requests, params = [], []
-            for sample in chunk:
-                prompt = {"prompt": render_prompt(self.processor, sample.prompt)}
-                if sample.images:
-                    prompt["multi_modal_data"] = {"image": [load_image(im) for im in sample.images]}
-                for k in range(rows):
-                    requests.append(prompt)
-                    seed_k = stream_seed(seed, sample.id, k) if temperature > 0 else None
-                    params.append(self._params(temperature=temperature, top_p=top_p, top_k=top_k,
-                                               max_new_tokens=max_new_tokens, seed=seed_k))  # fmt: skip
-            outputs = self.llm.generate(requests, params, use_tqdm=False)
-            self._collect(result, outputs, encoded, rows, n, tok)
+        requests, params = [], []
+        allowed = self._allowed(batch.banned_ids)
+        for text, images, seeds in zip(batch.prompts, batch.images, batch.seeds):
+            prompt: dict[str, Any] = {"prompt": text}
+            if images:
+                prompt["multi_modal_data"] = {"image": list(images)}
+            for seed in seeds:
+                requests.append(prompt)
+                params.append(
+                    SamplingParams(
+                        n=1,
+                        temperature=batch.temperature,
+                        top_p=batch.top_p,
+                        top_k=batch.top_k,
+                        max_tokens=batch.max_new_tokens,
+                        seed=seed,
+                        stop_token_ids=batch.stop_ids,
+                        logprobs=0,
+                        allowed_token_ids=allowed,
+                        detokenize=False,
+                    )
+                )
+        outputs = iter(self.llm.generate(requests, params, use_tqdm=False))
+        answers = []
+        for seeds in batch.seeds:
+            group = [next(outputs) for _ in seeds]
+            done = [o.outputs[0] for o in group]
+            answers.append(
+                PromptOutput(
+                    prompt_ids=list(group[0].prompt_token_ids),
+                    token_ids=[list(c.token_ids) for c in done],
+                    logps=[[d[t].logprob for t, d in zip(c.token_ids, c.logprobs)] for c in done],
+                    stopped=[c.finish_reason == "stop" for c in done],
+                )
+            )
+        return answers
+
+    def generate(self, model: nn.Module, samples: Sequence[PromptLike], **kwargs: Any) -> EngineGenerations:
+        """``n`` completions per sample (greedy when ``temperature == 0``: decoded once, repeated), as
+        :func:`vlalign.models.generate.generate` with ``keep_prompts=True``; ``kwargs``: those of
+        :func:`~vlalign.models.vllm_requests.generate_through` (n, temperature, top_p, top_k,
+        max_new_tokens, seed, batch_size). ``model`` is the policy: its weights are loaded first if
+        they changed since the engine last took them (:meth:`sync`)."""
+        start = time.perf_counter()
+        result = policy_generations(self, model, samples, **kwargs)
         self.sleep()  # until the next rollout (rollout.vllm_sleep, GPU)
         result.seconds = time.perf_counter() - start
         return result
-
-    def _collect(self, result: EngineGenerations, outputs: list, encoded: Any, rows: int, n: int, tok: Any) -> None:
-        for i, ids in enumerate(encoded.input_ids):
-            group = outputs[i * rows : (i + 1) * rows]
-            if list(group[0].prompt_token_ids) != list(ids):
-                raise VLLMError(
-                    f"sample {encoded.sample_ids[i]!r}: vLLM tokenised the prompt differently from the trainer "
-                    f"({len(group[0].prompt_token_ids)} vs {len(ids)} tokens); set rollout.engine=hf"
-                )
-            g_ids = [list(o.outputs[0].token_ids) for o in group] * (n // rows)
-            g_stop = [o.outputs[0].finish_reason == "stop" for o in group] * (n // rows)
-            g_logp = [[d[t].logprob for t, d in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)] for o in group]
-            g_logp = g_logp * (n // rows)
-            result.token_ids.append(g_ids)
-            result.stopped.append(g_stop)
-            result.logps.append(g_logp)
-            result.texts.append([_decode_text(tok, x, s) for x, s in zip(g_ids, g_stop)])
-            result.new_tokens += sum(len(x) for x in g_ids)
-            result.prompt_tokens += len(ids)
 
 
 __all__ = [

@@ -111,9 +111,12 @@ def policy_logprobs(model: nn.Module, pb: PairBatch, *, mode: str, pad_token_id:
     return preference_logprobs(model, pb.batch, mode=mode, pad_token_id=pad_token_id, **kw)
 
 
-def reference_logprobs(reference: ReferencePolicy, pb: PairBatch) -> PreferenceLogprobs:
-    """The same under the reference (no gradient; possibly read from the cache)."""
-    result = reference.logprobs(pb.batch.prompts, pb.batch.completions, sample_keys=pb.keys)
+def reference_logprobs(
+    reference: ReferencePolicy, pb: PairBatch, *, pack_length: int | None = None
+) -> PreferenceLogprobs:
+    """The same under the reference (no gradient; possibly read from the cache), in the policy's layout
+    (``pack_length``: several prompts per row, as ``logprob_pack_length`` asks)."""
+    result = reference.logprobs(pb.batch.prompts, pb.batch.completions, sample_keys=pb.keys, pack_length=pack_length)
     return pb.batch.split(result)
 
 
@@ -183,7 +186,7 @@ def micro_batch_loss(
 ) -> tuple[LossOutput, Any]:
     """Policy log-probs -> reference log-probs -> per-pair losses for one micro-batch (and the policy's log-probs)."""
     policy = policy_logprobs(model, pb, mode=s.mode, pad_token_id=s.pad_token_id, pack_length=s.pack_length or None)
-    ref = reference_logprobs(reference, pb) if reference is not None else None
+    ref = reference_logprobs(reference, pb, pack_length=s.pack_length or None) if reference is not None else None
     out = pair_losses(preference_record(policy, ref, pb, s.loss), pb, s.loss, s.weights)
     return out._replace(losses=add_router_aux_loss(out.losses, policy.tokens, out.metrics)), policy.tokens  # MoE
 
@@ -330,7 +333,7 @@ def train(cfg: Config) -> RunResult:
     steps = total_steps(cfg.train, plan)
     optimizer = build_optimizer(model, cfg.train)
     scheduler = build_scheduler(optimizer, cfg.train, steps)
-    modules, optimizer = run.prepare({"model": model}, optimizer, scheduler, total=steps)
+    modules, optimizer = run.prepare({"model": model}, optimizer, scheduler, total=steps, processor=processor)
     model = modules["model"]
     model.train()
     run.print(

@@ -31,8 +31,9 @@ from vlalign.data.collate import (
 from vlalign.data.pairs.corrupt import CorruptConfig, corrupt_image, corruption_seed
 from vlalign.data.schema import DataError, PreferenceSample, PromptSample, load_image
 from vlalign.losses import ddpo_sequence_logps, differing_segments
+from vlalign.models.fingerprints import sample_content_hash
 from vlalign.models.preference_batch import PreferenceBatch, PreferenceLogprobs, preference_batch
-from vlalign.models.reference import PrecomputedReference, ReferencePolicy, sample_content_hash
+from vlalign.models.reference import PrecomputedReference, ReferencePolicy
 from vlalign.recipes.preference_common import REJECTED_IMAGES, chunks, finish_precompute, numeric_column
 from vlalign.training import Run
 

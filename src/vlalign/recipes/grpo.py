@@ -67,9 +67,8 @@ from vlalign.eval.suite import SuiteConfig
 from vlalign.eval.tasks import filter_tasks
 from vlalign.losses import dapo_group_filter
 from vlalign.models.generate import GenerationSettings
-from vlalign.models.packing import useful_token_counts
+from vlalign.models.packing import TokenSlots
 from vlalign.models.reference import ReferencePolicy
-from vlalign.models.vllm_engine import VLLMEngine
 from vlalign.recipes.common import (
     DataConfig,
     ModelConfig,
@@ -95,8 +94,9 @@ from vlalign.recipes.rl_common import (
     token_kl,
 )
 from vlalign.recipes.rl_defaults import checked_reward, suite_and_reference
-from vlalign.recipes.rl_update import optimiser_steps, update, update_context
+from vlalign.recipes.rl_update import update, update_context, update_token_fraction
 from vlalign.recipes.rollouts import (
+    RolloutEngine,
     Rollouts,
     check_rollout_engine,
     close_rollout_engines,
@@ -277,7 +277,7 @@ def collect(
     plan: BatchPlan,
     step: int,
     cfg: Config,
-    engine: VLLMEngine | None = None,
+    engine: RolloutEngine | None = None,
 ) -> tuple[Rollouts, dict[str, Any]]:
     """Rollout and score the step's prompts (refilling filtered groups if configured); returns the
     rollouts to train on and the metrics of the step's own prompts (round 0). ``engine``: the vLLM
@@ -343,12 +343,13 @@ def prepare_update(
             global_masked_moments(torch.zeros(1, 1), torch.zeros(1, 1, dtype=torch.bool), reduce_sum=reduce_sum)
         return metrics
     kl_in_reward = up.kl_coef > 0 and up.kl_in == "reward"
+    slots, layout = TokenSlots(), {"micro_batch": cfg.train.batch_size, "pack_length": up.logprob_pack_length}
     if not up.on_policy or kl_in_reward:
-        ro.old_logps = old_logprobs(
-            policy, ro, temperature=temp, pad_token_id=pad_token_id, micro_batch=cfg.train.batch_size
-        )
+        ro.old_logps = old_logprobs(policy, ro, temperature=temp, pad_token_id=pad_token_id, slots=slots, **layout)
     if reference is not None and up.needs_reference:
-        ro.ref_logps = reference_logprobs(reference, ro, temperature=temp, micro_batch=cfg.train.batch_size)
+        ro.ref_logps = reference_logprobs(reference, ro, temperature=temp, slots=slots, **layout)
+    if slots.slots:  # the scoring forwards (old and reference log-probs), packed like the update's
+        metrics["perf/useful_token_fraction_scoring"] = slots.fraction()
     rewards, kl = ro.rewards, None
     if kl_in_reward:
         kl = token_kl(ro.old_logps, ro.ref_logps, ro.mask, estimator=up.kl_estimator)  # type: ignore[arg-type]
@@ -393,7 +394,7 @@ def run(cfg: Config) -> RunResult:
     optimizer = build_optimizer(model, cfg.train)
     scheduler = build_scheduler(optimizer, cfg.train, steps * cfg.update.epochs * cfg.update.minibatches)
     suite, reference = suite_and_reference(cfg, model, pad)  # from the starting weights, before a checkpoint
-    modules, optimizer = run.prepare({"model": model}, optimizer, scheduler, total=steps)
+    modules, optimizer = run.prepare({"model": model}, optimizer, scheduler, total=steps, processor=processor)
     model = modules["model"]
     policy = run.accelerator.unwrap_model(model)
     engine = rollout_engine(cfg.rollout, cfg.model, processor, policy)
@@ -420,9 +421,7 @@ def run(cfg: Config) -> RunResult:
             t_update = time.perf_counter()
             metrics.update(prepare_update(policy, reference, ro, cfg, pad_token_id=pad, reduce_sum=reduce_sum))
         ctx = update_context(cfg.rollout, cfg.train, cfg.update, step=step, pad_token_id=pad)
-        parts = [p for s in optimiser_steps(ro, cfg.update, ctx) for p in s]  # the update's forwards
-        counts = [useful_token_counts(p.prompts.lengths, p.token_ids, ctx.pack_length or None) for p in parts]
-        metrics["perf/useful_token_fraction"] = sum(c[0] for c in counts) / max(sum(c[1] for c in counts), 1)
+        metrics["perf/useful_token_fraction"] = update_token_fraction(ro, cfg.update, ctx)  # the update's forwards
         metrics.update(update(run, model, optimizer, scheduler, ro, cfg.update, ctx))
         log.write(completion_records(step + 1, ro))
         check_finite(

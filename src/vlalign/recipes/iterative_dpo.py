@@ -46,7 +46,8 @@ from vlalign.eval.scorers import build_scorer
 from vlalign.models.generate import GenerationSettings, generate, settings_kwargs
 from vlalign.models.load import load_model_and_processor
 from vlalign.models.tiny import resolve_model
-from vlalign.models.vllm_engine import check_vllm, generate_once, options_of
+from vlalign.models.vllm_client import ServerEngine
+from vlalign.models.vllm_engine import check_server, check_vllm, generate_once, options_of
 from vlalign.recipes.common import DataConfig, ModelConfig
 from vlalign.shapes.embedded import resolve_data
 from vlalign.shapes.vocabulary import find_vocabulary
@@ -140,7 +141,10 @@ def sample_and_rank_round(policy_path: str, cfg: RoundsConfig, out_dir: Path, ro
     path = resolve_model(policy_path, seed=cfg.model.tiny_seed)
     model, processor = load_model_and_processor(path, dtype=cfg.model.dtype, device=cfg.model.device)
     kwargs = {"seed": cfg.train.seed * 1000 + round_, **settings_kwargs(o.generation)}
-    if o.generation.engine == "vllm":  # an engine for this round's saved policy (docs/vllm.md)
+    if o.generation.engine == "vllm" and o.generation.vllm_server:  # the server takes this round's weights
+        base = resolve_model(cfg.model.name_or_path, seed=cfg.model.tiny_seed)
+        gens = ServerEngine(o.generation.vllm_server, base, processor).generate(model, prompts, **kwargs)
+    elif o.generation.engine == "vllm":  # an engine for this round's saved policy (docs/vllm.md)
         gens = generate_once(path, model, processor, prompts, options=options_of(o.generation), **kwargs)
     else:
         gens = generate(
@@ -190,7 +194,11 @@ def run_rounds(cfg: C, train: Callable[[C], dict[str, Any]]) -> dict[str, Any]:
     if cfg.online.rounds < 1:
         raise ValueError("online.rounds must be >= 1 for iterative DPO")
     if cfg.online.generation.engine == "vllm":  # fail before the first round when vLLM cannot run it
-        check_vllm(resolve_model(cfg.model.name_or_path, seed=cfg.model.tiny_seed), option="online.generation.engine")
+        base = resolve_model(cfg.model.name_or_path, seed=cfg.model.tiny_seed)
+        if cfg.online.generation.vllm_server:
+            check_server(cfg.online.generation.vllm_server, base)
+        else:
+            check_vllm(base, option="online.generation.engine")
     results: list[RoundResult] = []
     summary_path = root / "rounds.json"
     previous = {r["round"]: r for r in json.loads(summary_path.read_text())} if summary_path.exists() else {}

@@ -18,7 +18,9 @@ One optimiser step, in phases::
 
 Data: rows with ``prompt``, ``images``, ``completion`` and a boolean ``label`` (TRL's unpaired
 layout), or a preference dataset with ``from_pairs: true`` (each pair gives its chosen as a
-desirable and its rejected as an undesirable completion).
+desirable and its rejected as an undesirable completion). The options are in
+:mod:`vlalign.recipes.kto_config` (re-exported here: ``kto.Config``, ``kto.KTOLossConfig``);
+``response_tokens`` picks which tokens count as a completion (vlalign's or TRL's, as ``vlalign dpo``).
 
 Examples::
 
@@ -30,13 +32,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
-from vlalign.config import ConfigError, StrictFields
 from vlalign.data.collate import (
     EncodedPrompts,
     check_lengths,
@@ -47,26 +48,27 @@ from vlalign.data.collate import (
     pad_token_id_of,
 )
 from vlalign.data.schema import UnpairedSample
-from vlalign.eval.suite import SuiteConfig
 from vlalign.losses import UnpairedLogps, kto_loss
+from vlalign.models.fingerprints import sample_content_hash
 from vlalign.models.logprobs import completion_logprobs
-from vlalign.models.moe import add_router_aux_loss
-from vlalign.models.reference import PrecomputedReference, ReferencePolicy, sample_content_hash
-from vlalign.recipes.common import DataConfig, ModelConfig, guard_distributed, load_policy, load_split, save_final_model
+from vlalign.models.moe import StepRouterLoss, add_router_aux_loss
+from vlalign.models.reference import PrecomputedReference, ReferencePolicy
+from vlalign.recipes.common import guard_distributed, load_policy, load_split, save_final_model
+from vlalign.recipes.kto_config import Config, check_config
+from vlalign.recipes.kto_config import KTOLossConfig as KTOLossConfig  # re-exported: kto.Config, kto.KTOLossConfig
 from vlalign.recipes.preference_common import (
-    ReferenceConfig,
     build_reference,
     chunks,
     evaluation,
     load_pairs_split,
     process_shard,
     reference_module,
+    response_affixes_of,
 )
 from vlalign.recipes.result import RunResult, run_result
 from vlalign.training import (
     BatchPlan,
     Run,
-    TrainConfig,
     build_optimizer,
     build_scheduler,
     check_finite,
@@ -76,75 +78,6 @@ from vlalign.training import (
     zero_loss,
 )
 from vlalign.training.distributed import backward
-from vlalign.training.options import check_options
-
-
-def _kto_train_defaults() -> TrainConfig:
-    return TrainConfig(
-        output_dir="runs/kto", lr=5e-5, batch_size=8, epochs=1.0, warmup_ratio=0.1, log_every=5, save_every=100
-    )
-
-
-def _kto_data_defaults() -> DataConfig:
-    return DataConfig(train="", eval="")
-
-
-@dataclass
-class KTOLossConfig(StrictFields):
-    """KTO's hyperparameters."""
-
-    beta: float = 0.1
-    """beta: the reward scale (how far from the reference the policy may move)."""
-    desirable_weight: float = 1.0
-    """lambda_D, the weight of desirable completions (KTO suggests lambda_D n_D / (lambda_U n_U) in [1, 4/3])."""
-    undesirable_weight: float = 1.0
-    """lambda_U, the weight of undesirable completions."""
-    kl_estimate: bool = True
-    """Estimate the reference point z0 from mismatched pairs (one extra no-gradient policy forward); false: z0 = 0."""
-
-    def validate(self, prefix: str = "loss") -> None:
-        """Refuse unusable values (called by :class:`~vlalign.training.Run` before the model loads)."""
-        check_options(
-            prefix,
-            [
-                ("beta", self.beta > 0, "must be > 0"),
-                ("desirable_weight", self.desirable_weight > 0, "must be > 0"),
-                ("undesirable_weight", self.undesirable_weight > 0, "must be > 0"),
-            ],
-            values=self,
-        )
-
-
-@dataclass
-class Config(StrictFields):
-    """KTO on unpaired desirable / undesirable completions."""
-
-    REQUIRED: ClassVar[tuple[str, ...]] = ("data.train",)
-    """Options without a usable default (``--help`` marks them required)."""
-
-    model: ModelConfig = field(default_factory=ModelConfig)
-    """The policy to train (and, unless ref_model is set, the reference it starts from)."""
-    ref_model: str = ""
-    """A reference other than the starting policy (folder, hub name or tiny:<arch>:<size>); '' = the policy."""
-    data: DataConfig = field(default_factory=_kto_data_defaults)
-    """Unpaired data (prompt, images, completion, label), or preference data with from_pairs."""
-    from_pairs: bool = False
-    """Read preference pairs and split each into a desirable (chosen) and an undesirable (rejected) row."""
-    loss: KTOLossConfig = field(default_factory=KTOLossConfig)
-    """The objective."""
-    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
-    """How reference log-probs are computed."""
-    train: TrainConfig = field(default_factory=_kto_train_defaults)
-    """The training loop."""
-    logprob_mode: Literal["shared", "naive"] = "shared"
-    """shared: each prompt and image encoded once for both of its completions; naive: one row per completion."""
-    eval_suite: Literal["none", "end", "every"] = "none"
-    """Run the evaluation suite at the end, or also every train.eval_every steps."""
-    suite: SuiteConfig = field(default_factory=SuiteConfig)
-    """The evaluation suite (when eval_suite is not none)."""
-    save: Literal["auto", "adapter", "merged", "full"] = "auto"
-    """How <output_dir>/model is saved: auto (adapter with LoRA, else full), adapter, merged, full."""
-
 
 # ----------------------------------------------------------------------------- data and phase: batch
 
@@ -187,7 +120,10 @@ class UnpairedBatch:
 
 class UnpairedEncoder:
     """``UnpairedSample`` list -> :class:`UnpairedBatch` (one processor call; over-long samples dropped
-    and counted, or refused). The mismatched completion is chosen among the kept samples."""
+    and counted, or refused). The mismatched completion is chosen among the kept samples.
+    ``response_tokens="trl"`` scores what TRL scores: everything the chat template writes after the
+    prompt (the separator before the completion, the completion, the end of turn and the whitespace
+    after it), the own and the mismatched completions alike (``response_affixes_of``)."""
 
     def __init__(
         self,
@@ -196,17 +132,20 @@ class UnpairedEncoder:
         max_length: int | None,
         on_overflow: Literal["drop", "raise"] = "drop",
         content_keys: bool = False,
+        response_tokens: Literal["vlalign", "trl"] = "vlalign",
     ) -> None:
         self.processor = processor
         self.max_length = max_length
         self.on_overflow: Literal["drop", "raise"] = on_overflow
         self.content_keys = content_keys
         self.eot_ids = end_of_turn_ids(processor)
+        self.affixes = response_affixes_of(processor, response_tokens)
         self.num_dropped = 0
 
     def __call__(self, samples: Sequence[UnpairedSample], *, count: bool = True) -> UnpairedBatch:
         prompts = encode_prompts(self.processor, samples)  # the micro-batch's one processor call
-        own = encode_completions(self.processor, [[s.completion] for s in samples], eot_ids=self.eot_ids)
+        texts = [[s.completion] for s in samples]
+        own = encode_completions(self.processor, texts, eot_ids=self.eot_ids, affixes=self.affixes)
         n = len(samples)
         longest = [[max(own[i][0], own[(i + 1) % n][0], key=len)] for i in range(n)]  # either may be scored here
         keep, dropped = check_lengths(prompts, longest, max_length=self.max_length, on_overflow=self.on_overflow)
@@ -317,7 +256,8 @@ def kto_step(
         if r is not None and cfg.loss.kl_estimate
     ]
     z0 = reference_point(run, kl_terms) if cfg.loss.kl_estimate else torch.zeros((), device=run.device)
-    sums, tokens, routed = KTOSums.zeros(run.device), 0, {}  # routed: the MoE router loss (last micro-batch)
+    sums, tokens = KTOSums.zeros(run.device), 0
+    routed = StepRouterLoss(model, run.device)  # MoE: the router loss, its completion-weighted mean logged
     for i, (ub, ref) in enumerate(zip(batches, refs)):
         with micro_step_context(run, model, i == len(batches) - 1), run.accelerator.autocast():
             if ref is None:  # every sample dropped as over-long: keep processes in step
@@ -331,12 +271,15 @@ def kto_step(
                     pad_token_id=pad_token_id,
                 )
                 logps, out = _kto_terms(cfg, own.sums, ref[0], ub.desirable, z0)
-                out = out._replace(losses=add_router_aux_loss(out.losses, own, routed))  # MoE
                 loss = out.losses.sum() / total * run.num_processes
-                sums.add(out.losses, (cfg.loss.beta * (logps.logps - logps.ref_logps)).detach(), own.sums, ub.desirable)
+                loss = routed.add(
+                    loss, own, weight=len(ub) / total * run.num_processes
+                )  # MoE: coef * aux per completion
+                losses = add_router_aux_loss(out.losses, own)  # train/loss counts the router loss, as the loss does
+                sums.add(losses, (cfg.loss.beta * (logps.logps - logps.ref_logps)).detach(), own.sums, ub.desirable)
                 tokens += own.num_tokens
             backward(run, model, loss)
-    metrics = {**sums.metrics(run), **routed}
+    metrics = {**sums.metrics(run), **routed.metrics(lambda t: run.accelerator.reduce(t, "sum"))}
     metrics["kl/reference_point"] = z0.detach()
     return metrics, tokens
 
@@ -401,20 +344,6 @@ def precompute_reference(
 # ----------------------------------------------------------------------------- the loop
 
 
-def check_config(cfg: Config) -> None:
-    """Errors a run would otherwise meet late, named by their config keys."""
-    if not cfg.data.train:
-        raise ConfigError(
-            "data.train is required: unpaired rows (prompt, images, completion, label), or preference "
-            "pairs with --from_pairs=true"
-        )
-    if cfg.loss.kl_estimate and cfg.train.batch_size < 2:
-        raise ConfigError(
-            "KTO's reference point pairs each prompt with another sample's completion of the same "
-            "micro-batch: use train.batch_size >= 2 (or loss.kl_estimate=false)"
-        )
-
-
 def run(cfg: Config) -> RunResult:
     """Train with KTO, evaluate, save ``<output_dir>/model``; returns the run's folder, model and numbers."""
     check_config(cfg)
@@ -438,6 +367,7 @@ def run(cfg: Config) -> RunResult:
         max_length=cfg.data.max_length,
         on_overflow=cfg.data.on_overlong,
         content_keys=isinstance(reference, PrecomputedReference),
+        response_tokens=cfg.response_tokens,
     )
     check_some_fit(encoder, train_set, max_length=cfg.data.max_length)  # before the reference runs
     precompute_reference(run, reference, encoder, [*train_set, *eval_set], batch_size=cfg.train.batch_size)
@@ -445,7 +375,7 @@ def run(cfg: Config) -> RunResult:
     steps = total_steps(cfg.train, plan)
     optimizer = build_optimizer(model, cfg.train)
     scheduler = build_scheduler(optimizer, cfg.train, steps)
-    modules, optimizer = run.prepare({"model": model}, optimizer, scheduler, total=steps)
+    modules, optimizer = run.prepare({"model": model}, optimizer, scheduler, total=steps, processor=processor)
     model = modules["model"]
     model.train()
     n_good = sum(s.label for s in train_set)

@@ -93,7 +93,7 @@ from vlalign.losses import (
 )
 from vlalign.models.heads import token_scores
 from vlalign.models.logprobs import CompletionLogprobs
-from vlalign.models.vllm_engine import VLLMEngine
+from vlalign.models.packing import TokenSlots
 from vlalign.recipes.common import (
     guard_distributed,
     load_policy,
@@ -120,8 +120,17 @@ from vlalign.recipes.rl_update import (
     optimise,
     surrogate_loss,
     update_context,
+    update_token_fraction,
 )
-from vlalign.recipes.rollouts import Rollouts, close_rollout_engines, pad_width, rollout, rollout_engine, rollout_seed
+from vlalign.recipes.rollouts import (
+    RolloutEngine,
+    Rollouts,
+    close_rollout_engines,
+    pad_width,
+    rollout,
+    rollout_engine,
+    rollout_seed,
+)
 from vlalign.training import (
     BatchPlan,
     Run,
@@ -186,7 +195,7 @@ def collect(
     cfg: Config,
     *,
     pad: int,
-    vllm: VLLMEngine | None = None,
+    vllm: RolloutEngine | None = None,
 ) -> tuple[Rollouts, dict[str, Any]]:
     """Rollout, score, old log-probs, values and reference log-probs of the step's prompts (``vllm``: the
     rollout engine with rollout.engine = vllm, else the policy generates)."""
@@ -202,6 +211,7 @@ def collect(
         "perf/rollout_s": ro.seconds,
         "perf/score_s": time.perf_counter() - t0,
     }
+    slots, layout = TokenSlots(), {"micro_batch": cfg.train.batch_size, "pack_length": cfg.update.logprob_pack_length}
     ro.old_logps, ro.extras["values"] = rollout_values(
         policy,
         critic,
@@ -209,12 +219,13 @@ def collect(
         shared=cfg.critic.shared,
         temperature=cfg.rollout.temperature,
         pad_token_id=pad,
-        micro_batch=cfg.train.batch_size,
+        slots=slots,
+        **layout,
     )
     if reference is not None and cfg.update.needs_reference:
-        ro.ref_logps = reference_logprobs(
-            reference, ro, temperature=cfg.rollout.temperature, micro_batch=cfg.train.batch_size
-        )
+        ro.ref_logps = reference_logprobs(reference, ro, temperature=cfg.rollout.temperature, slots=slots, **layout)
+    if slots.slots:  # the rollout scoring (old log-probs, values) and reference passes, packed like the update's
+        metrics["perf/useful_token_fraction_scoring"] = slots.fraction()
     return ro, metrics
 
 
@@ -228,20 +239,39 @@ def rollout_values(
     temperature: float,
     pad_token_id: int,
     micro_batch: int,
+    pack_length: int = 0,
+    slots: TokenSlots | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Old log-probs and values V(s_t) of the rollout, ``(R, L)`` each (CPU), in micro-batches of prompts.
 
     ``shared``: ``critic`` is a value head on the policy's hidden states, and one forward per
     micro-batch gives both; otherwise ``critic`` is a :class:`CriticModel` with its own forward.
+    ``pack_length``: both forwards pack prompts as the update does (0: one prompt per row); ``slots``
+    counts the policy forwards' tokens and slots (a separate critic's rows are the same).
     """
     logps, values = [], []
     for lo in range(0, len(ro), max(micro_batch, 1)):
         part = ro.select_groups(range(lo, min(lo + micro_batch, len(ro))))
-        out = policy_logprobs(policy, part, temperature=temperature, pad_token_id=pad_token_id, return_hidden=shared)
-        v = token_scores(critic, out) if shared else critic(part.prompts, part.token_ids, pad_token_id=pad_token_id)
+        out = policy_logprobs(
+            policy,
+            part,
+            temperature=temperature,
+            pad_token_id=pad_token_id,
+            return_hidden=shared,
+            pack_length=pack_length,
+        )
+        if slots is not None:
+            slots.add(out.num_tokens, out.num_slots)
+        v = token_scores(critic, out) if shared else critic_values(critic, part, pad_token_id, pack_length)
         logps.append(pad_width(out.logps.float().cpu(), ro.width))
         values.append(pad_width(v.float().cpu(), ro.width))
     return torch.cat(logps), torch.cat(values)
+
+
+def critic_values(critic: nn.Module, part: Rollouts, pad_token_id: int, pack_length: int = 0) -> Tensor:
+    """V(s_t) ``(R, L)`` of a separate critic (a :class:`~vlalign.models.heads.CriticModel`) on ``part``'s
+    completions, its forward packed by ``pack_length`` (0: one prompt per row)."""
+    return critic(part.prompts, part.token_ids, pad_token_id=pad_token_id, pack_length=pack_length or None)
 
 
 def ppo_advantages(ro: Rollouts, *, kl_coef: float, cfg: Config, reduce_sum: Any) -> dict[str, Tensor]:
@@ -289,14 +319,15 @@ def value_term(
     norms: dict[str, Tensor],
     *,
     pad_token_id: int,
+    pack_length: int = 0,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """``critic.vf_coef`` times the clipped value loss of a micro-batch (token mean over the optimiser step's
     global token count) and its metrics. A shared critic (a value head) reads the hidden states of the
-    policy forward ``out``; a separate critic runs its own forward."""
+    policy forward ``out``; a separate critic runs its own forward (packed by ``pack_length``)."""
     if cfg.critic.shared:
         values = token_scores(critic, out)
     else:
-        values = critic(part.prompts, part.token_ids, pad_token_id=pad_token_id)
+        values = critic_values(critic, part, pad_token_id, pack_length)
     device = values.device
     res = value_loss(
         values,
@@ -332,7 +363,9 @@ def ppo_loss(
         pack_length=ctx.pack_length,
     )
     loss, metrics = surrogate_loss(out, part, loss_cfg, ctx, norms)
-    value, value_metrics = value_term(critic, part, out, cfg, norms, pad_token_id=ctx.pad_token_id)
+    value, value_metrics = value_term(
+        critic, part, out, cfg, norms, pad_token_id=ctx.pad_token_id, pack_length=ctx.pack_length
+    )
     metrics.update(value_metrics)
     return (loss + value) * run.num_processes, metrics, int(out.mask.sum())
 
@@ -351,14 +384,16 @@ def ppo_update(
 ) -> dict[str, float]:
     """``update.epochs`` passes of ``update.minibatches`` optimiser steps of :func:`ppo_loss` over the rollout
     batch (β times the KL in the loss when ``update.kl_in`` is "loss"); policy and critic are clipped together.
-    Returns token-weighted means of the metrics and the mean loss and gradient norm."""
+    Returns token-weighted means of the metrics, the mean loss and gradient norm, and the useful-token
+    fraction of its forwards."""
     loss_cfg = replace(cfg.update, kl_coef=beta if cfg.update.kl_in == "loss" else 0.0)
 
     def loss_of(part: Rollouts, norms: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor], int]:
         return ppo_loss(run, model, critic, part, cfg, loss_cfg, ctx, norms)
 
     parameters = [*model.parameters(), *critic.parameters()]
-    return optimise(run, model, optimizer, scheduler, ro, loss_cfg, ctx, loss_of, parameters)
+    metrics = optimise(run, model, optimizer, scheduler, ro, loss_cfg, ctx, loss_of, parameters)
+    return {**metrics, "perf/useful_token_fraction": update_token_fraction(ro, cfg.update, ctx)}
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -383,7 +418,9 @@ def run(cfg: Config) -> RunResult:
     optimizer = build_optimizer_for(model, critic, cfg)
     scheduler = build_scheduler(optimizer, cfg.train, steps * cfg.update.epochs * cfg.update.minibatches)
     suite, reference = suite_and_reference(cfg, model, pad)  # from the starting weights, before a checkpoint
-    modules, optimizer = run.prepare({"model": model, "critic": critic}, optimizer, scheduler, total=steps)
+    modules, optimizer = run.prepare(
+        {"model": model, "critic": critic}, optimizer, scheduler, total=steps, processor=processor
+    )
     model, critic = modules["model"], modules["critic"]
     policy = run.accelerator.unwrap_model(model)
     gather = partial(collect, pad=pad, vllm=rollout_engine(cfg.rollout, cfg.model, processor, policy))
@@ -415,12 +452,8 @@ def run(cfg: Config) -> RunResult:
         log.write(completion_records(step + 1, ro))
         ctx = update_context(cfg.rollout, cfg.train, cfg.update, step=step, pad_token_id=pad)
         metrics.update(ppo_update(run, model, critic, optimizer, scheduler, ro, cfg, ctx, beta=beta))
-        check_finite(
-            torch.tensor(metrics["train/loss"]),
-            step=step + 1,
-            sample_ids=[s.id for s in ro.samples],
-            run_dir=run.run_dir,
-        )
+        ids = [s.id for s in ro.samples]
+        check_finite(torch.tensor(metrics["train/loss"]), step=step + 1, sample_ids=ids, run_dir=run.run_dir)
         metrics["perf/update_s"] = time.perf_counter() - t_update
         metrics["perf/step_s"] = time.perf_counter() - t_start
         metrics = mean_over_processes(run, metrics)

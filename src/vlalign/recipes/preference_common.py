@@ -32,11 +32,13 @@ import torch
 from torch import Tensor, nn
 
 from vlalign.config import StrictFields, to_dict
+from vlalign.data.chat import response_affixes
 from vlalign.data.io import load_samples_with_report
 from vlalign.data.schema import DataError, PreferenceSample, data_error, verify_image
 from vlalign.eval.suite import build_suite, evaluate
 from vlalign.models.load import load_model_and_processor, same_tokenizer
 from vlalign.models.logprobs import Mode
+from vlalign.models.memory import free_bytes, parameter_bytes, reference_copy_problem, training_state_bytes
 from vlalign.models.reference import (
     FrozenCopyReference,
     PrecomputedReference,
@@ -129,6 +131,13 @@ def build_reference(
     sharded = sharding_of(run)
     if cfg.strategy == "auto" and num_samples and strategy == "copy" and sharded:  # no whole copy per process
         strategy, why = "precomputed", f"auto: the policy is sharded ({sharded}): no whole copy on every process"
+    copy_policy = True  # a frozen copy scores the precomputed cache, unless it would not fit in memory
+    if cfg.strategy == "auto" and num_samples and not (ref_model or model_cfg.use_lora or sharded):
+        device = next(policy.parameters()).device
+        state = training_state_bytes(policy)
+        if problem := reference_copy_problem(parameter_bytes(policy), state, free_bytes(device), str(device)):
+            why = f"auto: {problem}" if strategy == "copy" else f"{why}; {problem}"
+            strategy, copy_policy = "precomputed", False
     run.print(f"reference: {strategy} ({why})")
     if getattr(run, "record", None) is not None:
         run.record["reference"] = {"strategy": strategy, "reason": why}
@@ -151,7 +160,12 @@ def build_reference(
         return PrecomputedReference(source, _cache_dir(cfg, run))
     if strategy == "precomputed":
         return make_reference(
-            "precomputed", policy, cache_dir=_cache_dir(cfg, run), mode=mode, pad_token_id=pad_token_id
+            "precomputed",
+            policy,
+            cache_dir=_cache_dir(cfg, run),
+            mode=mode,
+            pad_token_id=pad_token_id,
+            copy_policy=copy_policy,
         )
     return make_reference(strategy, policy, mode=mode, pad_token_id=pad_token_id)  # type: ignore[arg-type]
 
@@ -307,6 +321,15 @@ def process_shard(items: Sequence[Any], run: Run) -> list[Any]:
 def chunks(items: Sequence[Any], size: int) -> Iterator[list[Any]]:
     for start in range(0, len(items), size):
         yield list(items[start : start + size])
+
+
+def response_affixes_of(processor: Any, response_tokens: str) -> tuple[str, str] | None:
+    """The ``affixes`` of :func:`~vlalign.data.collate.encode_completions` for a recipe's ``response_tokens``:
+    None for "vlalign" (the text and the end-of-turn token), TRL's ``(lead, tail)`` for "trl"
+    (:func:`~vlalign.data.chat.response_affixes`: everything the chat template writes after the prompt)."""
+    if response_tokens not in ("vlalign", "trl"):
+        raise ValueError(f"response_tokens must be 'vlalign' or 'trl', not {response_tokens!r}")
+    return response_affixes(processor) if response_tokens == "trl" else None
 
 
 # ----------------------------------------------------------------------------- global means

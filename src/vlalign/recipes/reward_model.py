@@ -57,7 +57,7 @@ from vlalign.data.collate import (
 from vlalign.data.schema import PreferenceSample
 from vlalign.losses import bradley_terry_loss
 from vlalign.models.heads import RewardModel, RewardModelInfo, hidden_size_of, new_head, save_reward_model
-from vlalign.models.moe import RouterCapture, add_router_aux_loss
+from vlalign.models.moe import RouterCapture, StepRouterLoss
 from vlalign.models.reference import eval_mode
 from vlalign.recipes.common import DataConfig, ModelConfig, guard_distributed, load_policy, load_split
 from vlalign.recipes.result import RunResult, run_result
@@ -223,7 +223,7 @@ def rm_step(
     total_pairs = global_count(run, sum(len(b) for b in batches)).clamp(min=1.0)
     loss_sum = torch.zeros((), device=run.device)
     sums: dict[str, Tensor] = {}
-    routed: dict[str, Tensor] = {}  # the MoE router loss (last micro-batch)
+    routed = StepRouterLoss(model, run.device)  # MoE: the router loss, its pair-weighted mean logged
     for i, batch in enumerate(batches):
         with micro_step_context(run, model, i == len(batches) - 1), run.accelerator.autocast():
             if len(batch) == 0:  # every pair dropped as over-long: keep processes in step
@@ -237,12 +237,13 @@ def rm_step(
                 )
                 loss = out.losses.sum() / total_pairs * run.num_processes  # DDP averages gradients over processes
                 share = len(batch) / total_pairs * run.num_processes
-                loss = add_router_aux_loss(loss, routers.result(), routed, weight=share)
+                loss = routed.add(loss, routers.result(), weight=share)
                 loss_sum = loss_sum + out.losses.sum().detach()
                 for key, value in out.metrics.items():
                     sums[key] = sums.get(key, 0.0) + value.detach().float() * len(batch)
             backward(run, model, loss)
-    metrics = {"train/loss": run.accelerator.reduce(loss_sum, "sum") / total_pairs, **routed}
+    metrics = {"train/loss": run.accelerator.reduce(loss_sum, "sum") / total_pairs}
+    metrics.update(routed.metrics(lambda t: run.accelerator.reduce(t, "sum")))
     metrics.update({k: run.accelerator.reduce(v.to(run.device), "sum") / total_pairs for k, v in sums.items()})
     return metrics
 
@@ -346,7 +347,7 @@ def run(cfg: Config) -> RunResult:
     steps = total_steps(cfg.train, plan)
     optimizer = build_optimizer(model, cfg.train)
     scheduler = build_scheduler(optimizer, cfg.train, steps)
-    modules, optimizer = run.prepare({"reward_model": model}, optimizer, scheduler, total=steps)
+    modules, optimizer = run.prepare({"reward_model": model}, optimizer, scheduler, total=steps, processor=processor)
     model = modules["reward_model"]
     model.train()
     run.print(f"rm: {len(train_set)} training pairs, {len(eval_set)} held out, {steps} steps of {plan.global_batch}")

@@ -54,6 +54,7 @@ from vlalign.losses import (
     reinforce_pp_advantages,
 )
 from vlalign.models.logprobs import CompletionLogprobs, completion_logprobs
+from vlalign.models.packing import TokenSlots
 from vlalign.models.reference import (
     AdapterDisabledReference,
     FrozenCopyReference,
@@ -120,10 +121,11 @@ class PolicyUpdateConfig(StrictFields):
     because the held-out evaluation measures the KL from the start), true (always; keeps a reference and
     runs one reference forward per step) or false."""
     logprob_pack_length: int = 0
-    """The update's policy forwards pack consecutive prompts, each with its group of completions, into
-    rows of at most this many tokens (block-diagonal attention, positions restarted per prompt; a group
-    longer than this gets a row of its own): less padding, the same loss and gradients; 0 = one prompt
-    per row (off). perf/useful_token_fraction reports the packed layout."""
+    """Every log-prob forward of a step (the update's, and the old-policy, reference and PPO's critic
+    passes) packs consecutive prompts, each with its group of completions, into rows of at most this many
+    tokens (block-diagonal attention, positions restarted per prompt; a group longer than this gets a row
+    of its own): less padding, the same numbers; 0 = one prompt per row (off). perf/useful_token_fraction
+    reports the update's layout, perf/useful_token_fraction_scoring that of the other passes."""
 
     def __post_init__(self) -> None:
         self.validate("update")
@@ -216,36 +218,66 @@ def policy_logprobs(
     )
 
 
-def _by_micro_batch(rollouts: Rollouts, micro_batch: int, logps_of: Callable[[Rollouts], Tensor]) -> Tensor:
-    """``(R, L)`` float32 CPU log-probs of the rollouts, ``logps_of`` called on ``micro_batch`` prompts at a time."""
+def _by_micro_batch(
+    rollouts: Rollouts,
+    micro_batch: int,
+    forward: Callable[[Rollouts], CompletionLogprobs],
+    slots: TokenSlots | None = None,
+) -> Tensor:
+    """``(R, L)`` float32 CPU log-probs of the rollouts, ``forward`` called on ``micro_batch`` prompts at a time
+    (each forward counted in ``slots`` when given)."""
     parts = []
     for lo in range(0, len(rollouts), max(micro_batch, 1)):
         part = rollouts.select_groups(range(lo, min(lo + micro_batch, len(rollouts))))
-        parts.append(pad_width(logps_of(part).detach().float().cpu(), rollouts.width))
+        out = forward(part)
+        if slots is not None:
+            slots.add(out.num_tokens, out.num_slots)
+        parts.append(pad_width(out.logps.detach().float().cpu(), rollouts.width))
     return torch.cat(parts) if parts else torch.zeros(0, rollouts.width)
 
 
 @torch.no_grad()
 def old_logprobs(
-    model: nn.Module, rollouts: Rollouts, *, temperature: float, pad_token_id: int, micro_batch: int
+    model: nn.Module,
+    rollouts: Rollouts,
+    *,
+    temperature: float,
+    pad_token_id: int,
+    micro_batch: int,
+    pack_length: int = 0,
+    slots: TokenSlots | None = None,
 ) -> Tensor:
     """``(R, L)`` log-probs under the rollout policy (the policy before any update of this step), computed
-    once per rollout batch in micro-batches of ``micro_batch`` prompts."""
+    once per rollout batch in micro-batches of ``micro_batch`` prompts, packed as the update packs its
+    forwards (``pack_length``, 0: one prompt per row); ``slots`` counts the forwards' tokens and slots."""
     return _by_micro_batch(
         rollouts,
         micro_batch,
-        lambda part: policy_logprobs(model, part, temperature=temperature, pad_token_id=pad_token_id).logps,
+        lambda part: policy_logprobs(
+            model, part, temperature=temperature, pad_token_id=pad_token_id, pack_length=pack_length
+        ),
+        slots,
     )
 
 
 def reference_logprobs(
-    reference: ReferencePolicy, rollouts: Rollouts, *, temperature: float, micro_batch: int
+    reference: ReferencePolicy,
+    rollouts: Rollouts,
+    *,
+    temperature: float,
+    micro_batch: int,
+    pack_length: int = 0,
+    slots: TokenSlots | None = None,
 ) -> Tensor:
-    """``(R, L)`` log-probs under the reference policy (no gradient), in micro-batches of prompts."""
+    """``(R, L)`` log-probs under the reference policy (no gradient), in micro-batches of prompts, packed by
+    ``pack_length`` as :func:`old_logprobs`; ``slots`` counts the forwards' tokens and slots."""
     return _by_micro_batch(
         rollouts,
         micro_batch,
-        lambda part: reference.logprobs(part.prompts, part.token_ids, temperature=temperature).logps,
+        lambda part: reference.logprobs(
+            part.prompts, part.token_ids, temperature=temperature, pack_length=pack_length or None
+        ),
+        slots,
     )
 
 

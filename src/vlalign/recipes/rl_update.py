@@ -28,6 +28,7 @@ from vlalign.losses import aggregate, entropy_bonus, masked_mean, ppo_clip_loss,
 from vlalign.models.generate import GenerationSettings
 from vlalign.models.logprobs import CompletionLogprobs
 from vlalign.models.moe import add_router_aux_loss
+from vlalign.models.packing import useful_token_counts
 from vlalign.recipes.rl_common import PolicyUpdateConfig, policy_logprobs, token_kl
 from vlalign.recipes.rollouts import Rollouts
 from vlalign.training import Run, TrainConfig, micro_step_context, union_of_keys, zero_loss
@@ -129,6 +130,14 @@ def optimiser_steps(rollouts: Rollouts, cfg: PolicyUpdateConfig, ctx: UpdateCont
         )
         for m in range(cfg.minibatches):
             yield [rollouts.select_groups(c) for c in chunks[m * per_step : (m + 1) * per_step]]
+
+
+def update_token_fraction(rollouts: Rollouts, cfg: PolicyUpdateConfig, ctx: UpdateContext) -> float:
+    """The useful-token fraction (tokens / slots) of the update's forwards: the micro-batches of
+    :func:`optimiser_steps`, each laid out as ``ctx.pack_length`` packs it (``perf/useful_token_fraction``)."""
+    parts = [p for step in optimiser_steps(rollouts, cfg, ctx) for p in step]
+    counts = [useful_token_counts(p.prompts.lengths, p.token_ids, ctx.pack_length or None) for p in parts]
+    return sum(c[0] for c in counts) / max(sum(c[1] for c in counts), 1)
 
 
 def global_normalisers(run: Run, parts: Sequence[Rollouts]) -> dict[str, Tensor]:
@@ -299,4 +308,5 @@ __all__ = [
     "surrogate_loss",
     "update",
     "update_context",
+    "update_token_fraction",
 ]

@@ -28,8 +28,20 @@ from vlalign.data.schema import PromptSample
 from vlalign.models.generate import GenerationSettings, generate
 from vlalign.models.packing import concat_prompts
 from vlalign.models.tiny import resolve_model
-from vlalign.models.vllm_engine import EngineGenerations, VLLMEngine, check_vllm, close_engines, options_of
+from vlalign.models.vllm_client import ServerEngine
+from vlalign.models.vllm_engine import (
+    EngineGenerations,
+    VLLMEngine,
+    VLLMError,
+    check_server,
+    check_vllm,
+    close_engines,
+    options_of,
+)
 from vlalign.recipes.common import ModelConfig
+
+RolloutEngine = VLLMEngine | ServerEngine
+"""A vLLM engine in this process or one behind ``rollout.vllm_server`` (same methods)."""
 
 # ----------------------------------------------------------------------------- the batch
 
@@ -178,20 +190,31 @@ def rollout_seed(seed: int, step: int, round_: int = 0) -> int:
 
 def check_rollout_engine(settings: GenerationSettings, model: ModelConfig) -> None:
     """Start-up check of ``rollout.engine`` (before the policy loads): one-line error when vLLM is asked
-    for and missing or unable to load the model (:class:`~vlalign.models.vllm_engine.VLLMError`)."""
+    for and missing or unable to load the model, or when ``rollout.vllm_server`` does not answer or serves
+    another model (:class:`~vlalign.models.vllm_engine.VLLMError`)."""
+    if settings.vllm_server and settings.engine != "vllm":
+        raise VLLMError("rollout.vllm_server is set but rollout.engine=hf; set rollout.engine=vllm or leave it empty")
     if settings.engine == "vllm":
-        check_vllm(resolve_model(model.name_or_path, seed=model.tiny_seed))
+        path = resolve_model(model.name_or_path, seed=model.tiny_seed)
+        if settings.vllm_server:
+            check_server(settings.vllm_server, path)
+        else:
+            check_vllm(path)
 
 
 def rollout_engine(
     settings: GenerationSettings, model: ModelConfig, processor: Any, policy: nn.Module
-) -> VLLMEngine | None:
+) -> RolloutEngine | None:
     """The rollout engine ``settings.engine`` names: None for ``hf`` (the policy generates), else a
-    vLLM engine beside the policy, holding the policy's current weights (a resumed run's included)."""
+    vLLM engine beside the policy, or the rollout server ``settings.vllm_server``, holding the
+    policy's current weights (a resumed run's included)."""
     if settings.engine != "vllm":
         return None
     path = resolve_model(model.name_or_path, seed=model.tiny_seed)
-    engine = VLLMEngine(path, processor, dtype=next(policy.parameters()).dtype, options=options_of(settings))
+    if settings.vllm_server:
+        engine: RolloutEngine = ServerEngine(settings.vllm_server, path, processor)
+    else:
+        engine = VLLMEngine(path, processor, dtype=next(policy.parameters()).dtype, options=options_of(settings))
     engine.load_weights(policy)
     return engine
 
@@ -210,7 +233,7 @@ def rollout(
     *,
     settings: GenerationSettings,
     seed: int,
-    engine: VLLMEngine | None = None,
+    engine: RolloutEngine | None = None,
 ) -> Rollouts:
     """Sample ``settings.n`` completions per prompt (G); each prompt is processed and prefilled once.
 

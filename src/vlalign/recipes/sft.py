@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from vlalign.config import StrictFields
 from vlalign.data.collate import IGNORE_INDEX, SequenceBatch, SupervisedCollator, check_some_fit
-from vlalign.models.moe import RouterCapture, add_router_aux_loss
+from vlalign.models.moe import RouterCapture, StepRouterLoss
 from vlalign.recipes.common import DataConfig, ModelConfig, guard_distributed, load_policy, load_split, save_final_model
 from vlalign.recipes.result import RunResult, run_result
 from vlalign.training import (
@@ -84,7 +84,8 @@ def sft_step(run: Run, model: torch.nn.Module, batches: Sequence[SequenceBatch])
     """Forward and backward over the micro-batches of one optimiser step; returns its metrics."""
     tokens = sum(int(b.completion_mask.sum()) for b in batches)
     total_tokens = global_count(run, tokens).clamp(min=1.0)
-    total_nll, routed = torch.zeros((), device=run.device), {}  # routed: the MoE router loss (last micro-batch)
+    total_nll = torch.zeros((), device=run.device)
+    routed = StepRouterLoss(model, run.device)  # MoE: the router loss, its token-weighted mean logged
     for i, batch in enumerate(batches):
         with micro_step_context(run, model, i == len(batches) - 1), run.accelerator.autocast():
             if len(batch) == 0:  # every sample dropped as over-long: keep processes in step
@@ -95,11 +96,11 @@ def sft_step(run: Run, model: torch.nn.Module, batches: Sequence[SequenceBatch])
                 # DDP averages gradients over processes, hence the factor num_processes.
                 loss = nll / total_tokens * run.num_processes
                 share = batch.completion_mask.sum() / total_tokens * run.num_processes
-                loss = add_router_aux_loss(loss, routers.result(), routed, weight=share)
+                loss = routed.add(loss, routers.result(), weight=share)
                 total_nll = total_nll + nll.detach()
             backward(run, model, loss)
     metrics = {"train/loss": run.accelerator.reduce(total_nll, "sum") / total_tokens, "train/tokens": total_tokens}
-    return {**metrics, **routed}
+    return {**metrics, **routed.metrics(lambda t: run.accelerator.reduce(t, "sum"))}
 
 
 @torch.no_grad()
@@ -133,7 +134,7 @@ def run(cfg: Config) -> RunResult:
     steps = total_steps(cfg.train, plan)
     optimizer = build_optimizer(model, cfg.train)
     scheduler = build_scheduler(optimizer, cfg.train, steps)
-    modules, optimizer = run.prepare({"model": model}, optimizer, scheduler, total=steps)
+    modules, optimizer = run.prepare({"model": model}, optimizer, scheduler, total=steps, processor=processor)
     model = modules["model"]
     model.train()
     run.print(f"sft: {len(train_set)} training samples, {steps} steps of {plan.global_batch} samples")

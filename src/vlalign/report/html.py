@@ -182,7 +182,7 @@ def _demo_about(root: Path, summary: dict[str, Any], notes: list[str]) -> dict[s
     (they are in the tables) nor the stages."""
     config = read_json(root / "demo_config.json", notes) or {}
     about: dict[str, Any] = {k: config[k] for k in ("model", "quick", "seed", "device") if k in config}
-    skip = ("stages", "intervals")
+    skip = ("stages", "intervals", "video")  # the video task has its own section
     about.update({k: v for k, v in summary.items() if k not in skip and isinstance(v, (str, int, float, bool, dict))})
     return about
 
@@ -192,6 +192,10 @@ def _demo_sections(
 ) -> None:
     stages = read_demo(root, summary, notes, data_folders)
     page.section("about", "About this run", about_table(_demo_about(root, summary, notes)))
+    video = summary.get("video") or {}
+    if video.get("stages"):  # the demo's video stages: another model, its own SFT and GRPO
+        by_stage = {"model": video.get("model", "")} | {s["stage"]: s["metrics"] for s in video["stages"]}
+        page.section("video", "Video task", about_table(by_stage))
     columns = {s.name: s.summary for s in stages if s.summary}
     names = list(columns)
     delta = (names[-1], names[0]) if len(names) >= 2 else None

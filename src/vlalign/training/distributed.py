@@ -17,7 +17,8 @@
   applies no FSDP; for testing FSDP2 without GPUs;
 * :func:`backward` is the recipes' backward pass: under DDP it joins the vision tower and projector
   to every process's graph (:func:`vision_touch`), so a step where one process holds text-only
-  samples and another images does not break the gradient all-reduce.
+  samples and another images does not break the gradient all-reduce (under FSDP2:
+  :mod:`vlalign.training.sharded_vision`).
 """
 
 from __future__ import annotations
@@ -115,7 +116,7 @@ def vision_touch(model: nn.Module) -> Tensor:
     process contributes zero gradients, which is what it holds: the averaged gradient is the
     one-process gradient on the global batch, unchanged. Sharded parameters (FSDP2's DTensors) are
     skipped: FSDP gathers a module's weights in its forward, so there every process must run the
-    vision tower itself (see docs/distributed.md).
+    vision tower itself (:func:`vlalign.training.sharded_vision.vision_parity`).
     """
     try:
         parts = find_parts(model)

@@ -27,7 +27,7 @@ from transformers import get_scheduler
 from vlalign.config import ConfigError, StrictFields, save_config, to_dict
 from vlalign.errors import UserError
 from vlalign.training.checkpoints import Checkpointer, CheckpointError, seed_everything
-from vlalign.training.distributed import fsdp2_on_cpu, shard_on_cpu
+from vlalign.training.distributed import fsdp2_on_cpu, shard_on_cpu, sharding_of
 from vlalign.training.launch import apply_threads, check_launch
 from vlalign.training.metrics import MetricsLog, Throughput, to_float
 from vlalign.training.options import check_input_files, check_options, validate_config
@@ -40,6 +40,7 @@ from vlalign.training.runfolder import (
     run_fingerprints,
     write_record,
 )
+from vlalign.training.sharded_vision import vision_parity
 
 logger = logging.getLogger("vlalign")
 
@@ -272,10 +273,12 @@ class Run:
     def process_index(self) -> int:
         return self.accelerator.process_index
 
-    def prepare(self, modules: dict[str, torch.nn.Module], optimizer, scheduler, *, total: int):
+    def prepare(self, modules: dict[str, torch.nn.Module], optimizer, scheduler, *, total: int, processor: Any = None):
         """Wrap modules and optimiser for the accelerator, then restore the newest checkpoint if
         resuming. Returns the prepared modules (same keys) and optimiser; the scheduler is kept as
-        is (one scheduler step per optimiser step, whatever the number of processes)."""
+        is (one scheduler step per optimiser step, whatever the number of processes). Under FSDP,
+        with the model's ``processor``, every process runs the vision tower at every forward, images
+        or not (:func:`vlalign.training.sharded_vision.vision_parity`)."""
         if fsdp2_on_cpu(self.accelerator):  # opt-in: FSDP2 on CPU processes (VLALIGN_FSDP2_CPU=1)
             wrapped, optimizer = shard_on_cpu(self.accelerator, modules, optimizer)
             self.print(
@@ -286,6 +289,8 @@ class Run:
             prepared = self.accelerator.prepare(*modules.values(), optimizer)
             wrapped = dict(zip(names, prepared[:-1]))
             optimizer = prepared[-1]
+        if processor is not None and sharding_of(self) == "FSDP":
+            vision_parity([self.accelerator.unwrap_model(m) for m in wrapped.values()], processor)
         self._modules, self._optimizer, self._scheduler = wrapped, optimizer, scheduler
         self.total = total
         if self.resume_from is not None:
