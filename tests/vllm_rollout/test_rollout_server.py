@@ -24,7 +24,7 @@ import torch
 
 pytest.importorskip("vllm", reason="vLLM is not installed (make test-vllm runs these tests in its own environment)")
 
-from test_vllm_recipes import _args, parity  # noqa: E402, F401 (the GRPO arguments and reward of the in-process test)
+from test_vllm_recipes import _args, _online_args, parity  # noqa: E402, F401 (arguments and reward of the in-process tests)
 
 from vlalign.config import load_config  # noqa: E402
 from vlalign.models.generate import generate  # noqa: E402
@@ -134,32 +134,8 @@ def test_iterative_dpo_samples_on_the_server(server: Any, world_dir: Path, tmp_p
     from vlalign.recipes import dpo
 
     url, folder = server
-    scorer = tmp_path / "length_scorer.py"
-    scorer.write_text("def score(samples, completions):\n    return [float(len(c)) for c in completions]\n")
-    out = tmp_path / "online"
-    args = [
-        f"--model.name_or_path={folder}",
-        "--model.device=cpu",
-        "--model.dtype=float32",
-        "--data.train=",
-        f"--train.output_dir={out}",
-        "--train.trackers=[]",
-        "--train.progress=false",
-        "--train.warmup_ratio=0",
-        "--online.rounds=2",
-        f"--online.prompts={world_dir / 'train_prompts.jsonl'}",
-        "--online.prompts_per_round=6",
-        "--online.generation.n=3",
-        "--online.generation.max_new_tokens=6",
-        "--online.generation.temperature=1.0",
-        "--online.generation.engine=vllm",
-        f"--online.generation.vllm_server={url}",
-        f"--online.scorer={scorer}:score",
-        "--online.threshold=1",
-        "--train.batch_size=1",
-        "--train.max_steps=2",
-        "--train.lr=1e-3",
-    ]
+    extra = ("--online.generation.temperature=1.0", f"--online.generation.vllm_server={url}")
+    args, out = _online_args(folder, world_dir, tmp_path, *extra)
     final = dpo.run(load_config(dpo.Config, None, args))
     assert final["online/rounds"] == 2
     for r in (1, 2):

@@ -108,17 +108,14 @@ def test_killed_grpo_run_resumes_with_the_same_vllm_completions(
     assert sorted({r["step"] for r in _completions(whole)}) == [1, 2, 3]
 
 
-def test_iterative_dpo_samples_with_vllm(tiny_model_dir, world_dir: Path, tmp_path: Path) -> None:
-    """Two rounds of sample (vLLM, an engine per round's saved policy) -> rank -> DPO; round 2 samples
-    the policy round 1 trained (a folder vlalign saved, loaded by vLLM)."""
-    from vlalign.data.io import load_samples
-    from vlalign.recipes import dpo
-
+def _online_args(model: str | Path, world_dir: Path, tmp_path: Path, *extra: str) -> tuple[list[str], Path]:
+    """Iterative DPO arguments (2 rounds of 6 prompts x 3 samples on vLLM, ranked by length, 2 steps
+    each) and the run folder; ``extra``: more ``--online.generation.*`` options."""
     scorer = tmp_path / "length_scorer.py"
     scorer.write_text("def score(samples, completions):\n    return [float(len(c)) for c in completions]\n")
     out = tmp_path / "online"
     args = [
-        f"--model.name_or_path={tiny_model_dir('qwen2_vl')}",
+        f"--model.name_or_path={model}",
         "--model.device=cpu",
         "--model.dtype=float32",
         "--data.train=",
@@ -132,13 +129,24 @@ def test_iterative_dpo_samples_with_vllm(tiny_model_dir, world_dir: Path, tmp_pa
         "--online.generation.n=3",
         "--online.generation.max_new_tokens=6",
         "--online.generation.engine=vllm",
-        "--online.generation.vllm_max_model_len=512",
+        *extra,
         f"--online.scorer={scorer}:score",
         "--online.threshold=1",
         "--train.batch_size=1",
         "--train.max_steps=2",
         "--train.lr=1e-3",
     ]
+    return args, out
+
+
+def test_iterative_dpo_samples_with_vllm(tiny_model_dir, world_dir: Path, tmp_path: Path) -> None:
+    """Two rounds of sample (vLLM, an engine per round's saved policy) -> rank -> DPO; round 2 samples
+    the policy round 1 trained (a folder vlalign saved, loaded by vLLM)."""
+    from vlalign.data.io import load_samples
+    from vlalign.recipes import dpo
+
+    extra = "--online.generation.vllm_max_model_len=512"
+    args, out = _online_args(tiny_model_dir("qwen2_vl"), world_dir, tmp_path, extra)
     final = dpo.run(load_config(dpo.Config, None, args))
     assert final["online/rounds"] == 2
     for r in (1, 2):
